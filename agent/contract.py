@@ -1,0 +1,165 @@
+"""Every name the orchestrator (`functions`) and the agent share.
+
+One name, one place: event types, NATS subjects, stream and bucket names,
+Kubernetes labels, storage keys, paths and exit codes live here and nowhere
+else. Manifests in `knative/` and `eventing/` are checked against this module
+by tests. This module imports nothing from the project.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from datetime import datetime, timezone
+
+# --- distribution -----------------------------------------------------------
+DISTRIBUTION = "dockyard"
+
+# --- task ids ---------------------------------------------------------------
+TASK_ID_MAX = 40
+TASK_ID_PATTERN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+
+
+def is_valid_task_id(value: object) -> bool:
+    return isinstance(value, str) and 1 <= len(value) <= TASK_ID_MAX and bool(TASK_ID_PATTERN.match(value))
+
+
+def derive_task_id(source: str, event_id: str) -> str:
+    """A task id that is the same for every delivery of one CloudEvent."""
+    digest = hashlib.sha256(f"{source}\x00{event_id}".encode()).hexdigest()
+    return f"t-{digest[:16]}"
+
+
+# --- CloudEvents ------------------------------------------------------------
+EVENT_TASK_SUBMITTED = "dev.dockyard.task.submitted"
+EVENT_TASK_COMMAND = "dev.dockyard.task.command"
+EVENT_JOB_UPDATE = "dev.knative.apiserver.resource.update"
+EVENT_PING = "dev.knative.sources.ping"
+EVENT_SOURCE_CLI = "dockyard/cli"
+EVENT_SOURCE_LOCAL_RUNTIME = "dockyard/runtime/local"
+
+COMMAND_OPS = ("cancel", "message", "status", "snapshot")
+
+# --- NATS -------------------------------------------------------------------
+STREAM_NAME = "AGENT"
+STREAM_SUBJECTS = ("logs.agent.>", "events.agent.>")
+STREAM_MAX_AGE_SECONDS = 7 * 24 * 3600
+KV_BUCKET = "dockyard-tasks"
+
+
+def subject_cmd(task_id: str) -> str:
+    return f"cmd.agent.{task_id}"
+
+
+def subject_events(task_id: str) -> str:
+    return f"events.agent.{task_id}"
+
+
+def subject_logs(task_id: str) -> str:
+    return f"logs.agent.{task_id}"
+
+
+def subject_snapshotter(task_id: str) -> str:
+    """Snapshot requests go to the snapshotter, which alone holds storage credentials."""
+    return f"cmd.snapshotter.{task_id}"
+
+
+# Event kinds published on events.agent.<id> (field "type" of the JSON body).
+EV_STATUS = "status"
+EV_PHASE = "phase"
+EV_TOOL = "tool"
+EV_TODO = "todo"
+EV_SNAPSHOT = "snapshot"
+EV_RESULT = "result"
+EV_MESSAGE = "message"
+EV_WARNING = "warning"
+
+# Values of "state" in status events and in the KV entry.
+STATE_QUEUED = "queued"
+STATE_STARTED = "started"
+STATE_RESUMED = "resumed"
+STATE_RETRYING = "retrying"
+STATE_FINISHED = "finished"
+TERMINAL_STATES = (STATE_FINISHED,)
+
+# Outcomes of a finished task.
+OUTCOME_DONE = "done"
+OUTCOME_FAILED = "failed"
+OUTCOME_CANCELLED = "cancelled"
+OUTCOME_BUDGET = "budget_exhausted"
+OUTCOME_DEADLINE = "deadline"
+
+# --- phases -----------------------------------------------------------------
+PHASE_STRATEGIC = "STRATEGIC"
+PHASE_TACTICAL = "TACTICAL"
+
+# --- agent exit codes -------------------------------------------------------
+EXIT_DONE = 0  # finished, or stopped by a budget with a clear outcome
+EXIT_RETRY = 1  # anything unexpected: the Job retries (backoffLimit)
+EXIT_FATAL = 3  # bad configuration, rejected credentials: never retried (podFailurePolicy FailJob)
+EXIT_CANCELLED = 4  # cancelled by command: not retried either
+EXIT_INTERRUPTED = 143  # SIGTERM: stopped cleanly after the current step, resume later
+NO_RETRY_EXIT_CODES = (EXIT_FATAL, EXIT_CANCELLED)
+
+# --- Kubernetes -------------------------------------------------------------
+AGENTS_NAMESPACE = "dockyard-agents"
+FUNCTIONS_NAMESPACE = "dockyard"
+LABEL_MANAGED_BY = "app.kubernetes.io/managed-by"
+LABEL_COMPONENT = "app.kubernetes.io/component"
+LABEL_TASK_ID = "dockyard.dev/task-id"
+ANNOTATION_TASK = "dockyard.dev/task"
+MANAGED_BY = "dockyard"
+COMPONENT_AGENT = "agent"
+KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
+
+
+def job_name(task_id: str) -> str:
+    return f"agent-{task_id}"
+
+
+def pvc_name(task_id: str) -> str:
+    return f"workspace-{task_id}"
+
+
+def agent_labels(task_id: str) -> dict[str, str]:
+    return {LABEL_MANAGED_BY: MANAGED_BY, LABEL_COMPONENT: COMPONENT_AGENT, LABEL_TASK_ID: task_id}
+
+
+# --- paths in the pod and in a local workspace ------------------------------
+WORKSPACE_MOUNT = "/workspace"
+SECRETS_DIR = "/var/secrets"
+HOME_DIR = "/home/agent"
+PYTHONUSERBASE = "/home/agent/.local"
+TASK_FILE = "/etc/dockyard/task.json"
+CHECKPOINT_DIR = "checkpoints"  # relative to the workspace
+REPO_DIR = "repo"  # where a task's repository is cloned, relative to the workspace
+HEARTBEAT_FILE = ".dockyard/heartbeat"  # relative to the workspace
+RESULT_FILE = ".dockyard/result.json"  # written by the agent when it exits
+
+
+def checkpoint_path(task_id: str) -> str:
+    """Checkpoint database, relative to the workspace."""
+    return f"{CHECKPOINT_DIR}/job_{task_id}.db"
+
+
+# --- object storage keys ----------------------------------------------------
+def checkpoints_prefix(task_id: str) -> str:
+    return f"jobs/{task_id}/checkpoints/"
+
+
+def checkpoint_key(task_id: str, when: datetime | None = None) -> str:
+    when = (when or datetime.now(timezone.utc)).astimezone(timezone.utc)
+    # Lexical order equals time order, so "newest" is the max key.
+    return f"{checkpoints_prefix(task_id)}{when.strftime('%Y%m%dT%H%M%S.%fZ')}.db"
+
+
+def final_archive_key(task_id: str) -> str:
+    return f"jobs/{task_id}/final/workspace.tar.gz"
+
+
+def final_result_key(task_id: str) -> str:
+    return f"jobs/{task_id}/final/result.json"
+
+
+# --- environment variables read by the agent CLI ----------------------------
+ENV_PREFIX = "DOCKYARD_"
