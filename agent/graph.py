@@ -1,0 +1,284 @@
+"""The agent's state machine, declared in one place.
+
+    START ─► strategic ──plan──► tactical ──tool calls──► act ─┐
+               ▲   │ finish/budget        │ no tool call       │ one call per step
+               │   ▼                      ▼                    │
+               │  END       report ◄──────┘ ◄── more / budget ─┘
+               └─────────────────────┘
+
+STRATEGIC keeps the todo list and picks the next objective with `plan`, or
+ends the run with `finish`. TACTICAL works on one objective with the work
+tools and reports back by answering without a tool call.
+
+Invariant: `act` runs exactly one tool call per step. With durability "sync"
+every step is checkpointed before the next starts, so after a crash only the
+call that was running is run again; no completed tool call is repeated.
+Nodes are plain functions of state; side effects go through `Deps`.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Protocol, TypedDict
+
+from langchain_core.messages import AIMessage, BaseMessage, HumanMessage, SystemMessage, ToolMessage
+from langgraph.graph import END, START, StateGraph
+
+from agent import contract
+
+STRATEGIC_PROMPT = """You are the strategic half of a coding agent working in a private workspace.
+Keep a short todo list. Each turn call exactly one control tool:
+- plan(todos, objective): the updated todo list and the next objective to work on;
+- finish(summary): when the task is done (or cannot be done), with a summary for the user.
+Reports from the tactical phase and messages from humans arrive as user messages."""
+
+TACTICAL_PROMPT = """You are the tactical half of a coding agent. Work on the objective with the tools
+execute, read_file, write_file and list_dir; paths are relative to the workspace.
+When the objective is reached (or you are stuck), answer without a tool call: that answer is your
+report to the strategic phase. Be concise."""
+
+CONTROL_TOOLS = [
+    {
+        "type": "function",
+        "function": {
+            "name": "plan",
+            "description": "Set the todo list and the next objective for the tactical phase.",
+            "parameters": {
+                "type": "object",
+                "properties": {
+                    "todos": {"type": "array", "items": {"type": "string"}},
+                    "objective": {"type": "string"},
+                },
+                "required": ["todos", "objective"],
+            },
+        },
+    },
+    {
+        "type": "function",
+        "function": {
+            "name": "finish",
+            "description": "End the task with a summary for the user.",
+            "parameters": {"type": "object", "properties": {"summary": {"type": "string"}}, "required": ["summary"]},
+        },
+    },
+]
+
+
+class AgentState(TypedDict, total=False):
+    prompt: str
+    phase: str
+    strategic: list[BaseMessage]
+    tactical: list[BaseMessage]
+    todos: list[str]
+    objective: str
+    model_turns: int  # all model turns so far; the scripted model replays by this count
+    strategic_rounds: int
+    tactical_calls: int  # tool calls in the current tactical phase
+    tool_calls: int  # tool calls in the whole run
+    inbox_seen: int  # human messages already taken from the inbox
+    outcome: str | None
+    summary: str | None
+
+
+@dataclass(frozen=True)
+class Budgets:
+    max_strategic_rounds: int = 30
+    max_tool_calls: int = 40  # per tactical phase
+
+
+class Reporter(Protocol):
+    def event(self, type: str, **fields) -> None: ...
+
+
+class Tools(Protocol):
+    def call(self, name: str, args: dict): ...
+    def schemas(self) -> list[dict]: ...
+
+
+@dataclass
+class Deps:
+    model: object  # agent.models.Model
+    tools: Tools
+    reporter: Reporter
+    inbox: "Inbox"
+    budgets: Budgets = field(default_factory=Budgets)
+    waiting: Callable[[float], object] | None = None  # heartbeat context while blocked
+
+
+class Inbox:
+    """Human messages, appended to a file before they are acknowledged, read by index.
+
+    A file (not graph state) because messages arrive between steps from another
+    thread; the strategic node records how many it has taken, so a replayed
+    step takes the same ones again.
+    """
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def append(self, text: str) -> None:
+        import os
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path, "a", encoding="utf-8") as handle:
+            handle.write(json.dumps({"text": text, "ts": time.time()}) + "\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+
+    def read_from(self, index: int) -> list[str]:
+        try:
+            lines = self.path.read_text(encoding="utf-8").splitlines()
+        except FileNotFoundError:
+            return []
+        entries = []
+        for line in lines[index:]:
+            try:
+                entries.append(json.loads(line)["text"])
+            except (ValueError, KeyError, TypeError):
+                entries.append("")  # a torn last line still counts, so indexes stay stable
+        return entries
+
+
+def initial_state(prompt: str) -> AgentState:
+    return {
+        "prompt": prompt,
+        "phase": contract.PHASE_STRATEGIC,
+        "strategic": [HumanMessage(content=f"Task:\n{prompt}")],
+        "tactical": [],
+        "todos": [],
+        "objective": "",
+        "model_turns": 0,
+        "strategic_rounds": 0,
+        "tactical_calls": 0,
+        "tool_calls": 0,
+        "inbox_seen": 0,
+        "outcome": None,
+        "summary": None,
+    }
+
+
+def _truncate(value: object, limit: int = 500) -> object:
+    if isinstance(value, str) and len(value) > limit:
+        return value[:limit] + f"... [{len(value) - limit} more chars]"
+    if isinstance(value, dict):
+        return {k: _truncate(v, limit) for k, v in value.items()}
+    return value
+
+
+def build_graph(deps: Deps, checkpointer=None):
+    def ask_model(phase: str, prompt: str, messages: list[BaseMessage], tools: list[dict], turn: int) -> AIMessage:
+        if deps.waiting is None:
+            return deps.model.invoke(phase, [SystemMessage(content=prompt), *messages], tools, turn)
+        with deps.waiting(600):
+            return deps.model.invoke(phase, [SystemMessage(content=prompt), *messages], tools, turn)
+
+    def strategic(state: AgentState) -> AgentState:
+        messages = list(state["strategic"])
+        news = deps.inbox.read_from(state["inbox_seen"])
+        messages += [HumanMessage(content=f"Message from a human: {text}") for text in news]
+        update: AgentState = {"inbox_seen": state["inbox_seen"] + len(news)}
+        if state["strategic_rounds"] >= deps.budgets.max_strategic_rounds:
+            summary = f"stopped: the budget of {deps.budgets.max_strategic_rounds} strategic rounds is spent"
+            return {**update, "strategic": messages, "outcome": contract.OUTCOME_BUDGET, "summary": summary}
+
+        reply = ask_model(contract.PHASE_STRATEGIC, STRATEGIC_PROMPT, messages, CONTROL_TOOLS, state["model_turns"])
+        messages.append(reply)
+        update.update(model_turns=state["model_turns"] + 1, strategic_rounds=state["strategic_rounds"] + 1)
+        control = next((c for c in reply.tool_calls if c["name"] in ("plan", "finish")), None)
+        for call in reply.tool_calls:
+            answer = "ok" if call is control else "ignored: call exactly one of plan or finish"
+            messages.append(ToolMessage(content=answer, tool_call_id=call["id"]))
+        if control is None:
+            messages.append(HumanMessage(content="Call plan(todos, objective) or finish(summary)."))
+            return {**update, "strategic": messages}
+        args = control["args"] or {}
+        if control["name"] == "finish":
+            return {**update, "strategic": messages, "outcome": contract.OUTCOME_DONE, "summary": str(args.get("summary", ""))}
+        todos = [str(t) for t in args.get("todos") or []]
+        objective = str(args.get("objective") or (todos[0] if todos else ""))
+        if todos != state["todos"]:
+            deps.reporter.event(contract.EV_TODO, todos=todos)
+        deps.reporter.event(contract.EV_PHASE, phase=contract.PHASE_TACTICAL, objective=objective)
+        return {
+            **update,
+            "strategic": messages,
+            "todos": todos,
+            "objective": objective,
+            "phase": contract.PHASE_TACTICAL,
+            "tactical": [HumanMessage(content=f"Objective: {objective}\nTodo list: {json.dumps(todos)}")],
+            "tactical_calls": 0,
+        }
+
+    def tactical(state: AgentState) -> AgentState:
+        messages = list(state["tactical"])
+        reply = ask_model(contract.PHASE_TACTICAL, TACTICAL_PROMPT, messages, deps.tools.schemas(), state["model_turns"])
+        messages.append(reply)
+        update: AgentState = {"tactical": messages, "model_turns": state["model_turns"] + 1}
+        if reply.tool_calls:
+            return update
+        return {**update, **_report(state, str(reply.content) or "(no report)")}
+
+    def act(state: AgentState) -> AgentState:
+        messages = list(state["tactical"])
+        call = _next_pending_call(messages)
+        deps.reporter.event(contract.EV_TOOL, name=call["name"], args=_truncate(call["args"]), call_id=call["id"], stage="start")
+        started = time.monotonic()
+        result = deps.tools.call(call["name"], call["args"] or {})
+        deps.reporter.event(
+            contract.EV_TOOL,
+            name=call["name"],
+            call_id=call["id"],
+            stage="end",
+            ok=result.ok,
+            result=_truncate(result.output, 2000),
+            seconds=round(time.monotonic() - started, 3),
+        )
+        messages.append(ToolMessage(content=result.output, tool_call_id=call["id"], status="success" if result.ok else "error"))
+        calls = state["tactical_calls"] + 1
+        update: AgentState = {"tactical": messages, "tactical_calls": calls, "tool_calls": state["tool_calls"] + 1}
+        if calls >= deps.budgets.max_tool_calls:
+            report = f"stopped: the budget of {deps.budgets.max_tool_calls} tool calls for this objective is spent"
+            return {**update, **_report(state, report)}
+        return update
+
+    def _report(state: AgentState, text: str) -> AgentState:
+        deps.reporter.event(contract.EV_PHASE, phase=contract.PHASE_STRATEGIC, report=_truncate(text))
+        return {
+            "phase": contract.PHASE_STRATEGIC,
+            "strategic": [*state["strategic"], HumanMessage(content=f"Report from the tactical phase: {text}")],
+        }
+
+    def after_strategic(state: AgentState) -> str:
+        if state.get("outcome"):
+            return END
+        return "tactical" if state["phase"] == contract.PHASE_TACTICAL else "strategic"
+
+    def after_tactical(state: AgentState) -> str:
+        return "act" if state["phase"] == contract.PHASE_TACTICAL else "strategic"
+
+    def after_act(state: AgentState) -> str:
+        if state["phase"] == contract.PHASE_STRATEGIC:
+            return "strategic"
+        return "act" if _next_pending_call(state["tactical"]) else "tactical"
+
+    graph = StateGraph(AgentState)
+    graph.add_node("strategic", strategic)
+    graph.add_node("tactical", tactical)
+    graph.add_node("act", act)
+    graph.add_edge(START, "strategic")
+    graph.add_conditional_edges("strategic", after_strategic, ["strategic", "tactical", END])
+    graph.add_conditional_edges("tactical", after_tactical, ["act", "strategic"])
+    graph.add_conditional_edges("act", after_act, ["act", "tactical", "strategic"])
+    return graph.compile(checkpointer=checkpointer)
+
+
+def _next_pending_call(messages: list[BaseMessage]) -> dict | None:
+    """The first tool call of the last model turn that has no result yet."""
+    answered = {m.tool_call_id for m in messages if isinstance(m, ToolMessage)}
+    for message in reversed(messages):
+        if isinstance(message, AIMessage):
+            return next((c for c in message.tool_calls if c["id"] not in answered), None)
+    return None

@@ -1,0 +1,321 @@
+"""`python -m agent run`: one task, from a fresh workspace or from its checkpoint.
+
+Invariants:
+- Every step is checkpointed before the next starts (durability "sync");
+  started again with the same arguments after any crash, the run resumes from
+  the last checkpoint.
+- Stops only between steps: on SIGTERM (exit 143, resumable), on a cancel
+  command (exit 4, final), at the deadline or a budget (exit 0 with that outcome).
+- The outcome is written to `.dockyard/result.json`; a run that finds one exits
+  at once with the same code, so a redelivered or restarted Job does no work twice.
+- Telemetry never blocks the loop and NATS being down never stops the run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from agent import contract
+
+log = logging.getLogger("agent")
+
+OUTCOME_EXIT = {
+    contract.OUTCOME_DONE: contract.EXIT_DONE,
+    contract.OUTCOME_BUDGET: contract.EXIT_DONE,
+    contract.OUTCOME_DEADLINE: contract.EXIT_DONE,
+    contract.OUTCOME_CANCELLED: contract.EXIT_CANCELLED,
+    contract.OUTCOME_FAILED: contract.EXIT_FATAL,
+}
+PRUNE_EVERY_STEPS = 10
+
+
+class FatalError(Exception):
+    """Configuration that can never work: exit with EXIT_FATAL, no retry."""
+
+
+def env_default(name: str, default=None):
+    return os.environ.get(contract.ENV_PREFIX + name, default)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m agent run",
+        description="Run one task with the STRATEGIC/TACTICAL agent, checkpointing every step. "
+        "Each flag can also be set by the environment variable named in brackets.",
+    )
+    parser.add_argument("--task-id", default=env_default("TASK_ID"), help="task id, a DNS-1123 label [DOCKYARD_TASK_ID]")
+    parser.add_argument("--workspace", default=env_default("WORKSPACE", contract.WORKSPACE_MOUNT), help="workspace folder [DOCKYARD_WORKSPACE]")
+    parser.add_argument("--task-file", default=env_default("TASK_FILE", contract.TASK_FILE), help="task JSON {prompt, repo?, model?, limits?} [DOCKYARD_TASK_FILE]")
+    parser.add_argument("--model", default=env_default("MODEL"), help="model spec, e.g. scripted:example or openai:gpt-4o; overrides the task's [DOCKYARD_MODEL]")
+    parser.add_argument("--nats", default=env_default("NATS_URL"), help="NATS URL for telemetry and commands; none: trace to stdout [DOCKYARD_NATS_URL]")
+    parser.add_argument("--home", default=env_default("HOME_DIR", contract.HOME_DIR), help="writable home for tools (PYTHONUSERBASE under it) [DOCKYARD_HOME_DIR]")
+    parser.add_argument("--secrets-dir", default=env_default("SECRETS_DIR", contract.SECRETS_DIR), help="directory of secret files [DOCKYARD_SECRETS_DIR]")
+    parser.add_argument("--max-strategic-rounds", type=int, default=int(env_default("MAX_STRATEGIC_ROUNDS", 30)), help="budget [DOCKYARD_MAX_STRATEGIC_ROUNDS]")
+    parser.add_argument("--max-tool-calls", type=int, default=int(env_default("MAX_TOOL_CALLS", 40)), help="budget per tactical phase [DOCKYARD_MAX_TOOL_CALLS]")
+    parser.add_argument("--deadline-seconds", type=int, default=env_default("DEADLINE_SECONDS"), help="overall deadline; default from the task's limits [DOCKYARD_DEADLINE_SECONDS]")
+    parser.add_argument("--keep-checkpoints", type=int, default=int(env_default("KEEP_CHECKPOINTS", 20)), help="checkpoints kept per thread [DOCKYARD_KEEP_CHECKPOINTS]")
+    return parser
+
+
+@dataclass
+class Control:
+    """Requests that arrive from other threads (signals, NATS commands); read between steps."""
+
+    stop_reason: str | None = None  # "sigterm" or "cancel"
+    phase: str = contract.PHASE_STRATEGIC
+    step: int = 0
+    todos: tuple = ()
+
+    def request_stop(self, reason: str) -> None:
+        if self.stop_reason != "cancel":  # a cancel is final and wins over a plain stop
+            self.stop_reason = reason
+
+
+def load_task(path: Path) -> dict:
+    try:
+        task = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise FatalError(f"task file {path} does not exist; pass --task-file") from None
+    except ValueError as exc:
+        raise FatalError(f"task file {path} is not valid JSON: {exc}") from None
+    if not isinstance(task, dict) or not isinstance(task.get("prompt"), str) or not task["prompt"].strip():
+        raise FatalError(f"task file {path} needs a non-empty 'prompt'")
+    return task
+
+
+def result_path(workspace: Path) -> Path:
+    return workspace / contract.RESULT_FILE
+
+
+def read_result(workspace: Path) -> dict | None:
+    try:
+        return json.loads(result_path(workspace).read_text())
+    except (FileNotFoundError, ValueError):
+        return None
+
+
+def write_result(workspace: Path, result: dict) -> None:
+    path = result_path(workspace)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(result, indent=2))
+    os.replace(tmp, path)
+
+
+def clone_repo(repo: dict, workspace: Path, env: dict) -> None:
+    target = workspace / contract.REPO_DIR
+    if target.exists():
+        return
+    staging = workspace / (contract.REPO_DIR + ".partial")
+    subprocess.run(["rm", "-rf", str(staging)], check=False)
+    command = ["git", "clone", "--quiet"]
+    ref = repo.get("ref")
+    subprocess.run([*command, "--", repo["url"], str(staging)], check=True, env=env, capture_output=True, text=True, timeout=600)
+    if ref:
+        subprocess.run(["git", "-C", str(staging), "checkout", "--quiet", ref], check=True, env=env, capture_output=True, text=True, timeout=120)
+    os.replace(staging, target)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    if not args.task_id or not contract.is_valid_task_id(args.task_id):
+        print(f"agent: --task-id {args.task_id!r} is not a DNS-1123 label of 1-{contract.TASK_ID_MAX} chars", file=sys.stderr)
+        return contract.EXIT_FATAL
+    workspace = Path(args.workspace).resolve()
+    workspace.mkdir(parents=True, exist_ok=True)
+
+    previous = read_result(workspace)
+    if previous is not None:
+        print(f"agent: task {args.task_id} already ended with outcome {previous.get('outcome')}", file=sys.stderr)
+        return OUTCOME_EXIT.get(previous.get("outcome"), contract.EXIT_DONE)
+
+    from agent.redact import Redactor
+    from agent.telemetry import Telemetry
+
+    redactor = Redactor.from_secrets_dir(Path(args.secrets_dir))
+    telemetry = Telemetry(args.task_id, args.nats, redactor=redactor)
+    telemetry.start()
+    handler = telemetry.log_handler()
+    logging.getLogger().addHandler(handler)
+    try:
+        return Run(args, workspace, telemetry).execute()
+    except FatalError as exc:
+        log.error("fatal: %s", exc)
+        telemetry.event(contract.EV_STATUS, state=contract.STATE_FINISHED, outcome=contract.OUTCOME_FAILED, reason=str(exc))
+        write_result(workspace, {"task_id": args.task_id, "outcome": contract.OUTCOME_FAILED, "summary": str(exc)})
+        print(f"agent: fatal: {exc}", file=sys.stderr)
+        return contract.EXIT_FATAL
+    except Exception:
+        log.exception("task %s failed; the Job retries it from the checkpoint", args.task_id)
+        return contract.EXIT_RETRY
+    finally:
+        logging.getLogger().removeHandler(handler)
+        telemetry.close()
+
+
+class Run:
+    def __init__(self, args, workspace: Path, telemetry):
+        self.args = args
+        self.task_id: str = args.task_id
+        self.workspace = workspace
+        self.telemetry = telemetry
+        self.control = Control()
+
+    # --- commands from NATS (telemetry thread) and signals -----------------
+    def on_command(self, body: dict) -> dict | None:
+        op = body.get("op")
+        if op == "status":
+            c = self.control
+            return {"ok": True, "phase": c.phase, "step": c.step, "todos": list(c.todos)}
+        if op == "cancel":
+            self.control.request_stop("cancel")
+            return {"ok": True, "detail": "stopping after the current step"}
+        if op == "message":
+            text = body.get("text")
+            if not isinstance(text, str) or not text.strip():
+                return {"ok": False, "error": "message needs a non-empty 'text'"}
+            self.inbox.append(text)  # on disk before the ack: a message is never lost
+            self.telemetry.event(contract.EV_MESSAGE, text=text)
+            return {"ok": True, "detail": "delivered to the next strategic phase"}
+        if op == "snapshot":
+            return None  # the snapshotter answers these
+        return {"ok": False, "error": f"unknown op {op!r}; use status, cancel or message"}
+
+    def _on_sigterm(self, signum, frame) -> None:
+        self.control.request_stop("sigterm")
+
+    # --- the run ---------------------------------------------------------------
+    def execute(self) -> int:
+        from agent.checkpoint import open_saver, prune
+        from agent.graph import Budgets, Deps, Inbox, build_graph, initial_state
+        from agent.heartbeat import Heartbeat
+        from agent.models import ModelConfigError, load_model
+        from agent.tools import WorkTools
+
+        args = self.args
+        task = load_task(Path(args.task_file))
+        model_spec = args.model or task.get("model") or "scripted:example"
+        deadline_seconds = int(args.deadline_seconds or (task.get("limits") or {}).get("deadline_seconds") or 3600)
+        home = Path(args.home)
+        home.mkdir(parents=True, exist_ok=True)
+        secrets = Path(args.secrets_dir)
+        try:
+            model = load_model(model_spec, secrets_dir=secrets)
+        except ModelConfigError as exc:
+            raise FatalError(str(exc)) from None
+
+        proxy_env = {k: v for k, v in os.environ.items() if k.lower() in ("http_proxy", "https_proxy", "no_proxy")}
+        tools = WorkTools(self.workspace, home, proxy_env=proxy_env)
+        self.inbox = Inbox(self.workspace / ".dockyard" / "inbox.jsonl")
+        heartbeat = Heartbeat(self.workspace / contract.HEARTBEAT_FILE).start()
+        saver = open_saver(self.workspace / contract.checkpoint_path(self.task_id))
+        deps = Deps(
+            model=model,
+            tools=tools,
+            reporter=self.telemetry,
+            inbox=self.inbox,
+            budgets=Budgets(args.max_strategic_rounds, args.max_tool_calls),
+            waiting=heartbeat.waiting,
+        )
+        graph = build_graph(deps, checkpointer=saver)
+        config = {"configurable": {"thread_id": self.task_id}, "recursion_limit": 100_000}
+
+        snapshot = graph.get_state(config)
+        resumed = bool(snapshot.values)
+        started_at = float((snapshot.metadata or {}).get("dockyard_started_at") or 0) if resumed else 0.0
+        started_at = self._started_at(started_at)
+        self.telemetry.on_command(self.on_command)
+        signal.signal(signal.SIGTERM, self._on_sigterm)
+        signal.signal(signal.SIGINT, self._on_sigterm)
+
+        if resumed:
+            values = snapshot.values
+            self.control.phase, self.control.todos = values.get("phase", self.control.phase), tuple(values.get("todos", ()))
+            log.info("resuming task %s from its checkpoint (%d model turns, %d tool calls done)", self.task_id, values.get("model_turns", 0), values.get("tool_calls", 0))
+            self.telemetry.event(contract.EV_STATUS, state=contract.STATE_RESUMED, phase=self.control.phase, model_turns=values.get("model_turns", 0), tool_calls=values.get("tool_calls", 0))
+        else:
+            repo = task.get("repo")
+            if repo:
+                self._clone(repo, tools)
+            log.info("starting task %s with model %s", self.task_id, model_spec)
+            self.telemetry.event(contract.EV_STATUS, state=contract.STATE_STARTED, model=model_spec)
+            self.telemetry.event(contract.EV_PHASE, phase=contract.PHASE_STRATEGIC)
+
+        stream_input = None if resumed else initial_state(task["prompt"])
+        outcome: str | None = None
+        try:
+            for update in graph.stream(stream_input, config, durability="sync", stream_mode="updates"):
+                heartbeat.beat()
+                self.control.step += 1
+                for node_update in update.values():
+                    if isinstance(node_update, dict):
+                        self.control.phase = node_update.get("phase", self.control.phase)
+                        self.control.todos = tuple(node_update.get("todos", self.control.todos))
+                if self.control.step % PRUNE_EVERY_STEPS == 0:
+                    prune(saver, self.task_id, keep=args.keep_checkpoints)
+                if self.control.stop_reason:
+                    break
+                if time.time() - started_at > deadline_seconds:
+                    outcome = contract.OUTCOME_DEADLINE
+                    break
+        except ModelConfigError as exc:
+            raise FatalError(str(exc)) from None
+        finally:
+            heartbeat.stop()
+
+        if self.control.stop_reason == "sigterm":
+            log.info("stopped by SIGTERM after step %d; the next start resumes from the checkpoint", self.control.step)
+            self.telemetry.event(contract.EV_STATUS, state="interrupted", reason="SIGTERM")
+            return contract.EXIT_INTERRUPTED
+
+        values = graph.get_state(config).values
+        prune(saver, self.task_id, keep=args.keep_checkpoints)
+        if self.control.stop_reason == "cancel":
+            outcome, summary = contract.OUTCOME_CANCELLED, "cancelled by command"
+        elif outcome == contract.OUTCOME_DEADLINE:
+            summary = f"stopped at the deadline of {deadline_seconds} s"
+        else:
+            outcome, summary = values.get("outcome") or contract.OUTCOME_FAILED, values.get("summary") or ""
+        result = {
+            "task_id": self.task_id,
+            "outcome": outcome,
+            "summary": summary,
+            "todos": values.get("todos", []),
+            "model_turns": values.get("model_turns", 0),
+            "tool_calls": values.get("tool_calls", 0),
+            "finished_at": time.time(),
+        }
+        write_result(self.workspace, result)
+        self.telemetry.event(contract.EV_RESULT, outcome=outcome, summary=summary)
+        self.telemetry.event(contract.EV_STATUS, state=contract.STATE_FINISHED, outcome=outcome, summary=summary)
+        log.info("task %s finished: %s", self.task_id, outcome)
+        return OUTCOME_EXIT.get(outcome, contract.EXIT_DONE)
+
+    def _started_at(self, known: float) -> float:
+        """The first start time, kept in the workspace so the deadline survives restarts."""
+        path = self.workspace / ".dockyard" / "started_at"
+        try:
+            return float(path.read_text())
+        except (FileNotFoundError, ValueError):
+            now = known or time.time()
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(f"{now}\n")
+            return now
+
+    def _clone(self, repo: dict, tools) -> None:
+        log.info("cloning %s", repo.get("url"))
+        try:
+            clone_repo(repo, self.workspace, tools.environment())
+        except subprocess.CalledProcessError as exc:
+            raise RuntimeError(f"git clone of {repo.get('url')} failed: {exc.stderr.strip()[:500]}") from None

@@ -1,0 +1,53 @@
+"""The seam between the functions and where agents run.
+
+A runtime turns a validated task into a running agent (a Kubernetes Job, or
+child processes on this machine) and answers questions about it. Every method
+is idempotent: the broker delivers at least once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from functions.task import Task
+
+
+class RuntimeError_(Exception):
+    """Base for runtime failures; `transient` decides 5xx (retry) versus 4xx."""
+
+    transient = True
+
+
+class LaunchConflict(RuntimeError_):
+    """The task id is taken by a task with a different spec."""
+
+    transient = False
+
+
+class TaskNotFound(RuntimeError_):
+    transient = False
+
+
+@dataclass
+class TaskStatus:
+    task_id: str
+    state: str  # contract.STATE_* ("queued", "started", "retrying", "finished")
+    outcome: str | None = None  # contract.OUTCOME_* once finished
+    attempts: int = 0
+    reason: str | None = None
+    details: dict = field(default_factory=dict)
+
+
+class Runtime(Protocol):
+    async def launch(self, task: Task) -> bool:
+        """Start the task. Returns True if this call created it, False if it already existed
+        with the same spec. Raises LaunchConflict for the same id with another spec."""
+
+    async def status(self, task_id: str) -> TaskStatus:
+        """Raises TaskNotFound."""
+
+    async def cancel(self, task_id: str) -> None:
+        """Stop the task's agent and its job. Raises TaskNotFound."""
+
+    async def list(self) -> list[TaskStatus]: ...
