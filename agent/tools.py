@@ -538,6 +538,7 @@ class WorkTools:
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
                 close_fds=True,
+                preexec_fn=_die_with_parent,
             )
         except OSError as exc:
             raise ToolError(f"execute: cannot start the shell: {exc}") from None
@@ -628,6 +629,18 @@ class _PipeReader:
             except (KeyError, ValueError):
                 pass
         self.sel.close()
+
+
+def _die_with_parent() -> None:
+    """In the child: get SIGKILL if the agent dies, so a killed agent's command never
+    completes behind its back (it is run again after the resume). In a pod the
+    container's death does this; locally this is what does it."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
 
 
 def _signal_group(pgid: int, sig: int) -> bool:

@@ -1,0 +1,182 @@
+"""`python -m agent run` as a real process: resume after SIGKILL, signals, commands, exit codes."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from agent import contract
+
+EXAMPLE_TASK = Path(__file__).resolve().parents[2] / "agent" / "examples" / "example_task.json"
+
+SLOW_TURNS = [
+    {"tool_calls": [{"name": "plan", "args": {"todos": ["count"], "objective": "count slowly"}}]},
+    {"tool_calls": [{"name": "execute", "args": {"command": "sleep 1; echo one >> calls.log"}}]},
+    {"tool_calls": [{"name": "execute", "args": {"command": "sleep 2; echo two >> calls.log"}}]},
+    {"tool_calls": [{"name": "execute", "args": {"command": "sleep 1; echo three >> calls.log"}}]},
+    {"content": "counted to three"},
+    {"tool_calls": [{"name": "finish", "args": {"summary": "counted"}}]},
+]
+
+
+def agent_cmd(task_id: str, workspace: Path, task_file: Path, model: str, *extra: str) -> list[str]:
+    return [
+        sys.executable, "-m", "agent", "run", "--task-id", task_id, "--workspace", str(workspace),
+        "--task-file", str(task_file), "--model", model, "--home", str(workspace.parent / "home"),
+        "--secrets-dir", str(workspace.parent / "secrets"), *extra,
+    ]
+
+
+def workspace_files(workspace: Path) -> dict[str, bytes]:
+    skip = (contract.CHECKPOINT_DIR, ".dockyard")
+    return {
+        str(p.relative_to(workspace)): p.read_bytes()
+        for p in sorted(workspace.rglob("*"))
+        if p.is_file() and not str(p.relative_to(workspace)).startswith(skip) and "__pycache__" not in str(p)
+    }
+
+
+def trace_events(stdout: str) -> list[dict]:
+    """Events the agent printed (without NATS the trace goes to stdout as JSON lines)."""
+    records = [json.loads(line) for line in stdout.splitlines() if line.startswith("{")]
+    return [r for r in records if "type" in r]
+
+
+def wait_for(predicate, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+@pytest.fixture
+def slow_script(tmp_path) -> Path:
+    path = tmp_path / "slow.yaml"
+    path.write_text(yaml.safe_dump(SLOW_TURNS))
+    return path
+
+
+def test_example_task_runs_without_nats_and_prints_its_trace(tmp_path, agent_env):
+    workspace = tmp_path / "ws"
+    proc = subprocess.run(agent_cmd("example", workspace, EXAMPLE_TASK, "scripted:example"), env=agent_env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads((workspace / contract.RESULT_FILE).read_text())
+    assert result["outcome"] == contract.OUTCOME_DONE
+    events = trace_events(proc.stdout)
+    kinds = [(e["type"], e.get("phase") or e.get("state")) for e in events if e["type"] in ("phase", "status")]
+    assert kinds[0] == ("status", "started")
+    assert ("phase", "TACTICAL") in kinds and kinds[-1] == ("status", "finished")
+    assert (workspace / "test_fizzbuzz.py").exists()
+
+    # A finished task started again does no work and exits with the same code.
+    again = subprocess.run(agent_cmd("example", workspace, EXAMPLE_TASK, "scripted:example"), env=agent_env, capture_output=True, text=True, timeout=60)
+    assert again.returncode == 0 and "already ended" in again.stderr
+
+
+def test_sigkill_mid_tool_call_resumes_without_repeating_completed_calls(tmp_path, agent_env, slow_script):
+    # The reference: one uninterrupted run.
+    reference = tmp_path / "ref" / "ws"
+    done = subprocess.run(agent_cmd("slow", reference, EXAMPLE_TASK, f"scripted:{slow_script}"), env=agent_env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+
+    workspace = tmp_path / "killed" / "ws"
+    calls = workspace / "calls.log"
+    first = subprocess.Popen(agent_cmd("slow", workspace, EXAMPLE_TASK, f"scripted:{slow_script}"), env=agent_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_for(lambda: calls.exists() and calls.read_text() == "one\n", 60, "the first call to complete")
+    time.sleep(0.7)  # now inside the second call's `sleep 2`
+    first.send_signal(signal.SIGKILL)
+    first.wait(10)
+    time.sleep(2.5)  # the killed call must not finish behind our back
+    assert calls.read_text() == "one\n"
+
+    second = subprocess.run(agent_cmd("slow", workspace, EXAMPLE_TASK, f"scripted:{slow_script}"), env=agent_env, capture_output=True, text=True, timeout=120)
+    assert second.returncode == 0, second.stderr
+    assert calls.read_text() == "one\ntwo\nthree\n"
+    assert workspace_files(workspace) == workspace_files(reference)
+    events = trace_events(second.stdout)
+    assert events[0]["type"] == "status" and events[0]["state"] == contract.STATE_RESUMED
+    executed = [e["args"]["command"] for e in events if e["type"] == "tool" and e["stage"] == "start"]
+    assert executed == ["sleep 2; echo two >> calls.log", "sleep 1; echo three >> calls.log"]
+    with sqlite3.connect(workspace / contract.checkpoint_path("slow")) as db:
+        assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+
+
+def test_sigterm_stops_after_the_current_step_and_resumes(tmp_path, agent_env, slow_script):
+    workspace = tmp_path / "ws"
+    calls = workspace / "calls.log"
+    proc = subprocess.Popen(agent_cmd("term", workspace, EXAMPLE_TASK, f"scripted:{slow_script}"), env=agent_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_for(lambda: calls.exists() and calls.read_text() == "one\n", 60, "the first call")
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=30)
+    assert proc.returncode == contract.EXIT_INTERRUPTED, err
+    assert calls.read_text() == "one\ntwo\n"  # the running step was finished, not cut
+    assert not (workspace / contract.RESULT_FILE).exists()
+
+    again = subprocess.run(agent_cmd("term", workspace, EXAMPLE_TASK, f"scripted:{slow_script}"), env=agent_env, capture_output=True, text=True, timeout=120)
+    assert again.returncode == 0, again.stderr
+    assert calls.read_text() == "one\ntwo\nthree\n"
+
+
+def test_bad_configuration_exits_with_the_fatal_code(tmp_path, agent_env):
+    bad_task = tmp_path / "task.json"
+    bad_task.write_text('{"no_prompt": true}')
+    proc = subprocess.run(agent_cmd("bad", tmp_path / "ws", bad_task, "scripted:example"), env=agent_env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == contract.EXIT_FATAL
+    assert "prompt" in proc.stderr
+
+    proc = subprocess.run(agent_cmd("bad2", tmp_path / "ws2", EXAMPLE_TASK, "nosuch:model"), env=agent_env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == contract.EXIT_FATAL
+    assert "not supported" in proc.stderr
+
+    proc = subprocess.run(agent_cmd("Bad_Id", tmp_path / "ws3", EXAMPLE_TASK, "scripted:example"), env=agent_env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == contract.EXIT_FATAL
+    assert "--task-id" in proc.stderr
+
+
+def test_heartbeat_file_is_fresh_while_running(tmp_path, agent_env, slow_script):
+    workspace = tmp_path / "ws"
+    proc = subprocess.Popen(agent_cmd("hb", workspace, EXAMPLE_TASK, f"scripted:{slow_script}"), env=agent_env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        heartbeat = workspace / contract.HEARTBEAT_FILE
+        wait_for(heartbeat.exists, 30, "the heartbeat file")
+        assert time.time() - heartbeat.stat().st_mtime < 10
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_repo_is_cloned_before_the_first_phase(tmp_path, agent_env):
+    origin = tmp_path / "origin"
+    origin.mkdir()
+    git = ["git", "-c", "user.email=t@example.com", "-c", "user.name=t", "-C", str(origin)]
+    subprocess.run(["git", "init", "-q", str(origin)], check=True)
+    (origin / "README.md").write_text("hello\n")
+    subprocess.run([*git, "add", "."], check=True)
+    subprocess.run([*git, "commit", "-qm", "init"], check=True)
+    task = tmp_path / "task.json"
+    task.write_text(json.dumps({"prompt": "read the readme", "repo": {"url": f"file://{origin}"}}))
+    script = tmp_path / "t.yaml"
+    script.write_text(yaml.safe_dump([
+        {"tool_calls": [{"name": "plan", "args": {"todos": ["read"], "objective": "read"}}]},
+        {"tool_calls": [{"name": "read_file", "args": {"path": "repo/README.md"}}]},
+        {"content": "it says hello"},
+        {"tool_calls": [{"name": "finish", "args": {"summary": "read it"}}]},
+    ]))
+    workspace = tmp_path / "ws"
+    proc = subprocess.run(agent_cmd("clone", workspace, task, f"scripted:{script}"), env=agent_env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert (workspace / "repo" / "README.md").read_text() == "hello\n"
+    tool_end = [e for e in trace_events(proc.stdout) if e["type"] == "tool" and e["stage"] == "end"]
+    assert tool_end and "hello" in tool_end[0]["result"]
