@@ -22,7 +22,7 @@ import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Protocol, TypedDict
+from typing import Annotated, Callable, Protocol, TypedDict
 
 from langchain_core.messages import AIMessage, BaseMessage, HumanMessage, SystemMessage, ToolMessage
 from langgraph.graph import END, START, StateGraph
@@ -67,11 +67,18 @@ CONTROL_TOOLS = [
 ]
 
 
+def append_messages(existing: list[BaseMessage] | None, new: list[BaseMessage] | dict) -> list[BaseMessage]:
+    """Nodes return only new messages, so a step's writes stay small; {"reset": [...]} starts over."""
+    if isinstance(new, dict):
+        return list(new["reset"])
+    return [*(existing or []), *new]
+
+
 class AgentState(TypedDict, total=False):
     prompt: str
     phase: str
-    strategic: list[BaseMessage]
-    tactical: list[BaseMessage]
+    strategic: Annotated[list[BaseMessage], append_messages]
+    tactical: Annotated[list[BaseMessage], append_messages]  # reset for each objective
     todos: list[str]
     objective: str
     model_turns: int  # all model turns so far; the scripted model replays by this count
@@ -176,27 +183,27 @@ def build_graph(deps: Deps, checkpointer=None):
             return deps.model.invoke(phase, [SystemMessage(content=prompt), *messages], tools, turn)
 
     def strategic(state: AgentState) -> AgentState:
-        messages = list(state["strategic"])
         news = deps.inbox.read_from(state["inbox_seen"])
-        messages += [HumanMessage(content=f"Message from a human: {text}") for text in news]
+        added: list[BaseMessage] = [HumanMessage(content=f"Message from a human: {text}") for text in news]
         update: AgentState = {"inbox_seen": state["inbox_seen"] + len(news)}
         if state["strategic_rounds"] >= deps.budgets.max_strategic_rounds:
             summary = f"stopped: the budget of {deps.budgets.max_strategic_rounds} strategic rounds is spent"
-            return {**update, "strategic": messages, "outcome": contract.OUTCOME_BUDGET, "summary": summary}
+            return {**update, "strategic": added, "outcome": contract.OUTCOME_BUDGET, "summary": summary}
 
-        reply = ask_model(contract.PHASE_STRATEGIC, STRATEGIC_PROMPT, messages, CONTROL_TOOLS, state["model_turns"])
-        messages.append(reply)
+        history = [*state["strategic"], *added]
+        reply = ask_model(contract.PHASE_STRATEGIC, STRATEGIC_PROMPT, history, CONTROL_TOOLS, state["model_turns"])
+        added.append(reply)
         update.update(model_turns=state["model_turns"] + 1, strategic_rounds=state["strategic_rounds"] + 1)
         control = next((c for c in reply.tool_calls if c["name"] in ("plan", "finish")), None)
         for call in reply.tool_calls:
             answer = "ok" if call is control else "ignored: call exactly one of plan or finish"
-            messages.append(ToolMessage(content=answer, tool_call_id=call["id"]))
+            added.append(ToolMessage(content=answer, tool_call_id=call["id"]))
         if control is None:
-            messages.append(HumanMessage(content="Call plan(todos, objective) or finish(summary)."))
-            return {**update, "strategic": messages}
+            added.append(HumanMessage(content="Call plan(todos, objective) or finish(summary)."))
+            return {**update, "strategic": added}
         args = control["args"] or {}
         if control["name"] == "finish":
-            return {**update, "strategic": messages, "outcome": contract.OUTCOME_DONE, "summary": str(args.get("summary", ""))}
+            return {**update, "strategic": added, "outcome": contract.OUTCOME_DONE, "summary": str(args.get("summary", ""))}
         todos = [str(t) for t in args.get("todos") or []]
         objective = str(args.get("objective") or (todos[0] if todos else ""))
         if todos != state["todos"]:
@@ -204,26 +211,23 @@ def build_graph(deps: Deps, checkpointer=None):
         deps.reporter.event(contract.EV_PHASE, phase=contract.PHASE_TACTICAL, objective=objective)
         return {
             **update,
-            "strategic": messages,
+            "strategic": added,
             "todos": todos,
             "objective": objective,
             "phase": contract.PHASE_TACTICAL,
-            "tactical": [HumanMessage(content=f"Objective: {objective}\nTodo list: {json.dumps(todos)}")],
+            "tactical": {"reset": [HumanMessage(content=f"Objective: {objective}\nTodo list: {json.dumps(todos)}")]},
             "tactical_calls": 0,
         }
 
     def tactical(state: AgentState) -> AgentState:
-        messages = list(state["tactical"])
-        reply = ask_model(contract.PHASE_TACTICAL, TACTICAL_PROMPT, messages, deps.tools.schemas(), state["model_turns"])
-        messages.append(reply)
-        update: AgentState = {"tactical": messages, "model_turns": state["model_turns"] + 1}
+        reply = ask_model(contract.PHASE_TACTICAL, TACTICAL_PROMPT, state["tactical"], deps.tools.schemas(), state["model_turns"])
+        update: AgentState = {"tactical": [reply], "model_turns": state["model_turns"] + 1}
         if reply.tool_calls:
             return update
         return {**update, **_report(state, str(reply.content) or "(no report)")}
 
     def act(state: AgentState) -> AgentState:
-        messages = list(state["tactical"])
-        call = _next_pending_call(messages)
+        call = _next_pending_call(state["tactical"])
         deps.reporter.event(contract.EV_TOOL, name=call["name"], args=_truncate(call["args"]), call_id=call["id"], stage="start")
         started = time.monotonic()
         result = deps.tools.call(call["name"], call["args"] or {})
@@ -236,9 +240,9 @@ def build_graph(deps: Deps, checkpointer=None):
             result=_truncate(result.output, 2000),
             seconds=round(time.monotonic() - started, 3),
         )
-        messages.append(ToolMessage(content=result.output, tool_call_id=call["id"], status="success" if result.ok else "error"))
+        answer = ToolMessage(content=result.output, tool_call_id=call["id"], status="success" if result.ok else "error")
         calls = state["tactical_calls"] + 1
-        update: AgentState = {"tactical": messages, "tactical_calls": calls, "tool_calls": state["tool_calls"] + 1}
+        update: AgentState = {"tactical": [answer], "tactical_calls": calls, "tool_calls": state["tool_calls"] + 1}
         if calls >= deps.budgets.max_tool_calls:
             report = f"stopped: the budget of {deps.budgets.max_tool_calls} tool calls for this objective is spent"
             return {**update, **_report(state, report)}
@@ -248,7 +252,7 @@ def build_graph(deps: Deps, checkpointer=None):
         deps.reporter.event(contract.EV_PHASE, phase=contract.PHASE_STRATEGIC, report=_truncate(text))
         return {
             "phase": contract.PHASE_STRATEGIC,
-            "strategic": [*state["strategic"], HumanMessage(content=f"Report from the tactical phase: {text}")],
+            "strategic": [HumanMessage(content=f"Report from the tactical phase: {text}")],
         }
 
     def after_strategic(state: AgentState) -> str:

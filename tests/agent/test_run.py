@@ -180,3 +180,69 @@ def test_repo_is_cloned_before_the_first_phase(tmp_path, agent_env):
     assert (workspace / "repo" / "README.md").read_text() == "hello\n"
     tool_end = [e for e in trace_events(proc.stdout) if e["type"] == "tool" and e["stage"] == "end"]
     assert tool_end and "hello" in tool_end[0]["result"]
+
+
+async def _request(nc, task_id: str, body: dict) -> dict:
+    reply = await nc.request(contract.subject_cmd(task_id), json.dumps(body).encode(), timeout=5)
+    return json.loads(reply.data)
+
+
+async def _stream_events(nc, task_id: str) -> list[dict]:
+    js = nc.jetstream()
+    sub = await js.subscribe(contract.subject_events(task_id), ordered_consumer=True)
+    found = []
+    while True:
+        try:
+            msg = await sub.next_msg(timeout=1)
+        except Exception:
+            break
+        found.append(json.loads(msg.data))
+    await sub.unsubscribe()
+    return found
+
+
+async def test_commands_over_nats_status_message_cancel(tmp_path, agent_env, nats_server):
+    import asyncio
+
+    import nats
+
+    turns = [{"tool_calls": [{"name": "plan", "args": {"todos": ["wait"], "objective": "wait"}}]}]
+    turns += [{"tool_calls": [{"name": "execute", "args": {"command": "sleep 0.5"}}]}] * 40
+    script = tmp_path / "long.yaml"
+    script.write_text(yaml.safe_dump(turns))
+    workspace = tmp_path / "ws"
+    proc = subprocess.Popen(
+        agent_cmd("cmds", workspace, EXAMPLE_TASK, f"scripted:{script}", "--nats", nats_server.url),
+        env=agent_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    nc = await nats.connect(nats_server.url)
+    try:
+        status = None
+        for _ in range(100):
+            try:
+                status = await _request(nc, "cmds", {"op": "status"})
+                if status.get("phase") == "TACTICAL":
+                    break
+            except Exception:
+                pass
+            await asyncio.sleep(0.1)
+        assert status and status["ok"] and status["todos"] == ["wait"]
+        assert (await _request(nc, "cmds", {"op": "message", "text": "hurry up"}))["ok"]
+        assert (workspace / ".dockyard" / "inbox.jsonl").read_text().count("hurry up") == 1
+        bad = await _request(nc, "cmds", {"op": "dance"})
+        assert not bad["ok"] and "unknown op" in bad["error"]
+        assert (await _request(nc, "cmds", {"op": "cancel"}))["ok"]
+        code = await asyncio.get_running_loop().run_in_executor(None, proc.wait, 30)
+        assert code == contract.EXIT_CANCELLED
+        assert json.loads((workspace / contract.RESULT_FILE).read_text())["outcome"] == contract.OUTCOME_CANCELLED
+
+        events = await _stream_events(nc, "cmds")
+        kinds = [e["type"] for e in events]
+        assert kinds[0] == "status" and events[0]["state"] == "started"
+        assert "message" in kinds and "tool" in kinds
+        assert events[-1]["type"] == "status" and events[-1]["outcome"] == contract.OUTCOME_CANCELLED
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+        await nc.close()
