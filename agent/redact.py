@@ -1,0 +1,158 @@
+"""Redaction of secrets before anything leaves the agent.
+
+Two kinds of secrets are removed from text:
+
+* known values: the exact contents of the files under the secrets directory
+  (`contract.SECRETS_DIR`) and of an optional file of extra secrets, one per
+  line. Values shorter than `MIN_KNOWN_LENGTH` characters are ignored: a short
+  value such as ``"1"`` or ``"true"`` would wreck ordinary text.
+* known formats (``patterns=True``): OpenAI keys (``sk-...``, ``sk-proj-...``),
+  Anthropic keys (``sk-ant-...``), GitHub tokens (``ghp_``, ``gho_``, ``ghu_``,
+  ``ghs_``, ``ghr_``, ``github_pat_``), AWS access key ids (``AKIA``/``ASIA`` +
+  16), bearer tokens (``Authorization: Bearer <token>``, ``bearer <token>``),
+  PEM private key blocks and the password of URLs with credentials
+  (``scheme://user:pass@host`` becomes ``scheme://user:[REDACTED]@host``).
+
+Both are single precompiled regular expressions (known values escaped and
+sorted longest first, so a value that contains another is removed whole), and
+each has a cheap prefilter so that text without any candidate is returned
+untouched at C speed.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any, Iterable
+
+REPLACEMENT = "[REDACTED]"
+MIN_KNOWN_LENGTH = 6
+
+# Each alternative is a named group so that `_sub_pattern` knows what to keep.
+_PATTERNS = [
+    # PEM private keys: the whole block, also when it is cut (no END line yet).
+    r"(?P<pem>-----BEGIN[A-Z0-9 ]*PRIVATE KEY-----(?:.*?-----END[A-Z0-9 ]*PRIVATE KEY-----|[\s\S]*\Z))",
+    # Anthropic before OpenAI: both start with sk-.
+    r"(?P<anthropic>\bsk-ant-[A-Za-z0-9_\-]{16,})",
+    r"(?P<openai>\bsk-(?:proj-|svcacct-|admin-)?[A-Za-z0-9_\-]{20,})",
+    r"(?P<github>\b(?:gh[pousr]_[A-Za-z0-9]{30,}|github_pat_[A-Za-z0-9_]{30,}))",
+    r"(?P<aws>\b(?:AKIA|ASIA)[A-Z0-9]{16}\b)",
+    # "Authorization: Bearer x", "bearer x" (any case): keep the scheme word.
+    r"(?P<bearer_kw>(?i:\bbearer)\s+)(?P<bearer>[A-Za-z0-9\-._~+/]{8,}=*)",
+    # scheme://user:password@host: keep scheme and user, drop the password.
+    r"(?P<url_head>\b[A-Za-z][A-Za-z0-9+.\-]*://[^\s:/@'\"<>]*:)(?P<url_pass>[^\s/'\"<>]+)(?=@)",
+]
+_PATTERN_RE = re.compile("|".join(_PATTERNS), re.DOTALL)
+
+# Literal fragments of which at least one occurs in any text a pattern matches;
+# checked with `in` (C speed) before the regex runs.
+_CANDIDATES = ("PRIVATE KEY", "sk-", "ghp_", "gho_", "ghu_", "ghs_", "ghr_", "github_pat_", "AKIA", "ASIA", "://")
+_CANDIDATES_CI = ("bearer",)
+
+
+def _sub_pattern(m: re.Match) -> str:
+    kind = m.lastgroup
+    if kind == "bearer":
+        return m.group("bearer_kw") + REPLACEMENT
+    if kind == "url_pass":
+        return m.group("url_head") + REPLACEMENT
+    return REPLACEMENT
+
+
+class Redactor:
+    """Replaces secrets in text with `REPLACEMENT`. Thread-safe (immutable after init)."""
+
+    def __init__(self, known_values: Iterable[str] = (), patterns: bool = True):
+        values = set()
+        for value in known_values:
+            if not isinstance(value, str):
+                continue
+            value = value.strip()
+            if len(value) >= MIN_KNOWN_LENGTH:
+                values.add(value)
+        # Longest first, so the longest secret wins where one contains another.
+        self._values = tuple(sorted(values, key=lambda v: (-len(v), v)))
+        self._known_re = re.compile("|".join(re.escape(v) for v in self._values)) if self._values else None
+        self.patterns = patterns
+
+    @property
+    def known_count(self) -> int:
+        return len(self._values)
+
+    @classmethod
+    def from_secrets_dir(cls, path: str | os.PathLike | None, extra_file: str | os.PathLike | None = None,
+                         patterns: bool = True) -> "Redactor":
+        """Known values from every regular file under `path` (recursively) and `extra_file` (one per line).
+
+        A directory that does not exist, unreadable files and binary junk are skipped:
+        redaction must never be the reason an agent fails to start.
+        """
+        values: list[str] = []
+        if path is not None:
+            root = Path(path)
+            if root.is_dir():
+                for dirpath, dirnames, filenames in os.walk(root, onerror=lambda e: None):
+                    # Kubernetes secret volumes hold ..data symlinks and timestamped dirs;
+                    # walking them is harmless (duplicates collapse in a set).
+                    for name in filenames:
+                        value = _read_text(Path(dirpath) / name)
+                        if value is not None:
+                            values.append(value.strip())
+            elif root.is_file():
+                value = _read_text(root)
+                if value is not None:
+                    values.append(value.strip())
+        if extra_file is not None:
+            value = _read_text(Path(extra_file))
+            if value is not None:
+                values.extend(line.strip() for line in value.splitlines())
+        return cls(values, patterns=patterns)
+
+    def redact(self, text: str) -> str:
+        if not text or not isinstance(text, str):
+            return text
+        if self._known_re is not None:
+            for value in self._values:
+                if value in text:
+                    text = self._known_re.sub(REPLACEMENT, text)
+                    break
+        if self.patterns:
+            for cand in _CANDIDATES:
+                if cand in text:
+                    return _PATTERN_RE.sub(_sub_pattern, text)
+            lowered = text.lower()
+            for cand in _CANDIDATES_CI:
+                if cand in lowered:
+                    return _PATTERN_RE.sub(_sub_pattern, text)
+        return text
+
+    def redact_obj(self, obj: Any) -> Any:
+        """A copy of `obj` with every string (values, and keys of dicts) redacted; other leaves as they are."""
+        if isinstance(obj, str):
+            return self.redact(obj)
+        if isinstance(obj, dict):
+            return {(self.redact(k) if isinstance(k, str) else k): self.redact_obj(v) for k, v in obj.items()}
+        if isinstance(obj, (list, tuple)):
+            return [self.redact_obj(v) for v in obj]
+        if isinstance(obj, (set, frozenset)):
+            return [self.redact_obj(v) for v in obj]
+        if isinstance(obj, bytes):
+            try:
+                return self.redact(obj.decode("utf-8"))
+            except UnicodeDecodeError:
+                return obj
+        return obj
+
+
+def _read_text(path: Path) -> str | None:
+    try:
+        if not path.is_file():
+            return None
+        data = path.read_bytes()
+    except OSError:
+        return None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        return None
