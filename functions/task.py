@@ -145,7 +145,9 @@ def parse_task(data: object, *, source: str, event_id: str, policy: LimitsPolicy
     if model is not None and (not isinstance(model, str) or ":" not in model):
         raise BadInput("model must look like 'provider:model' (e.g. 'openai:gpt-4o' or 'scripted:/path/turns.yaml')", "model")
 
-    limits = data.get("limits") or {}
+    limits = data.get("limits")
+    if limits is None:
+        limits = {}
     if not isinstance(limits, dict):
         raise BadInput("limits must be an object {deadline_seconds?, retries?, storage?}", "limits")
     deadline = _int_field(limits, "deadline_seconds", policy.default_deadline_seconds, policy.max_deadline_seconds, 1)

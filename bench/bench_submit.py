@@ -1,0 +1,115 @@
+"""What task_submitted adds to a launch: the function's handling time versus the runtime's launch alone.
+
+    .venv/bin/python bench/bench_submit.py [--tasks 500]
+
+Both sides run in this process against the same trivial in-memory runtime;
+the function's side includes validation, the registry create (one JetStream
+KV write, acked) and the `queued` event (one JetStream publish, acked) on a
+real nats-server started here. Target: <= 1.2x of launch alone. With an
+in-memory launch (microseconds) the ratio is dominated by the two NATS round
+trips, so the absolute overhead is printed too, and the launch time at which
+the overhead would be 20%: a real launch (Job + PVC through the Kubernetes
+API, or child processes locally) is what should be compared against it.
+Prints figures only; asserts nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from cloudevents.http import CloudEvent  # noqa: E402
+
+from agent import contract  # noqa: E402
+from functions import task_submitted  # noqa: E402
+from functions.bus import Bus  # noqa: E402
+from functions.main import Context  # noqa: E402
+from functions.nats_embedded import EmbeddedNats  # noqa: E402
+from functions.settings import Settings  # noqa: E402
+from functions.task import parse_task  # noqa: E402
+
+
+class InMemoryRuntime:
+    """The cheapest runtime that keeps the Runtime contract: a dict of spec hashes."""
+
+    def __init__(self):
+        self.specs: dict[str, str] = {}
+
+    async def launch(self, task) -> bool:
+        if task.task_id in self.specs:
+            return False
+        self.specs[task.task_id] = task.spec_hash
+        return True
+
+    async def status(self, task_id):
+        raise NotImplementedError
+
+    async def cancel(self, task_id):
+        raise NotImplementedError
+
+    async def list(self):
+        return []
+
+
+def event(i: int, run: str) -> CloudEvent:
+    return CloudEvent(
+        {"type": contract.EVENT_TASK_SUBMITTED, "source": "bench", "id": f"{run}-{i}"},
+        {"prompt": f"task number {i}: make the tests pass", "limits": {"deadline_seconds": 600}},
+    )
+
+
+async def timed(coros) -> list[float]:
+    times = []
+    for make in coros:
+        start = time.perf_counter()
+        await make()
+        times.append(time.perf_counter() - start)
+    return times
+
+
+async def main(tasks: int) -> None:
+    with tempfile.TemporaryDirectory() as tmp, EmbeddedNats(Path(tmp) / "nats") as server:
+        settings = Settings(nats_url=server.url, data_dir=Path(tmp) / "data")
+        bus = await Bus.open(settings.nats_url)
+        try:
+            # Warm up both paths (imports, JetStream stream and bucket lookups).
+            warm = Context(settings, bus, InMemoryRuntime())
+            for i in range(20):
+                await task_submitted.handle(event(i, "warm"), warm)
+
+            baseline_runtime = InMemoryRuntime()
+            parsed = [parse_task(e.get_data(), source=e["source"], event_id=e["id"]) for e in (event(i, "base") for i in range(tasks))]
+            launch = await timed([lambda t=t: baseline_runtime.launch(t) for t in parsed])
+
+            ctx = Context(settings, bus, InMemoryRuntime())
+            handle = await timed([lambda i=i: task_submitted.handle(event(i, "fn"), ctx) for i in range(tasks)])
+
+            redelivered = await timed([lambda i=i: task_submitted.handle(event(i, "fn"), ctx) for i in range(min(tasks, 200))])
+        finally:
+            await bus.close()
+
+    def ms(values):
+        return statistics.median(values) * 1000
+
+    overhead = ms(handle) - ms(launch)
+    print(f"tasks: {tasks} (sequential, one process, nats-server on localhost)")
+    print(f"runtime.launch alone        median {ms(launch):8.4f} ms   mean {statistics.mean(launch) * 1000:8.4f} ms")
+    print(f"task_submitted.handle       median {ms(handle):8.4f} ms   mean {statistics.mean(handle) * 1000:8.4f} ms")
+    print(f"  redelivery (same events) median {ms(redelivered):8.4f} ms")
+    print(f"ratio handle / launch       {ms(handle) / ms(launch):8.1f}x   (target <= 1.2x)")
+    print(f"overhead per submit         {overhead:8.3f} ms  (registry create + queued event: two acked NATS round trips)")
+    print(f"launch time for <= 1.2x     {overhead / 0.2:8.2f} ms  (a real launch must take at least this for the target to hold)")
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tasks", type=int, default=500)
+    asyncio.run(main(parser.parse_args().tasks))

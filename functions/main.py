@@ -1,0 +1,153 @@
+"""Entry points of the four CloudEvent functions, and the Context every handler gets.
+
+In a container (one Knative Service per function):
+
+    FUNCTION_TARGET=task_submitted functions-framework --source functions/main.py --target task_submitted
+
+The targets are registered with `@functions_framework.aio.http`, so
+functions-framework 3.10 serves them with its ASGI (Starlette + uvicorn)
+server even without `--asgi`. They take the raw request (not functions-
+framework's CloudEvent signature) because that signature answers every
+uncaught error with 500, which the broker would retry; `functions.http`
+parses the CloudEvent and maps errors to 4xx/5xx instead.
+
+Locally, `dockyard dev` builds its own `Context` and mounts
+`starlette_endpoint(handler, get_context)` for each entry of `HANDLERS`.
+
+Invariant: importing this module is cheap (no NATS, Kubernetes or boto3):
+they load on the first event, which is what cold start pays for.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from dataclasses import dataclass
+from functools import cached_property
+from typing import TYPE_CHECKING
+
+import functions_framework.aio
+
+from functions import http
+from functions.bus import Bus
+from functions.job_finished import handle as handle_job_finished
+from functions.settings import Settings
+from functions.snapshot_due import handle as handle_snapshot_due
+from functions.task_command import handle as handle_task_command
+from functions.task_submitted import handle as handle_task_submitted
+
+if TYPE_CHECKING:
+    from agent.storage import Store
+    from functions.registry import TaskRegistry
+    from functions.runtime.base import Runtime
+
+log = logging.getLogger(__name__)
+
+# functions-framework target -> core handler `async (CloudEvent, Context) -> dict`.
+HANDLERS = {
+    "task_submitted": handle_task_submitted,
+    "job_finished": handle_job_finished,
+    "snapshot_due": handle_snapshot_due,
+    "task_command": handle_task_command,
+}
+
+
+@dataclass
+class Context:
+    """What a handler may use: settings, the bus (with the registry), the runtime, the store.
+
+    Build one per process: `Context(settings, await Bus.open(settings.nats_url), runtime)`."""
+
+    settings: Settings
+    bus: Bus
+    runtime: "Runtime"
+
+    @property
+    def registry(self) -> "TaskRegistry":
+        return self.bus.registry
+
+    @cached_property
+    def store(self) -> "Store":
+        """The object store of snapshots (settings.store), opened on first use."""
+        from agent.storage import open_store
+
+        return open_store(self.settings.store)
+
+
+async def _job_event_to_job_finished(event: dict) -> None:
+    """Where a standalone process's local runtime sends finished Jobs: straight to job_finished."""
+    from cloudevents.http import CloudEvent
+
+    from functions.bus import Unavailable
+
+    attrs = {k: v for k, v in event.items() if k != "data"}
+    status, body = await http.call(handle_job_finished, CloudEvent.create(attrs, event.get("data")), get_context)
+    if status >= 500:
+        raise Unavailable(f"job_finished answered {status}: {body.get('error')}")  # the runtime retries
+    if status >= 400:
+        log.error("job_finished refused the local runtime's job event %s: %s", event.get("id"), body)
+
+
+# --- the process-wide context of a functions-framework process ------------
+_settings: Settings | None = None
+_runtime: "Runtime | None" = None
+_context: Context | None = None
+
+
+async def get_context() -> Context:
+    """Settings read once, the runtime made once, the bus connected per event loop (lazily)."""
+    global _settings, _runtime, _context
+    from functions import bus
+
+    if _settings is None:
+        settings = Settings.from_env()
+        print(f"dockyard functions settings:\n{settings.describe()}", file=sys.stderr, flush=True)
+        _settings = settings
+    if _runtime is None:
+        from functions.runtime import make_runtime
+
+        # Outside `dockyard dev` a local runtime's finished Jobs go straight to job_finished.
+        extra = {"emit_job_event": _job_event_to_job_finished} if _settings.runtime == "local" else {}
+        _runtime = make_runtime(_settings, **extra)
+    connected = await bus.connect(_settings)
+    if _context is None or _context.bus is not connected:
+        _context = Context(_settings, connected, _runtime)
+    return _context
+
+
+def starlette_endpoint(handler: http.Handler, get_context=get_context):
+    """A Starlette endpoint for a handler: parse the CloudEvent, run, map errors (see functions.http)."""
+    return http.endpoint(handler, get_context)
+
+
+_endpoints = {name: starlette_endpoint(handler) for name, handler in HANDLERS.items()}
+
+
+@functions_framework.aio.http
+async def task_submitted(request):
+    return await _endpoints["task_submitted"](request)
+
+
+@functions_framework.aio.http
+async def job_finished(request):
+    return await _endpoints["job_finished"](request)
+
+
+@functions_framework.aio.http
+async def snapshot_due(request):
+    return await _endpoints["snapshot_due"](request)
+
+
+@functions_framework.aio.http
+async def task_command(request):
+    return await _endpoints["task_command"](request)
+
+
+def create_app(target: str):
+    """The ASGI app functions-framework would serve for `target` (used by tests and the cold-start bench)."""
+    if target not in HANDLERS:
+        raise ValueError(f"unknown target {target!r}; one of {', '.join(HANDLERS)}")
+    return functions_framework.aio.create_asgi_app_from_module(target, __file__, "http", sys.modules[__name__], None)
+
+
+__all__ = ["Context", "HANDLERS", "create_app", "get_context", "starlette_endpoint", *HANDLERS]

@@ -1,0 +1,145 @@
+"""Fixtures for the functions: a real NATS (bus, registry), a Context, and the endpoints over real HTTP (ASGI)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import uuid
+
+import httpx
+import pytest
+from starlette.applications import Starlette
+from starlette.routing import Route
+
+from functions.bus import Bus
+from functions.runtime.base import LaunchConflict, TaskNotFound, TaskStatus
+from functions.settings import Settings
+from functions.task import Task
+
+
+class MemoryRuntime:
+    """A Runtime whose state is a dict: what was launched, with which spec, and what was cancelled.
+
+    `launch` checks and records without yielding in between, so like the API
+    server's AlreadyExists it is the arbiter between racing launches."""
+
+    def __init__(self):
+        self.tasks: dict[str, TaskStatus] = {}
+        self.specs: dict[str, str] = {}
+        self.created = 0  # launches that created a task
+
+    async def launch(self, task: Task) -> bool:
+        await asyncio.sleep(0)  # let concurrent deliveries interleave here
+        if task.task_id in self.specs:
+            if self.specs[task.task_id] != task.spec_hash:
+                raise LaunchConflict(f"task {task.task_id} exists with another spec")
+            return False
+        self.specs[task.task_id] = task.spec_hash
+        self.tasks[task.task_id] = TaskStatus(task.task_id, "queued")
+        self.created += 1
+        return True
+
+    async def status(self, task_id: str) -> TaskStatus:
+        if task_id not in self.tasks:
+            raise TaskNotFound(task_id)
+        return self.tasks[task_id]
+
+    async def cancel(self, task_id: str) -> None:
+        status = await self.status(task_id)
+        status.state, status.outcome = "finished", "cancelled"
+
+    async def list(self) -> list[TaskStatus]:
+        return list(self.tasks.values())
+
+
+@pytest.fixture
+def settings(nats_server, tmp_path):
+    return Settings(
+        nats_url=nats_server.url,
+        data_dir=tmp_path / "data",
+        snapshot_timeout_seconds=0.5,
+        cancel_timeout_seconds=0.3,
+        command_timeout_seconds=0.3,
+        snapshot_stale_seconds=900,
+    )
+
+
+@pytest.fixture
+async def bus(settings):
+    connected = await Bus.open(settings.nats_url)
+    yield connected
+    await connected.close()
+
+
+@pytest.fixture
+def runtime():
+    return MemoryRuntime()
+
+
+@pytest.fixture
+def ctx(settings, bus, runtime):
+    from functions.main import Context
+
+    return Context(settings, bus, runtime)
+
+
+@pytest.fixture
+def app(ctx):
+    """Each function at /<target>, mounted the way the dev stack mounts them."""
+    from functions.main import HANDLERS, starlette_endpoint
+
+    async def get_context():
+        return ctx
+
+    return Starlette(
+        routes=[Route(f"/{name}", starlette_endpoint(handler, get_context), methods=["POST"]) for name, handler in HANDLERS.items()]
+    )
+
+
+@pytest.fixture
+async def client(app):
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://functions") as c:
+        yield c
+
+
+def cloudevent_request(type_: str, data, *, mode: str = "binary", source: str = "test/suite", id: str | None = None):
+    """(headers, body) of a CloudEvent in binary or structured mode; bytes/str data is sent as is."""
+    id = id or uuid.uuid4().hex
+    if mode == "structured":
+        event = {"specversion": "1.0", "id": id, "source": source, "type": type_, "data": data}
+        return {"content-type": "application/cloudevents+json"}, json.dumps(event)
+    headers = {"ce-specversion": "1.0", "ce-id": id, "ce-source": source, "ce-type": type_, "content-type": "application/json"}
+    return headers, data if isinstance(data, (bytes, str)) else json.dumps(data)
+
+
+@pytest.fixture
+def post(client):
+    """`await post(target, type, data, mode=..., id=...)`: send one CloudEvent to a function over HTTP."""
+
+    async def send(target: str, type_: str, data, **kwargs) -> httpx.Response:
+        headers, body = cloudevent_request(type_, data, **kwargs)
+        return await client.post(f"/{target}", headers=headers, content=body)
+
+    return send
+
+
+@pytest.fixture
+def events(bus):
+    """`await events(task_id)`: every event published for a task so far, read back from the AGENT stream."""
+    from agent import contract
+
+    async def read(task_id: str, wait: float = 0.3) -> list[dict]:
+        sub = await bus.js.subscribe(contract.subject_events(task_id), ordered_consumer=True)
+        found = []
+        try:
+            while True:
+                try:
+                    msg = await sub.next_msg(timeout=wait)
+                except Exception:  # nats TimeoutError: nothing more
+                    break
+                found.append(json.loads(msg.data))
+        finally:
+            await sub.unsubscribe()
+        return found
+
+    return read
