@@ -1,0 +1,166 @@
+"""agent.storage against both backends: a directory (file://) and S3 over HTTP (moto)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from agent.storage import FileStore, ObjectNotFound, S3Store, StorageError, open_store
+
+
+@pytest.fixture(params=["file", "s3"])
+def store(request, tmp_path):
+    if request.param == "file":
+        return open_store((tmp_path / "store").as_uri())
+    return open_store(request.getfixturevalue("s3_store_url"))
+
+
+def test_bytes_and_files_round_trip(store, tmp_path):
+    store.put_bytes("jobs/a/final/result.json", b'{"outcome": "done"}')
+    assert store.get_bytes("jobs/a/final/result.json") == b'{"outcome": "done"}'
+
+    src = tmp_path / "src.bin"
+    src.write_bytes(b"x" * 100_000 + b"end")
+    store.put_file("jobs/a/checkpoints/1.db", src)
+    dest = tmp_path / "out" / "deep" / "copy.bin"
+    store.get_file("jobs/a/checkpoints/1.db", dest)
+    assert dest.read_bytes() == src.read_bytes()
+    # No temp files are left next to the download.
+    assert [p.name for p in dest.parent.iterdir()] == ["copy.bin"]
+
+    # Overwrite replaces the whole object.
+    store.put_bytes("jobs/a/final/result.json", b"{}")
+    assert store.get_bytes("jobs/a/final/result.json") == b"{}"
+
+
+def test_put_file_with_move_takes_the_file(store, tmp_path):
+    src = tmp_path / "snapshot.db"
+    src.write_bytes(b"snapshot bytes")
+    store.put_file("jobs/a/checkpoints/1.db", src, move=True)
+    assert not src.exists()
+    assert store.get_bytes("jobs/a/checkpoints/1.db") == b"snapshot bytes"
+
+
+def test_exists_list_delete(store):
+    for key in ["jobs/a/checkpoints/2.db", "jobs/a/checkpoints/1.db", "jobs/a/final/result.json", "jobs/ab/x"]:
+        store.put_bytes(key, key.encode())
+    assert store.exists("jobs/a/checkpoints/1.db")
+    assert not store.exists("jobs/a/checkpoints/3.db")
+    assert not store.exists("jobs/a/checkpoints")  # a "directory" is not an object
+
+    assert store.list("jobs/a/checkpoints/") == ["jobs/a/checkpoints/1.db", "jobs/a/checkpoints/2.db"]
+    assert store.list("jobs/a/") == ["jobs/a/checkpoints/1.db", "jobs/a/checkpoints/2.db", "jobs/a/final/result.json"]
+    assert store.list("jobs/a") == [
+        "jobs/a/checkpoints/1.db",
+        "jobs/a/checkpoints/2.db",
+        "jobs/a/final/result.json",
+        "jobs/ab/x",
+    ]
+    assert store.list("nothing/here/") == []
+    assert len(store.list("")) == 4
+
+    store.delete("jobs/a/checkpoints/1.db")
+    store.delete("jobs/a/checkpoints/1.db")  # deleting twice is fine
+    assert not store.exists("jobs/a/checkpoints/1.db")
+    assert store.list("jobs/a/checkpoints/") == ["jobs/a/checkpoints/2.db"]
+
+
+def test_missing_key_raises_object_not_found(store, tmp_path):
+    with pytest.raises(ObjectNotFound):
+        store.get_bytes("jobs/none/final/result.json")
+    with pytest.raises(ObjectNotFound):
+        store.get_file("jobs/none/final/result.json", tmp_path / "x")
+    assert not (tmp_path / "x").exists()
+    assert issubclass(ObjectNotFound, StorageError)
+
+
+def test_bad_keys_are_refused(store):
+    for key in ["", "/abs", "a/../b", "a//b", "a/./b", "dir/"]:
+        with pytest.raises(ValueError):
+            store.put_bytes(key, b"x")
+
+
+def test_describe_and_url_for(store):
+    url = store.describe()
+    assert url.startswith(("s3://", "file:///"))
+    assert store.url_for("jobs/x/final/result.json") == f"{url}/jobs/x/final/result.json"
+
+
+def test_s3_prefix_maps_keys_and_describe_has_no_secrets(s3_store_url, s3_endpoint):
+    import boto3
+
+    store = open_store(s3_store_url)
+    assert isinstance(store, S3Store)
+    assert store.describe() == s3_store_url
+    store.put_bytes("jobs/x/a", b"1")
+    bucket = s3_store_url.split("/")[2]
+    raw = boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1").list_objects_v2(Bucket=bucket)
+    assert [o["Key"] for o in raw["Contents"]] == ["dockyard/jobs/x/a"]
+    assert "testing" not in store.describe() + store.url_for("jobs/x/a")
+
+
+def test_s3_credentials_and_endpoint_from_secret_files(s3_store_url, s3_endpoint, tmp_path, monkeypatch):
+    secrets = tmp_path / "secrets"
+    (secrets / "s3").mkdir(parents=True)
+    (secrets / "s3" / "endpoint").write_text(s3_endpoint + "\n")
+    (secrets / "s3" / "access_key_id").write_text("filekey\n")
+    (secrets / "s3" / "secret_access_key").write_text("filesecret\n")
+    monkeypatch.delenv("DOCKYARD_S3_ENDPOINT")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "wrong")
+
+    store = open_store(s3_store_url, secrets_dir=secrets)
+    assert store.endpoint == s3_endpoint
+    assert store._client._request_signer._credentials.access_key == "filekey"
+    store.put_bytes("k", b"v")
+    assert store.get_bytes("k") == b"v"
+
+    monkeypatch.setenv("DOCKYARD_SECRETS_DIR", str(secrets))
+    assert open_store(s3_store_url).get_bytes("k") == b"v"
+
+
+def test_s3_incomplete_credential_files_are_an_error(s3_store_url, tmp_path):
+    (tmp_path / "s3").mkdir()
+    (tmp_path / "s3" / "access_key_id").write_text("only-the-id")
+    with pytest.raises(StorageError, match="secret_access_key"):
+        open_store(s3_store_url, secrets_dir=tmp_path)
+
+
+def test_s3_missing_bucket_is_a_storage_error(s3_endpoint, s3_store_url):
+    store = open_store("s3://no-such-bucket-dockyard/p")
+    with pytest.raises(StorageError):
+        store.put_bytes("k", b"v")
+    with pytest.raises(StorageError):
+        store.list("")
+
+
+def test_file_store_url_forms(tmp_path):
+    store = open_store(tmp_path.as_uri())
+    assert isinstance(store, FileStore)
+    assert store.describe() == tmp_path.as_uri()
+    assert open_store(f"file://localhost{tmp_path}").describe() == tmp_path.as_uri()
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "",
+        "relative/dir",
+        "/abs/dir",
+        "file://relative/dir",
+        "file:relative",
+        "http://x/y",
+        "s3://",
+        "s3:///x",
+        "s3://b/a/../c",
+    ],
+)
+def test_bad_urls_name_the_accepted_forms(url):
+    with pytest.raises(ValueError, match=r"s3://bucket\[/prefix\] or file:///"):
+        open_store(url)
+
+
+def test_importing_storage_does_not_import_boto3(agent_env):
+    code = "import sys, agent.storage; sys.exit(1 if 'boto3' in sys.modules else 0)"
+    assert subprocess.run([sys.executable, "-c", code], env=agent_env).returncode == 0
