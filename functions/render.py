@@ -1,0 +1,169 @@
+"""A task's trace for a terminal: one SSE message in, a short readable text out.
+
+Pure functions of the message (no I/O), so `dockyard logs` and `dockyard demo`
+print the same thing and tests check the text directly. Unknown event types are
+shown as compact JSON rather than dropped: a newer agent never goes silent.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from agent import contract
+
+WIDTH = 100  # a tool result or summary is cut to about this many characters on its line
+
+
+def render(event: str, data: dict[str, Any]) -> str | None:
+    """Text for one SSE message (`event` is its SSE event name), or None to print nothing."""
+    if event == "log":
+        return _log(data)
+    if event == "end":
+        return "-- end of stream"
+    kind = data.get("type") or event
+    renderer = _RENDERERS.get(kind)
+    return renderer(data) if renderer else f"{kind}: {_compact(data, drop=('type', 'task_id', 'ts'))}"
+
+
+def render_message(message: Any) -> str | None:
+    """The same for an `sse_client.SSEMessage`."""
+    return render(message.event, message.data)
+
+
+def final_snapshot_location(store_url: str, task_id: str) -> str:
+    """Where the final workspace archive of a task is, as a URL a person can open or copy."""
+    return f"{store_url.rstrip('/')}/{contract.final_archive_key(task_id)}"
+
+
+# --- one function per event type ------------------------------------------------
+
+
+def _phase(data: dict) -> str:
+    phase = str(data.get("phase") or "?")
+    banner = f"== {phase} =="
+    if data.get("objective"):
+        return f"{banner} {_one_line(data['objective'])}"
+    if data.get("report"):
+        return f"{banner} report: {_one_line(data['report'])}"
+    return banner
+
+
+def _tool(data: dict) -> str:
+    name = str(data.get("name") or "tool")
+    if data.get("stage") == "end":
+        seconds = data.get("seconds")
+        took = f" {seconds:.1f}s" if isinstance(seconds, (int, float)) else ""
+        status = "ok" if data.get("ok", True) else "error"
+        result = _one_line(data.get("result") or "")
+        return f"  -> {status}{took}" + (f": {result}" if result else "")
+    return f"$ {name}: {_tool_args(name, data.get('args'))}"
+
+
+def _tool_args(name: str, args: Any) -> str:
+    """The argument a person wants to see: the command, the path; else the arguments as JSON."""
+    if isinstance(args, dict):
+        for key in ("command", "path", "pattern", "query"):
+            if isinstance(args.get(key), str):
+                return _one_line(args[key])
+        return _compact(args)
+    return _one_line(str(args or ""))
+
+
+def _todo(data: dict) -> str:
+    todos = data.get("todos") or []
+    if not todos:
+        return "todo: (empty)"
+    return "todo:\n" + "\n".join(f"  - {_one_line(str(item))}" for item in todos)
+
+
+def _status(data: dict) -> str:
+    state = data.get("state")
+    if state == contract.STATE_STARTED:
+        return "-- started" + (f" with model {data['model']}" if data.get("model") else "")
+    if state == contract.STATE_RESUMED:
+        where = f" in {data['phase']}" if data.get("phase") else ""
+        done = f" ({data.get('model_turns', 0)} model turns, {data.get('tool_calls', 0)} tool calls done)"
+        return f"-- resumed from checkpoint{where}{done}"
+    if state == contract.STATE_RETRYING:
+        after = f" after exit code {data['exit_code']}" if data.get("exit_code") is not None else ""
+        wait = f", in {data['backoff_seconds']:g}s" if isinstance(data.get("backoff_seconds"), (int, float)) else ""
+        return f"-- retrying: attempt {data.get('attempt', '?')}{after}{wait}"
+    if state == contract.STATE_FINISHED:
+        line = f"-- finished: {data.get('outcome') or 'unknown'}"
+        if data.get("summary"):
+            line += f" - {_one_line(data['summary'])}"
+        elif data.get("reason"):
+            line += f" ({_one_line(data['reason'])})"
+        return line
+    extra = f" ({data['reason']})" if data.get("reason") else ""
+    return f"-- {state or 'status'}{extra}"
+
+
+def _snapshot(data: dict) -> str:
+    if data.get("final"):
+        where = data.get("archive_key") or data.get("key")
+        return "snapshot: final" + (f" {where}" if where else "") + _size(data.get("archive_size") or data.get("size"))
+    if not data.get("key"):
+        return "snapshot: nothing to snapshot yet"
+    return f"snapshot: {data['key']}{_size(data.get('size'))}" + ("" if data.get("uploaded", True) else " (unchanged)")
+
+
+def _result(data: dict) -> str:
+    summary = f" - {_one_line(data['summary'])}" if data.get("summary") else ""
+    return f"result: {data.get('outcome') or 'unknown'}{summary}"
+
+
+def _message(data: dict) -> str:
+    return f"> message to the agent: {_one_line(str(data.get('text') or ''))}"
+
+
+def _warning(data: dict) -> str:
+    text = data.get("message") or data.get("text") or _compact(data, drop=("type", "task_id", "ts"))
+    return f"! warning: {_one_line(str(text))}"
+
+
+def _log(data: dict) -> str:
+    ts = str(data.get("ts") or "")
+    clock = ts[11:19] if len(ts) >= 19 else ts
+    level = str(data.get("level") or "INFO")
+    line = f"{clock} {level:<7} {data.get('logger') or '-'}: {data.get('msg', '')}".rstrip()
+    if data.get("exc"):
+        line += "\n" + "\n".join("    " + row for row in str(data["exc"]).splitlines()[-5:])
+    return line
+
+
+_RENDERERS = {
+    contract.EV_PHASE: _phase,
+    contract.EV_TOOL: _tool,
+    contract.EV_TODO: _todo,
+    contract.EV_STATUS: _status,
+    contract.EV_SNAPSHOT: _snapshot,
+    contract.EV_RESULT: _result,
+    contract.EV_MESSAGE: _message,
+    contract.EV_WARNING: _warning,
+}
+
+
+# --- helpers ---------------------------------------------------------------------
+
+
+def _one_line(text: Any, width: int = WIDTH) -> str:
+    flat = " ".join(str(text).split())
+    return flat if len(flat) <= width else flat[: width - 3] + "..."
+
+
+def _compact(data: Any, drop: tuple[str, ...] = ()) -> str:
+    if isinstance(data, dict):
+        data = {k: v for k, v in data.items() if k not in drop}
+    return _one_line(json.dumps(data, separators=(",", ":"), default=str))
+
+
+def _size(size: Any) -> str:
+    if not isinstance(size, (int, float)) or size <= 0:
+        return ""
+    for unit in ("B", "KiB", "MiB"):
+        if size < 1024:
+            return f" ({size:.0f} {unit})" if unit == "B" else f" ({size:.1f} {unit})"
+        size /= 1024
+    return f" ({size:.1f} GiB)"

@@ -1,0 +1,32 @@
+"""Where agents run: `make_runtime` picks the implementation named by `Settings.runtime`."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from functions.runtime.base import Runtime
+    from functions.settings import Settings
+
+
+def make_runtime(settings: "Settings", **kw: Any) -> "Runtime":
+    """The runtime for this process. `kw` goes to the implementation's constructor
+    (for the local one: `emit_job_event` is required, `agent_cmd` and the timings are optional)."""
+    if settings.runtime == "local":
+        from functions.runtime.local import LocalRuntime
+
+        kw.setdefault("ttl_succeeded_seconds", settings.ttl_succeeded_seconds)
+        kw.setdefault("ttl_failed_seconds", settings.ttl_failed_seconds)
+        return LocalRuntime(settings.data_dir, settings.nats_url, settings.store, **kw)
+    if settings.runtime == "kubernetes":
+        try:
+            from functions.runtime.kubernetes import KubernetesRuntime
+        except ModuleNotFoundError as exc:
+            if exc.name != "functions.runtime.kubernetes":
+                raise
+            raise ValueError(
+                "DOCKYARD_RUNTIME=kubernetes, but this build has no functions/runtime/kubernetes.py; "
+                "set DOCKYARD_RUNTIME=local (the default) to run agents as local processes"
+            ) from None
+        return KubernetesRuntime(settings, **kw)
+    raise ValueError(f"DOCKYARD_RUNTIME={settings.runtime!r}: use 'local' or 'kubernetes'")
