@@ -280,6 +280,12 @@ def _run_demo(args) -> int:
     return dev.demo(args)
 
 
+def _register_manifests(sub) -> None:
+    from functions.manifests import add_parser
+
+    add_parser(sub)
+
+
 COMMANDS: list[Callable] = [
     _register_dev,
     _register_submit,
@@ -288,6 +294,7 @@ COMMANDS: list[Callable] = [
     _register_cancel,
     _register_message,
     _register_demo,
+    _register_manifests,
 ]
 
 

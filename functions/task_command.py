@@ -42,13 +42,33 @@ def _parse(data: dict) -> tuple[str, str, str | None]:
     return task_id, op, text
 
 
+async def _record_cancelled(ctx: "Context", task_id: str) -> None:
+    """The runtime stopped the job without the agent: no job-finished event will tell, so say it here."""
+    reason = "the agent did not answer the cancel request; the runtime stopped it"
+
+    def finish(record: dict) -> dict | None:
+        if record.get("state") in contract.TERMINAL_STATES:
+            return None
+        return {**record, "state": contract.STATE_FINISHED, "outcome": contract.OUTCOME_CANCELLED, "reason": reason, "updated_at": now_iso()}
+
+    await ctx.registry.update(task_id, finish)
+    await ctx.bus.publish_event(
+        task_id,
+        contract.EV_STATUS,
+        msg_id=f"cancelled-{task_id}",
+        state=contract.STATE_FINISHED,
+        outcome=contract.OUTCOME_CANCELLED,
+        reason=reason,
+    )
+
+
 async def handle(event: CloudEvent, ctx: "Context") -> dict:
     require_type(event, contract.EVENT_TASK_COMMAND)
     task_id, op, text = _parse(data_object(event))
 
     record = await ctx.registry.get(task_id)
     if record is None:
-        raise TaskNotFound(f"no task {task_id}; list tasks with `dockyard list`")
+        raise TaskNotFound(f"no task {task_id}; list tasks with `dockyard tasks`")
     finished = record.get("state") in contract.TERMINAL_STATES
     subject = contract.subject_cmd(task_id)
 
@@ -64,6 +84,7 @@ async def handle(event: CloudEvent, ctx: "Context") -> dict:
         if reply.get("ok") is True:
             return {"task_id": task_id, "status": "cancelling", "via": "agent"}
         await ctx.runtime.cancel(task_id)
+        await _record_cancelled(ctx, task_id)
         return {"task_id": task_id, "status": "cancelled", "via": "runtime"}
 
     if finished:

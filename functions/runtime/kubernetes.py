@@ -1,0 +1,323 @@
+"""Agents as Kubernetes Jobs: the Job `agent-<id>`, then the PVC `workspace-<id>` owned by it.
+
+Invariants
+- Idempotent by name, with the API server as the arbiter: a create answered 409
+  AlreadyExists reads the Job; if it is ours (managed-by dockyard, and the task in
+  its annotation equals this task) the launch is a redelivery, and a PVC that is
+  still missing (a launch cut short between the two creates) is created now.
+  Another spec under the same id is a LaunchConflict.
+- The PVC carries the UID of the Job that exists, read from the API's answer, so
+  deleting the Job (propagation Background) or its TTL takes the workspace along.
+- Errors are sorted once, in `_call`: 400/401/403/404/422 are non-transient (the
+  message says what to fix), 429, 5xx, timeouts and connection errors transient.
+- The official client is synchronous; every call runs in a thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import re
+from typing import Any, Callable
+
+from kubernetes import client, config
+from kubernetes.client.exceptions import ApiException
+from urllib3.exceptions import HTTPError as Urllib3Error
+
+from agent import contract
+from functions import factory
+from functions.factory import JobSettings
+from functions.runtime.base import LaunchConflict, RuntimeError_, TaskNotFound, TaskStatus
+from functions.settings import SettingsError
+from functions.task import Task
+
+log = logging.getLogger("dockyard.runtime.kubernetes")
+
+MANAGED_SELECTOR = f"{contract.LABEL_MANAGED_BY}={contract.MANAGED_BY}"
+_EXIT_CODE = re.compile(r"exit code (\d+)")
+
+
+class KubernetesRejected(RuntimeError_):
+    """The API server refused the request and will refuse it again: fix the deployment."""
+
+    transient = False
+
+    def __init__(self, message: str, status: int | None = None):
+        super().__init__(message)
+        self.status = status
+
+
+class KubernetesUnavailable(RuntimeError_):
+    """The API server could not be reached or was overloaded; retry later."""
+
+    transient = True
+
+    def __init__(self, message: str, status: int | None = None):
+        super().__init__(message)
+        self.status = status
+
+
+class _Answer(Exception):
+    """An API answer the caller handles itself (e.g. 409 on create, 404 on read)."""
+
+    def __init__(self, status: int):
+        super().__init__(status)
+        self.status = status
+
+
+def load_api_client() -> "client.ApiClient":
+    """In a pod (KUBERNETES_SERVICE_HOST is set): the ServiceAccount; elsewhere: the kubeconfig
+    ($KUBECONFIG, read now: the client reads it once, at import)."""
+    configuration = client.Configuration()
+    try:
+        if os.environ.get("KUBERNETES_SERVICE_HOST"):
+            config.load_incluster_config(client_configuration=configuration)
+        else:
+            config.load_kube_config(config_file=os.environ.get("KUBECONFIG"), client_configuration=configuration)
+    except config.ConfigException as exc:
+        raise SettingsError(
+            f"DOCKYARD_RUNTIME=kubernetes, but no Kubernetes configuration was found ({exc}): run in a pod "
+            "with a ServiceAccount, or point KUBECONFIG at a kubeconfig"
+        ) from None
+    return client.ApiClient(configuration)
+
+
+class KubernetesRuntime:
+    """The Runtime for a cluster: one Job and one PVC per task in `settings.namespace`."""
+
+    def __init__(self, settings: JobSettings, api_client: "client.ApiClient | None" = None, *, request_timeout: float = 30.0):
+        if not isinstance(settings, JobSettings):
+            # make_runtime hands over the process Settings; the Job settings come from the same environment.
+            settings = JobSettings.from_env()
+        log.info("Job settings:\n%s", settings.describe())
+        self.settings = settings
+        self._owns_client = api_client is None
+        self.api_client = api_client or load_api_client()
+        self.batch = client.BatchV1Api(self.api_client)
+        self.core = client.CoreV1Api(self.api_client)
+        self.request_timeout = request_timeout
+
+    async def close(self) -> None:
+        if self._owns_client:
+            self.api_client.close()
+
+    # --- the Runtime protocol ------------------------------------------------
+
+    async def launch(self, task: Task) -> bool:
+        """True if this call created the Job or completed a half-done launch (created the PVC)."""
+        ns, name = self.settings.namespace, contract.job_name(task.task_id)
+        try:
+            job = await self._call(
+                f"create Job {ns}/{name}", self.batch.create_namespaced_job, ns, factory.render_job(task, self.settings),
+                field_validation="Strict", expect=(409,),
+            )  # fmt: skip
+            created = True
+        except _Answer:
+            job = await self._existing_job(task)
+            created = False
+        uid = job["metadata"]["uid"]
+        pvc = factory.render_pvc(task, self.settings, uid)
+        try:
+            await self._call(
+                f"create PersistentVolumeClaim {ns}/{pvc['metadata']['name']}", self.core.create_namespaced_persistent_volume_claim,
+                ns, pvc, field_validation="Strict", expect=(409,),
+            )  # fmt: skip
+        except _Answer:
+            return created  # the PVC is there: created by an earlier delivery
+        if created:
+            log.info("launched task %s: Job %s/%s (uid %s) and its workspace", task.task_id, ns, name, uid)
+        else:
+            log.info("completed the launch of task %s: created the missing workspace of Job %s/%s", task.task_id, ns, name)
+        return True
+
+    async def status(self, task_id: str) -> TaskStatus:
+        return job_status(await self._read_job(task_id))
+
+    async def cancel(self, task_id: str) -> None:
+        """Delete the Job; Background propagation deletes its pods (SIGTERM, grace period: the
+        snapshotter's final upload) and, through its ownerReference, the workspace PVC."""
+        if not contract.is_valid_task_id(task_id):
+            raise TaskNotFound(f"no task {task_id!r}: not a valid task id")
+        ns, name = self.settings.namespace, contract.job_name(task_id)
+        try:
+            await self._call(
+                f"delete Job {ns}/{name}", self.batch.delete_namespaced_job, name, ns,
+                propagation_policy="Background", expect=(404,),
+            )  # fmt: skip
+        except _Answer:
+            raise TaskNotFound(f"no task {task_id}: Job {ns}/{name} does not exist") from None
+        log.info("cancelled task %s: deleted Job %s/%s", task_id, ns, name)
+
+    async def list(self) -> list[TaskStatus]:
+        ns = self.settings.namespace
+        answer = await self._call(f"list Jobs in {ns}", self.batch.list_namespaced_job, ns, label_selector=MANAGED_SELECTOR)
+        return sorted((job_status(job) for job in answer.get("items") or []), key=lambda status: status.task_id)
+
+    # --- helpers ---------------------------------------------------------------
+
+    async def _read_job(self, task_id: str) -> dict:
+        if not contract.is_valid_task_id(task_id):
+            raise TaskNotFound(f"no task {task_id!r}: not a valid task id")
+        ns, name = self.settings.namespace, contract.job_name(task_id)
+        try:
+            return await self._call(f"read Job {ns}/{name}", self.batch.read_namespaced_job, name, ns, expect=(404,))
+        except _Answer:
+            raise TaskNotFound(f"no task {task_id}: Job {ns}/{name} does not exist") from None
+
+    async def _existing_job(self, task: Task) -> dict:
+        """The Job that answered AlreadyExists, if it runs this very task; else LaunchConflict."""
+        try:
+            job = await self._read_job(task.task_id)
+        except TaskNotFound:
+            # Deleted between our create and this read (e.g. its TTL): the next delivery creates it.
+            raise KubernetesUnavailable(f"Job {contract.job_name(task.task_id)} vanished while launching; retry") from None
+        meta = job.get("metadata") or {}
+        labels = meta.get("labels") or {}
+        if labels.get(contract.LABEL_MANAGED_BY) != contract.MANAGED_BY:
+            raise LaunchConflict(
+                f"a Job named {meta.get('name')} that dockyard does not manage exists in {self.settings.namespace}; "
+                "delete it or submit the task under another task_id"
+            )
+        if meta.get("deletionTimestamp"):
+            raise KubernetesUnavailable(f"Job {meta.get('name')} of an earlier launch is being deleted; retry once it is gone")
+        if _annotated_task(meta) != task.to_dict():
+            raise LaunchConflict(
+                f"task {task.task_id} already exists with a different spec; "
+                "choose another task_id (or omit it to have one derived from the event)"
+            )
+        return job
+
+    async def _call(self, what: str, method: Callable[..., Any], *args: Any, expect: tuple[int, ...] = (), **kwargs: Any) -> dict:
+        """`method(*args, **kwargs)` in a thread, its JSON answer as a dict. An error status in
+        `expect` is raised as `_Answer`; every other failure as a RuntimeError_ saying what to do."""
+
+        def call() -> dict:
+            response = method(*args, _preload_content=False, _request_timeout=self.request_timeout, **kwargs)
+            try:
+                return json.loads(response.data or b"{}")
+            finally:
+                response.release_conn()
+
+        try:
+            return await asyncio.to_thread(call)
+        except ApiException as exc:
+            if exc.status in expect:
+                raise _Answer(exc.status) from None
+            raise self._error(what, exc.status, _status_body(exc)) from None
+        except (Urllib3Error, OSError) as exc:  # timeouts, refused or reset connections, DNS
+            raise KubernetesUnavailable(f"{what}: the Kubernetes API did not answer ({exc}); retry later") from None
+
+    def _error(self, what: str, status: int | None, body: dict) -> RuntimeError_:
+        ns = self.settings.namespace
+        detail = body.get("message") or body.get("reason") or "no details"
+        if status == 403 and "exceeded quota" in detail:
+            # A ResourceQuota frees up as other tasks finish.
+            return KubernetesUnavailable(f"{what}: {detail}; retry once other tasks in {ns} have finished", status)
+        if status == 403:
+            return KubernetesRejected(
+                f"{what} was forbidden: {detail}. The functions' ServiceAccount needs create, get, list and "
+                f"delete on jobs and create on persistentvolumeclaims in namespace {ns}: apply the RBAC in knative/",
+                status,
+            )
+        if status == 401:
+            return KubernetesRejected(f"{what}: the API server rejected the credentials: {detail}; check the kubeconfig or ServiceAccount token", status)
+        if status == 422:
+            return KubernetesRejected(
+                f"{what} was rejected as invalid: {detail}. Fix the Job settings (the DOCKYARD_* variables of the "
+                "functions; `dockyard manifests job` prints what is sent)",
+                status,
+            )
+        if status == 400:
+            return KubernetesRejected(f"{what} was a bad request: {detail}. Check that the cluster supports the fields dockyard sends (Kubernetes 1.29+)", status)
+        if status == 404:
+            return KubernetesRejected(f"{what}: not found: {detail}. Does namespace {ns} exist? Apply knative/ first", status)
+        if status == 429 or status is None or status == 0 or status >= 500:
+            return KubernetesUnavailable(f"{what}: the Kubernetes API answered {status or 'nothing'}: {detail}; retry later", status)
+        return KubernetesRejected(f"{what}: the Kubernetes API answered {status}: {detail}", status)
+
+
+def _status_body(exc: ApiException) -> dict:
+    try:
+        body = json.loads(exc.body) if exc.body else {}
+    except ValueError:
+        return {"message": str(exc.body)[:500]}
+    return body if isinstance(body, dict) else {}
+
+
+def _annotated_task(meta: dict) -> dict | None:
+    raw = (meta.get("annotations") or {}).get(contract.ANNOTATION_TASK)
+    try:
+        return json.loads(raw) if isinstance(raw, str) else None
+    except ValueError:
+        return None
+
+
+# --- Job status -> task status ---------------------------------------------------
+
+
+def job_status(job: dict) -> TaskStatus:
+    """What a Job says about its task. Finished only with a Complete or Failed condition that is
+    "True" (as `job_finished` decides); before that: suspended or no pod ready is queued, a pod
+    ready is started, and earlier failed pods make it retrying."""
+    meta = job.get("metadata") or {}
+    spec = job.get("spec") or {}
+    st = job.get("status") or {}
+    name = meta.get("name") or ""
+    task_id = (meta.get("labels") or {}).get(contract.LABEL_TASK_ID) or name.removeprefix("agent-")
+    conditions = {c.get("type"): c for c in st.get("conditions") or [] if isinstance(c, dict) and str(c.get("status")) == "True"}
+    active, failed, succeeded = (int(st.get(key) or 0) for key in ("active", "failed", "succeeded"))
+    ready = st.get("ready")
+    outcome = reason = message = None
+
+    if "Complete" in conditions:
+        state, outcome = contract.STATE_FINISHED, contract.OUTCOME_DONE
+        reason, message = conditions["Complete"].get("reason"), conditions["Complete"].get("message")
+    elif "Failed" in conditions:
+        state = contract.STATE_FINISHED
+        reason, message = conditions["Failed"].get("reason"), conditions["Failed"].get("message")
+        outcome = _failed_outcome(reason, message)
+    elif meta.get("deletionTimestamp"):
+        state, outcome, reason = contract.STATE_FINISHED, contract.OUTCOME_CANCELLED, "Deleted"
+    elif spec.get("suspend"):
+        state, reason = contract.STATE_QUEUED, "Suspended"  # waiting for Kueue to admit it
+    elif active and failed:
+        state = contract.STATE_RETRYING
+    elif active:
+        state = contract.STATE_STARTED if ready is None or int(ready) > 0 else contract.STATE_QUEUED
+    elif failed:
+        state = contract.STATE_RETRYING  # between attempts (pod backoff)
+    else:
+        state = contract.STATE_QUEUED
+
+    return TaskStatus(
+        task_id=task_id,
+        state=state,
+        outcome=outcome,
+        attempts=active + failed + succeeded,
+        reason=reason,
+        details={
+            "job": name,
+            "namespace": meta.get("namespace"),
+            "uid": meta.get("uid"),
+            "active": active,
+            "failed": failed,
+            "succeeded": succeeded,
+            "started_at": st.get("startTime"),
+            "finished_at": st.get("completionTime")
+            or (conditions.get("Failed") or {}).get("lastTransitionTime"),
+            "message": message,
+        },
+    )
+
+
+def _failed_outcome(reason: str | None, message: str | None) -> str:
+    if reason == "DeadlineExceeded":
+        return contract.OUTCOME_DEADLINE
+    if reason == "PodFailurePolicy":
+        # "Container agent for pod ns/p failed with exit code 4 matching FailJob rule at index 0"
+        match = _EXIT_CODE.search(message or "")
+        if match and int(match.group(1)) == contract.EXIT_CANCELLED:
+            return contract.OUTCOME_CANCELLED
+    return contract.OUTCOME_FAILED
