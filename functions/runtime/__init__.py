@@ -19,14 +19,8 @@ def make_runtime(settings: "Settings", **kw: Any) -> "Runtime":
         kw.setdefault("ttl_failed_seconds", settings.ttl_failed_seconds)
         return LocalRuntime(settings.data_dir, settings.nats_url, settings.store, **kw)
     if settings.runtime == "kubernetes":
-        try:
-            from functions.runtime.kubernetes import KubernetesRuntime
-        except ModuleNotFoundError as exc:
-            if exc.name != "functions.runtime.kubernetes":
-                raise
-            raise ValueError(
-                "DOCKYARD_RUNTIME=kubernetes, but this build has no functions/runtime/kubernetes.py; "
-                "set DOCKYARD_RUNTIME=local (the default) to run agents as local processes"
-            ) from None
-        return KubernetesRuntime(settings, **kw)
+        from functions.factory import JobSettings
+        from functions.runtime.kubernetes import KubernetesRuntime
+
+        return KubernetesRuntime(JobSettings.from_env(), **kw)
     raise ValueError(f"DOCKYARD_RUNTIME={settings.runtime!r}: use 'local' or 'kubernetes'")

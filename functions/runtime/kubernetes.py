@@ -88,9 +88,6 @@ class KubernetesRuntime:
     """The Runtime for a cluster: one Job and one PVC per task in `settings.namespace`."""
 
     def __init__(self, settings: JobSettings, api_client: "client.ApiClient | None" = None, *, request_timeout: float = 30.0):
-        if not isinstance(settings, JobSettings):
-            # make_runtime hands over the process Settings; the Job settings come from the same environment.
-            settings = JobSettings.from_env()
         log.info("Job settings:\n%s", settings.describe())
         self.settings = settings
         self._owns_client = api_client is None
