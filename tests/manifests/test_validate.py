@@ -1,0 +1,163 @@
+"""Every manifest is well-formed for every Kubernetes version dockyard supports.
+
+Built-in kinds go through kubernetes-validate in strict mode (no unknown fields)
+against each Kubernetes version from 1.30 to the newest the package knows. Custom
+resources (Knative, Kustomize) have no schema there: their required fields are
+checked by hand against the table below. The Jobs and PVCs of functions.factory
+are validated the same way.
+"""
+
+from __future__ import annotations
+
+import pytest
+from kubernetes_validate import utils as kv
+from packaging.version import Version
+
+from tests.manifests import ROOT, KNATIVE_DIR, MANIFEST_DIRS, Doc, documents, rendered_manifests
+
+OLDEST = Version("1.30")
+VERSIONS = [v for v in sorted(set(kv.all_versions()), key=Version) if Version(v) >= OLDEST]
+
+DOCS = documents()
+
+
+def _get(body: dict, path: str):
+    value = body
+    for part in path.split("."):
+        if not isinstance(value, dict) or part not in value:
+            return None
+        value = value[part]
+    return value
+
+
+def _knative_service(body: dict) -> list[str]:
+    containers = _get(body, "spec.template.spec.containers") or []
+    problems = [] if containers else ["spec.template.spec.containers is empty"]
+    problems += [f"container {i} has no image" for i, c in enumerate(containers) if not c.get("image")]
+    return problems
+
+
+def _trigger(body: dict) -> list[str]:
+    subscriber = _get(body, "spec.subscriber") or {}
+    return [] if subscriber.get("ref") or subscriber.get("uri") else ["spec.subscriber needs ref or uri"]
+
+
+def _sink(body: dict) -> list[str]:
+    sink = _get(body, "spec.sink") or {}
+    return [] if sink.get("ref") or sink.get("uri") else ["spec.sink needs ref or uri"]
+
+
+def _apiserversource(body: dict) -> list[str]:
+    problems = _sink(body)
+    if _get(body, "spec.mode") not in (None, "Reference", "Resource"):
+        problems.append("spec.mode must be Reference or Resource")
+    for i, resource in enumerate(_get(body, "spec.resources") or []):
+        problems += [f"spec.resources[{i}] needs {key}" for key in ("apiVersion", "kind") if not resource.get(key)]
+    return problems
+
+
+def _kustomization(body: dict) -> list[str]:
+    return []  # test_kustomization_lists_every_manifest checks its resources
+
+
+# (apiVersion, kind) -> (required dotted paths, extra check)
+CUSTOM_KINDS = {
+    ("serving.knative.dev/v1", "Service"): (("metadata.name", "spec.template.spec.containers"), _knative_service),
+    ("eventing.knative.dev/v1", "Broker"): (("metadata.name",), lambda body: []),
+    ("eventing.knative.dev/v1", "Trigger"): (("metadata.name", "spec.broker", "spec.subscriber"), _trigger),
+    ("sources.knative.dev/v1", "PingSource"): (("metadata.name", "spec.schedule", "spec.sink"), _sink),
+    ("sources.knative.dev/v1", "ApiServerSource"): (("metadata.name", "spec.resources", "spec.sink"), _apiserversource),
+    ("kustomize.config.k8s.io/v1beta1", "Kustomization"): (("resources",), _kustomization),
+}
+
+
+def _custom(doc: Doc) -> bool:
+    """Not a kind the API server ships: a Knative or Kustomize resource, or a group that is not *.k8s.io."""
+    group = doc.api_version.rpartition("/")[0]
+    return (doc.api_version, doc.kind) in CUSTOM_KINDS or ("." in group and not group.endswith(".k8s.io"))
+
+
+BUILTIN = [d for d in DOCS if not _custom(d)]
+CUSTOM = [d for d in DOCS if _custom(d)]
+
+
+def test_the_version_range_is_not_empty():
+    assert VERSIONS and VERSIONS[0].startswith("1.30"), VERSIONS
+    assert BUILTIN and CUSTOM
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+@pytest.mark.parametrize("doc", BUILTIN, ids=lambda d: d.id)
+def test_builtin_manifest_is_valid(doc: Doc, version: str):
+    try:
+        kv.validate(doc.body, version, strict=True)
+    except kv.ValidationError as exc:
+        path = ".".join(str(p) for p in exc.path)
+        pytest.fail(f"{doc.id} is invalid for Kubernetes {version} at {path or '(top)'}: {exc.message}")
+    except kv.SchemaNotFoundError as exc:
+        pytest.fail(f"{doc.id}: {exc.message} (a custom resource? add it to CUSTOM_KINDS)")
+
+
+@pytest.mark.parametrize("doc", CUSTOM, ids=lambda d: d.id)
+def test_custom_resource_has_its_required_fields(doc: Doc):
+    key = (doc.api_version, doc.kind)
+    assert key in CUSTOM_KINDS, f"{doc.id}: unknown kind {key}; add it to CUSTOM_KINDS with its required fields"
+    required, check = CUSTOM_KINDS[key]
+    missing = [path for path in required if _get(doc.body, path) in (None, "", [], {})]
+    assert not missing, f"{doc.id} lacks {', '.join(missing)}"
+    problems = check(doc.body)
+    assert not problems, f"{doc.id}: {'; '.join(problems)}"
+
+
+def test_every_namespaced_manifest_names_its_namespace():
+    """kubectl apply -k applies to two namespaces: no document may depend on the current one."""
+    cluster_scoped = {"Namespace", "ClusterRole", "ClusterRoleBinding", "Kustomization"}
+    unnamed = [d.id for d in DOCS if d.kind not in cluster_scoped and not d.namespace]
+    assert not unnamed, f"set metadata.namespace in {unnamed}"
+
+
+@pytest.mark.parametrize("directory", MANIFEST_DIRS, ids=lambda p: p.name)
+def test_kustomization_lists_every_manifest(directory):
+    """Every manifest file is applied by `kubectl apply -k`, except the Secret templates."""
+    import yaml
+
+    kustomization = yaml.safe_load((directory / "kustomization.yaml").read_text())
+    listed = set(kustomization["resources"])
+    missing = sorted(listed - {p.name for p in directory.glob("*.yaml")})
+    assert not missing, f"{directory.name}/kustomization.yaml lists files that do not exist: {missing}"
+    expected = {p.name for p in directory.glob("*.yaml")} - {"kustomization.yaml", "secrets.example.yaml"}
+    assert listed == expected, f"{directory.name}/kustomization.yaml: unlisted {sorted(expected - listed)}"
+
+
+def test_secret_templates_hold_no_values():
+    import yaml
+
+    path = KNATIVE_DIR / "secrets.example.yaml"
+    secrets = [d for d in yaml.safe_load_all(path.read_text()) if d]
+    assert {(s["metadata"]["namespace"], s["metadata"]["name"]) for s in secrets} == {
+        ("dockyard-agents", "dockyard-object-store"),
+        ("dockyard", "dockyard-object-store"),
+        ("dockyard-agents", "dockyard-model"),
+    }
+    for secret in secrets:
+        assert "data" not in secret, f"{path.relative_to(ROOT)}: use stringData placeholders, not data"
+        for key, value in secret["stringData"].items():
+            if key in ("access_key_id", "secret_access_key", "api_key"):
+                assert value == "REPLACE_ME", f"{secret['metadata']['name']}.{key} must stay a placeholder"
+
+
+RENDERED = [
+    pytest.param(manifest, id=f"{name}:{manifest['kind']}")
+    for name, manifests in rendered_manifests().items()
+    for manifest in manifests
+]
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+@pytest.mark.parametrize("manifest", RENDERED)
+def test_rendered_job_and_pvc_are_valid(manifest: dict, version: str):
+    try:
+        kv.validate(manifest, version, strict=True)
+    except kv.ValidationError as exc:
+        path = ".".join(str(p) for p in exc.path)
+        pytest.fail(f"rendered {manifest['kind']} is invalid for Kubernetes {version} at {path}: {exc.message}")
