@@ -1,0 +1,229 @@
+"""How fast the stream app delivers a task's trace, against nats-py reading the same stream.
+
+    .venv/bin/python bench/bench_stream.py [--records 50000] [--clients 50] [--rate 1000] [--seconds 5]
+
+(a) replay: N log records already in the stream, read by one SSE client through
+    the stream app versus one raw nats-py ordered consumer: records/s and ratio
+    (target >= 0.7x).
+(b) fan-out: C SSE clients follow one task while R records/s are published for
+    S seconds: delivered records/s in total and the publish-to-client latency
+    (the publish time is embedded in each record; target p99 <= 50 ms).
+
+nats-server and the stream app (uvicorn, its own process) start on free ports;
+the clients and the publisher run in this process. In (a) the SSE path spreads
+its work over two processes (app and client) where the raw consumer has one,
+so on two or more cores it can beat the baseline. The app is warmed up first
+(it imports nats-py and sse-starlette on first use). Prints figures only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import httpx  # noqa: E402
+import nats  # noqa: E402
+from nats.js.api import ConsumerConfig, DeliverPolicy  # noqa: E402
+from nats.js.errors import NotFoundError  # noqa: E402
+
+from agent import contract  # noqa: E402
+from functions.bus import ensure_stream  # noqa: E402
+from functions.nats_embedded import EmbeddedNats  # noqa: E402
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def cpu_seconds(pid: int | None = None) -> float:
+    """User+system CPU time of a process (this one by default), from /proc on Linux."""
+    if pid is None:
+        t = os.times()
+        return t.user + t.system
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return float("nan")
+
+
+def start_app(nats_url: str, data_dir: Path) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    env = {**os.environ, "DOCKYARD_NATS_URL": nats_url, "DOCKYARD_DATA_DIR": str(data_dir), "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "uvicorn", "--factory", "functions.stream:create_app",
+         "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning", "--no-access-log"],
+        env=env, cwd=ROOT,
+    )  # fmt: skip
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=0.5).status_code == 200:
+                return proc, f"http://127.0.0.1:{port}"
+        except httpx.TransportError:
+            time.sleep(0.05)
+    proc.kill()
+    raise RuntimeError("the stream app did not start")
+
+
+async def publish_logs(nc, js, task_id: str, n: int) -> int:
+    """Publish n log records without waiting for acks; returns the last stream sequence."""
+    subject = contract.subject_logs(task_id)
+    for i in range(n):
+        record = {"ts": time.time(), "level": "INFO", "logger": "bench", "msg": f"record {i} " + "x" * 80, "task_id": task_id}
+        await nc.publish(subject, json.dumps(record).encode())
+        if i % 5000 == 4999:
+            await nc.flush()
+    await nc.flush()
+    while True:  # wait until the stream has stored them all
+        try:
+            last = await js.get_last_msg(contract.STREAM_NAME, subject)
+            if json.loads(last.data)["msg"].startswith(f"record {n - 1} "):
+                return last.seq
+        except NotFoundError:
+            pass
+        await asyncio.sleep(0.05)
+
+
+async def raw_replay(js, task_id: str, n: int) -> float:
+    config = ConsumerConfig(
+        filter_subjects=[contract.subject_events(task_id), contract.subject_logs(task_id)],
+        deliver_policy=DeliverPolicy.ALL,
+    )
+    start = time.perf_counter()
+    sub = await js.subscribe(contract.subject_events(task_id), stream=contract.STREAM_NAME, config=config, ordered_consumer=True)
+    for _ in range(n):
+        msg = await sub.next_msg(timeout=10)
+        json.loads(msg.data)
+    elapsed = time.perf_counter() - start
+    await sub.unsubscribe()
+    return elapsed
+
+
+async def sse_replay(base: str, task_id: str, n: int) -> float:
+    from functions.sse_client import follow
+
+    start = time.perf_counter()
+    count = 0
+    async for _message in follow(f"{base}/api/stream/{task_id}"):
+        count += 1
+        if count == n:
+            break
+    return time.perf_counter() - start
+
+
+async def warm_up(js, base: str) -> None:
+    """One short stream first: the app imports nats-py and sse-starlette on first use."""
+    finished = {"type": contract.EV_STATUS, "task_id": "bench-warmup", "state": contract.STATE_FINISHED}
+    await js.publish(contract.subject_events("bench-warmup"), json.dumps(finished).encode())
+    async with httpx.AsyncClient(timeout=30) as client:
+        await client.get(f"{base}/api/stream/bench-warmup")
+
+
+async def bench_replay(nc, js, base: str, n: int) -> None:
+    task_id = "bench-replay"
+    await publish_logs(nc, js, task_id, n)
+    await warm_up(js, base)
+    raw = await raw_replay(js, task_id, n)
+    sse = await sse_replay(base, task_id, n)
+    print(f"(a) replay of {n} records to one client")
+    print(f"    raw nats-py ordered consumer: {n / raw:10.0f} records/s")
+    print(f"    SSE through the stream app:   {n / sse:10.0f} records/s")
+    print(f"    ratio SSE / raw:              {raw / sse:10.2f}x   (target >= 0.7x)")
+
+
+async def follower(base: str, task_id: str, after: int, latencies: list[float], ready: asyncio.Event, counts: list[int], index: int):
+    from functions.sse_client import follow
+
+    async for message in follow(f"{base}/api/stream/{task_id}", after=after, read_timeout=30):
+        received = time.time()
+        if message.event == "end":
+            return
+        if message.event != "log":
+            continue
+        if message.data.get("msg") == "warmup":
+            ready.set()
+            counts[index] = -1
+            continue
+        latencies.append(received - message.data["ts"])
+        counts[index] += 1
+
+
+async def bench_fanout(nc, js, base: str, clients: int, rate: int, seconds: float, app_pid: int, nats_pid: int) -> None:
+    task_id = "bench-fanout"
+    subject = contract.subject_logs(task_id)
+    after = (await js.publish(subject, b'{"msg":"before"}')).seq
+    latencies: list[float] = []
+    counts = [0] * clients
+    readies = [asyncio.Event() for _ in range(clients)]
+    tasks = [
+        asyncio.create_task(follower(base, task_id, after, latencies, readies[i], counts, i)) for i in range(clients)
+    ]
+    await js.publish(subject, json.dumps({"msg": "warmup", "ts": time.time()}).encode())
+    await asyncio.wait_for(asyncio.gather(*(r.wait() for r in readies)), 30)
+    counts[:] = [0] * clients
+
+    cpu_before = {name: cpu_seconds(pid) for name, pid in (("app", app_pid), ("nats-server", nats_pid), ("clients", None))}
+    total = int(rate * seconds)
+    start = time.perf_counter()
+    for i in range(total):
+        due = start + i / rate
+        delay = due - time.perf_counter()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        record = {"ts": time.time(), "level": "INFO", "logger": "bench", "msg": f"live {i}", "task_id": task_id}
+        await nc.publish(subject, json.dumps(record).encode())
+    finished = {"type": contract.EV_STATUS, "task_id": task_id, "ts": time.time(), "state": contract.STATE_FINISHED, "outcome": "done"}
+    await js.publish(contract.subject_events(task_id), json.dumps(finished).encode())
+    await asyncio.wait_for(asyncio.gather(*tasks), 60)
+    elapsed = time.perf_counter() - start
+    cpu = {name: (cpu_seconds(pid) - cpu_before[name]) / elapsed for name, pid in (("app", app_pid), ("nats-server", nats_pid), ("clients", None))}
+
+    delivered = sum(counts)
+    latencies.sort()
+    p = lambda q: latencies[min(len(latencies) - 1, int(q * len(latencies)))] * 1000  # noqa: E731
+    print(f"(b) {clients} SSE clients on one task, {rate} records/s published for {seconds:g}s")
+    print(f"    delivered: {delivered} of {total * clients} records, {delivered / elapsed:.0f} records/s in total")
+    print(f"    latency publish -> client: p50 {p(0.50):.1f} ms, p99 {p(0.99):.1f} ms, max {latencies[-1] * 1000:.1f} ms (target p99 <= 50 ms)")
+    print(f"    mean {statistics.fmean(latencies) * 1000:.1f} ms")
+    print("    CPU used (cores): " + ", ".join(f"{name} {share:.2f}" for name, share in cpu.items()) + f" of {os.cpu_count()}")
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--records", type=int, default=50_000)
+    parser.add_argument("--clients", type=int, default=50)
+    parser.add_argument("--rate", type=int, default=1000)
+    parser.add_argument("--seconds", type=float, default=5.0)
+    args = parser.parse_args()
+
+    with tempfile.TemporaryDirectory() as tmp, EmbeddedNats(Path(tmp)) as server:
+        nc = await nats.connect(server.url)
+        js = nc.jetstream()
+        await ensure_stream(js)
+        app, base = start_app(server.url, Path(tmp) / "app")
+        try:
+            await bench_replay(nc, js, base, args.records)
+            await bench_fanout(nc, js, base, args.clients, args.rate, args.seconds, app.pid, server.proc.pid)
+        finally:
+            app.terminate()
+            app.wait(10)
+            await nc.close()
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
