@@ -34,6 +34,10 @@ RECORD_FIELDS = (
     "termination_message",
     "finished_uids",
     "retention_seconds",
+    "events_seq",  # the tracker: last stream sequence applied (forward-only updates)
+    "last_snapshot_at",  # snapshot_due: the last good snapshot
+    "last_snapshot_key",
+    "cancel_requested_at",  # task_command
 )
 
 
