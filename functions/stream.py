@@ -40,7 +40,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from agent import contract
-from functions import bus
+from functions import bus, cockpit
 from functions.settings import Settings
 from functions.task import BadInput
 
@@ -463,6 +463,7 @@ def create_app(
             Route("/api/tasks", list_tasks),
             Route("/api/tasks/{task_id}", get_task),
             Route("/healthz", healthz),
+            *cockpit.routes(settings),
         ],
         lifespan=lifespan,
     )
