@@ -14,7 +14,6 @@ the store cannot be reached (the Job retries); EXIT_FATAL for bad settings.
 
 from __future__ import annotations
 
-import argparse
 import os
 import sqlite3
 import sys
@@ -22,6 +21,7 @@ import tempfile
 from pathlib import Path
 
 from agent import contract
+from agent.cli import UsageError, check_common, task_parser
 from agent.snapshot import list_snapshots
 from agent.storage import ObjectNotFound, StorageError, Store, open_store
 
@@ -94,45 +94,23 @@ def restore(workspace: str | os.PathLike, store: Store, task_id: str) -> str | N
     return None
 
 
-class _UsageError(Exception):
-    pass
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):
-        raise _UsageError(message)
-
-
-def _parser() -> argparse.ArgumentParser:
-    env = os.environ
-    parser = _Parser(
-        prog="python -m agent restore",
-        description="Restore the newest intact checkpoint snapshot into a workspace that has none.",
+def _parser():
+    return task_parser(
+        "python -m agent restore",
+        "Restore the newest intact checkpoint snapshot into a workspace that has none.",
+        store=True,
     )
-    parser.add_argument("--task-id", default=env.get("DOCKYARD_TASK_ID"), help="task id (env DOCKYARD_TASK_ID)")
-    parser.add_argument(
-        "--workspace",
-        default=env.get("DOCKYARD_WORKSPACE", contract.WORKSPACE_MOUNT),
-        help=f"workspace directory (env DOCKYARD_WORKSPACE, default {contract.WORKSPACE_MOUNT})",
-    )
-    parser.add_argument(
-        "--store", default=env.get("DOCKYARD_STORE"), help="s3://bucket/prefix or file:///dir (env DOCKYARD_STORE)"
-    )
-    return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     try:
         args = parser.parse_args(argv)
-        if not args.task_id or not contract.is_valid_task_id(args.task_id):
-            raise _UsageError(f"--task-id: {args.task_id!r} is not a valid task id (DNS-1123 label, 1-40 chars)")
-        if not args.store:
-            raise _UsageError("--store is required (or env DOCKYARD_STORE)")
+        check_common(args)
         store = open_store(args.store)
     except SystemExit as exc:  # --help
         return int(exc.code or 0)
-    except (_UsageError, ValueError, StorageError) as exc:
+    except (UsageError, ValueError, StorageError) as exc:
         print(f"{parser.prog}: error: {exc}", file=sys.stderr)
         return contract.EXIT_FATAL
     _log(f"task={args.task_id} workspace={args.workspace} store={store.describe()}")

@@ -20,12 +20,12 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from agent import contract
+from agent.cli import UsageError, check_common, env_default, task_parser
 
 log = logging.getLogger("agent")
 
@@ -43,27 +43,21 @@ class FatalError(Exception):
     """Configuration that can never work: exit with EXIT_FATAL, no retry."""
 
 
-def env_default(name: str, default=None):
-    return os.environ.get(contract.ENV_PREFIX + name, default)
-
-
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m agent run",
-        description="Run one task with the STRATEGIC/TACTICAL agent, checkpointing every step. "
-        "Each flag can also be set by the environment variable named in brackets.",
+    parser = task_parser(
+        "python -m agent run",
+        "Run one task with the STRATEGIC/TACTICAL agent, checkpointing every step.",
+        store=False,
     )
-    parser.add_argument("--task-id", default=env_default("TASK_ID"), help="task id, a DNS-1123 label [DOCKYARD_TASK_ID]")
-    parser.add_argument("--workspace", default=env_default("WORKSPACE", contract.WORKSPACE_MOUNT), help="workspace folder [DOCKYARD_WORKSPACE]")
     parser.add_argument("--task-file", default=env_default("TASK_FILE", contract.TASK_FILE), help="task JSON {prompt, repo?, model?, limits?} [DOCKYARD_TASK_FILE]")
     parser.add_argument("--model", default=env_default("MODEL"), help="model spec, e.g. scripted:example or openai:gpt-4o; overrides the task's [DOCKYARD_MODEL]")
     parser.add_argument("--nats", default=env_default("NATS_URL"), help="NATS URL for telemetry and commands; none: trace to stdout [DOCKYARD_NATS_URL]")
     parser.add_argument("--home", default=env_default("HOME_DIR", contract.HOME_DIR), help="writable home for tools (PYTHONUSERBASE under it) [DOCKYARD_HOME_DIR]")
     parser.add_argument("--secrets-dir", default=env_default("SECRETS_DIR", contract.SECRETS_DIR), help="directory of secret files [DOCKYARD_SECRETS_DIR]")
-    parser.add_argument("--max-strategic-rounds", type=int, default=int(env_default("MAX_STRATEGIC_ROUNDS", 30)), help="budget [DOCKYARD_MAX_STRATEGIC_ROUNDS]")
-    parser.add_argument("--max-tool-calls", type=int, default=int(env_default("MAX_TOOL_CALLS", 40)), help="budget per tactical phase [DOCKYARD_MAX_TOOL_CALLS]")
+    parser.add_argument("--max-strategic-rounds", type=int, default=env_default("MAX_STRATEGIC_ROUNDS", "30"), help="budget [DOCKYARD_MAX_STRATEGIC_ROUNDS]")
+    parser.add_argument("--max-tool-calls", type=int, default=env_default("MAX_TOOL_CALLS", "40"), help="budget per tactical phase [DOCKYARD_MAX_TOOL_CALLS]")
     parser.add_argument("--deadline-seconds", type=int, default=env_default("DEADLINE_SECONDS"), help="overall deadline; default from the task's limits [DOCKYARD_DEADLINE_SECONDS]")
-    parser.add_argument("--keep-checkpoints", type=int, default=int(env_default("KEEP_CHECKPOINTS", 20)), help="checkpoints kept per thread [DOCKYARD_KEEP_CHECKPOINTS]")
+    parser.add_argument("--keep-checkpoints", type=int, default=env_default("KEEP_CHECKPOINTS", "20"), help="checkpoints kept per thread [DOCKYARD_KEEP_CHECKPOINTS]")
     return parser
 
 
@@ -127,11 +121,16 @@ def clone_repo(repo: dict, workspace: Path, env: dict) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    if not args.task_id or not contract.is_valid_task_id(args.task_id):
-        print(f"agent: --task-id {args.task_id!r} is not a DNS-1123 label of 1-{contract.TASK_ID_MAX} chars", file=sys.stderr)
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+        check_common(args)
+    except SystemExit as exc:  # --help
+        return int(exc.code or 0)
+    except UsageError as exc:
+        print(f"{parser.prog}: error: {exc}", file=sys.stderr)
         return contract.EXIT_FATAL
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     workspace = Path(args.workspace).resolve()
     workspace.mkdir(parents=True, exist_ok=True)
 

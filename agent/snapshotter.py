@@ -12,7 +12,6 @@ event and exits 0. Snapshots never overlap: one lock serialises them.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import json
 import os
@@ -24,6 +23,7 @@ from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
 from agent import contract
+from agent.cli import UsageError, check_common, task_parser
 from agent.snapshot import (
     SnapshotResult,
     prune_snapshots,
@@ -303,31 +303,14 @@ async def _on_reconnected() -> None:
     _log("NATS reconnected")
 
 
-class _UsageError(Exception):
-    pass
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):
-        raise _UsageError(message)
-
-
-def _parser() -> argparse.ArgumentParser:
-    env = os.environ
-    parser = _Parser(
-        prog="python -m agent snapshotter",
-        description="Snapshot the task's SQLite checkpoint to object storage on request (NATS), "
+def _parser():
+    parser = task_parser(
+        "python -m agent snapshotter",
+        "Snapshot the task's SQLite checkpoint to object storage on request (NATS), "
         "every --interval seconds, and at shutdown (SIGTERM/SIGINT), then upload the final workspace.",
+        store=True,
     )
-    parser.add_argument("--task-id", default=env.get("DOCKYARD_TASK_ID"), help="task id (env DOCKYARD_TASK_ID)")
-    parser.add_argument(
-        "--workspace",
-        default=env.get("DOCKYARD_WORKSPACE", contract.WORKSPACE_MOUNT),
-        help=f"workspace directory (env DOCKYARD_WORKSPACE, default {contract.WORKSPACE_MOUNT})",
-    )
-    parser.add_argument(
-        "--store", default=env.get("DOCKYARD_STORE"), help="s3://bucket/prefix or file:///dir (env DOCKYARD_STORE)"
-    )
+    env = os.environ
     parser.add_argument(
         "--nats",
         default=env.get("DOCKYARD_NATS_URL"),
@@ -351,14 +334,11 @@ def _parser() -> argparse.ArgumentParser:
 
 def parse_settings(argv: list[str] | None) -> Settings:
     args = _parser().parse_args(argv)
-    if not args.task_id or not contract.is_valid_task_id(args.task_id):
-        raise _UsageError(f"--task-id: {args.task_id!r} is not a valid task id (DNS-1123 label, 1-40 chars)")
-    if not args.store:
-        raise _UsageError("--store is required (or env DOCKYARD_STORE)")
+    check_common(args)
     if args.interval < 0:
-        raise _UsageError(f"--interval must be >= 0, got {args.interval:g}")
+        raise UsageError(f"--interval must be >= 0, got {args.interval:g}")
     if args.keep < 1:
-        raise _UsageError(f"--keep must be >= 1, got {args.keep}")
+        raise UsageError(f"--keep must be >= 1, got {args.keep}")
     return Settings(
         task_id=args.task_id,
         workspace=Path(args.workspace).absolute(),
@@ -376,7 +356,7 @@ def main(argv: list[str] | None = None) -> int:
         store = open_store(settings.store_url)
     except SystemExit as exc:  # --help
         return int(exc.code or 0)
-    except (_UsageError, ValueError, StorageError) as exc:
+    except (UsageError, ValueError, StorageError) as exc:
         print(f"{prog}: error: {exc}", file=sys.stderr)
         return contract.EXIT_FATAL
     return asyncio.run(Snapshotter(settings, store).run())

@@ -1,0 +1,49 @@
+"""Command-line parsing shared by the agent's three processes (run, snapshotter, restore).
+
+Each flag has an environment fallback (`DOCKYARD_<NAME>`), so the same image runs
+from a Job spec or a shell. A usage error is fatal (exit 3, never retried):
+retrying a pod with bad arguments cannot help.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+from agent import contract
+
+
+class UsageError(Exception):
+    """Bad flags or settings: the process exits with `contract.EXIT_FATAL`."""
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message):
+        raise UsageError(message)
+
+
+def env_default(name: str, default=None):
+    return os.environ.get(contract.ENV_PREFIX + name, default)
+
+
+def task_parser(prog: str, description: str, *, store: bool) -> Parser:
+    """A parser with the flags every process has: --task-id, --workspace and, if asked, --store."""
+    parser = Parser(prog=prog, description=description + " Each flag can also be set by the environment variable in brackets.")
+    parser.add_argument("--task-id", default=env_default("TASK_ID"), help="task id, a DNS-1123 label [DOCKYARD_TASK_ID]")
+    parser.add_argument(
+        "--workspace",
+        default=env_default("WORKSPACE", contract.WORKSPACE_MOUNT),
+        help=f"workspace directory (default {contract.WORKSPACE_MOUNT}) [DOCKYARD_WORKSPACE]",
+    )
+    if store:
+        parser.add_argument("--store", default=env_default("STORE"), help="s3://bucket/prefix or file:///dir [DOCKYARD_STORE]")
+    return parser
+
+
+def check_common(args: argparse.Namespace) -> None:
+    if not args.task_id or not contract.is_valid_task_id(args.task_id):
+        raise UsageError(
+            f"--task-id: {args.task_id!r} is not a valid task id (a DNS-1123 label of 1-{contract.TASK_ID_MAX} chars)"
+        )
+    if hasattr(args, "store") and not args.store:
+        raise UsageError("--store is required (or DOCKYARD_STORE)")
