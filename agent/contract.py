@@ -38,7 +38,6 @@ EVENT_PING = "dev.knative.sources.ping"
 EVENT_SOURCE_CLI = "dockyard/cli"
 EVENT_SOURCE_LOCAL_RUNTIME = "dockyard/runtime/local"
 
-COMMAND_OPS = ("cancel", "message", "status", "snapshot")
 
 # --- NATS -------------------------------------------------------------------
 STREAM_NAME = "AGENT"
@@ -57,11 +56,6 @@ def subject_events(task_id: str) -> str:
 
 def subject_logs(task_id: str) -> str:
     return f"logs.agent.{task_id}"
-
-
-def subject_snapshotter(task_id: str) -> str:
-    """Snapshot requests go to the snapshotter, which alone holds storage credentials."""
-    return f"cmd.snapshotter.{task_id}"
 
 
 # Event kinds published on events.agent.<id> (field "type" of the JSON body).

@@ -1,9 +1,8 @@
 """The snapshotter sidecar: snapshots the checkpoint on request, on a timer, and at shutdown.
 
 It alone holds the storage credentials. It answers `{"op": "snapshot"}` on
-`cmd.agent.<id>` (and on `cmd.snapshotter.<id>`); on `cmd.agent.<id>` every other
-op is left to the agent, unanswered, so a request/reply there gets exactly one
-answer. Each snapshot publishes a `snapshot` event on `events.agent.<id>`.
+`cmd.agent.<id>`, the subject the agent listens on too; every other op is left
+to the agent, unanswered, so a request/reply there gets exactly one answer. Each snapshot publishes a `snapshot` event on `events.agent.<id>`.
 Without NATS it keeps working (timer and final snapshots) and keeps trying to
 connect in the background. On SIGTERM/SIGINT it takes a final snapshot,
 uploads the final workspace archive and result.json, publishes the final
@@ -185,7 +184,6 @@ class Snapshotter:
                     reconnected_cb=_on_reconnected,
                 )
                 await nc.subscribe(contract.subject_cmd(s.task_id), cb=self._on_cmd)
-                await nc.subscribe(contract.subject_snapshotter(s.task_id), cb=self._on_snapshotter_cmd)
                 await nc.flush(timeout=5)
             except asyncio.CancelledError:
                 raise
@@ -194,30 +192,25 @@ class Snapshotter:
                 await asyncio.sleep(1)
                 continue
             self._nc = nc
-            _log(f"listening on {contract.subject_cmd(s.task_id)} and {contract.subject_snapshotter(s.task_id)}")
+            _log(f"listening on {contract.subject_cmd(s.task_id)}")
             return
 
     async def _on_cmd(self, msg) -> None:
-        self._spawn(self._answer(msg, answer_other_ops=False))
-
-    async def _on_snapshotter_cmd(self, msg) -> None:
-        self._spawn(self._answer(msg, answer_other_ops=True))
+        self._spawn(self._answer(msg))
 
     def _spawn(self, coro) -> None:
         task = asyncio.create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _answer(self, msg, *, answer_other_ops: bool) -> None:
+    async def _answer(self, msg) -> None:
         try:
             body = json.loads(msg.data or b"null")
         except ValueError:
             body = None
         op = body.get("op") if isinstance(body, dict) else None
         if op != "snapshot":
-            if answer_other_ops:
-                await self._reply(msg, {"ok": False, "error": f"unknown op {op!r}: only 'snapshot' is served here"})
-            return
+            return  # every other op is the agent's to answer
         if self.stopping.is_set():
             await self._reply(msg, {"ok": False, "error": "shutting down; the final snapshot follows"})
             return

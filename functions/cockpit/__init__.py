@@ -1,15 +1,108 @@
-"""The cockpit: a static web page (HTML, CSS, JavaScript; no build step, no CDN) served at `/`."""
+"""The cockpit: a static web page (HTML, CSS, JavaScript; no build step, no CDN) served at `/`.
+
+The page reads the stream app's own API (`/api/tasks`, `/api/stream/{id}`) and
+submits tasks and commands as structured CloudEvents. Where it posts them comes
+from `GET /cockpit-config.json`, which this module serves:
+
+    DOCKYARD_BROKER_URL unset   {"ingress": "/"}            `dockyard dev`: the broker ingress is
+                                                            `POST /` of the same origin
+    DOCKYARD_BROKER_URL set     {"ingress": "/api/events"}  the cluster: a relay in this app forwards
+                                                            each event to that URL (the Broker's
+                                                            in-cluster address, which no browser reaches)
+
+The relay is not an open door into the Broker: it accepts one CloudEvent per
+request, of the two types a person may send (task submitted, task command),
+at most MAX_EVENT_BYTES, and only as `application/cloudevents+json` or binary
+mode, so a cross-site form cannot post one. It answers 202 with the task id
+(given, or derived from source + id exactly as `task_submitted` derives it,
+since the Knative Broker answers with no body), the Broker's own 4xx as
+`{"error", "field"}`, and 502 when the Broker is unreachable or failing.
+
+The environment is read once, when the routes are built.
+"""
 
 from __future__ import annotations
 
+import json
+import os
 from pathlib import Path
+from typing import Mapping
+
+from agent import contract
 
 STATIC_DIR = Path(__file__).parent / "static"
+BROKER_URL_ENV = f"{contract.ENV_PREFIX}BROKER_URL"
+RELAY_PATH = "/api/events"
+RELAYED_TYPES = (contract.EVENT_TASK_SUBMITTED, contract.EVENT_TASK_COMMAND)
+MAX_EVENT_BYTES = 64 * 1024
+RELAY_TIMEOUT_SECONDS = 15.0
 
 
-def routes(settings=None) -> list:
-    """Routes to append after the stream app's API routes."""
-    from starlette.routing import Mount
+def routes(settings=None, env: Mapping[str, str] | None = None) -> list:
+    """Routes to append after the stream app's API routes; the static mount stays last."""
+    from starlette.responses import JSONResponse
+    from starlette.routing import Mount, Route
     from starlette.staticfiles import StaticFiles
 
-    return [Mount("/", app=StaticFiles(directory=STATIC_DIR, html=True), name="cockpit")]
+    env = os.environ if env is None else env
+    broker_url = (env.get(BROKER_URL_ENV) or "").strip()
+    config = {"ingress": RELAY_PATH if broker_url else "/"}
+
+    async def cockpit_config(request):
+        return JSONResponse(config, headers={"Cache-Control": "no-store"})
+
+    extra = [Route("/cockpit-config.json", cockpit_config)]
+    if broker_url:
+        extra.append(Route(RELAY_PATH, relay_to(broker_url), methods=["POST"]))
+    return [*extra, Mount("/", app=StaticFiles(directory=STATIC_DIR, html=True), name="cockpit")]
+
+
+def task_id_of(event) -> str | None:
+    """The task an accepted event is about: the one given, or the one task_submitted derives."""
+    data = event.get_data()
+    given = data.get("task_id") if isinstance(data, dict) else None
+    if contract.is_valid_task_id(given):
+        return given
+    if event["type"] == contract.EVENT_TASK_SUBMITTED:
+        return contract.derive_task_id(event["source"], event["id"])
+    return None
+
+
+def relay_to(broker_url: str):
+    """The endpoint that checks one CloudEvent and forwards it, structured, to the Broker."""
+    from starlette.responses import JSONResponse
+
+    async def relay(request):
+        from functions import cloudevent, http
+        from functions.settings import mask_url
+        from functions.task import BadInput
+
+        try:
+            event = cloudevent.parse(request.headers, await http.read_body(request, MAX_EVENT_BYTES))
+            if event["type"] not in RELAYED_TYPES:
+                raise BadInput(f"the cockpit relays only {' and '.join(RELAYED_TYPES)}, not {event['type']!r}", "type")
+        except BadInput as exc:
+            return http.json_answer(http.answer_for(exc))
+
+        import httpx
+
+        body = json.dumps({**event.get_attributes(), "data": event.get_data()}).encode()
+        try:
+            async with httpx.AsyncClient(timeout=RELAY_TIMEOUT_SECONDS) as client:
+                answer = await client.post(broker_url, content=body, headers={"Content-Type": cloudevent.STRUCTURED})
+        except httpx.HTTPError as exc:
+            where = mask_url(broker_url)
+            return JSONResponse({"error": f"the broker at {where} is unreachable ({exc or type(exc).__name__}); try again", "field": None}, 502)
+        if answer.is_success:
+            return JSONResponse({"accepted": True, "task_id": task_id_of(event)}, 202)
+        try:
+            reply = answer.json()
+        except ValueError:
+            reply = None
+        if 400 <= answer.status_code < 500 and isinstance(reply, dict) and "error" in reply:
+            return JSONResponse({"error": reply["error"], "field": reply.get("field")}, answer.status_code)
+        text = " ".join(answer.text.split())[:300] or answer.reason_phrase
+        status = answer.status_code if 400 <= answer.status_code < 500 else 502
+        return JSONResponse({"error": f"the broker answered {answer.status_code}: {text}", "field": None}, status)
+
+    return relay
