@@ -73,6 +73,7 @@ STATE_QUEUED = "queued"
 STATE_STARTED = "started"
 STATE_RESUMED = "resumed"
 STATE_RETRYING = "retrying"
+STATE_INTERRUPTED = "interrupted"  # stopped by SIGTERM after a step; resumes on the next start
 STATE_FINISHED = "finished"
 TERMINAL_STATES = (STATE_FINISHED,)
 

@@ -275,7 +275,7 @@ class Run:
 
         if self.control.stop_reason == "sigterm":
             log.info("stopped by SIGTERM after step %d; the next start resumes from the checkpoint", self.control.step)
-            self.telemetry.event(contract.EV_STATUS, state="interrupted", reason="SIGTERM")
+            self.telemetry.event(contract.EV_STATUS, state=contract.STATE_INTERRUPTED, reason="SIGTERM")
             return contract.EXIT_INTERRUPTED
 
         values = graph.get_state(config).values
