@@ -11,12 +11,18 @@ from `GET /cockpit-config.json`, which this module serves:
                                                             in-cluster address, which no browser reaches)
 
 The relay is not an open door into the Broker: it accepts one CloudEvent per
-request, of the two types a person may send (task submitted, task command),
-at most MAX_EVENT_BYTES, and only as `application/cloudevents+json` or binary
-mode, so a cross-site form cannot post one. It answers 202 with the task id
-(given, or derived from source + id exactly as `task_submitted` derives it,
-since the Knative Broker answers with no body), the Broker's own 4xx as
-`{"error", "field"}`, and 502 when the Broker is unreachable or failing.
+request, of the two types a person may send (task submitted, task command), no
+larger than the functions accept, and only as `application/cloudevents+json` or
+in binary mode (ce-* headers), so a cross-site form cannot post one. It answers
+202 with the task id (given, or derived from source + id exactly as
+`task_submitted` derives it, since the Knative Broker answers with no body), the
+Broker's own 4xx as `{"error", "field"}`, and 502 when the Broker is unreachable
+or failing. In the cluster set DOCKYARD_BROKER_URL to
+`http://broker-ingress.knative-eventing.svc.cluster.local/dockyard/default`.
+
+The page: `static/app.js` (task list, routing, forms), `static/trace.js` (the
+live trace of one task and its invariants), `static/api.js` (HTTP and
+CloudEvents), `static/dom.js` (building elements from data, never from HTML).
 
 The environment is read once, when the routes are built.
 """
@@ -34,7 +40,6 @@ STATIC_DIR = Path(__file__).parent / "static"
 BROKER_URL_ENV = f"{contract.ENV_PREFIX}BROKER_URL"
 RELAY_PATH = "/api/events"
 RELAYED_TYPES = (contract.EVENT_TASK_SUBMITTED, contract.EVENT_TASK_COMMAND)
-MAX_EVENT_BYTES = 64 * 1024
 RELAY_TIMEOUT_SECONDS = 15.0
 
 
@@ -78,7 +83,7 @@ def relay_to(broker_url: str):
         from functions.task import BadInput
 
         try:
-            event = cloudevent.parse(request.headers, await http.read_body(request, MAX_EVENT_BYTES))
+            event = cloudevent.parse(request.headers, await http.read_body(request))
             if event["type"] not in RELAYED_TYPES:
                 raise BadInput(f"the cockpit relays only {' and '.join(RELAYED_TYPES)}, not {event['type']!r}", "type")
         except BadInput as exc:

@@ -1,0 +1,430 @@
+// The live trace of one task, from GET api/stream/<id> (Server-Sent Events).
+//
+// Invariants:
+// - Each message is rendered at most once: `lastId` is the highest SSE id shown,
+//   and a message with an id at or below it is dropped. Nothing is skipped: after
+//   a disconnect the browser resumes with Last-Event-ID (or we reopen with
+//   ?after=lastId) and the server sends every later message of the task in order.
+// - Every rendered message carries its id in a data-id attribute. A tool's end is
+//   rendered inside its start (paired by call_id), everything else in stream order.
+// - `end` closes the EventSource; without that it would reconnect forever.
+// - Event data only ever reaches the page as text (see dom.js).
+
+import { age, clock, compact, h, oneLine, size, text } from "./dom.js";
+import { ApiError, getJSON } from "./api.js";
+
+// SSE event names the server sends: the event's "type", "log" for log records,
+// "event" for a body without a usable type. A listener per name is needed.
+const EVENT_NAMES = ["status", "phase", "tool", "todo", "snapshot", "result", "message", "warning", "log", "event"];
+const LEVELS = { DEBUG: 10, INFO: 20, WARNING: 30, ERROR: 40, CRITICAL: 50 };
+const MAX_BACKOFF_MS = 10000;
+const RECORD_WAIT_MS = 30000; // after `end`, how long to wait for job_finished to record the snapshots
+
+export class TaskView {
+  constructor(root, taskId) {
+    this.root = root;
+    this.taskId = taskId;
+    this.el = {
+      title: root.querySelector("#tv-title"),
+      conn: root.querySelector("#tv-conn"),
+      facts: root.querySelector("#tv-facts"),
+      prompt: root.querySelector("#tv-prompt"),
+      outcome: root.querySelector("#tv-outcome"),
+      trace: root.querySelector("#tv-trace"),
+      todo: root.querySelector("#tv-todo"),
+      snapshots: root.querySelector("#tv-snapshots"),
+      storedKeys: root.querySelector("#tv-stored"),
+      error: root.querySelector("#tv-error"),
+    };
+    this.lastId = 0;
+    this.ended = false;
+    this.closed = false;
+    this.es = null;
+    this.backoff = 500;
+    this.timers = new Set();
+    this.calls = new Map(); // call_id -> {details, badge}
+    this.body = this.el.trace; // where the next row goes: the current phase's section
+    this.facts = { state: null, phase: null, outcome: null, model: null, created_at: null };
+    this.reset();
+  }
+
+  reset() {
+    const { title, trace, todo, snapshots, storedKeys, outcome, prompt, error } = this.el;
+    text(title, this.taskId);
+    trace.replaceChildren();
+    todo.replaceChildren(h("li", { class: "muted" }, "no todo list yet"));
+    snapshots.replaceChildren();
+    storedKeys.replaceChildren(h("li", { class: "muted" }, "recorded when the task has finished"));
+    outcome.hidden = true;
+    outcome.replaceChildren();
+    delete outcome.dataset.outcome;
+    text(prompt, "");
+    text(error, "");
+    error.hidden = true;
+    this.renderFacts();
+  }
+
+  start() {
+    this.setConn("connecting", "connecting…");
+    this.loadRecord();
+    this.open();
+  }
+
+  close() {
+    this.closed = true;
+    this.es?.close();
+    this.es = null;
+    for (const t of this.timers) clearTimeout(t);
+    this.timers.clear();
+  }
+
+  later(ms, fn) {
+    const t = setTimeout(() => {
+      this.timers.delete(t);
+      if (!this.closed) fn();
+    }, ms);
+    this.timers.add(t);
+  }
+
+  // --- the EventSource -------------------------------------------------------------
+
+  open() {
+    if (this.closed || this.ended) return;
+    const after = this.lastId ? `?after=${this.lastId}` : "";
+    const es = new EventSource(`api/stream/${encodeURIComponent(this.taskId)}${after}`);
+    this.es = es;
+    for (const name of EVENT_NAMES) es.addEventListener(name, (e) => this.receive(name, e));
+    es.addEventListener("end", () => this.finish());
+    es.onopen = () => {
+      this.backoff = 500;
+      this.setConn("live", "live");
+    };
+    es.onerror = () => {
+      if (this.closed || this.ended || this.es !== es) return;
+      if (es.readyState === EventSource.CLOSED) {
+        // The browser gave up (an HTTP error answer, not a dropped connection): reopen ourselves.
+        es.close();
+        this.es = null;
+        this.reopenLater();
+      } else {
+        this.setConn("reconnecting", "reconnecting…");
+      }
+    };
+  }
+
+  async reopenLater() {
+    this.setConn("reconnecting", "reconnecting…");
+    if (this.lastId === 0) {
+      // Nothing received yet: an unknown task is worth saying, and not worth retrying.
+      try {
+        await getJSON(`api/tasks/${encodeURIComponent(this.taskId)}`);
+      } catch (exc) {
+        if (this.closed) return;
+        if (exc instanceof ApiError && exc.status === 404) {
+          this.showError(exc.describe());
+          this.setConn("error", "no such task");
+          return;
+        }
+      }
+    }
+    const wait = this.backoff;
+    this.backoff = Math.min(this.backoff * 2, MAX_BACKOFF_MS);
+    this.later(wait, () => this.open());
+  }
+
+  receive(name, e) {
+    if (this.closed || this.ended) return;
+    const id = e.lastEventId ? Number(e.lastEventId) : NaN;
+    if (Number.isSafeInteger(id)) {
+      if (id <= this.lastId) return; // a message we have shown already
+      this.lastId = id;
+    }
+    let data;
+    try {
+      data = JSON.parse(e.data);
+    } catch {
+      data = { raw: e.data };
+    }
+    if (!data || typeof data !== "object" || Array.isArray(data)) data = { value: data };
+    const follow = nearBottom();
+    this.render(name, data, Number.isSafeInteger(id) ? id : null);
+    if (follow) scrollToBottom();
+  }
+
+  finish() {
+    if (this.ended) return;
+    this.ended = true;
+    this.es?.close();
+    this.es = null;
+    this.setConn("ended", "ended");
+    this.waitForRecord(Date.now() + RECORD_WAIT_MS);
+  }
+
+  setConn(state, label) {
+    const { conn } = this.el;
+    conn.dataset.state = state;
+    text(conn, label);
+  }
+
+  showError(message) {
+    text(this.el.error, message);
+    this.el.error.hidden = false;
+  }
+
+  // --- the task record (api/tasks/<id>) -----------------------------------------------
+
+  async loadRecord() {
+    try {
+      const record = await getJSON(`api/tasks/${encodeURIComponent(this.taskId)}`);
+      if (!this.closed) this.applyRecord(record);
+      return record;
+    } catch {
+      return null; // the stream says the rest; a missing record is reported by reopenLater
+    }
+  }
+
+  // job_finished stores the final snapshot and records its keys after the agent's own end.
+  async waitForRecord(deadline) {
+    const record = await this.loadRecord();
+    if (this.closed) return;
+    const settled = record && (record.finished_uids?.length || record.final_snapshot_missing);
+    if (!settled && Date.now() < deadline) this.later(1000, () => this.waitForRecord(deadline));
+  }
+
+  applyRecord(record) {
+    if (!record || typeof record !== "object") return;
+    const task = record.task && typeof record.task === "object" ? record.task : {};
+    // The record trails the stream (the tracker writes it): it only fills in what no event has told yet.
+    const fresher = this.lastId === 0 || (record.state === "finished" && this.facts.state !== "finished");
+    if (fresher) for (const key of ["state", "phase", "outcome"]) if (record[key]) this.facts[key] = record[key];
+    if (record.created_at) this.facts.created_at = record.created_at;
+    if (task.model) this.facts.model ??= task.model;
+    if (task.prompt) text(this.el.prompt, task.prompt);
+    if (task.repo?.url) this.facts.repo = task.repo.url + (task.repo.ref ? ` @ ${task.repo.ref}` : "");
+    this.renderFacts();
+    if (record.state === "finished" && record.outcome) this.showOutcome(record.outcome, record.summary || record.reason);
+    this.renderStoredKeys(record);
+  }
+
+  renderStoredKeys(record) {
+    const keys = Array.isArray(record.snapshot_keys) ? record.snapshot_keys : [];
+    const items = keys.map((key) =>
+      h("li", {}, h("code", {}, key), /\/final\//.test(key) ? h("span", { class: "tag" }, "final") : null),
+    );
+    if (record.final_snapshot_missing) items.push(h("li", { class: "warn" }, "the final snapshot is missing (see the server log)"));
+    if (record.last_snapshot_at && !keys.length) items.push(h("li", {}, `last snapshot ${age(record.last_snapshot_at)} ago`));
+    if (!items.length) {
+      const note = record.state === "finished" ? "none recorded yet" : "recorded when the task has finished";
+      items.push(h("li", { class: "muted" }, note));
+    }
+    this.el.storedKeys.replaceChildren(...items);
+  }
+
+  renderFacts() {
+    const f = this.facts;
+    const rows = [
+      ["state", f.state ? h("span", { class: `badge state-${f.state}` }, f.state) : "—"],
+      ["phase", f.phase ? h("span", { class: `badge phase-${f.phase}` }, f.phase) : "—"],
+      ["outcome", f.outcome ? h("span", { class: `badge outcome-${f.outcome}` }, f.outcome) : "—"],
+      ["model", f.model || "default"],
+      ["age", f.created_at ? age(f.created_at) : "—"],
+    ];
+    if (f.repo) rows.push(["repo", f.repo]);
+    this.el.facts.replaceChildren(...rows.map(([k, v]) => h("div", {}, h("dt", {}, k), h("dd", {}, v))));
+  }
+
+  showOutcome(outcome, summary) {
+    const el = this.el.outcome;
+    el.dataset.outcome = outcome;
+    el.className = `outcome outcome-${outcome}`;
+    el.replaceChildren(h("strong", { class: "outcome-word" }, outcome), summary ? h("span", {}, summary) : null);
+    el.hidden = false;
+  }
+
+  // --- rendering, one function per event type (as functions/render.py) ---------------
+
+  render(name, data, id) {
+    const kind = name === "log" ? "log" : data.type || name;
+    const renderer = RENDERERS[kind] || renderUnknown;
+    const row = renderer.call(this, data, kind);
+    if (!row) return;
+    if (id !== null) row.dataset.id = id;
+    row.dataset.type = kind;
+    if (!row.isConnected) this.body.append(row);
+  }
+}
+
+function row(kind, ts, ...content) {
+  return h("div", { class: `ev ev-${kind}` }, h("time", { class: "t", datetime: ts || null }, clock(ts)), h("div", { class: "c" }, content));
+}
+
+// The argument a person wants to see in one line: the command, the path; else compact JSON.
+function mainArg(args) {
+  if (args && typeof args === "object") {
+    for (const key of ["command", "path", "pattern", "query"]) if (typeof args[key] === "string") return oneLine(args[key]);
+    return oneLine(compact(args));
+  }
+  return oneLine(args ?? "");
+}
+
+function argList(args) {
+  if (!args || typeof args !== "object") return h("pre", { class: "args" }, String(args ?? ""));
+  const entries = Object.entries(args);
+  if (!entries.length) return h("p", { class: "muted" }, "no arguments");
+  return h(
+    "dl",
+    { class: "args" },
+    entries.map(([k, v]) => [h("dt", {}, k), h("dd", {}, h("pre", {}, typeof v === "string" ? v : JSON.stringify(v, null, 2)))]),
+  );
+}
+
+const RENDERERS = {
+  phase(data) {
+    const phase = String(data.phase || "?");
+    this.facts.phase = phase;
+    this.renderFacts();
+    const detail = data.objective ? ["objective: ", data.objective] : data.report ? ["report: ", data.report] : [];
+    const body = h("div", { class: "phase-body" });
+    const section = h(
+      "section",
+      { class: `phase phase-${phase}` },
+      h("h3", { class: "phase-head" }, h("span", { class: "phase-name" }, phase), h("span", { class: "phase-detail" }, detail), h("time", { class: "t" }, clock(data.ts))),
+      body,
+    );
+    this.el.trace.append(section);
+    this.body = body;
+    return section;
+  },
+
+  tool(data) {
+    const name = String(data.name || "tool");
+    const callId = typeof data.call_id === "string" ? data.call_id : null;
+    if (data.stage === "end") {
+      const ok = data.ok !== false;
+      const took = typeof data.seconds === "number" ? ` ${data.seconds.toFixed(1)}s` : "";
+      const result = h(
+        "div",
+        { class: `tool-result ${ok ? "ok" : "error"}` },
+        h("div", { class: "tool-result-head" }, h("time", { class: "t" }, clock(data.ts)), `${ok ? "ok" : "error"}${took}`),
+        h("pre", {}, data.result ?? data.error ?? ""),
+      );
+      let call = callId ? this.calls.get(callId) : null;
+      if (!call) call = this.toolCall(data, name, callId); // its start came before this view (or never)
+      call.details.append(result);
+      text(call.badge, `${ok ? "ok" : "error"}${took}`);
+      call.badge.className = `badge tool-state ${ok ? "ok" : "error"}`;
+      call.details.classList.add(ok ? "done" : "failed");
+      if (callId) this.calls.delete(callId);
+      return result;
+    }
+    const call = this.toolCall(data, name, callId);
+    if (callId) this.calls.set(callId, call);
+    return call.details;
+  },
+
+  todo(data) {
+    const todos = Array.isArray(data.todos) ? data.todos : [];
+    this.el.todo.replaceChildren(...(todos.length ? todos.map((t) => h("li", {}, String(t))) : [h("li", { class: "muted" }, "(empty)")]));
+    return row("todo", data.ts, h("span", { class: "label" }, "todo"), todos.length ? todos.map((t) => h("span", { class: "todo-item" }, oneLine(t, 60))) : "(empty)");
+  },
+
+  status(data) {
+    const state = String(data.state || "status");
+    this.facts.state = state;
+    if (data.model) this.facts.model = data.model;
+    if (data.outcome) this.facts.outcome = data.outcome;
+    this.renderFacts();
+    let rest = data.reason ? `(${data.reason})` : "";
+    if (state === "started") rest = data.model ? `with model ${data.model}` : "";
+    else if (state === "resumed") {
+      const where = data.phase ? ` in ${data.phase}` : "";
+      rest = `from checkpoint${where} (${data.model_turns ?? 0} model turns, ${data.tool_calls ?? 0} tool calls done)`;
+    } else if (state === "retrying") {
+      const after = data.exit_code !== undefined && data.exit_code !== null ? ` after exit code ${data.exit_code}` : "";
+      const wait = typeof data.backoff_seconds === "number" ? `, in ${data.backoff_seconds}s` : "";
+      rest = `attempt ${data.attempt ?? "?"}${after}${wait}`;
+    } else if (state === "finished") {
+      const outcome = data.outcome || "unknown";
+      const said = data.summary && data.summary !== this.resultSummary ? data.summary : data.reason ? `(${data.reason})` : "";
+      rest = [h("span", { class: `badge outcome-${outcome}` }, outcome), said];
+      this.showOutcome(outcome, data.summary || data.reason);
+    }
+    return row("status", data.ts, h("span", { class: `badge state-${state}` }, state), rest);
+  },
+
+  snapshot(data) {
+    let line;
+    if (data.final) line = `final ${data.archive_key || data.key || ""} ${size(data.archive_size || data.size)}`;
+    else if (!data.key) line = "nothing to snapshot yet";
+    else line = `${data.key} ${size(data.size)}${data.uploaded === false ? " (unchanged)" : ""}`;
+    if (data.key || data.archive_key) {
+      this.el.snapshots.append(
+        h("li", {}, h("time", { class: "t" }, clock(data.ts)), " ", h("code", {}, data.archive_key || data.key), data.final ? h("span", { class: "tag" }, "final") : null),
+      );
+    }
+    return row("snapshot", data.ts, h("span", { class: "label" }, "snapshot"), line.trim());
+  },
+
+  result(data) {
+    const outcome = data.outcome || "unknown";
+    this.facts.outcome = outcome;
+    this.renderFacts();
+    this.showOutcome(outcome, data.summary);
+    this.resultSummary = data.summary;
+    return row("result", data.ts, h("span", { class: `badge outcome-${outcome}` }, outcome), data.summary || "");
+  },
+
+  message(data) {
+    return row("message", data.ts, h("span", { class: "label" }, "message to the agent"), String(data.text ?? ""));
+  },
+
+  warning(data) {
+    const said = data.message || data.text || compact(data, ["type", "task_id", "ts"]);
+    return row("warning", data.ts, h("span", { class: "label" }, "warning"), String(said));
+  },
+
+  log(data) {
+    const level = String(data.level || "INFO").toUpperCase();
+    const el = row(
+      "log",
+      data.ts,
+      h("span", { class: `lvl lvl-${level}` }, level),
+      h("span", { class: "logger" }, data.logger || "-"),
+      h("span", { class: "msg" }, String(data.msg ?? "")),
+      data.exc ? h("pre", { class: "exc" }, String(data.exc)) : null,
+    );
+    el.dataset.level = LEVELS[level] ?? 20;
+    return el;
+  },
+};
+
+TaskView.prototype.toolCall = function (data, name, callId) {
+  const badge = h("span", { class: "badge tool-state running" }, data.stage === "end" ? "" : "running…");
+  const details = h(
+    "details",
+    { class: "ev ev-tool tool", dataset: { call: callId } },
+    h("summary", {}, h("time", { class: "t" }, clock(data.ts)), h("span", { class: "tool-name" }, name), h("code", { class: "tool-arg" }, mainArg(data.args)), badge),
+    data.args !== undefined ? argList(data.args) : null,
+  );
+  if (data.stage === "end") this.body.append(details); // an end without its start: render it on its own
+  return { details, badge };
+};
+
+function renderUnknown(data, kind) {
+  return row("other", data.ts, h("span", { class: "label" }, kind), compact(data, ["type", "task_id", "ts"]));
+}
+
+function nearBottom() {
+  const doc = document.documentElement;
+  return window.innerHeight + window.scrollY >= doc.scrollHeight - 120;
+}
+
+let scrollQueued = false;
+function scrollToBottom() {
+  if (scrollQueued) return;
+  scrollQueued = true;
+  requestAnimationFrame(() => {
+    scrollQueued = false;
+    window.scrollTo(0, document.documentElement.scrollHeight);
+  });
+}
