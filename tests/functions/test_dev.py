@@ -213,6 +213,28 @@ def test_submit_to_the_dev_stack_refuses_bad_input(stack, capsys):
     assert capsys.readouterr().out.strip() == "no tasks"
 
 
+async def _post_same_event_concurrently(url: str, times: int) -> list[httpx.Response]:
+    event = {
+        "specversion": "1.0", "id": "dup-1", "source": "test/duplicates", "type": contract.EVENT_TASK_SUBMITTED,
+        "datacontenttype": "application/json", "data": example_task(),
+    }
+    headers = {"content-type": "application/cloudevents+json"}
+    async with httpx.AsyncClient(timeout=30) as client:
+        return await asyncio.gather(*(client.post(f"{url}/", json=event, headers=headers) for _ in range(times)))
+
+
+def test_the_same_event_twenty_times_concurrently_makes_one_task_and_one_workspace(stack):
+    dev = stack()
+    responses = asyncio.run(_post_same_event_concurrently(dev.url, 20))
+    assert [r.status_code for r in responses] == [202] * 20, [r.text for r in responses]
+    task_id = contract.derive_task_id("test/duplicates", "dup-1")
+    assert [p.name for p in (dev.data_dir / "tasks").iterdir()] == [task_id]
+    messages = asyncio.run(collect(dev.url, task_id))
+    assert [s["state"] for s in statuses(messages)].count(contract.STATE_STARTED) == 1
+    assert statuses(messages)[-1]["outcome"] == contract.OUTCOME_DONE
+    assert [r["task_id"] for r in httpx.get(f"{dev.url}/api/tasks", timeout=5).json()] == [task_id]
+
+
 # --- the embedded nats-server ------------------------------------------------------
 
 

@@ -1,0 +1,89 @@
+"""Real providers through LangChain, against a local OpenAI-compatible HTTP server."""
+
+from __future__ import annotations
+
+import json
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+from langchain_core.messages import HumanMessage
+
+from agent.graph import CONTROL_TOOLS
+from agent.models import ModelConfigError, load_model
+
+PLAN_REPLY = {
+    "id": "chatcmpl-1", "object": "chat.completion", "created": 0, "model": "local-model",
+    "choices": [{
+        "index": 0, "finish_reason": "tool_calls",
+        "message": {"role": "assistant", "content": None, "tool_calls": [{
+            "id": "call_1", "type": "function",
+            "function": {"name": "plan", "arguments": json.dumps({"todos": ["a"], "objective": "a"})},
+        }]},
+    }],
+    "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2},
+}
+
+
+class FakeOpenAI(BaseHTTPRequestHandler):
+    requests: list[dict] = []
+    status = 200
+
+    def do_POST(self):
+        body = json.loads(self.rfile.read(int(self.headers["content-length"])))
+        type(self).requests.append({"path": self.path, "auth": self.headers.get("authorization"), "body": body})
+        if type(self).status != 200:
+            payload = {"error": {"message": "invalid api key", "type": "invalid_request_error", "code": "invalid_api_key"}}
+        else:
+            payload = PLAN_REPLY
+        data = json.dumps(payload).encode()
+        self.send_response(type(self).status)
+        self.send_header("content-type", "application/json")
+        self.send_header("content-length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def openai_server():
+    FakeOpenAI.requests = []
+    FakeOpenAI.status = 200
+    server = ThreadingHTTPServer(("127.0.0.1", 0), FakeOpenAI)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}/v1"
+    server.shutdown()
+
+
+def secrets(tmp_path, base_url: str, key: str = "sk-test-key-123456"):
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "api_key").write_text(key + "\n")
+    (tmp_path / "model" / "base_url").write_text(base_url + "\n")
+    return tmp_path
+
+
+def test_openai_compatible_endpoint_returns_tool_calls(tmp_path, openai_server):
+    model = load_model("openai:local-model", secrets_dir=secrets(tmp_path, openai_server))
+    reply = model.invoke("STRATEGIC", [HumanMessage(content="Task: x")], CONTROL_TOOLS, 0)
+    assert [(c["name"], c["args"]) for c in reply.tool_calls] == [("plan", {"todos": ["a"], "objective": "a"})]
+    sent = FakeOpenAI.requests[0]
+    assert sent["path"] == "/v1/chat/completions"
+    assert sent["auth"] == "Bearer sk-test-key-123456"  # the key came from the secret file
+    assert [t["function"]["name"] for t in sent["body"]["tools"]] == ["plan", "finish"]
+
+
+def test_ollama_uses_the_base_url_and_needs_no_key(tmp_path, openai_server):
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "base_url").write_text(openai_server)
+    model = load_model("ollama:llama3", secrets_dir=tmp_path)
+    assert model.invoke("STRATEGIC", [HumanMessage(content="x")], CONTROL_TOOLS, 0).tool_calls
+
+
+def test_rejected_credentials_are_a_config_error(tmp_path, openai_server):
+    FakeOpenAI.status = 401
+    model = load_model("openai:local-model", secrets_dir=secrets(tmp_path, openai_server))
+    with pytest.raises(ModelConfigError, match="rejected the credentials"):
+        model.invoke("STRATEGIC", [HumanMessage(content="x")], CONTROL_TOOLS, 0)
