@@ -97,7 +97,11 @@ def _outcome(condition: dict, result: dict | None, record: dict) -> str:
 
 async def handle(event: CloudEvent, ctx: "Context") -> dict:
     require_type(event, contract.EVENT_JOB_UPDATE)
-    job = data_object(event)
+    return await record_finished_job(data_object(event), ctx)
+
+
+async def record_finished_job(job: dict, ctx: "Context") -> dict:
+    """Everything `handle` does with the Job; `snapshot_due` calls it for Jobs whose event was missed."""
     metadata = job.get("metadata")
     if not isinstance(metadata, dict):
         raise BadInput("event data must be a Kubernetes object with metadata", "data.metadata")

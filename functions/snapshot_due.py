@@ -4,7 +4,10 @@ All tasks are asked concurrently, each with its own timeout, so one silent
 agent never delays the others. A task whose last good snapshot (or, before
 the first one, its creation) is older than the stale age gets a `warning`
 event. The same tick drops registry entries of finished tasks whose retention
-has passed. The answer is a summary, also logged.
+has passed, and records tasks whose Job has finished although no job-finished
+event arrived (the ApiServerSource was down, or the event was dead-lettered):
+the runtime is the truth, the event only the fast path. The answer is a
+summary, also logged.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from cloudevents.http import CloudEvent
 from agent import contract
 from functions.bus import NoReply, now_iso
 from functions.cloudevent import require_type
+from functions.job_finished import record_finished_job
 
 if TYPE_CHECKING:
     from functions.main import Context
@@ -98,20 +102,28 @@ async def handle(event: CloudEvent, ctx: "Context") -> dict:
         await ctx.registry.delete(task_id)
 
     active = [r for r in records if r.get("state") not in contract.TERMINAL_STATES]
+    finished_jobs = await asyncio.gather(*(ctx.runtime.finished_job(r["task_id"]) for r in active))
+    reconciled = []
+    for record, job in zip(active, finished_jobs):
+        if job is not None:
+            await record_finished_job(job, ctx)
+            reconciled.append(record["task_id"])
+    active = [r for r in active if r["task_id"] not in reconciled]
     results = await asyncio.gather(*(_snapshot(ctx, r, now) for r in active), return_exceptions=True)
     for result in results:
         if isinstance(result, BaseException):
             raise result  # NATS itself is in trouble: 503, the next tick (or the retry) tries again
 
-    summary = {"asked": len(active), "expired": expired}
+    summary = {"asked": len(active), "expired": expired, "reconciled": reconciled}
     for kind in ("snapshotted", "no_reply", "stale"):
         summary[kind] = [r["task_id"] for r, outcome in zip(active, results) if outcome == kind]
     log.info(
-        "snapshot due: asked %d, snapshotted %d, no reply %d, stale %d, expired %d",
+        "snapshot due: asked %d, snapshotted %d, no reply %d, stale %d, expired %d, reconciled %d",
         summary["asked"],
         len(summary["snapshotted"]),
         len(summary["no_reply"]),
         len(summary["stale"]),
         len(expired),
+        len(reconciled),
     )
     return summary

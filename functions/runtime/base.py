@@ -51,3 +51,8 @@ class Runtime(Protocol):
         """Stop the task's agent and its job. Raises TaskNotFound."""
 
     async def list(self) -> list[TaskStatus]: ...
+
+    async def finished_job(self, task_id: str) -> dict | None:
+        """The task's Job, in the shape the ApiServerSource sends, once it has a Complete or Failed
+        condition; None while it runs or when it is gone. `snapshot_due` uses it to record Jobs
+        whose job-finished event never arrived."""

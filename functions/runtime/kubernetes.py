@@ -132,6 +132,17 @@ class KubernetesRuntime:
     async def status(self, task_id: str) -> TaskStatus:
         return job_status(await self._read_job(task_id))
 
+    async def finished_job(self, task_id: str) -> dict | None:
+        try:
+            job = await self._read_job(task_id)
+        except TaskNotFound:
+            return None
+        finished = any(
+            c.get("type") in ("Complete", "Failed") and str(c.get("status")) == "True"
+            for c in (job.get("status") or {}).get("conditions") or []
+        )
+        return job if finished else None
+
     async def cancel(self, task_id: str) -> None:
         """Delete the Job; Background propagation deletes its pods (SIGTERM, grace period: the
         snapshotter's final upload) and, through its ownerReference, the workspace PVC."""

@@ -189,6 +189,12 @@ class LocalRuntime:
             raise TaskNotFound(f"no task {task_id} in {self.tasks_dir}")
         return self._status_of(state)
 
+    async def finished_job(self, task_id: str) -> dict | None:
+        state = self._current(task_id)
+        if state is None or not state.finished:
+            return None
+        return self.job_object(state, self._load_task(task_id))
+
     async def cancel(self, task_id: str) -> None:
         """Stop the agent (SIGTERM, grace, SIGKILL); the task finishes with outcome cancelled."""
         async with self._lock:

@@ -27,6 +27,7 @@ class MemoryRuntime:
         self.tasks: dict[str, TaskStatus] = {}
         self.specs: dict[str, str] = {}
         self.created = 0  # launches that created a task
+        self.finished_jobs: dict[str, dict] = {}  # Jobs that finished, as the ApiServerSource would send them
 
     async def launch(self, task: Task) -> bool:
         await asyncio.sleep(0)  # let concurrent deliveries interleave here
@@ -50,6 +51,9 @@ class MemoryRuntime:
 
     async def list(self) -> list[TaskStatus]:
         return list(self.tasks.values())
+
+    async def finished_job(self, task_id: str) -> dict | None:
+        return self.finished_jobs.get(task_id)
 
 
 @pytest.fixture

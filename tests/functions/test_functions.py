@@ -339,6 +339,24 @@ async def test_snapshot_due_asks_running_tasks_and_warns_about_stale_ones(post, 
     assert [e for e in await events("fresh") if e["type"] == contract.EV_WARNING] == []
 
 
+async def test_snapshot_due_records_a_finished_job_whose_event_never_came(post, bus, runtime, events, store):
+    await submitted(post, "missed")
+    await submitted(post, "running")
+    store.put_bytes(contract.final_result_key("missed"), json.dumps({"outcome": "done", "summary": "ok"}).encode())
+    runtime.finished_jobs["missed"] = job("missed", "uid-m", "Complete", reason="CompletionsReached")
+    response = await post("snapshot_due", contract.EVENT_PING, None)
+    assert response.status_code == 200, response.text
+    assert response.json()["reconciled"] == ["missed"] and response.json()["asked"] == 1
+    record = await bus.registry.get("missed")
+    assert (record["state"], record["outcome"], record["finished_uids"]) == ("finished", "done", ["uid-m"])
+    assert [e["state"] for e in await events("missed")][-1] == contract.STATE_FINISHED
+    assert (await bus.registry.get("running"))["state"] == contract.STATE_QUEUED
+
+    # The event arriving late after all changes nothing.
+    late = await post("job_finished", contract.EVENT_JOB_UPDATE, runtime.finished_jobs["missed"])
+    assert late.json()["status"] == "already handled"
+
+
 async def test_snapshot_due_drops_expired_finished_records(post, bus):
     await submitted(post, "old")
     await submitted(post, "recent")

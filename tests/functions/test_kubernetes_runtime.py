@@ -262,6 +262,18 @@ async def test_list_selects_dockyard_jobs_only(kube, kube_client, runtime):
     assert [(s.task_id, s.state) for s in statuses] == [("a", contract.STATE_QUEUED), ("b", contract.STATE_FINISHED)]
 
 
+async def test_finished_job_is_the_job_once_it_has_a_finished_condition(kube, runtime):
+    assert await runtime.finished_job("t1") is None  # no Job at all
+    await runtime.launch(make_task())
+    await kube.set_job_status(NS, "agent-t1", active=1, ready=1)
+    assert await runtime.finished_job("t1") is None
+    await kube.set_job_status(NS, "agent-t1", active=0, failed=4, conditions=[job_condition("Failed", reason="BackoffLimitExceeded")])
+    job = await runtime.finished_job("t1")
+    assert job["metadata"]["uid"] == kube.get(JOBS, NS, "agent-t1")["metadata"]["uid"]
+    assert job["metadata"]["labels"][contract.LABEL_TASK_ID] == "t1"
+    assert [c["type"] for c in job["status"]["conditions"]] == ["Failed"]
+
+
 async def test_status_of_an_unknown_task_is_not_found(runtime):
     with pytest.raises(TaskNotFound, match="agent-zzz"):
         await runtime.status("zzz")

@@ -208,11 +208,14 @@ async def test_job_event_is_an_apiserversource_resource_event(tmp_path, stand_in
     runtime = runtime_for(tmp_path, stand_in, sink)
     task = make_task("exit:0", task_id="shape")
     try:
+        assert await runtime.finished_job("shape") is None
         await runtime.launch(task)
         await wait_finished(runtime, sink, "shape")
+        finished_job = await runtime.finished_job("shape")
     finally:
         await runtime.close()
     (event,) = sink.events
+    assert finished_job == event["data"]  # what snapshot_due reconciles with is what the event carried
     assert event["type"] == contract.EVENT_JOB_UPDATE
     assert event["source"] == contract.EVENT_SOURCE_LOCAL_RUNTIME
     assert event["subject"] == f"/apis/batch/v1/namespaces/{contract.AGENTS_NAMESPACE}/jobs/agent-shape"
