@@ -13,7 +13,7 @@ nats-server and the stream app (uvicorn, its own process) start on free ports;
 the clients and the publisher run in this process. In (a) the SSE path spreads
 its work over two processes (app and client) where the raw consumer has one,
 so on two or more cores it can beat the baseline. The app is warmed up first
-(it imports nats-py and sse-starlette on first use). Prints figures only.
+(it imports nats-py on first use). Prints figures only.
 """
 
 from __future__ import annotations
@@ -127,7 +127,7 @@ async def sse_replay(base: str, task_id: str, n: int) -> float:
 
 
 async def warm_up(js, base: str) -> None:
-    """One short stream first: the app imports nats-py and sse-starlette on first use."""
+    """One short stream first: the app imports nats-py on first use."""
     finished = {"type": contract.EV_STATUS, "task_id": "bench-warmup", "state": contract.STATE_FINISHED}
     await js.publish(contract.subject_events("bench-warmup"), json.dumps(finished).encode())
     async with httpx.AsyncClient(timeout=30) as client:

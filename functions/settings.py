@@ -64,6 +64,14 @@ class Settings:
     command_timeout_seconds: float = 5  # how long an agent has to ack a message
     ttl_succeeded_seconds: int = 3600
     ttl_failed_seconds: int = 7 * 24 * 3600
+    # The SSE stream (functions/stream.py; docs/stream.md).
+    stream_max_seconds: float = 540  # a response ends cleanly by then: under Knative's 600 s request timeout
+    stream_send_timeout_seconds: float = 30  # a client whose socket takes no bytes for this long is dropped
+    stream_client_buffer_bytes: int = 1024 * 1024  # how far a live client may fall behind before it is cut
+    stream_max_per_ip: int = 20  # concurrent streams per client address; 0: no cap
+    cors_origins: tuple[str, ...] = ()  # origins allowed to read the API from a browser; empty: same origin only
+    known_secrets_file: str = ""  # known secret values, one per line, redacted from everything served
+    broker_url: str = ""  # where the cockpit's relay posts events in the cluster; empty: same origin (dev)
 
     def __post_init__(self):
         if self.runtime not in RUNTIMES:
@@ -101,6 +109,13 @@ class Settings:
             command_timeout_seconds=_number(env, "COMMAND_TIMEOUT_SECONDS", defaults["command_timeout_seconds"].default, minimum=0.01),
             ttl_succeeded_seconds=_number(env, "TTL_SUCCEEDED_SECONDS", defaults["ttl_succeeded_seconds"].default, integer=True),
             ttl_failed_seconds=_number(env, "TTL_FAILED_SECONDS", defaults["ttl_failed_seconds"].default, integer=True),
+            stream_max_seconds=_number(env, "STREAM_MAX_SECONDS", defaults["stream_max_seconds"].default, minimum=0.1),
+            stream_send_timeout_seconds=_number(env, "STREAM_SEND_TIMEOUT_SECONDS", defaults["stream_send_timeout_seconds"].default, minimum=0.1),
+            stream_client_buffer_bytes=_number(env, "STREAM_CLIENT_BUFFER_BYTES", defaults["stream_client_buffer_bytes"].default, integer=True, minimum=1024),
+            stream_max_per_ip=_number(env, "STREAM_MAX_PER_IP", defaults["stream_max_per_ip"].default, integer=True),
+            cors_origins=tuple(o.strip() for o in env.get(_env_name("CORS_ORIGINS"), "").split(",") if o.strip()),
+            known_secrets_file=env.get(_env_name("KNOWN_SECRETS_FILE"), ""),
+            broker_url=env.get(_env_name("BROKER_URL"), "").strip(),
         )
 
     def describe(self) -> str:
@@ -108,7 +123,7 @@ class Settings:
         lines = []
         for f in fields(self):
             value = getattr(self, f.name)
-            if f.name in ("nats_url", "store"):
+            if f.name in ("nats_url", "store", "broker_url"):
                 value = mask_url(value)
             lines.append(f"{f.name} = {value}")
         return "\n".join(lines)

@@ -104,6 +104,13 @@ class SSEParser:
         return message
 
 
+def _retry_after(value: str | None) -> float:
+    try:
+        return min(60.0, max(0.0, float(value))) if value else 1.0
+    except ValueError:
+        return 1.0
+
+
 async def follow(
     url: str,
     after: int | None = None,
@@ -120,7 +127,8 @@ async def follow(
 
     `max_retries` counts consecutive failed attempts (a connection that yields a
     message resets it); None retries forever. A 4xx answer raises `SSEError` at
-    once; 5xx and connection errors are retried with exponential backoff. With
+    once, except 429 (too many streams from this address), which is retried after
+    its Retry-After; 5xx and connection errors are retried with exponential backoff. With
     `reconnect=False` the generator ends when the connection ends. `read_timeout`
     should exceed the server's heartbeat interval: silence longer than that counts
     as a dropped connection.
@@ -137,8 +145,12 @@ async def follow(
                 request_headers["Last-Event-ID"] = str(last_id)
             progressed = False
             parser = SSEParser()
+            wait_at_least = 0.0
             try:
                 async with client.stream("GET", url, headers=request_headers) as response:
+                    if response.status_code == 429:
+                        wait_at_least = _retry_after(response.headers.get("retry-after"))
+                        raise httpx.HTTPStatusError("HTTP 429", request=response.request, response=response)
                     if 400 <= response.status_code < 500:
                         body = await response.aread()
                         try:
@@ -170,6 +182,7 @@ async def follow(
             delay = min(max_backoff, backoff * (2 ** max(failures - 1, 0)))
             if parser.retry_ms is not None:  # the server asked for at least this much
                 delay = max(delay, parser.retry_ms / 1000)
+            delay = max(delay, wait_at_least)
             await asyncio.sleep(delay)
     finally:
         if own_client:

@@ -24,33 +24,33 @@ The page: `static/app.js` (task list, routing, forms), `static/trace.js` (the
 live trace of one task and its invariants), `static/api.js` (HTTP and
 CloudEvents), `static/dom.js` (building elements from data, never from HTML).
 
-The environment is read once, when the routes are built.
+The broker URL comes from `Settings.broker_url` (DOCKYARD_BROKER_URL).
 """
 
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
-from typing import Mapping
+from typing import TYPE_CHECKING
 
 from agent import contract
 
+if TYPE_CHECKING:
+    from functions.settings import Settings
+
 STATIC_DIR = Path(__file__).parent / "static"
-BROKER_URL_ENV = f"{contract.ENV_PREFIX}BROKER_URL"
 RELAY_PATH = "/api/events"
 RELAYED_TYPES = (contract.EVENT_TASK_SUBMITTED, contract.EVENT_TASK_COMMAND)
 RELAY_TIMEOUT_SECONDS = 15.0
 
 
-def routes(settings=None, env: Mapping[str, str] | None = None) -> list:
+def routes(settings: "Settings") -> list:
     """Routes to append after the stream app's API routes; the static mount stays last."""
     from starlette.responses import JSONResponse
     from starlette.routing import Mount, Route
     from starlette.staticfiles import StaticFiles
 
-    env = os.environ if env is None else env
-    broker_url = (env.get(BROKER_URL_ENV) or "").strip()
+    broker_url = settings.broker_url
     config = {"ingress": RELAY_PATH if broker_url else "/"}
 
     async def cockpit_config(request):

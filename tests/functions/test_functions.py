@@ -478,7 +478,7 @@ async def test_nats_down_is_503(settings, runtime, tmp_path, monkeypatch):
 
 def test_settings_from_env(tmp_path):
     env = {
-        "DOCKYARD_NATS_URL": "nats://user:secret@nats:4222",
+        "DOCKYARD_NATS_URL": "nats://user:hunter2-pw@nats:4222",
         "DOCKYARD_DATA_DIR": str(tmp_path),
         "DOCKYARD_MAX_DEADLINE_SECONDS": "7200",
         "DOCKYARD_SNAPSHOT_STALE_SECONDS": "60",
@@ -489,7 +489,7 @@ def test_settings_from_env(tmp_path):
     assert settings.ttl_failed_seconds == 10 and settings.ttl_succeeded_seconds == 3600
     assert settings.store == (tmp_path / "store").as_uri() and settings.runtime == "local"
     described = settings.describe()
-    assert "secret" not in described and "nats://user:***@nats:4222" in described
+    assert "hunter2-pw" not in described and "nats://user:***@nats:4222" in described
     with pytest.raises(SettingsError, match="DOCKYARD_SNAPSHOT_STALE_SECONDS"):
         Settings.from_env({"DOCKYARD_SNAPSHOT_STALE_SECONDS": "soon"})
     with pytest.raises(SettingsError, match="DOCKYARD_RUNTIME"):

@@ -70,6 +70,9 @@ class FlakyServer:
     async def events(self, request: Request):
         if request.path_params["name"] == "refused":
             return JSONResponse({"error": "no such task", "field": "task_id"}, status_code=404)
+        if request.path_params["name"] == "capped" and not self.last_event_ids:
+            self.last_event_ids.append("429")
+            return JSONResponse({"error": "too many streams", "field": "client"}, status_code=429, headers={"Retry-After": "0.3"})
         header = request.headers.get("last-event-id")
         self.last_event_ids.append(header)
         if len(self.last_event_ids) == 2:
@@ -124,3 +127,12 @@ async def test_follow_raises_at_once_on_4xx_and_gives_up_after_max_retries():
     with pytest.raises(ConnectionError):
         [m async for m in follow(dead, max_retries=2, backoff=0.01)]
     assert [m async for m in follow(dead, reconnect=False)] == []
+
+
+async def test_follow_waits_out_a_429_and_then_streams():
+    async with FlakyServer(total=2, per_connection=5) as server:
+        started = asyncio.get_running_loop().time()
+        messages = [m async for m in follow(f"http://127.0.0.1:{server.port}/events/capped", backoff=0.01)]
+        assert [m.id for m in messages] == [1, 2, None]
+        assert asyncio.get_running_loop().time() - started >= 0.3  # honoured Retry-After
+        assert server.last_event_ids[0] == "429"

@@ -157,7 +157,7 @@ def test_the_stream_stays_up_for_long_streams():
     assert annotations["autoscaling.knative.dev/min-scale"] == "1"
     assert annotations["autoscaling.knative.dev/max-scale"] == "1"  # one tracker per deployment
     assert 300 <= stream["spec"]["timeoutSeconds"] <= 600  # Knative's default max-revision-timeout-seconds
-    assert "run_tracker=True" in " ".join(stream["spec"]["containers"][0]["command"])
+    assert stream["spec"]["containers"][0]["command"] == ["python", "-m", "functions.stream"]  # with the tracker
 
 
 def _names_read_by_code() -> set[str]:
