@@ -63,7 +63,8 @@ def cpu_seconds(pid: int | None = None) -> float:
 
 def start_app(nats_url: str, data_dir: Path) -> tuple[subprocess.Popen, str]:
     port = free_port()
-    env = {**os.environ, "DOCKYARD_NATS_URL": nats_url, "DOCKYARD_DATA_DIR": str(data_dir), "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "DOCKYARD_NATS_URL": nats_url, "DOCKYARD_DATA_DIR": str(data_dir), "PYTHONPATH": str(ROOT),
+           "DOCKYARD_STREAM_MAX_PER_IP": "0"}  # every client comes from 127.0.0.1  # fmt: skip
     proc = subprocess.Popen(
         [sys.executable, "-m", "uvicorn", "--factory", "functions.stream:create_app",
          "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning", "--no-access-log"],
