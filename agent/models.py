@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-from langchain_core.messages import AIMessage, BaseMessage, SystemMessage
+from langchain_core.messages import AIMessage, BaseMessage
 
 EXAMPLES_DIR = Path(__file__).parent / "examples"
 OPENAI_COMPATIBLE = {"ollama": "http://ollama:11434/v1", "vllm": "http://vllm:8000/v1", "openai-compatible": None}
@@ -151,7 +151,3 @@ def load_model(spec: str, *, secrets_dir: Path, timeout_seconds: float = 300) ->
     except ImportError as exc:
         raise ModelConfigError(f"model {spec!r}: {exc}; install the matching dockyard extra") from None
     return ChatModel(chat=chat, spec=spec)
-
-
-def system_message(text: str) -> SystemMessage:
-    return SystemMessage(content=text)

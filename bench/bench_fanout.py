@@ -44,6 +44,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from tests.conftest import free_port  # noqa: E402
 
 BUCKETS_PER_SECOND = 10_000  # latency histogram resolution: 0.1 ms
 SAMPLE = 5  # clients time every 5th record (still ~400,000 samples per run of 200 clients): cheaper clients
@@ -112,12 +113,6 @@ async def client_main(url: str, clients: int) -> None:
 
 
 # --- the benchmark --------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def cpu_seconds(pid: int | None = None) -> float:

@@ -33,6 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from agent import contract  # noqa: E402
 from agent.snapshot import prune_snapshots, take_snapshot  # noqa: E402
 from agent.storage import open_store  # noqa: E402
+from tests.conftest import free_port  # noqa: E402
 
 TASK = "bench-snapshot"
 SCHEMA = """
@@ -127,12 +128,6 @@ def pct(values: list[float], q: float) -> float:
 
 def ms(seconds: float) -> str:
     return f"{seconds * 1000:.1f}"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def open_bench_store(args, work: Path):

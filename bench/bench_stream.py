@@ -22,7 +22,6 @@ import argparse
 import asyncio
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -41,12 +40,7 @@ from nats.js.errors import NotFoundError  # noqa: E402
 from agent import contract  # noqa: E402
 from functions.bus import ensure_stream  # noqa: E402
 from functions.nats_embedded import EmbeddedNats  # noqa: E402
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from tests.conftest import free_port  # noqa: E402
 
 
 def cpu_seconds(pid: int | None = None) -> float:

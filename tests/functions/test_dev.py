@@ -23,16 +23,9 @@ from agent import contract
 from functions import cli
 from functions.nats_embedded import EmbeddedNats
 from functions.sse_client import follow
+from tests.conftest import free_port
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class DevStack:
