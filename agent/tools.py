@@ -654,16 +654,14 @@ def _signal_group(pgid: int, sig: int) -> bool:
         return False
 
 
-def _group_alive(pgid: int) -> bool:
-    """Whether any live (non-zombie) process is left in the group.
+def live_group_members(pgid: int) -> list[int]:
+    """PIDs of the live (non-zombie) processes in a process group, from /proc.
 
     Orphans are reparented to PID 1, which in a container may never reap them, so
     `killpg(pgid, 0)` alone would see zombies as members; /proc tells them apart.
     """
-    proc_dir = Path("/proc")
-    if not (proc_dir / "self" / "stat").exists():
-        return _signal_group(pgid, 0)
-    for entry in proc_dir.iterdir():
+    found = []
+    for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
         try:
@@ -672,8 +670,15 @@ def _group_alive(pgid: int) -> bool:
             continue
         fields = raw[raw.rfind(b")") + 2 :].split()
         if len(fields) > 2 and int(fields[2]) == pgid and fields[0] not in (b"Z", b"X"):
-            return True
-    return False
+            found.append(int(entry.name))
+    return found
+
+
+def _group_alive(pgid: int) -> bool:
+    """Whether any live process is left in the group."""
+    if not Path("/proc/self/stat").exists():
+        return _signal_group(pgid, 0)
+    return bool(live_group_members(pgid))
 
 
 def _terminate_group(proc: subprocess.Popen, reader: _PipeReader) -> None:

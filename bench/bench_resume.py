@@ -8,7 +8,6 @@ Run: .venv/bin/python bench/bench_resume.py [--repeat 3]
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import signal
 import statistics

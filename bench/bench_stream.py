@@ -23,7 +23,6 @@ import asyncio
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -40,7 +39,7 @@ from nats.js.errors import NotFoundError  # noqa: E402
 from agent import contract  # noqa: E402
 from functions.bus import ensure_stream  # noqa: E402
 from functions.nats_embedded import EmbeddedNats  # noqa: E402
-from tests.conftest import free_port  # noqa: E402
+from bench_fanout import start_app  # noqa: E402  (this folder is on sys.path when run as a script)
 
 
 def cpu_seconds(pid: int | None = None) -> float:
@@ -53,26 +52,6 @@ def cpu_seconds(pid: int | None = None) -> float:
         return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
     except (OSError, IndexError, ValueError):
         return float("nan")
-
-
-def start_app(nats_url: str, data_dir: Path) -> tuple[subprocess.Popen, str]:
-    port = free_port()
-    env = {**os.environ, "DOCKYARD_NATS_URL": nats_url, "DOCKYARD_DATA_DIR": str(data_dir), "PYTHONPATH": str(ROOT),
-           "DOCKYARD_STREAM_MAX_PER_IP": "0"}  # every client comes from 127.0.0.1  # fmt: skip
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "uvicorn", "--factory", "functions.stream:create_app",
-         "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning", "--no-access-log"],
-        env=env, cwd=ROOT,
-    )  # fmt: skip
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=0.5).status_code == 200:
-                return proc, f"http://127.0.0.1:{port}"
-        except httpx.TransportError:
-            time.sleep(0.05)
-    proc.kill()
-    raise RuntimeError("the stream app did not start")
 
 
 async def publish_logs(nc, js, task_id: str, n: int) -> int:
@@ -210,7 +189,7 @@ async def main() -> None:
         nc = await nats.connect(server.url)
         js = nc.jetstream()
         await ensure_stream(js)
-        app, base = start_app(server.url, Path(tmp) / "app")
+        app, base = start_app(server.url, Path(tmp) / "app", factory=None)  # as deployed
         try:
             await bench_replay(nc, js, base, args.records)
             await bench_fanout(nc, js, base, args.clients, args.rate, args.seconds, app.pid, server.proc.pid)

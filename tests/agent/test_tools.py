@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.tools import ToolResult, WorkTools, _CappedOutput, strip_userinfo
+from agent.tools import ToolResult, WorkTools, _CappedOutput, live_group_members, strip_userinfo
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -39,22 +39,6 @@ def outside(tmp_path: Path) -> Path:
 @pytest.fixture
 def tools(ws: Path, home: Path) -> WorkTools:
     return WorkTools(ws, home, output_cap=4_000, default_timeout=10, max_timeout=20)
-
-
-def live_group_members(pgid: int) -> list[int]:
-    """PIDs of live (non-zombie) processes in a process group, from /proc."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            raw = (entry / "stat").read_bytes()
-        except OSError:
-            continue
-        fields = raw[raw.rfind(b")") + 2 :].split()
-        if int(fields[2]) == pgid and fields[0] not in (b"Z", b"X"):
-            found.append(int(entry.name))
-    return found
 
 
 def assert_refused(result: ToolResult, *, secret: str = "TOP-SECRET") -> None:
