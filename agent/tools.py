@@ -36,6 +36,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from agent.procs import die_with_parent, group_alive, signal_group
+
 __all__ = ["ToolResult", "WorkTools", "SYSTEM_PATH", "strip_userinfo"]
 
 SYSTEM_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
@@ -538,7 +540,7 @@ class WorkTools:
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
                 close_fds=True,
-                preexec_fn=_die_with_parent,
+                preexec_fn=die_with_parent(signal.SIGKILL),  # a killed agent's command never completes behind its back
             )
         except OSError as exc:
             raise ToolError(f"execute: cannot start the shell: {exc}") from None
@@ -566,7 +568,7 @@ class WorkTools:
                 _terminate_group(proc, reader)
         finally:
             if proc.poll() is None:  # only on an unexpected exception above
-                _signal_group(proc.pid, signal.SIGKILL)
+                signal_group(proc.pid, signal.SIGKILL)
                 proc.wait()
             reader.close()
             proc.stdout.close()
@@ -631,66 +633,16 @@ class _PipeReader:
         self.sel.close()
 
 
-def _die_with_parent() -> None:
-    """In the child: get SIGKILL if the agent dies, so a killed agent's command never
-    completes behind its back (it is run again after the resume). In a pod the
-    container's death does this; locally this is what does it."""
-    try:
-        import ctypes
-
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
-
-
-def _signal_group(pgid: int, sig: int) -> bool:
-    """Signal a process group; False if it no longer exists."""
-    try:
-        os.killpg(pgid, sig)
-        return True
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return False
-
-
-def live_group_members(pgid: int) -> list[int]:
-    """PIDs of the live (non-zombie) processes in a process group, from /proc.
-
-    Orphans are reparented to PID 1, which in a container may never reap them, so
-    `killpg(pgid, 0)` alone would see zombies as members; /proc tells them apart.
-    """
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            raw = (entry / "stat").read_bytes()
-        except OSError:
-            continue
-        fields = raw[raw.rfind(b")") + 2 :].split()
-        if len(fields) > 2 and int(fields[2]) == pgid and fields[0] not in (b"Z", b"X"):
-            found.append(int(entry.name))
-    return found
-
-
-def _group_alive(pgid: int) -> bool:
-    """Whether any live process is left in the group."""
-    if not Path("/proc/self/stat").exists():
-        return _signal_group(pgid, 0)
-    return bool(live_group_members(pgid))
-
-
 def _terminate_group(proc: subprocess.Popen, reader: _PipeReader) -> None:
     """SIGTERM the whole group, keep reading for a grace period, then SIGKILL it."""
     pgid = proc.pid  # start_new_session: the shell leads its own group
-    if _signal_group(pgid, signal.SIGTERM):
+    if signal_group(pgid, signal.SIGTERM):
         end = time.monotonic() + TERM_GRACE_SECONDS
         while time.monotonic() < end:
             reader.pump(0.05)
-            if proc.poll() is not None and reader.eof and not _group_alive(pgid):
+            if proc.poll() is not None and reader.eof and not group_alive(pgid):
                 break
-    _signal_group(pgid, signal.SIGKILL)
+    signal_group(pgid, signal.SIGKILL)
     proc.wait()
     # Collect what the killed processes left in the pipe; a process that left the
     # group (setsid) may keep it open, so do not wait for EOF forever.

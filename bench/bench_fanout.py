@@ -4,7 +4,7 @@
                                            [--client-procs 2] [--repeats 4] [--control]
 
 One nats-server and one stream app, served as deployed (`python -m
-functions.stream`, its own process). Each run publishes R log records/s for S
+functions.stream.app`, its own process). Each run publishes R log records/s for S
 seconds on a fresh task:
 (1) one SSE client: the baseline, measured in the same run;
 (2) C clients;
@@ -242,8 +242,8 @@ async def main() -> None:
 
     import nats
 
-    from functions.bus import ensure_stream
-    from functions.nats_embedded import EmbeddedNats
+    from functions.core.bus import ensure_stream
+    from functions.devstack.nats_embedded import EmbeddedNats
 
     with tempfile.TemporaryDirectory() as tmp, EmbeddedNats(Path(tmp)) as server:
         nc = await nats.connect(server.url)

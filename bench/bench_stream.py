@@ -37,8 +37,8 @@ from nats.js.api import ConsumerConfig, DeliverPolicy  # noqa: E402
 from nats.js.errors import NotFoundError  # noqa: E402
 
 from agent import contract  # noqa: E402
-from functions.bus import ensure_stream  # noqa: E402
-from functions.nats_embedded import EmbeddedNats  # noqa: E402
+from functions.core.bus import ensure_stream  # noqa: E402
+from functions.devstack.nats_embedded import EmbeddedNats  # noqa: E402
 from bench_fanout import start_app  # noqa: E402  (this folder is on sys.path when run as a script)
 
 
@@ -89,7 +89,7 @@ async def raw_replay(js, task_id: str, n: int) -> float:
 
 
 async def sse_replay(base: str, task_id: str, n: int) -> float:
-    from functions.sse_client import follow
+    from functions.cli.sse_client import follow
 
     start = time.perf_counter()
     count = 0
@@ -121,7 +121,7 @@ async def bench_replay(nc, js, base: str, n: int) -> None:
 
 
 async def follower(base: str, task_id: str, after: int, latencies: list[float], ready: asyncio.Event, counts: list[int], index: int):
-    from functions.sse_client import follow
+    from functions.cli.sse_client import follow
 
     async for message in follow(f"{base}/api/stream/{task_id}", after=after, read_timeout=30):
         received = time.time()

@@ -31,12 +31,12 @@ sys.path.insert(0, str(ROOT))
 from cloudevents.http import CloudEvent  # noqa: E402
 
 from agent import contract  # noqa: E402
-from functions import task_submitted  # noqa: E402
-from functions.bus import Bus  # noqa: E402
+from functions.handlers import task_submitted  # noqa: E402
+from functions.core.bus import Bus  # noqa: E402
 from functions.main import Context  # noqa: E402
-from functions.nats_embedded import EmbeddedNats  # noqa: E402
-from functions.settings import Settings  # noqa: E402
-from functions.task import parse_task  # noqa: E402
+from functions.devstack.nats_embedded import EmbeddedNats  # noqa: E402
+from functions.core.settings import Settings  # noqa: E402
+from functions.core.task import parse_task  # noqa: E402
 
 
 class InMemoryRuntime:
@@ -97,7 +97,7 @@ async def kubernetes_figures(bus, settings, tasks: int) -> tuple[list[float], li
     from kmock import Server
     from kube_emulator import KubeEmulator
 
-    from functions.factory import JobSettings
+    from functions.core.factory import JobSettings
     from functions.runtime.kubernetes import KubernetesRuntime
 
     async with KubeEmulator() as emulator, Server(emulator):

@@ -8,7 +8,7 @@ The targets are registered with `@functions_framework.aio.http`, so
 functions-framework 3.10 serves them with its ASGI (Starlette + uvicorn)
 server even without `--asgi`. They take the raw request (not functions-
 framework's CloudEvent signature) because that signature answers every
-uncaught error with 500, which the broker would retry; `functions.http`
+uncaught error with 500, which the broker would retry; `functions.handlers.edge`
 parses the CloudEvent and maps errors to 4xx/5xx instead.
 
 Locally, `dockyard dev` builds its own `Context` and mounts
@@ -22,66 +22,28 @@ from __future__ import annotations
 
 import logging
 import sys
-from dataclasses import dataclass
-from functools import cached_property
 from typing import TYPE_CHECKING
 
 import functions_framework.aio
 
-from functions import http
-from functions.bus import Bus
-from functions.job_finished import handle as handle_job_finished
-from functions.settings import Settings
-from functions.snapshot_due import handle as handle_snapshot_due
-from functions.task_command import handle as handle_task_command
-from functions.task_submitted import handle as handle_task_submitted
+from functions.core.settings import Settings
+from functions.handlers import HANDLERS, edge
+from functions.handlers.context import Context
+from functions.handlers.job_finished import handle as handle_job_finished
 
 if TYPE_CHECKING:
-    from agent.storage import Store
-    from functions.registry import TaskRegistry
-    from functions.runtime.base import Runtime
+    from functions.core.runtime_api import Runtime
 
 log = logging.getLogger(__name__)
-
-# functions-framework target -> core handler `async (CloudEvent, Context) -> dict`.
-HANDLERS = {
-    "task_submitted": handle_task_submitted,
-    "job_finished": handle_job_finished,
-    "snapshot_due": handle_snapshot_due,
-    "task_command": handle_task_command,
-}
-
-
-@dataclass
-class Context:
-    """What a handler may use: settings, the bus (with the registry), the runtime, the store.
-
-    Build one per process: `Context(settings, await Bus.open(settings.nats_url), runtime)`."""
-
-    settings: Settings
-    bus: Bus
-    runtime: "Runtime"
-
-    @property
-    def registry(self) -> "TaskRegistry":
-        return self.bus.registry
-
-    @cached_property
-    def store(self) -> "Store":
-        """The object store of snapshots (settings.store), opened on first use."""
-        from agent.storage import open_store
-
-        return open_store(self.settings.store)
-
 
 async def _job_event_to_job_finished(event: dict) -> None:
     """Where a standalone process's local runtime sends finished Jobs: straight to job_finished."""
     from cloudevents.http import CloudEvent
 
-    from functions.bus import Unavailable
+    from functions.errors import Unavailable
 
     attrs = {k: v for k, v in event.items() if k != "data"}
-    status, body = await http.call(handle_job_finished, CloudEvent.create(attrs, event.get("data")), get_context)
+    status, body = await edge.call(handle_job_finished, CloudEvent.create(attrs, event.get("data")), get_context)
     if status >= 500:
         raise Unavailable(f"job_finished answered {status}: {body.get('error')}")  # the runtime retries
     if status >= 400:
@@ -97,7 +59,7 @@ _context: Context | None = None
 async def get_context() -> Context:
     """Settings read once, the runtime made once, the bus connected per event loop (lazily)."""
     global _settings, _runtime, _context
-    from functions import bus
+    from functions.core import bus
 
     if _settings is None:
         settings = Settings.from_env()
@@ -115,9 +77,9 @@ async def get_context() -> Context:
     return _context
 
 
-def starlette_endpoint(handler: http.Handler, get_context=get_context):
-    """A Starlette endpoint for a handler: parse the CloudEvent, run, map errors (see functions.http)."""
-    return http.endpoint(handler, get_context)
+def starlette_endpoint(handler: edge.Handler, get_context=get_context):
+    """A Starlette endpoint for a handler: parse the CloudEvent, run, map errors (see functions.handlers.edge)."""
+    return edge.endpoint(handler, get_context)
 
 
 _endpoints = {name: starlette_endpoint(handler) for name, handler in HANDLERS.items()}

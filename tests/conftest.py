@@ -21,6 +21,40 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+# Generous on purpose: these bound a wait on state, never decide which code path runs, so a
+# loaded machine only makes the wait longer, never the test wrong.
+EVENTUALLY_SECONDS = 30.0
+
+
+def eventually(predicate, what: str, timeout: float = EVENTUALLY_SECONDS, interval: float = 0.02):
+    """Poll `predicate()` until it returns something truthy and return that; else fail naming `what`."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = predicate()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not within {timeout:g}s: {what}")
+        time.sleep(interval)
+
+
+async def eventually_async(predicate, what: str, timeout: float = EVENTUALLY_SECONDS, interval: float = 0.02):
+    """`eventually` for async code: `predicate` may be a coroutine function or a plain one."""
+    import asyncio
+    import inspect
+
+    deadline = time.monotonic() + timeout
+    while True:
+        result = predicate()
+        if inspect.isawaitable(result):
+            result = await result
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not within {timeout:g}s: {what}")
+        await asyncio.sleep(interval)
+
+
 def wait_for_port(port: int, timeout: float = 10.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

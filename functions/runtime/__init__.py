@@ -5,8 +5,8 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from functions.runtime.base import Runtime
-    from functions.settings import Settings
+    from functions.core.runtime_api import Runtime
+    from functions.core.settings import Settings
 
 
 def make_runtime(settings: "Settings", **kw: Any) -> "Runtime":
@@ -19,7 +19,7 @@ def make_runtime(settings: "Settings", **kw: Any) -> "Runtime":
         kw.setdefault("ttl_failed_seconds", settings.ttl_failed_seconds)
         return LocalRuntime(settings.data_dir, settings.nats_url, settings.store, **kw)
     if settings.runtime == "kubernetes":
-        from functions.factory import JobSettings
+        from functions.core.factory import JobSettings
         from functions.runtime.kubernetes import KubernetesRuntime
 
         return KubernetesRuntime(JobSettings.from_env(), **kw)

@@ -27,36 +27,17 @@ from kubernetes.client.exceptions import ApiException
 from urllib3.exceptions import HTTPError as Urllib3Error
 
 from agent import contract
-from functions import factory
-from functions.factory import JobSettings
-from functions.runtime.base import LaunchConflict, RuntimeError_, TaskNotFound, TaskStatus
-from functions.settings import SettingsError
-from functions.task import Task
+from functions.core import factory
+from functions.core.factory import JobSettings
+from functions.core.runtime_api import TaskStatus
+from functions.errors import ApiRejected, ApiUnavailable, LaunchConflict, TaskNotFound
+from functions.errors import SettingsError
+from functions.core.task import Task
 
 log = logging.getLogger("dockyard.runtime.kubernetes")
 
 MANAGED_SELECTOR = f"{contract.LABEL_MANAGED_BY}={contract.MANAGED_BY}"
 _EXIT_CODE = re.compile(r"exit code (\d+)")
-
-
-class KubernetesRejected(RuntimeError_):
-    """The API server refused the request and will refuse it again: fix the deployment."""
-
-    transient = False
-
-    def __init__(self, message: str, status: int | None = None):
-        super().__init__(message)
-        self.status = status
-
-
-class KubernetesUnavailable(RuntimeError_):
-    """The API server could not be reached or was overloaded; retry later."""
-
-    transient = True
-
-    def __init__(self, message: str, status: int | None = None):
-        super().__init__(message)
-        self.status = status
 
 
 class _Answer(Exception):
@@ -180,7 +161,7 @@ class KubernetesRuntime:
             job = await self._read_job(task.task_id)
         except TaskNotFound:
             # Deleted between our create and this read (e.g. its TTL): the next delivery creates it.
-            raise KubernetesUnavailable(f"Job {contract.job_name(task.task_id)} vanished while launching; retry") from None
+            raise ApiUnavailable(f"Job {contract.job_name(task.task_id)} vanished while launching; retry") from None
         meta = job.get("metadata") or {}
         labels = meta.get("labels") or {}
         if labels.get(contract.LABEL_MANAGED_BY) != contract.MANAGED_BY:
@@ -189,7 +170,7 @@ class KubernetesRuntime:
                 "delete it or submit the task under another task_id"
             )
         if meta.get("deletionTimestamp"):
-            raise KubernetesUnavailable(f"Job {meta.get('name')} of an earlier launch is being deleted; retry once it is gone")
+            raise ApiUnavailable(f"Job {meta.get('name')} of an earlier launch is being deleted; retry once it is gone")
         if _annotated_task(meta) != task.to_dict():
             raise LaunchConflict(
                 f"task {task.task_id} already exists with a different spec; "
@@ -199,7 +180,7 @@ class KubernetesRuntime:
 
     async def _call(self, what: str, method: Callable[..., Any], *args: Any, expect: tuple[int, ...] = (), **kwargs: Any) -> dict:
         """`method(*args, **kwargs)` in a thread, its JSON answer as a dict. An error status in
-        `expect` is raised as `_Answer`; every other failure as a RuntimeError_ saying what to do."""
+        `expect` is raised as `_Answer`; every other failure as an ApiRejected or ApiUnavailable saying what to do."""
 
         def call() -> dict:
             response = method(*args, _preload_content=False, _request_timeout=self.request_timeout, **kwargs)
@@ -215,35 +196,35 @@ class KubernetesRuntime:
                 raise _Answer(exc.status) from None
             raise self._error(what, exc.status, _status_body(exc)) from None
         except (Urllib3Error, OSError) as exc:  # timeouts, refused or reset connections, DNS
-            raise KubernetesUnavailable(f"{what}: the Kubernetes API did not answer ({exc}); retry later") from None
+            raise ApiUnavailable(f"{what}: the Kubernetes API did not answer ({exc}); retry later") from None
 
-    def _error(self, what: str, status: int | None, body: dict) -> RuntimeError_:
+    def _error(self, what: str, status: int | None, body: dict) -> ApiRejected | ApiUnavailable:
         ns = self.settings.namespace
         detail = body.get("message") or body.get("reason") or "no details"
         if status == 403 and "exceeded quota" in detail:
             # A ResourceQuota frees up as other tasks finish.
-            return KubernetesUnavailable(f"{what}: {detail}; retry once other tasks in {ns} have finished", status)
+            return ApiUnavailable(f"{what}: {detail}; retry once other tasks in {ns} have finished", status)
         if status == 403:
-            return KubernetesRejected(
+            return ApiRejected(
                 f"{what} was forbidden: {detail}. The functions' ServiceAccount needs create, get, list and "
                 f"delete on jobs and create on persistentvolumeclaims in namespace {ns}: apply the RBAC in knative/",
                 status,
             )
         if status == 401:
-            return KubernetesRejected(f"{what}: the API server rejected the credentials: {detail}; check the kubeconfig or ServiceAccount token", status)
+            return ApiRejected(f"{what}: the API server rejected the credentials: {detail}; check the kubeconfig or ServiceAccount token", status)
         if status == 422:
-            return KubernetesRejected(
+            return ApiRejected(
                 f"{what} was rejected as invalid: {detail}. Fix the Job settings (the DOCKYARD_* variables of the "
                 "functions; `dockyard manifests job` prints what is sent)",
                 status,
             )
         if status == 400:
-            return KubernetesRejected(f"{what} was a bad request: {detail}. Check that the cluster supports the fields dockyard sends (Kubernetes 1.29+)", status)
+            return ApiRejected(f"{what} was a bad request: {detail}. Check that the cluster supports the fields dockyard sends (Kubernetes 1.29+)", status)
         if status == 404:
-            return KubernetesRejected(f"{what}: not found: {detail}. Does namespace {ns} exist? Apply knative/ first", status)
+            return ApiRejected(f"{what}: not found: {detail}. Does namespace {ns} exist? Apply knative/ first", status)
         if status == 429 or status is None or status == 0 or status >= 500:
-            return KubernetesUnavailable(f"{what}: the Kubernetes API answered {status or 'nothing'}: {detail}; retry later", status)
-        return KubernetesRejected(f"{what}: the Kubernetes API answered {status}: {detail}", status)
+            return ApiUnavailable(f"{what}: the Kubernetes API answered {status or 'nothing'}: {detail}; retry later", status)
+        return ApiRejected(f"{what}: the Kubernetes API answered {status}: {detail}", status)
 
 
 def _status_body(exc: ApiException) -> dict:

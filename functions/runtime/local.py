@@ -37,9 +37,10 @@ from pathlib import Path
 from typing import Any, Awaitable, Callable, Iterable, Sequence
 
 from agent import contract
-from functions.nats_embedded import die_with_parent
-from functions.runtime.base import LaunchConflict, RuntimeError_, TaskNotFound, TaskStatus
-from functions.task import Limits, Task
+from agent.procs import die_with_parent, group_alive, signal_group
+from functions.core.runtime_api import TaskStatus
+from functions.errors import LaunchConflict, TaskNotFound, TransientError
+from functions.core.task import Limits, Task
 
 log = logging.getLogger("dockyard.runtime.local")
 
@@ -159,7 +160,7 @@ class LocalRuntime:
 
     async def launch(self, task: Task) -> bool:
         if self._shutdown.is_set():
-            raise RuntimeError_("the local runtime is stopping; retry once `dockyard dev` runs again")
+            raise TransientError("the local runtime is stopping; retry once `dockyard dev` runs again")
         async with self._lock:
             existing = self._load(task.task_id)
             if existing is not None:
@@ -463,7 +464,7 @@ class LocalRuntime:
             await self._stop(sup, role, self.grace_seconds)
         else:
             await waiter
-            _killpg(proc.pid, signal.SIGKILL)  # stragglers left in its group
+            signal_group(proc.pid, signal.SIGKILL)  # stragglers left in its group
             sup.procs.pop(role, None)
             self._forget_pgid(sup, role)
         return _exit_code(proc.returncode), stopped_by
@@ -620,7 +621,7 @@ class LocalRuntime:
                 cwd=str(paths["workspace"]),
                 env=env,
                 start_new_session=True,  # its own process group, so a stop reaches its children too
-                preexec_fn=die_with_parent,
+                preexec_fn=die_with_parent(signal.SIGTERM),
             )
         sup.procs[role] = proc
         sup.state.pgids[role] = proc.pid
@@ -632,12 +633,12 @@ class LocalRuntime:
         if proc is None:
             return
         if proc.returncode is None:
-            _killpg(proc.pid, signal.SIGTERM)
+            signal_group(proc.pid, signal.SIGTERM)
             try:
                 await asyncio.wait_for(proc.wait(), grace)
             except asyncio.TimeoutError:
                 log.warning("task %s: %s ignored SIGTERM for %.0fs; killing it", sup.state.task_id, role, grace)
-        _killpg(proc.pid, signal.SIGKILL)
+        signal_group(proc.pid, signal.SIGKILL)
         await proc.wait()
         self._forget_pgid(sup, role)
 
@@ -650,11 +651,11 @@ class LocalRuntime:
         for role, pgid in list(state.pgids.items()):
             if _is_our_group(pgid, state.task_id):
                 log.warning("task %s: stopping the %s left over by the previous process", state.task_id, role)
-                _killpg(pgid, signal.SIGTERM)
+                signal_group(pgid, signal.SIGTERM)
                 deadline = time.monotonic() + self.grace_seconds
-                while _group_alive(pgid) and time.monotonic() < deadline:
+                while group_alive(pgid) and time.monotonic() < deadline:
                     await asyncio.sleep(0.05)
-                _killpg(pgid, signal.SIGKILL)
+                signal_group(pgid, signal.SIGKILL)
         state.pgids.clear()
         self._save(state)
 
@@ -753,24 +754,9 @@ def _exit_code(returncode: int | None) -> int:
     return 128 - returncode if returncode < 0 else returncode
 
 
-def _killpg(pgid: int, sig: int) -> None:
-    try:
-        os.killpg(pgid, sig)
-    except (ProcessLookupError, PermissionError):
-        pass
-
-
-def _group_alive(pgid: int) -> bool:
-    try:
-        os.killpg(pgid, 0)
-        return True
-    except (ProcessLookupError, PermissionError):
-        return False
-
-
 def _is_our_group(pgid: int, task_id: str) -> bool:
     """A recorded group still alive whose leader's command line names the task: not a reused pid."""
-    if not _group_alive(pgid):
+    if not group_alive(pgid):
         return False
     try:
         cmdline = Path(f"/proc/{pgid}/cmdline").read_bytes().split(b"\0")

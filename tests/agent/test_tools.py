@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from agent.tools import ToolResult, WorkTools, _CappedOutput, live_group_members, strip_userinfo
+from agent.procs import live_group_members
+from agent.tools import ToolResult, WorkTools, _CappedOutput, strip_userinfo
 
 pytestmark = pytest.mark.timeout(30)
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import httpx
 
 from agent import contract
-from functions.sse_client import SSEParser
+from functions.cli.sse_client import SSEParser
 from tests.conftest import REPO_ROOT
 
 EXAMPLE_PROMPT = json.loads((REPO_ROOT / "agent/examples/example_task.json").read_text())["prompt"]

@@ -25,8 +25,8 @@ from pathlib import Path
 import pytest
 
 from agent import contract
-from functions.factory import JobSettings
-from functions.task import parse_task
+from functions.core.factory import JobSettings
+from functions.core.task import parse_task
 
 pytestmark = [
     pytest.mark.e2e,

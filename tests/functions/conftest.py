@@ -11,10 +11,11 @@ import pytest
 from starlette.applications import Starlette
 from starlette.routing import Route
 
-from functions.bus import Bus
-from functions.runtime.base import LaunchConflict, TaskNotFound, TaskStatus
-from functions.settings import Settings
-from functions.task import Task
+from functions.core.bus import Bus
+from functions.core.runtime_api import TaskStatus
+from functions.errors import LaunchConflict, TaskNotFound
+from functions.core.settings import Settings
+from functions.core.task import Task
 
 
 class MemoryRuntime:

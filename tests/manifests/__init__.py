@@ -97,8 +97,8 @@ def settings_env() -> dict[str, str]:
 def example_tasks() -> dict[str, tuple[object, object]]:
     """name -> (Task, JobSettings): the bundled example task, and one with every limit, a repo,
     a model and a Kueue queue. Settings come from knative/settings.yaml."""
-    from functions.factory import JobSettings
-    from functions.task import parse_task
+    from functions.core.factory import JobSettings
+    from functions.core.task import parse_task
 
     settings = JobSettings.from_env(settings_env())
     example = parse_task(json.loads(EXAMPLE_TASK.read_text()), source="tests/manifests", event_id="example")
@@ -120,7 +120,7 @@ def example_tasks() -> dict[str, tuple[object, object]]:
 
 
 def rendered_manifests() -> dict[str, list[dict]]:
-    """name -> [Job, PVC] as functions.factory renders them for each of `example_tasks()`."""
-    from functions.factory import render
+    """name -> [Job, PVC] as functions.core.factory renders them for each of `example_tasks()`."""
+    from functions.core.factory import render
 
     return {name: render(task, settings, job_uid=JOB_UID) for name, (task, settings) in example_tasks().items()}

@@ -42,7 +42,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from functions import egress
+from functions.core import egress
 from tests.manifests import KNATIVE_DIR, one, documents, pod_template
 
 MARKER = b"dockyard-egress-test-server"
@@ -67,7 +67,7 @@ HOSTS = {
 def test_the_committed_configmap_is_the_rendered_config():
     conf = egress.render_squid_conf(egress.read_allowlist())
     committed = egress.CONFIGMAP_FILE.read_text()
-    assert committed == egress.render_configmap(conf), "stale: run `.venv/bin/python -m functions.egress`"
+    assert committed == egress.render_configmap(conf), "stale: run `.venv/bin/python -m functions.core.egress`"
     assert yaml.safe_load(committed)["data"][egress.CONFIG_KEY] == conf
 
 

@@ -3,7 +3,7 @@
 Built-in kinds go through kubernetes-validate in strict mode (no unknown fields)
 against each Kubernetes version from 1.30 to the newest the package knows. Custom
 resources (Knative, Kustomize) have no schema there: their required fields are
-checked by hand against the table below. The Jobs and PVCs of functions.factory
+checked by hand against the table below. The Jobs and PVCs of functions.core.factory
 are validated the same way.
 """
 

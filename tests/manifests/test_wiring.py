@@ -15,11 +15,11 @@ import pytest
 import yaml
 
 from agent import contract
-from functions.broker import routes_from_manifests
-from functions.factory import ENV as JOB_ENV
-from functions.factory import JobSettings
+from functions.devstack.broker import routes_from_manifests
+from functions.core.factory import ENV as JOB_ENV
+from functions.core.factory import JobSettings
 from functions.main import HANDLERS
-from functions.settings import Settings
+from functions.core.settings import Settings
 from tests.manifests import (
     EVENTING_DIR,
     KNATIVE_DIR,
@@ -161,7 +161,7 @@ def test_the_stream_stays_up_for_long_streams():
 
 
 def _names_read_by_code() -> set[str]:
-    settings_source = (ROOT / "functions" / "settings.py").read_text()
+    settings_source = (ROOT / "functions" / "core" / "settings.py").read_text()
     names = {contract.ENV_PREFIX + n for n in re.findall(r'(?:_env_name\(|_number\(env, )"([A-Z_]+)"', settings_source)}
     names |= set(JOB_ENV.values())
     names |= {f"{contract.ENV_PREFIX}{group}_{part.upper()}" for group in ("AGENT", "SIDECAR")
@@ -321,7 +321,7 @@ def _env(instructions) -> dict[str, str]:
 
 @pytest.mark.parametrize("name", ["agent.Dockerfile", "functions.Dockerfile"])
 def test_images_install_from_the_lock_file_and_run_as_uid_1000(name):
-    from functions.factory import AGENT_USER
+    from functions.core.factory import AGENT_USER
 
     instructions = dockerfile(name)
     assert instructions[0] == ("FROM", "python:3.11-slim")
@@ -340,7 +340,7 @@ def test_images_install_from_the_lock_file_and_run_as_uid_1000(name):
 
 
 def test_the_agent_image_fits_the_job():
-    from functions.factory import DEFAULT_IMAGE_PATH
+    from functions.core.factory import DEFAULT_IMAGE_PATH
 
     instructions = dockerfile("agent.Dockerfile")
     env = _env(instructions)

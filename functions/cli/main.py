@@ -1,0 +1,220 @@
+"""`dockyard`: the command line.
+
+    dockyard dev        run the whole stack on this machine (functions, broker, stream, NATS, agents)
+    dockyard submit     send a task (a dev.dockyard.task.submitted CloudEvent) to the broker
+    dockyard logs       print a task's trace; -f follows it live, resuming after dropped connections
+    dockyard tasks      list tasks
+    dockyard cancel     stop a task
+    dockyard message    tell a running agent something
+    dockyard demo       start the stack, run the bundled example task, stop
+
+Each subcommand is one `_register_*` function in `COMMANDS` that adds its
+parser and sets `run`; a new subcommand is one more function in that list.
+Exit codes: 0 success; 1 the task failed or the server cannot be reached;
+2 the server refused the request (its error and the field at fault are printed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Callable
+
+from agent import contract
+from functions.cli.client import (
+    DEFAULT_URL,
+    EXIT_BAD_INPUT,
+    EXIT_FAILED,
+    EXIT_OK,
+    CommandError,
+    get_json,
+    post_event,
+    print_trace,
+    submit_task,
+)
+
+# --- subcommands -----------------------------------------------------------------
+
+
+def _add_url(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--url", default=DEFAULT_URL, help=f"where `dockyard dev` (or the ingress) listens (default {DEFAULT_URL})")
+
+
+def _register_dev(sub) -> None:
+    p = sub.add_parser("dev", help="run the whole stack on this machine", description="Run broker, functions, stream and agents locally, with an embedded NATS.")
+    p.add_argument("--port", type=int, default=8080, help="HTTP port for the broker ingress, the stream and the API (default 8080)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    p.add_argument("--data-dir", type=Path, default=Path(".dockyard"), help="workspaces, NATS store and file store (default ./.dockyard)")
+    p.add_argument("--nats", help="use this NATS server instead of starting an embedded one")
+    p.add_argument("--store", help="object store URL (default file://<data-dir>/store)")
+    p.add_argument("--model", help="model for tasks that name none (the agent's default otherwise)")
+    p.set_defaults(run=_run_dev)
+
+
+def _run_dev(args) -> int:
+    from functions.devstack import stack as dev
+
+    return dev.main(args)
+
+
+def _register_submit(sub) -> None:
+    p = sub.add_parser("submit", help="submit a task", description="Send a dev.dockyard.task.submitted CloudEvent and print the task id.")
+    p.add_argument("prompt", help="what the agent should do")
+    p.add_argument("--task-id", help="an id for the task (a DNS-1123 label); derived from the event when omitted")
+    p.add_argument("--model", help="model spec, e.g. scripted:example or openai:gpt-4o")
+    p.add_argument("--repo", help="repository URL to clone into the workspace")
+    p.add_argument("--ref", help="branch, tag or commit of --repo")
+    p.add_argument("--deadline", type=int, help="limits.deadline_seconds")
+    p.add_argument("--retries", type=int, help="limits.retries")
+    p.add_argument("-f", "--follow", action="store_true", help="then follow the task's trace until it ends")
+    _add_url(p)
+    p.set_defaults(run=_run_submit)
+
+
+def _run_submit(args) -> int:
+    data: dict = {"prompt": args.prompt}
+    if args.task_id:
+        data["task_id"] = args.task_id
+    if args.model:
+        data["model"] = args.model
+    if args.repo:
+        data["repo"] = {"url": args.repo, **({"ref": args.ref} if args.ref else {})}
+    elif args.ref:
+        raise CommandError("--ref needs --repo", EXIT_BAD_INPUT)
+    limits = {k: v for k, v in (("deadline_seconds", args.deadline), ("retries", args.retries)) if v is not None}
+    if limits:
+        data["limits"] = limits
+    task_id = submit_task(args.url, data)
+    print(task_id, flush=True)
+    if not args.follow:
+        return EXIT_OK
+    status = asyncio.run(print_trace(args.url, task_id, after=None, follow=True, idle=0))
+    return EXIT_OK if (status or {}).get("outcome") == contract.OUTCOME_DONE else EXIT_FAILED
+
+
+def _register_logs(sub) -> None:
+    p = sub.add_parser(
+        "logs",
+        help="print a task's trace",
+        description="Print a task's events and logs. Without -f: what exists now (stops at the end of the "
+        "task or after --idle seconds without news). With -f: follow until the task ends, reconnecting "
+        "with Last-Event-ID when the connection drops.",
+    )
+    p.add_argument("task_id")
+    p.add_argument("-f", "--follow", action="store_true", help="follow until the task ends")
+    p.add_argument("--after", type=int, help="start after this stream sequence (an SSE id)")
+    p.add_argument("--idle", type=float, default=1.0, help="without -f: stop after this many seconds without news (default 1)")
+    p.add_argument("--json", action="store_true", help="print each message as a JSON line instead of text")
+    _add_url(p)
+    p.set_defaults(run=_run_logs)
+
+
+def _run_logs(args) -> int:
+    asyncio.run(print_trace(args.url, args.task_id, after=args.after, follow=args.follow, idle=args.idle, raw=args.json))
+    return EXIT_OK
+
+
+def _register_tasks(sub) -> None:
+    p = sub.add_parser("tasks", help="list tasks", description="List tasks, newest first.")
+    p.add_argument("--json", action="store_true", help="print the records as JSON")
+    _add_url(p)
+    p.set_defaults(run=_run_tasks)
+
+
+def format_tasks(records: list[dict]) -> str:
+    columns = ("task_id", "state", "phase", "outcome", "attempts", "created_at")
+    rows = [[("" if r.get(c) is None else str(r.get(c))) for c in columns] for r in records]
+    header = [c.upper().replace("_", " ") for c in ("task", *columns[1:])]
+    widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(header)]
+    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in [header, *rows])
+
+
+def _run_tasks(args) -> int:
+    records = get_json(args.url, "/api/tasks")
+    print(json.dumps(records, indent=2) if args.json else (format_tasks(records) if records else "no tasks"))
+    return EXIT_OK
+
+
+def _register_cancel(sub) -> None:
+    p = sub.add_parser("cancel", help="cancel a task", description="Stop a task after its current step.")
+    p.add_argument("task_id")
+    _add_url(p)
+    p.set_defaults(run=lambda args: _command(args, {"task_id": args.task_id, "op": "cancel"}))
+
+
+def _register_message(sub) -> None:
+    p = sub.add_parser("message", help="send a message to a running agent", description="The agent reads it in its next STRATEGIC phase.")
+    p.add_argument("task_id")
+    p.add_argument("text")
+    _add_url(p)
+    p.set_defaults(run=lambda args: _command(args, {"task_id": args.task_id, "op": "message", "text": args.text}))
+
+
+def _command(args, data: dict) -> int:
+    _, answer = post_event(args.url, contract.EVENT_TASK_COMMAND, data)
+    answer = (answer.get("results") or {}).get("task_command") or answer
+    print(f"{data['op']} {args.task_id}: {answer.get('status') or 'sent'}")
+    return EXIT_OK
+
+
+def _register_demo(sub) -> None:
+    p = sub.add_parser(
+        "demo",
+        help="run the bundled example task end to end",
+        description="Start `dockyard dev` in the background, submit the example task (model scripted:example), "
+        "follow it to the end, print where its final snapshot is, and stop. Exit 0 when the task is done.",
+    )
+    p.add_argument("--data-dir", type=Path, help="data dir for the stack (default: a new temporary directory)")
+    p.add_argument("--port", type=int, help="HTTP port (default: a free one)")
+    p.set_defaults(run=_run_demo)
+
+
+def _run_demo(args) -> int:
+    from functions.cli import demo
+
+    return demo.run(args)
+
+
+def _register_manifests(sub) -> None:
+    from functions.cli.manifests import add_parser
+
+    add_parser(sub)
+
+
+COMMANDS: list[Callable] = [
+    _register_dev,
+    _register_submit,
+    _register_logs,
+    _register_tasks,
+    _register_cancel,
+    _register_message,
+    _register_demo,
+    _register_manifests,
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=contract.DISTRIBUTION, description="Run LLM coding agents as Kubernetes Jobs, or locally.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for register in COMMANDS:
+        register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except CommandError as exc:
+        print(f"dockyard {args.command}: {exc}", file=sys.stderr)
+        return exc.code
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:  # `dockyard logs ID | head`: the reader has what it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_OK
+

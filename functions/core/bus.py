@@ -1,0 +1,176 @@
+"""The NATS connection of a functions process: events out, commands to agents, the task registry.
+
+Invariants: one connection per process and event loop, created on first use
+and reused (nats-py reconnects it on its own); the stream `AGENT` and the task
+bucket exist before anything is published. Every failure to reach NATS or an
+agent on it is raised as `Unavailable` — transient, answered 503 so the
+broker retries.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from datetime import datetime, timezone
+from typing import TYPE_CHECKING
+
+from agent import contract
+from functions.errors import NoReply, Unavailable, describe
+
+if TYPE_CHECKING:
+    from functions.core.registry import TaskRegistry
+    from functions.core.settings import Settings
+
+log = logging.getLogger(__name__)
+
+CONNECT_TIMEOUT_SECONDS = 3.0
+PUBLISH_TIMEOUT_SECONDS = 5.0
+
+
+def now_iso() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def _is_nats_error(exc: BaseException) -> bool:
+    """nats-py's own errors (core and JetStream derive from `nats.errors.Error`): the bus is in trouble."""
+    import nats.errors
+
+    return isinstance(exc, nats.errors.Error)
+
+
+class Bus:
+    """A connected client: `nc` (core NATS), `js` (JetStream), `registry` (the task bucket)."""
+
+    def __init__(self, nc, js, registry: "TaskRegistry", url: str):
+        self.nc = nc
+        self.js = js
+        self.registry = registry
+        self.url = url
+
+    @classmethod
+    async def open(cls, url: str, *, stream_max_age_seconds: float = contract.STREAM_MAX_AGE_SECONDS) -> "Bus":
+        """Connect and make sure the stream and the bucket exist. Raises Unavailable."""
+        import nats
+
+        from functions.core.registry import TaskRegistry
+        from functions.core.settings import mask_url
+
+        where = mask_url(url)
+
+        async def quiet(exc: Exception) -> None:
+            log.debug("nats %s: %s", where, exc)
+
+        try:
+            # Reconnect forever once connected; the first connection is bounded so a
+            # request during an outage gets a quick 503 instead of hanging.
+            nc = await asyncio.wait_for(
+                nats.connect(
+                    url,
+                    name="dockyard-functions",
+                    connect_timeout=2,
+                    reconnect_time_wait=0.5,
+                    max_reconnect_attempts=-1,
+                    error_cb=quiet,
+                ),
+                timeout=CONNECT_TIMEOUT_SECONDS,
+            )
+        except (asyncio.TimeoutError, OSError) as exc:
+            raise Unavailable(f"NATS at {where} is not reachable: {describe(exc)}") from exc
+        except Exception as exc:
+            if _is_nats_error(exc):
+                raise Unavailable(f"NATS at {where} is not reachable: {describe(exc)}") from exc
+            raise
+        try:
+            js = nc.jetstream(timeout=PUBLISH_TIMEOUT_SECONDS)
+            await ensure_stream(js, stream_max_age_seconds)
+            registry = await TaskRegistry.open(js)
+        except BaseException as exc:
+            await nc.close()
+            if isinstance(exc, Exception) and (_is_nats_error(exc) or isinstance(exc, asyncio.TimeoutError)):
+                raise Unavailable(f"JetStream at {where} is not usable: {describe(exc)}") from exc
+            raise
+        return cls(nc, js, registry, url)
+
+    async def publish_event(self, task_id: str, type: str, *, msg_id: str | None = None, **fields) -> int:
+        """Publish `{"type","task_id","ts",...}` on events.agent.<id>; returns the stream sequence.
+
+        `msg_id` lets JetStream drop a duplicate published within its dedup window
+        (a redelivered CloudEvent publishing the same fact again)."""
+        body = {"type": type, "task_id": task_id, "ts": now_iso(), **fields}
+        headers = {"Nats-Msg-Id": msg_id} if msg_id else None
+        try:
+            ack = await self.js.publish(contract.subject_events(task_id), json.dumps(body).encode(), headers=headers)
+        except Exception as exc:
+            if _is_nats_error(exc) or isinstance(exc, asyncio.TimeoutError):
+                raise Unavailable(f"cannot publish {type} event for task {task_id}: {describe(exc)}") from exc
+            raise
+        return ack.seq
+
+    async def request(self, subject: str, body: dict, timeout: float) -> dict:
+        """Request/reply with JSON bodies. Raises NoReply when nobody answers in time."""
+        import nats.errors
+
+        try:
+            msg = await self.nc.request(subject, json.dumps(body).encode(), timeout=timeout)
+        except nats.errors.NoRespondersError as exc:
+            raise NoReply(f"nobody listens on {subject}") from exc
+        except (nats.errors.TimeoutError, asyncio.TimeoutError) as exc:
+            raise NoReply(f"no reply on {subject} within {timeout:g}s") from exc
+        except Exception as exc:
+            if _is_nats_error(exc):
+                raise Unavailable(f"request on {subject} failed: {describe(exc)}") from exc
+            raise
+        try:
+            reply = json.loads(msg.data or b"{}")
+        except ValueError:
+            reply = {"ok": False, "error": f"reply on {subject} is not JSON"}
+        return reply if isinstance(reply, dict) else {"ok": False, "error": f"reply on {subject} is not a JSON object"}
+
+    async def close(self) -> None:
+        if not self.nc.is_closed:
+            await self.nc.close()
+
+
+async def ensure_stream(js, max_age_seconds: float = contract.STREAM_MAX_AGE_SECONDS) -> None:
+    """Create the AGENT stream unless it exists (whoever created it first owns its config)."""
+    from nats.js.errors import BadRequestError, NotFoundError
+
+    try:
+        await js.stream_info(contract.STREAM_NAME)
+        return
+    except NotFoundError:
+        pass
+    try:
+        await js.add_stream(name=contract.STREAM_NAME, subjects=list(contract.STREAM_SUBJECTS), max_age=max_age_seconds)
+    except BadRequestError:
+        # Created concurrently by another process (with another max age): fine if it exists now.
+        await js.stream_info(contract.STREAM_NAME)
+
+
+# --- the process-wide connection --------------------------------------------
+_bus: Bus | None = None
+_bus_loop: asyncio.AbstractEventLoop | None = None
+_lock: asyncio.Lock | None = None
+
+
+async def connect(settings: "Settings") -> Bus:
+    """The process-wide Bus for this event loop, connected on first use."""
+    global _bus, _bus_loop, _lock
+    loop = asyncio.get_running_loop()
+    if _bus_loop is not loop:
+        _bus, _bus_loop, _lock = None, loop, asyncio.Lock()
+    if _bus is not None and not _bus.nc.is_closed and _bus.url == settings.nats_url:
+        return _bus
+    async with _lock:
+        if _bus is None or _bus.nc.is_closed or _bus.url != settings.nats_url:
+            _bus = await Bus.open(settings.nats_url, stream_max_age_seconds=settings.stream_max_age_seconds)
+            log.info("connected to NATS at %s", settings.nats_url)
+    return _bus
+
+
+async def disconnect() -> None:
+    global _bus
+    if _bus is not None:
+        await _bus.close()
+        _bus = None

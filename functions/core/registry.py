@@ -1,0 +1,149 @@
+"""The task registry: one JSON record per task in the NATS KV bucket `dockyard-tasks`.
+
+Invariants: a record is created only by `create` (kv.create: exactly one
+caller wins for a task id, however many deliveries race), and changed only by
+`update`, a compare-and-set on the entry's revision retried until it lands,
+so concurrent writers (functions, the tracker) never lose each other's fields.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+from typing import Callable
+
+from agent import contract
+from functions.errors import RegistryConflict
+
+UPDATE_ATTEMPTS = 50
+
+# Fields of a record; every writer keeps the ones it does not own.
+RECORD_FIELDS = (
+    "task_id",
+    "state",
+    "phase",
+    "outcome",
+    "reason",
+    "created_at",
+    "updated_at",
+    "spec_hash",
+    "task",
+    "attempts",
+    "job_uid",
+    "snapshot_keys",
+    "termination_message",
+    "finished_uids",
+    "retention_seconds",
+    "events_seq",  # the tracker: last stream sequence applied (forward-only updates)
+    "last_snapshot_at",  # snapshot_due: the last good snapshot
+    "last_snapshot_key",
+    "cancel_requested_at",  # task_command
+)
+
+
+def new_record(task_id: str, *, task: dict | None, spec_hash: str | None, now: str) -> dict:
+    """A freshly queued task."""
+    return {
+        "task_id": task_id,
+        "state": contract.STATE_QUEUED,
+        "phase": None,
+        "outcome": None,
+        "reason": None,
+        "created_at": now,
+        "updated_at": now,
+        "spec_hash": spec_hash,
+        "task": task,
+        "attempts": 0,
+        "job_uid": None,
+        "snapshot_keys": [],
+        "termination_message": None,
+        "finished_uids": [],
+        "retention_seconds": None,
+    }
+
+
+class TaskRegistry:
+    def __init__(self, kv):
+        self.kv = kv
+
+    @classmethod
+    async def open(cls, js) -> "TaskRegistry":
+        """The bucket, created if missing (concurrent creators are fine)."""
+        from nats.js.errors import BadRequestError, BucketNotFoundError
+
+        try:
+            return cls(await js.key_value(contract.KV_BUCKET))
+        except BucketNotFoundError:
+            pass
+        try:
+            kv = await js.create_key_value(bucket=contract.KV_BUCKET, history=1, description="dockyard tasks")
+        except BadRequestError:
+            kv = await js.key_value(contract.KV_BUCKET)
+        return cls(kv)
+
+    async def _entry(self, task_id: str):
+        from nats.js.errors import KeyNotFoundError
+
+        try:
+            return await self.kv.get(task_id)
+        except KeyNotFoundError:  # also raised for deleted and purged keys
+            return None
+
+    async def get(self, task_id: str) -> dict | None:
+        entry = await self._entry(task_id)
+        return json.loads(entry.value) if entry is not None and entry.value else None
+
+    async def create(self, task_id: str, record: dict) -> bool:
+        """Store the record unless the task exists; True when this call created it."""
+        from nats.js.errors import KeyWrongLastSequenceError
+
+        try:
+            await self.kv.create(task_id, _encode(record))
+        except KeyWrongLastSequenceError:
+            return False
+        return True
+
+    async def update(self, task_id: str, mutate: Callable[[dict], dict | None]) -> dict | None:
+        """Apply `mutate` to the current record with compare-and-set, retrying on conflict.
+
+        `mutate` gets a copy of the record and returns the new record, or None for
+        no change. Returns the record as stored afterwards; None if the task is unknown."""
+        from nats.js.errors import KeyWrongLastSequenceError
+
+        for attempt in range(UPDATE_ATTEMPTS):
+            entry = await self._entry(task_id)
+            if entry is None or not entry.value:
+                return None
+            current = json.loads(entry.value)
+            changed = mutate(json.loads(entry.value))
+            if changed is None or changed == current:
+                return current
+            try:
+                await self.kv.update(task_id, _encode(changed), last=entry.revision)
+                return changed
+            except KeyWrongLastSequenceError:
+                # Someone else wrote in between: back off a little and re-read.
+                await asyncio.sleep(random.uniform(0, 0.002 * (attempt + 1)))
+        raise RegistryConflict(f"task {task_id}: registry entry kept changing; {UPDATE_ATTEMPTS} updates lost the race")
+
+    async def delete(self, task_id: str) -> None:
+        await self.kv.delete(task_id)
+
+    async def list(self) -> list[dict]:
+        """Every task's record (one watch of the bucket, latest value per key)."""
+        watcher = await self.kv.watchall(ignore_deletes=True)
+        records = []
+        try:
+            async for entry in watcher:
+                if entry is None:  # marks the end of the current values
+                    break
+                if entry.value:
+                    records.append(json.loads(entry.value))
+        finally:
+            await watcher.stop()
+        return sorted(records, key=lambda r: (r.get("created_at") or "", r.get("task_id") or ""))
+
+
+def _encode(record: dict) -> bytes:
+    return json.dumps(record, separators=(",", ":"), sort_keys=True).encode()

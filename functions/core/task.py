@@ -1,0 +1,152 @@
+"""A task as submitted: validation of untrusted input into a `Task`.
+
+Invariant: a `Task` that exists is valid. Every rejection is a `BadInput`
+naming the field and what to do, so the edge can answer 4xx and launch nothing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from urllib.parse import urlparse
+
+from agent import contract
+from functions.errors import BadInput
+
+MAX_PROMPT_BYTES = 64 * 1024
+REPO_SCHEMES = ("https", "ssh", "file")
+
+
+@dataclass(frozen=True)
+class Limits:
+    deadline_seconds: int
+    retries: int
+    storage: str
+
+
+@dataclass(frozen=True)
+class LimitsPolicy:
+    """Defaults and maxima for task limits; from the settings of the process."""
+
+    default_deadline_seconds: int = 3600
+    max_deadline_seconds: int = 24 * 3600
+    default_retries: int = 3
+    max_retries: int = 10
+    default_storage: str = "5Gi"
+    max_storage_gi: int = 100
+
+
+@dataclass(frozen=True)
+class Task:
+    task_id: str
+    prompt: str
+    limits: Limits
+    repo: dict | None = None  # {"url": ..., "ref": ...}
+    model: str | None = None
+    extra: dict = field(default_factory=dict, compare=False)
+
+    def to_dict(self) -> dict:
+        data = {
+            "task_id": self.task_id,
+            "prompt": self.prompt,
+            "limits": {
+                "deadline_seconds": self.limits.deadline_seconds,
+                "retries": self.limits.retries,
+                "storage": self.limits.storage,
+            },
+        }
+        if self.repo:
+            data["repo"] = dict(self.repo)
+        if self.model:
+            data["model"] = self.model
+        return data
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
+
+    @property
+    def spec_hash(self) -> str:
+        """Identifies the spec: a redelivery has the same hash, a reuse of the id does not."""
+        return hashlib.sha256(self.to_json().encode()).hexdigest()[:16]
+
+
+def _storage_gi(value: str) -> float:
+    units = {"Mi": 1 / 1024, "Gi": 1, "Ti": 1024}
+    for suffix, factor in units.items():
+        if value.endswith(suffix):
+            number = value[: -len(suffix)]
+            if number.isdigit() and int(number) > 0:
+                return int(number) * factor
+    raise BadInput(f"limits.storage {value!r} is not a size like '5Gi' or '512Mi'", "limits.storage")
+
+
+def _int_field(limits: dict, name: str, default: int, maximum: int, minimum: int) -> int:
+    value = limits.get(name, default)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise BadInput(f"limits.{name} must be an integer", f"limits.{name}")
+    if not minimum <= value <= maximum:
+        raise BadInput(f"limits.{name} must be between {minimum} and {maximum}, got {value}", f"limits.{name}")
+    return value
+
+
+def parse_task(data: object, *, source: str, event_id: str, policy: LimitsPolicy | None = None) -> Task:
+    """Validate the data of a task.submitted event; derive the id from the event when absent."""
+    policy = policy or LimitsPolicy()
+    if not isinstance(data, dict):
+        raise BadInput("event data must be a JSON object with at least 'prompt'", "data")
+
+    prompt = data.get("prompt")
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise BadInput("prompt is required: a non-empty string describing the task", "prompt")
+    if len(prompt.encode()) > MAX_PROMPT_BYTES:
+        raise BadInput(f"prompt is larger than {MAX_PROMPT_BYTES} bytes; shorten it or put details in the repo", "prompt", 413)
+
+    task_id = data.get("task_id")
+    if task_id is None:
+        task_id = contract.derive_task_id(source, event_id)
+    elif not contract.is_valid_task_id(task_id):
+        raise BadInput(
+            f"task_id must be 1-{contract.TASK_ID_MAX} characters of lowercase letters, digits and '-', "
+            "starting and ending with a letter or digit (a DNS-1123 label); omit it to have one derived",
+            "task_id",
+        )
+
+    repo = data.get("repo")
+    if repo is not None:
+        if isinstance(repo, str):
+            repo = {"url": repo}
+        if not isinstance(repo, dict) or not isinstance(repo.get("url"), str):
+            raise BadInput("repo must be an object {url, ref?}", "repo")
+        scheme = urlparse(repo["url"]).scheme
+        if scheme not in REPO_SCHEMES and not repo["url"].startswith("git@"):
+            raise BadInput(f"repo.url scheme must be one of {', '.join(REPO_SCHEMES)}", "repo.url")
+        ref = repo.get("ref")
+        if ref is not None and (not isinstance(ref, str) or not ref or ref.startswith("-")):
+            raise BadInput("repo.ref must be a branch, tag or commit name", "repo.ref")
+        repo = {"url": repo["url"], **({"ref": ref} if ref else {})}
+
+    model = data.get("model")
+    if model is not None and (not isinstance(model, str) or ":" not in model):
+        raise BadInput("model must look like 'provider:model' (e.g. 'openai:gpt-4o' or 'scripted:/path/turns.yaml')", "model")
+
+    limits = data.get("limits")
+    if limits is None:
+        limits = {}
+    if not isinstance(limits, dict):
+        raise BadInput("limits must be an object {deadline_seconds?, retries?, storage?}", "limits")
+    deadline = _int_field(limits, "deadline_seconds", policy.default_deadline_seconds, policy.max_deadline_seconds, 1)
+    retries = _int_field(limits, "retries", policy.default_retries, policy.max_retries, 0)
+    storage = limits.get("storage", policy.default_storage)
+    if not isinstance(storage, str):
+        raise BadInput("limits.storage must be a string like '5Gi'", "limits.storage")
+    if _storage_gi(storage) > policy.max_storage_gi:
+        raise BadInput(f"limits.storage must be at most {policy.max_storage_gi}Gi", "limits.storage")
+
+    return Task(
+        task_id=task_id,
+        prompt=prompt,
+        repo=repo,
+        model=model,
+        limits=Limits(deadline_seconds=deadline, retries=retries, storage=storage),
+    )

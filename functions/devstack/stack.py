@@ -1,0 +1,174 @@
+"""`dockyard dev`: the whole stack in one process on one port.
+
+    POST /                      broker ingress (routes from the Trigger manifests in eventing/)
+    GET  /api/stream/{id}       the live trace (SSE), /api/tasks, /healthz: the stream app
+    functions                   task_submitted, job_finished, snapshot_due, task_command, in-process
+    PingSource                  a timer posting the ping event to the broker on the manifest's schedule
+    runtime                     LocalRuntime: restore, snapshotter and agent as child processes
+    NATS                        an embedded nats-server (unless --nats), store under the data dir
+
+The runtime reports a finished task the way ApiServerSource does in the
+cluster: a Job object in a CloudEvent delivered through the broker, so
+`job_finished` runs the same code in both places.
+
+Invariant: on a clean stop (Ctrl-C) agents get SIGTERM, stop after their current
+step and stay unfinished; the next start over the same data dir resumes them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any, Sequence
+
+from agent import contract
+
+
+
+def dev_settings(data_dir: Path, nats_url: str, store: str | None = None, base_env: dict | None = None):
+    """Settings as `Settings.from_env` reads them, with the command line's choices on top."""
+    from functions.core.settings import Settings
+
+    env = dict(os.environ if base_env is None else base_env)
+    env[f"{contract.ENV_PREFIX}DATA_DIR"] = str(Path(data_dir).resolve())
+    env[f"{contract.ENV_PREFIX}NATS_URL"] = nats_url
+    env[f"{contract.ENV_PREFIX}RUNTIME"] = "local"
+    if store:
+        env[f"{contract.ENV_PREFIX}STORE"] = store
+    return Settings.from_env(env)
+
+
+def create_dev_app(
+    settings,
+    *,
+    agent_cmd: Sequence[str] | None = None,
+    default_model: str | None = None,
+    runtime_options: dict[str, Any] | None = None,
+):
+    """One Starlette app: broker ingress at POST /, the stream app for everything else.
+
+    Its lifespan connects NATS, starts the runtime (resuming unfinished tasks), the
+    tracker and the ping timer, and stops them in reverse order."""
+    from cloudevents.http import from_dict
+    from starlette.applications import Starlette
+    from starlette.routing import Mount, Route
+
+    from functions.core import bus
+    from functions.stream import app as stream
+    from functions.devstack.broker import Broker, PingTimer, local_targets, ping_from_manifests
+    from functions.handlers import HANDLERS
+    from functions.handlers.context import Context
+    from functions.runtime import make_runtime
+
+    holder: dict[str, Context] = {}
+
+    async def get_context() -> Context:
+        return holder["ctx"]
+
+    broker = Broker.from_manifests(local_targets(HANDLERS, get_context), settings.data_dir)
+    ping = PingTimer(broker, ping_from_manifests())
+
+    async def emit_job_event(event: dict) -> None:
+        """The local ApiServerSource: a finished Job goes through the broker to job_finished."""
+        results = await broker.deliver(from_dict(event))
+        failed = [r for r in results if r.status >= 500]
+        if failed:  # the runtime tries again later; 4xx answers are dead-lettered by the broker
+            raise ConnectionError(f"{failed[0].route.service} answered {failed[0].status}: {failed[0].body.get('error')}")
+
+    secrets_dir = Path(settings.data_dir) / "secrets"
+    secrets_dir.mkdir(parents=True, exist_ok=True)
+    runtime = make_runtime(
+        settings,
+        emit_job_event=emit_job_event,
+        agent_cmd=agent_cmd,
+        default_model=default_model,
+        secrets_dir=str(secrets_dir),
+        **(runtime_options or {}),
+    )
+    stream_app = stream.create_app(settings, run_tracker=True)
+
+    @asynccontextmanager
+    async def lifespan(app):
+        async with stream_app.router.lifespan_context(stream_app):  # the tracker; closes NATS last
+            connection = await bus.connect(settings)
+            holder["ctx"] = Context(settings, connection, runtime)
+            unfinished = [r for r in await connection.registry.list() if r.get("state") not in contract.TERMINAL_STATES]
+            await runtime.resume_running(unfinished)
+            ping.start()
+            try:
+                yield
+            finally:
+                await ping.stop()
+                await runtime.close()
+
+    app = Starlette(
+        routes=[
+            Route("/", broker.ingress, methods=["POST"]),
+            Mount("", app=stream_app),
+        ],
+        lifespan=lifespan,
+    )
+    app.state.runtime = runtime
+    app.state.broker = broker
+    return app
+
+
+def banner(url: str, settings, nats_url: str, embedded: bool) -> str:
+    from functions.core.settings import mask_url
+
+    return "\n".join(
+        [
+            f"dockyard dev on {url}",
+            f"  data dir  {settings.data_dir}",
+            f"  store     {mask_url(settings.store)}",
+            f"  NATS      {mask_url(nats_url)}{' (embedded)' if embedded else ''}",
+            f"  submit    dockyard submit 'your task' --url {url} --follow",
+        ]
+    )
+
+
+def main(args) -> int:
+    """`dockyard dev`: serve until Ctrl-C (or SIGTERM)."""
+    import logging
+
+    import uvicorn
+
+    from functions.devstack.nats_embedded import EmbeddedNats
+    from functions.stream.app import quiet_gc
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    data_dir = Path(args.data_dir).resolve()
+    data_dir.mkdir(parents=True, exist_ok=True)
+    nats = None if args.nats else EmbeddedNats(data_dir).start()
+    try:
+        nats_url = args.nats or nats.url
+        settings = dev_settings(data_dir, nats_url, args.store)
+        app = create_dev_app(settings, default_model=args.model)
+        url = f"http://{args.host}:{args.port}"
+        print(banner(url, settings, nats_url, embedded=nats is not None), flush=True)
+        config = uvicorn.Config(
+            app,
+            host=args.host,
+            port=args.port,
+            log_level="warning",
+            access_log=False,
+            lifespan="on",
+            timeout_graceful_shutdown=5,  # open SSE streams must not hold the stop up
+        )
+        server = uvicorn.Server(config)
+        quiet_gc()  # many open streams: see functions.stream.app.quiet_gc
+        try:
+            server.run()
+        except KeyboardInterrupt:  # uvicorn re-raises the Ctrl-C it handled: the stop was clean
+            pass
+        return 0 if server.started else 1
+    finally:
+        if nats is not None:
+            nats.stop()

@@ -1,0 +1,176 @@
+"""dev.knative.apiserver.resource.update (data: a Job) -> the task's terminal status.
+
+Only Jobs labelled managed-by dockyard with a `Complete` or `Failed` condition
+whose status is "True" count; every other update is answered 200 and ignored.
+
+Idempotent per Job UID: the UID goes into the record's `finished_uids` after
+the terminal event is published (with the UID as JetStream message id, so a
+concurrent duplicate is dropped). A crash in between re-publishes on
+redelivery, which is at-least-once as promised; a UID already recorded is a
+200 no-op.
+
+The final snapshot is complete when `final/result.json` exists: the
+snapshotter uploads it after the workspace archive.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import TYPE_CHECKING
+
+from cloudevents.http import CloudEvent
+
+from agent import contract
+from functions.core.bus import now_iso
+from functions.core.cloudevent import data_object, require_type
+from functions.core.registry import new_record
+from functions.errors import BadInput, StoreUnavailable
+
+if TYPE_CHECKING:
+    from functions.handlers.context import Context
+
+FINISHED_CONDITIONS = ("Complete", "Failed")
+
+
+def finished_condition(job: dict) -> dict | None:
+    """The Job's Complete/Failed condition with status "True", if any."""
+    status = job.get("status") if isinstance(job.get("status"), dict) else {}
+    for condition in status.get("conditions") or []:
+        if (
+            isinstance(condition, dict)
+            and condition.get("type") in FINISHED_CONDITIONS
+            and str(condition.get("status")) == "True"
+        ):
+            return condition
+    return None
+
+
+def _termination_message(job: dict) -> str | None:
+    """The agent's termination message when the sender put it on the Job (the local runtime does)."""
+    status = job.get("status") if isinstance(job.get("status"), dict) else {}
+    message = status.get("terminationMessage")
+    return message if isinstance(message, str) and message else None
+
+
+def _read_store(store, task_id: str) -> tuple[dict | None, bool, list[str]]:
+    """(result.json or None, final snapshot missing, snapshot keys) — blocking I/O."""
+    from agent.storage import ObjectNotFound, StorageError
+
+    try:
+        keys = store.list(contract.checkpoints_prefix(task_id))
+        final_key = contract.final_result_key(task_id)
+        if not store.exists(final_key):
+            return None, True, keys
+        try:
+            raw = store.get_bytes(final_key)
+        except ObjectNotFound:
+            return None, True, keys
+    except StorageError as exc:
+        raise StoreUnavailable(f"object store: {exc}") from exc
+    keys += [contract.final_archive_key(task_id), final_key]
+    try:
+        result = json.loads(raw)
+    except ValueError:
+        result = None
+    return (result if isinstance(result, dict) else None), False, keys
+
+
+def _outcome(condition: dict, result: dict | None, record: dict) -> str:
+    reported = (result or {}).get("outcome")
+    if isinstance(reported, str) and reported and reported != "unknown":
+        return reported
+    if condition["type"] == "Complete":
+        return contract.OUTCOME_DONE
+    if record.get("cancel_requested_at") or condition.get("reason") == "Cancelled":  # "Cancelled": the local runtime
+        return contract.OUTCOME_CANCELLED
+    if condition.get("reason") == "DeadlineExceeded":
+        return contract.OUTCOME_DEADLINE
+    return contract.OUTCOME_FAILED
+
+
+async def handle(event: CloudEvent, ctx: "Context") -> dict:
+    require_type(event, contract.EVENT_JOB_UPDATE)
+    return await record_finished_job(data_object(event), ctx)
+
+
+async def record_finished_job(job: dict, ctx: "Context") -> dict:
+    """Everything `handle` does with the Job; `snapshot_due` calls it for Jobs whose event was missed."""
+    metadata = job.get("metadata")
+    if not isinstance(metadata, dict):
+        raise BadInput("event data must be a Kubernetes object with metadata", "data.metadata")
+    labels = metadata.get("labels") if isinstance(metadata.get("labels"), dict) else {}
+    if labels.get(contract.LABEL_MANAGED_BY) != contract.MANAGED_BY:
+        return {"status": "ignored", "reason": "not a dockyard job"}
+    condition = finished_condition(job)
+    if condition is None:
+        return {"status": "ignored", "reason": "job not finished"}
+    task_id = labels.get(contract.LABEL_TASK_ID)
+    if not contract.is_valid_task_id(task_id):
+        raise BadInput(f"label {contract.LABEL_TASK_ID} must hold a task id", "data.metadata.labels")
+    uid = metadata.get("uid")
+    if not isinstance(uid, str) or not uid:
+        raise BadInput("the Job has no metadata.uid", "data.metadata.uid")
+
+    record = await ctx.registry.get(task_id)
+    if record is None:
+        # The entry is gone (expired, or the registry was reset): rebuild it from the Job.
+        task = _annotated_task(metadata)
+        await ctx.registry.create(task_id, new_record(task_id, task=task, spec_hash=None, now=now_iso()))
+        record = await ctx.registry.get(task_id) or {}
+    if uid in (record.get("finished_uids") or []):
+        return {"task_id": task_id, "status": "already handled"}
+
+    result, final_missing, snapshot_keys = await asyncio.to_thread(_read_store, ctx.store, task_id)
+    outcome = _outcome(condition, result, record)
+    reason = (result or {}).get("reason") or condition.get("reason") or condition.get("message")
+    summary = (result or {}).get("summary")
+    termination_message = _termination_message(job)
+    succeeded = condition["type"] == "Complete" and outcome == contract.OUTCOME_DONE
+    retention = ctx.settings.ttl_succeeded_seconds if succeeded else ctx.settings.ttl_failed_seconds
+
+    await ctx.bus.publish_event(
+        task_id,
+        contract.EV_STATUS,
+        msg_id=f"finished-{uid}",
+        state=contract.STATE_FINISHED,
+        outcome=outcome,
+        reason=reason,
+        summary=summary,
+        termination_message=termination_message,
+        snapshot_keys=snapshot_keys,
+        final_snapshot_missing=final_missing,
+    )
+
+    def finish(current: dict) -> dict | None:
+        if uid in (current.get("finished_uids") or []):
+            return None
+        now = now_iso()
+        return {
+            **current,
+            "state": contract.STATE_FINISHED,
+            "outcome": outcome,
+            "reason": reason,
+            "summary": summary,
+            "termination_message": termination_message,
+            "snapshot_keys": snapshot_keys,
+            "final_snapshot_missing": final_missing,
+            "job_uid": uid,
+            "finished_uids": [*(current.get("finished_uids") or []), uid],
+            "retention_seconds": retention,
+            "finished_at": now,
+            "updated_at": now,
+        }
+
+    await ctx.registry.update(task_id, finish)
+    return {"task_id": task_id, "status": "finished", "outcome": outcome, "final_snapshot_missing": final_missing}
+
+
+def _annotated_task(metadata: dict) -> dict | None:
+    annotations = metadata.get("annotations") if isinstance(metadata.get("annotations"), dict) else {}
+    raw = annotations.get(contract.ANNOTATION_TASK)
+    try:
+        task = json.loads(raw) if isinstance(raw, str) else None
+    except ValueError:
+        return None
+    return task if isinstance(task, dict) else None

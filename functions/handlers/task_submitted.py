@@ -1,0 +1,51 @@
+"""dev.dockyard.task.submitted -> a registered, announced, launched task.
+
+Order matters for at-least-once delivery:
+1. the registry record is created (kv.create: of any number of concurrent
+   deliveries exactly one creates it);
+2. that delivery publishes the `queued` status event, before the launch: the
+   tracker applies events in stream order, so `queued` must precede the
+   agent's own `started`;
+3. the runtime launches (idempotent: a redelivery completes a half-done launch).
+A redelivery with the same spec is answered 200 "already submitted" (and a
+finished task is not launched again); the same id with another spec is a 409.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from cloudevents.http import CloudEvent
+
+from agent import contract
+from functions.core.bus import now_iso
+from functions.core.cloudevent import require_type
+from functions.core.registry import new_record
+from functions.errors import LaunchConflict
+from functions.core.task import parse_task
+
+if TYPE_CHECKING:
+    from functions.handlers.context import Context
+
+
+async def handle(event: CloudEvent, ctx: "Context") -> dict:
+    require_type(event, contract.EVENT_TASK_SUBMITTED)
+    task = parse_task(event.get_data(), source=event["source"], event_id=event["id"], policy=ctx.settings.limits)
+
+    record = new_record(task.task_id, task=task.to_dict(), spec_hash=task.spec_hash, now=now_iso())
+    created = await ctx.registry.create(task.task_id, record)
+    if not created:
+        existing = await ctx.registry.get(task.task_id)
+        if existing is not None and existing.get("spec_hash") not in (None, task.spec_hash):
+            raise LaunchConflict(
+                f"task {task.task_id} already exists with a different spec; "
+                "choose another task_id (or omit it to have one derived from the event)"
+            )
+        if existing is not None and existing.get("state") in contract.TERMINAL_STATES:
+            # Launching again would re-run a finished task once its Job is gone.
+            return {"task_id": task.task_id, "status": "already finished"}
+
+    if created:
+        await ctx.bus.publish_event(task.task_id, contract.EV_STATUS, state=contract.STATE_QUEUED)
+    await ctx.runtime.launch(task)
+    return {"task_id": task.task_id, "status": "submitted" if created else "already submitted"}

@@ -1,0 +1,114 @@
+"""The cockpit: a static web page (HTML, CSS, JavaScript; no build step, no CDN) served at `/`.
+
+The page reads the stream app's own API (`/api/tasks`, `/api/stream/{id}`) and
+submits tasks and commands as structured CloudEvents. Where it posts them comes
+from `GET /cockpit-config.json`, which this module serves:
+
+    DOCKYARD_BROKER_URL unset   {"ingress": "/"}            `dockyard dev`: the broker ingress is
+                                                            `POST /` of the same origin
+    DOCKYARD_BROKER_URL set     {"ingress": "/api/events"}  the cluster: a relay in this app forwards
+                                                            each event to that URL (the Broker's
+                                                            in-cluster address, which no browser reaches)
+
+The relay is not an open door into the Broker: it accepts one CloudEvent per
+request, of the two types a person may send (task submitted, task command), no
+larger than the functions accept, and only as `application/cloudevents+json` or
+in binary mode (ce-* headers), so a cross-site form cannot post one. It answers
+202 with the task id (given, or derived from source + id exactly as
+`task_submitted` derives it, since the Knative Broker answers with no body), the
+Broker's own 4xx as `{"error", "field"}`, and 502 when the Broker is unreachable
+or failing. In the cluster set DOCKYARD_BROKER_URL to
+`http://broker-ingress.knative-eventing.svc.cluster.local/dockyard/default`.
+
+The page: `static/app.js` (task list, routing, forms), `static/trace.js` (the
+live trace of one task and its invariants), `static/api.js` (HTTP and
+CloudEvents), `static/dom.js` (building elements from data, never from HTML).
+
+The broker URL comes from `Settings.broker_url` (DOCKYARD_BROKER_URL).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from agent import contract
+
+if TYPE_CHECKING:
+    from functions.core.settings import Settings
+
+STATIC_DIR = Path(__file__).parent / "static"
+RELAY_PATH = "/api/events"
+RELAYED_TYPES = (contract.EVENT_TASK_SUBMITTED, contract.EVENT_TASK_COMMAND)
+RELAY_TIMEOUT_SECONDS = 15.0
+
+
+def routes(settings: "Settings") -> list:
+    """Routes to append after the stream app's API routes; the static mount stays last."""
+    from starlette.responses import JSONResponse
+    from starlette.routing import Mount, Route
+    from starlette.staticfiles import StaticFiles
+
+    broker_url = settings.broker_url
+    config = {"ingress": RELAY_PATH if broker_url else "/"}
+
+    async def cockpit_config(request):
+        return JSONResponse(config, headers={"Cache-Control": "no-store"})
+
+    extra = [Route("/cockpit-config.json", cockpit_config)]
+    if broker_url:
+        extra.append(Route(RELAY_PATH, relay_to(broker_url), methods=["POST"]))
+    return [*extra, Mount("/", app=StaticFiles(directory=STATIC_DIR, html=True), name="cockpit")]
+
+
+def task_id_of(event) -> str | None:
+    """The task an accepted event is about: the one given, or the one task_submitted derives."""
+    data = event.get_data()
+    given = data.get("task_id") if isinstance(data, dict) else None
+    if contract.is_valid_task_id(given):
+        return given
+    if event["type"] == contract.EVENT_TASK_SUBMITTED:
+        return contract.derive_task_id(event["source"], event["id"])
+    return None
+
+
+def relay_to(broker_url: str):
+    """The endpoint that checks one CloudEvent and forwards it, structured, to the Broker."""
+    from starlette.responses import JSONResponse
+
+    async def relay(request):
+        from functions.core import cloudevent
+        from functions.core.settings import mask_url
+        from functions.errors import BadInput, answer_for
+
+        try:
+            event = await cloudevent.read_event(request)
+            if event["type"] not in RELAYED_TYPES:
+                raise BadInput(f"the cockpit relays only {' and '.join(RELAYED_TYPES)}, not {event['type']!r}", "type")
+        except BadInput as exc:
+            status, body = answer_for(exc)
+            return JSONResponse(body, status)
+
+        import httpx
+
+        body = json.dumps({**event.get_attributes(), "data": event.get_data()}).encode()
+        try:
+            async with httpx.AsyncClient(timeout=RELAY_TIMEOUT_SECONDS) as client:
+                answer = await client.post(broker_url, content=body, headers={"Content-Type": cloudevent.STRUCTURED})
+        except httpx.HTTPError as exc:
+            where = mask_url(broker_url)
+            return JSONResponse({"error": f"the broker at {where} is unreachable ({exc or type(exc).__name__}); try again", "field": None}, 502)
+        if answer.is_success:
+            return JSONResponse({"accepted": True, "task_id": task_id_of(event)}, 202)
+        try:
+            reply = answer.json()
+        except ValueError:
+            reply = None
+        if 400 <= answer.status_code < 500 and isinstance(reply, dict) and "error" in reply:
+            return JSONResponse({"error": reply["error"], "field": reply.get("field")}, answer.status_code)
+        text = " ".join(answer.text.split())[:300] or answer.reason_phrase
+        status = answer.status_code if 400 <= answer.status_code < 500 else 502
+        return JSONResponse({"error": f"the broker answered {answer.status_code}: {text}", "field": None}, status)
+
+    return relay

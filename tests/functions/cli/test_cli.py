@@ -1,0 +1,261 @@
+"""The `dockyard` CLI against real local HTTP servers, and the terminal rendering of a trace."""
+
+from __future__ import annotations
+
+import json
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+from agent import contract
+from functions.cli import main as cli
+from functions.core import cloudevent
+from functions.cli import render
+
+
+class FakeServer:
+    """A real HTTP server on 127.0.0.1 whose answers a test sets; it records every request."""
+
+    def __init__(self):
+        self.requests: list[dict] = []
+        self.answer = (202, {"accepted": True})
+        self.sse: list[str] = []  # SSE messages (already framed) for GET /api/stream/...
+        self.drop_after: int | None = None  # close the first stream after this many messages
+        self.tasks: list[dict] = []
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def do_POST(self):
+                body = self.rfile.read(int(self.headers.get("content-length", 0)))
+                server.requests.append({"path": self.path, "headers": dict(self.headers), "body": body})
+                status, answer = server.answer
+                self._json(status, answer)
+
+            def do_GET(self):
+                server.requests.append({"path": self.path, "headers": dict(self.headers), "body": b""})
+                if self.path == "/api/tasks":
+                    return self._json(200, server.tasks)
+                if not self.path.startswith("/api/stream/"):
+                    return self._json(404, {"error": "no such path", "field": None})
+                after = int(self.headers.get("Last-Event-ID") or 0)
+                pending = [m for i, m in enumerate(server.sse, 1) if i > after or m.startswith("event: end")]
+                streams = sum(1 for r in server.requests if r["path"].startswith("/api/stream/"))
+                if server.drop_after is not None and streams == 1:
+                    pending = pending[: server.drop_after]
+                self.send_response(200)
+                self.send_header("content-type", "text/event-stream")
+                self.send_header("connection", "close")
+                self.end_headers()
+                for message in pending:
+                    self.wfile.write(message.encode())
+                    self.wfile.flush()
+
+            def _json(self, status, body):
+                data = json.dumps(body).encode()
+                self.send_response(status)
+                self.send_header("content-type", "application/json")
+                self.send_header("content-length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True)
+
+    def add_event(self, event: str, data: dict) -> None:
+        seq = len(self.sse) + 1
+        self.sse.append(f"id: {seq}\nevent: {event}\ndata: {json.dumps(data)}\n\n")
+
+    def end(self) -> None:
+        self.sse.append(f"event: end\ndata: {json.dumps({'last_id': len(self.sse)})}\n\n")
+
+
+@pytest.fixture
+def server():
+    fake = FakeServer()
+    fake.thread.start()
+    yield fake
+    fake.httpd.shutdown()
+    fake.httpd.server_close()
+
+
+# --- submit ----------------------------------------------------------------------
+
+
+def test_submit_posts_a_structured_cloudevent_and_prints_the_derived_id(server, capsys):
+    code = cli.main(["submit", "write fizzbuzz", "--model", "scripted:example", "--repo", "https://example.com/r.git", "--ref", "main", "--retries", "1", "--url", server.url])
+    assert code == 0
+    (request,) = server.requests
+    assert request["path"] == "/"
+    event = cloudevent.parse(request["headers"], request["body"])  # the functions' own parser accepts it
+    assert request["headers"]["content-type"].startswith(cloudevent.STRUCTURED)
+    assert event["type"] == contract.EVENT_TASK_SUBMITTED
+    assert event["source"] == contract.EVENT_SOURCE_CLI
+    assert event.get_data() == {
+        "prompt": "write fizzbuzz",
+        "model": "scripted:example",
+        "repo": {"url": "https://example.com/r.git", "ref": "main"},
+        "limits": {"retries": 1},
+    }
+    assert capsys.readouterr().out.strip() == contract.derive_task_id(event["source"], event["id"])
+
+
+def test_submit_prints_the_id_the_broker_answers(server, capsys):
+    server.answer = (202, {"accepted": True, "results": {"task_submitted": {"task_id": "given-id", "status": "submitted"}}})
+    assert cli.main(["submit", "x", "--url", server.url]) == 0
+    assert capsys.readouterr().out.strip() == "given-id"
+    server.answer = (202, {})
+    assert cli.main(["submit", "x", "--task-id", "mine", "--url", server.url]) == 0
+    assert capsys.readouterr().out.strip() == "mine"
+
+
+def test_submit_refused_prints_the_error_and_field(server, capsys):
+    server.answer = (400, {"error": "task_id must be 1-40 characters", "field": "task_id"})
+    assert cli.main(["submit", "x", "--task-id", "Bad_Id", "--url", server.url]) == 2
+    err = capsys.readouterr().err
+    assert "task_id must be 1-40 characters" in err and "(field: task_id)" in err
+
+
+def test_submit_to_nothing_says_what_to_do(capsys):
+    assert cli.main(["submit", "x", "--url", "http://127.0.0.1:9"]) == 1
+    assert "dockyard dev" in capsys.readouterr().err
+
+
+def test_cancel_and_message_send_task_commands(server, capsys):
+    server.answer = (202, {"accepted": True, "results": {"task_command": {"status": "cancelling"}}})
+    assert cli.main(["cancel", "t-1", "--url", server.url]) == 0
+    assert cli.main(["message", "t-1", "use python 3.12", "--url", server.url]) == 0
+    events = [cloudevent.parse(r["headers"], r["body"]) for r in server.requests]
+    assert [e["type"] for e in events] == [contract.EVENT_TASK_COMMAND] * 2
+    assert [e.get_data() for e in events] == [
+        {"task_id": "t-1", "op": "cancel"},
+        {"task_id": "t-1", "op": "message", "text": "use python 3.12"},
+    ]
+    assert capsys.readouterr().out.splitlines()[0] == "cancel t-1: cancelling"
+
+
+# --- logs and tasks ----------------------------------------------------------------
+
+
+def sample_trace(server: FakeServer) -> None:
+    server.add_event("status", {"type": "status", "state": "started", "model": "scripted:example"})
+    server.add_event("phase", {"type": "phase", "phase": "STRATEGIC"})
+    server.add_event("phase", {"type": "phase", "phase": "TACTICAL", "objective": "write it"})
+    server.add_event("tool", {"type": "tool", "name": "execute", "stage": "start", "args": {"command": "pytest -q"}})
+    server.add_event("status", {"type": "status", "state": "finished", "outcome": "done", "summary": "all good"})
+    server.end()
+
+
+def test_logs_prints_the_trace_and_stops_at_the_end(server, capsys):
+    sample_trace(server)
+    assert cli.main(["logs", "t-1", "--url", server.url]) == 0
+    assert capsys.readouterr().out.splitlines() == [
+        "-- started with model scripted:example",
+        "== STRATEGIC ==",
+        "== TACTICAL == write it",
+        "$ execute: pytest -q",
+        "-- finished: done - all good",
+        "-- end of stream",
+    ]
+    assert server.requests[0]["path"] == "/api/stream/t-1"
+
+
+def test_logs_follow_reconnects_with_last_event_id(server, capsys):
+    sample_trace(server)
+    server.drop_after = 2  # the first connection ends after two messages
+    assert cli.main(["logs", "t-1", "-f", "--url", server.url]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == "-- started with model scripted:example" and out[-1] == "-- end of stream"
+    assert len(out) == 6  # nothing twice, nothing lost
+    streams = [r for r in server.requests if r["path"].startswith("/api/stream/")]
+    assert len(streams) == 2 and streams[1]["headers"]["Last-Event-ID"] == "2"
+
+
+def test_logs_without_follow_stops_when_caught_up(server, capsys):
+    server.add_event("phase", {"type": "phase", "phase": "STRATEGIC"})  # a live task: no end yet
+    server.drop_after = None
+    assert cli.main(["logs", "t-1", "--idle", "0.2", "--url", server.url]) == 0
+    assert "== STRATEGIC ==" in capsys.readouterr().out
+
+
+def test_logs_json_and_after(server, capsys):
+    sample_trace(server)
+    assert cli.main(["logs", "t-1", "--json", "--after", "3", "--url", server.url]) == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [line["id"] for line in lines] == [4, 5, None]
+    assert server.requests[0]["headers"]["Last-Event-ID"] == "3"
+
+
+def test_logs_of_an_unknown_task(server, capsys):
+    assert cli.main(["logs", "t-1", "--url", server.url + "/nothing-here"]) == 2
+    assert "no such path" in capsys.readouterr().err
+
+
+def test_tasks_table(server, capsys):
+    server.tasks = [
+        {"task_id": "t-2", "state": "started", "phase": "TACTICAL", "outcome": None, "attempts": 1, "created_at": "2024-01-01T00:00:01Z"},
+        {"task_id": "t-1", "state": "finished", "phase": "STRATEGIC", "outcome": "done", "attempts": 2, "created_at": "2024-01-01T00:00:00Z"},
+    ]
+    assert cli.main(["tasks", "--url", server.url]) == 0
+    header, first, second = capsys.readouterr().out.splitlines()
+    assert header.split() == ["TASK", "STATE", "PHASE", "OUTCOME", "ATTEMPTS", "CREATED", "AT"]
+    assert first.split() == ["t-2", "started", "TACTICAL", "1", "2024-01-01T00:00:01Z"]
+    assert second.split()[:4] == ["t-1", "finished", "STRATEGIC", "done"]
+
+
+def test_the_command_registry_is_a_list_of_register_functions():
+    def register(sub):
+        sub.add_parser("extra").set_defaults(run=lambda args: 7)
+
+    cli.COMMANDS.append(register)
+    try:
+        assert cli.main(["extra"]) == 7
+    finally:
+        cli.COMMANDS.remove(register)
+
+
+# --- render ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "event,data,text",
+    [
+        ("phase", {"type": "phase", "phase": "STRATEGIC"}, "== STRATEGIC =="),
+        ("phase", {"type": "phase", "phase": "TACTICAL", "objective": "Write fizzbuzz.py"}, "== TACTICAL == Write fizzbuzz.py"),
+        ("phase", {"type": "phase", "phase": "STRATEGIC", "report": "tests\npass"}, "== STRATEGIC == report: tests pass"),
+        ("tool", {"type": "tool", "name": "execute", "stage": "start", "args": {"command": "ls -la", "timeout": 5}}, "$ execute: ls -la"),
+        ("tool", {"type": "tool", "name": "write_file", "stage": "start", "args": {"path": "a.py", "content": "x"}}, "$ write_file: a.py"),
+        ("tool", {"type": "tool", "name": "plan", "stage": "start", "args": {"n": 1}}, '$ plan: {"n":1}'),
+        ("tool", {"type": "tool", "name": "execute", "stage": "end", "ok": True, "result": "exit code 0\nok", "seconds": 0.25}, "  -> ok 0.2s: exit code 0 ok"),
+        ("tool", {"type": "tool", "name": "read_file", "stage": "end", "ok": False, "result": "outside the workspace"}, "  -> error: outside the workspace"),
+        ("todo", {"type": "todo", "todos": ["one", "two"]}, "todo:\n  - one\n  - two"),
+        ("status", {"type": "status", "state": "queued"}, "-- queued"),
+        ("status", {"type": "status", "state": "resumed", "phase": "TACTICAL", "model_turns": 3, "tool_calls": 2}, "-- resumed from checkpoint in TACTICAL (3 model turns, 2 tool calls done)"),
+        ("status", {"type": "status", "state": "retrying", "attempt": 2, "exit_code": 137, "backoff_seconds": 2.0}, "-- retrying: attempt 2 after exit code 137, in 2s"),
+        ("status", {"type": "status", "state": "interrupted", "reason": "SIGTERM"}, "-- interrupted (SIGTERM)"),
+        ("status", {"type": "status", "state": "finished", "outcome": "failed", "reason": "BackoffLimitExceeded"}, "-- finished: failed (BackoffLimitExceeded)"),
+        ("snapshot", {"type": "snapshot", "key": "jobs/t/checkpoints/1.db", "size": 2048, "uploaded": True, "final": False}, "snapshot: jobs/t/checkpoints/1.db (2.0 KiB)"),
+        ("snapshot", {"type": "snapshot", "key": "k.db", "size": 10, "final": True, "archive_key": "jobs/t/final/workspace.tar.gz"}, "snapshot: final jobs/t/final/workspace.tar.gz (10 B)"),
+        ("result", {"type": "result", "outcome": "done", "summary": "ok"}, "result: done - ok"),
+        ("message", {"type": "message", "text": "hurry"}, "> message to the agent: hurry"),
+        ("warning", {"type": "warning", "message": "disk"}, "! warning: disk"),
+        ("log", {"ts": "2024-05-01T12:00:01.123Z", "level": "WARNING", "logger": "agent", "msg": "slow"}, "12:00:01 WARNING agent: slow"),
+        ("end", {"last_id": 3}, "-- end of stream"),
+        ("custom", {"type": "custom", "task_id": "t", "ts": "x", "n": 1}, 'custom: {"n":1}'),
+    ],
+)
+def test_render(event, data, text):
+    assert render.render(event, data) == text
+
+
+def test_render_cuts_long_results():
+    line = render.render("tool", {"type": "tool", "stage": "end", "ok": True, "result": "x" * 500})
+    assert len(line) < 130 and line.endswith("...")
+
+
+def test_final_snapshot_location():
+    assert render.final_snapshot_location("file:///tmp/store/", "t-1") == "file:///tmp/store/jobs/t-1/final/workspace.tar.gz"

@@ -1,0 +1,381 @@
+"""The Job/PVC factory: every field DESIGN.md asks of the Job, checked on the rendered dicts."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import time
+
+import pytest
+import yaml
+
+from agent import contract
+from functions.core import factory
+from functions.cli import manifests
+from functions.core.factory import JobSettings, Resources, render, render_job, render_pvc
+from functions.errors import SettingsError
+from functions.core.task import parse_task
+
+
+def make_task(**data):
+    return parse_task({"prompt": "fix the tests", "task_id": "t1", **data}, source="test", event_id="e1")
+
+
+@pytest.fixture
+def task():
+    return make_task(limits={"deadline_seconds": 900, "retries": 2, "storage": "7Gi"}, repo={"url": "https://example.com/r.git"})
+
+
+@pytest.fixture
+def job(task):
+    return render_job(task, JobSettings())
+
+
+def pod(job: dict) -> dict:
+    return job["spec"]["template"]["spec"]
+
+
+def container(job: dict, name: str) -> dict:
+    spec = pod(job)
+    (found,) = [c for c in spec["initContainers"] + spec["containers"] if c["name"] == name]
+    return found
+
+
+def env(c: dict) -> dict[str, str]:
+    return {item["name"]: item["value"] for item in c["env"]}
+
+
+def mounts(c: dict) -> dict[str, dict]:
+    return {m["mountPath"]: m for m in c["volumeMounts"]}
+
+
+def volumes(job: dict) -> dict[str, dict]:
+    return {v["name"]: v for v in pod(job)["volumes"]}
+
+
+# --- the Job ---------------------------------------------------------------------
+
+
+def test_job_identity_labels_and_task_annotation(task, job):
+    assert job["apiVersion"] == "batch/v1" and job["kind"] == "Job"
+    meta = job["metadata"]
+    assert meta["name"] == "agent-t1"
+    assert meta["namespace"] == contract.AGENTS_NAMESPACE
+    assert meta["labels"] == contract.agent_labels("t1")
+    assert json.loads(meta["annotations"][contract.ANNOTATION_TASK]) == task.to_dict()
+    template = job["spec"]["template"]["metadata"]
+    assert template["labels"] == contract.agent_labels("t1")
+    # The downward API reads the pod's annotations: the task must be on the pod template too.
+    assert template["annotations"][contract.ANNOTATION_TASK] == meta["annotations"][contract.ANNOTATION_TASK]
+
+
+def test_job_limits_come_from_the_task(job):
+    spec = job["spec"]
+    assert spec["backoffLimit"] == 2
+    assert spec["activeDeadlineSeconds"] == 900
+    assert spec["ttlSecondsAfterFinished"] == JobSettings().ttl_seconds_after_finished
+    assert "suspend" not in spec
+    assert pod(job)["restartPolicy"] == "Never"
+
+
+def test_pod_failure_policy(job):
+    rules = job["spec"]["podFailurePolicy"]["rules"]
+    assert rules[0] == {
+        "action": "FailJob",
+        "onExitCodes": {"containerName": "agent", "operator": "In", "values": list(contract.NO_RETRY_EXIT_CODES)},
+    }
+    assert {"action": "FailJob", "onExitCodes": {"containerName": "restore", "operator": "In", "values": [contract.EXIT_FATAL]}} in rules
+    assert rules[-1] == {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]}
+    # SIGTERM (resumable) is retried, never a FailJob.
+    assert all(contract.EXIT_INTERRUPTED not in r.get("onExitCodes", {}).get("values", []) for r in rules)
+
+
+def test_pod_is_restricted(job):
+    spec = pod(job)
+    assert spec["serviceAccountName"] == "dockyard-agent"
+    assert spec["automountServiceAccountToken"] is False
+    assert spec["enableServiceLinks"] is False
+    assert spec["securityContext"] == {
+        "runAsNonRoot": True,
+        "runAsUser": 1000,
+        "runAsGroup": 1000,
+        "fsGroup": 1000,
+        "fsGroupChangePolicy": "OnRootMismatch",
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }
+    assert spec["terminationGracePeriodSeconds"] == JobSettings().termination_grace_seconds >= 120
+    names = [c["name"] for c in spec["initContainers"]] + [c["name"] for c in spec["containers"]]
+    assert names == ["restore", "snapshotter", "agent"]
+    for c in spec["initContainers"] + spec["containers"]:
+        assert c["securityContext"] == {
+            "allowPrivilegeEscalation": False,
+            "readOnlyRootFilesystem": True,
+            "runAsNonRoot": True,
+            "capabilities": {"drop": ["ALL"]},
+        }
+        assert c["terminationMessagePolicy"] == "FallbackToLogsOnError"
+        assert set(c["resources"]) == {"requests", "limits"}
+        assert set(c["resources"]["requests"]) == set(c["resources"]["limits"]) == {"cpu", "memory"}
+        assert c["image"] == JobSettings().agent_image and c["imagePullPolicy"] == "IfNotPresent"
+        assert c["command"] == ["python", "-m", "agent"]
+        assert mounts(c)["/workspace"]["name"] == "workspace"
+        assert "/tmp" in mounts(c)
+        # Secrets are files, never environment variables.
+        assert all("valueFrom" not in item for item in c["env"])
+    assert "envFrom" not in str(spec)
+
+
+def test_containers_run_the_agent_cli(job):
+    restore, snapshotter, agent = (container(job, n) for n in ("restore", "snapshotter", "agent"))
+    assert restore["args"][:3] == ["restore", "--task-id", "t1"]
+    assert "restartPolicy" not in restore
+    assert snapshotter["args"][0] == "snapshotter" and snapshotter["restartPolicy"] == "Always"  # native sidecar
+    assert snapshotter["args"][snapshotter["args"].index("--interval") + 1] == str(JobSettings().snapshot_interval_seconds)
+    assert agent["args"][0] == "run"
+    assert agent["args"][agent["args"].index("--task-file") + 1] == contract.TASK_FILE
+    for c in (restore, snapshotter):
+        assert c["args"][c["args"].index("--store") + 1] == JobSettings().store_url
+    for c in (snapshotter, agent):
+        assert c["args"][c["args"].index("--nats") + 1] == JobSettings().nats_url
+    for c in (restore, snapshotter, agent):
+        assert env(c)["DOCKYARD_TASK_ID"] == "t1"
+        assert env(c)["DOCKYARD_WORKSPACE"] == contract.WORKSPACE_MOUNT
+
+
+def test_volumes_and_where_they_are_mounted(job):
+    vols = volumes(job)
+    assert vols["workspace"] == {"name": "workspace", "persistentVolumeClaim": {"claimName": "workspace-t1"}}
+    assert "emptyDir" in vols["home"] and "emptyDir" in vols["tmp"]
+    assert vols["task"]["downwardAPI"]["items"] == [
+        {"path": "task.json", "fieldRef": {"fieldPath": f"metadata.annotations['{contract.ANNOTATION_TASK}']"}}
+    ]
+    assert vols["s3-credentials"]["secret"]["secretName"] == "dockyard-object-store"
+    assert vols["model-credentials"]["secret"]["secretName"] == "dockyard-model"
+    agent = container(job, "agent")
+    assert mounts(agent)[contract.HOME_DIR]["name"] == "home"
+    assert mounts(agent)["/etc/dockyard"] == {"name": "task", "mountPath": "/etc/dockyard", "readOnly": True}
+    assert contract.TASK_FILE == "/etc/dockyard/task.json"
+    assert "/home/agent" not in mounts(container(job, "restore")) and "/etc/dockyard" not in mounts(container(job, "restore"))
+
+
+def test_secrets_only_where_needed(job):
+    s3_dir, model_dir = f"{contract.SECRETS_DIR}/s3", f"{contract.SECRETS_DIR}/model"
+    for name in ("restore", "snapshotter"):
+        m = mounts(container(job, name))
+        assert m[s3_dir] == {"name": "s3-credentials", "mountPath": s3_dir, "readOnly": True}
+        assert model_dir not in m
+    m = mounts(container(job, "agent"))
+    assert m[model_dir] == {"name": "model-credentials", "mountPath": model_dir, "readOnly": True}
+    assert s3_dir not in m
+
+
+def test_agent_environment_home_path_and_proxy(job):
+    e = env(container(job, "agent"))
+    assert e["HOME"] == contract.HOME_DIR
+    assert e["PYTHONUSERBASE"] == contract.PYTHONUSERBASE == "/home/agent/.local"
+    assert e["PATH"].startswith("/home/agent/.local/bin:") and "/usr/local/bin" in e["PATH"]
+    proxy = JobSettings().egress_proxy
+    assert e["HTTP_PROXY"] == e["HTTPS_PROXY"] == e["http_proxy"] == e["https_proxy"] == proxy
+    no_proxy = e["NO_PROXY"].split(",")
+    assert e["no_proxy"] == e["NO_PROXY"]
+    assert {".svc", ".cluster.local", "nats.nats.svc.cluster.local"} <= set(no_proxy)
+    # Restore and snapshotter talk to NATS and the store directly (the NetworkPolicy allows it).
+    for name in ("restore", "snapshotter"):
+        assert not {"HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy"} & set(env(container(job, name)))
+
+
+def test_no_proxy_names_the_store_endpoint_and_an_empty_proxy_means_none(task):
+    settings = JobSettings(s3_endpoint="http://minio.storage.svc:9000", no_proxy=("10.0.0.0/8",))
+    agent = container(render_job(task, settings), "agent")
+    assert env(agent)["NO_PROXY"] == "10.0.0.0/8,nats.nats.svc.cluster.local,minio.storage.svc"
+    assert env(container(render_job(task, settings), "snapshotter"))["DOCKYARD_S3_ENDPOINT"] == "http://minio.storage.svc:9000"
+    assert "HTTP_PROXY" not in env(container(render_job(task, JobSettings(egress_proxy="")), "agent"))
+
+
+def test_liveness_probe_checks_the_heartbeat(job, tmp_path):
+    probe = container(job, "agent")["livenessProbe"]
+    command = probe["exec"]["command"]
+    assert command[0] == "python"
+    assert f"{contract.WORKSPACE_MOUNT}/{contract.HEARTBEAT_FILE}" in command[-1]
+    assert probe["periodSeconds"] * (probe["failureThreshold"] - 1) + probe["initialDelaySeconds"] >= 60
+
+    # Run the probe's code for real against a heartbeat file: fresh passes, stale fails, missing passes.
+    heartbeat = tmp_path / "heartbeat"
+    code = factory.heartbeat_probe_command(60)[-1].replace(f"{contract.WORKSPACE_MOUNT}/{contract.HEARTBEAT_FILE}", str(heartbeat))
+
+    def probe_passes() -> bool:
+        return subprocess.run(["python3", "-I", "-S", "-c", code]).returncode == 0
+
+    assert probe_passes()
+    heartbeat.write_text("1")
+    assert probe_passes()
+    old = time.time() - 120
+    os.utime(heartbeat, (old, old))
+    assert not probe_passes()
+
+
+def test_model_default_only_when_the_task_names_none():
+    settings = JobSettings(default_model="openai:gpt-4o")
+    args = container(render_job(make_task(), settings), "agent")["args"]
+    assert args[args.index("--model") + 1] == "openai:gpt-4o"
+    args = container(render_job(make_task(model="anthropic:claude"), settings), "agent")["args"]
+    assert "--model" not in args
+
+
+def test_kueue_suspends_and_labels_the_job(task):
+    job = render_job(task, JobSettings(kueue_queue="agents"))
+    assert job["spec"]["suspend"] is True
+    assert job["metadata"]["labels"][contract.KUEUE_QUEUE_LABEL] == "agents"
+    assert contract.KUEUE_QUEUE_LABEL not in job["spec"]["template"]["metadata"]["labels"]
+
+
+def test_resources_per_container(task):
+    settings = JobSettings(agent_resources=Resources("1", "2Gi", "4", "8Gi"), sidecar_resources=Resources("10m", "64Mi", "200m", "256Mi"))
+    job = render_job(task, settings)
+    assert container(job, "agent")["resources"] == {"requests": {"cpu": "1", "memory": "2Gi"}, "limits": {"cpu": "4", "memory": "8Gi"}}
+    for name in ("restore", "snapshotter"):
+        assert container(job, name)["resources"]["limits"] == {"cpu": "200m", "memory": "256Mi"}
+
+
+# --- the PVC ---------------------------------------------------------------------
+
+
+def test_pvc_is_owned_by_the_job(task):
+    pvc = render_pvc(task, JobSettings(), "1234-uid")
+    assert pvc["apiVersion"] == "v1" and pvc["kind"] == "PersistentVolumeClaim"
+    assert pvc["metadata"]["name"] == "workspace-t1"
+    assert pvc["metadata"]["namespace"] == contract.AGENTS_NAMESPACE
+    assert pvc["metadata"]["labels"] == contract.agent_labels("t1")
+    assert pvc["metadata"]["ownerReferences"] == [
+        {"apiVersion": "batch/v1", "kind": "Job", "name": "agent-t1", "uid": "1234-uid", "controller": True, "blockOwnerDeletion": True}
+    ]
+    assert pvc["spec"] == {
+        "accessModes": ["ReadWriteOnce"],
+        "resources": {"requests": {"storage": "7Gi"}},
+        "storageClassName": "local-path",
+    }
+    assert "storageClassName" not in render_pvc(task, JobSettings(storage_class=""), "u")["spec"]
+
+
+def test_render_gives_job_then_pvc_with_the_placeholder_uid(task):
+    job, pvc = render(task, JobSettings())
+    assert job["kind"] == "Job" and pvc["kind"] == "PersistentVolumeClaim"
+    assert pvc["metadata"]["ownerReferences"][0]["uid"] == factory.PLACEHOLDER_UID
+
+
+def test_rendering_is_pure_and_shares_no_dicts(task):
+    first = render(task, JobSettings())
+    assert first == render(task, JobSettings())
+    # No aliasing: yaml would print anchors, and a later edit of one container would change another.
+    assert "&id" not in yaml.safe_dump_all(first)
+
+
+# --- settings --------------------------------------------------------------------
+
+
+def test_settings_from_env():
+    settings = JobSettings.from_env(
+        {
+            "DOCKYARD_AGENT_IMAGE": "registry.local/agent:1",
+            "DOCKYARD_IMAGE_PULL_POLICY": "Always",
+            "DOCKYARD_NATS_URL": "nats://bus:4222",
+            "DOCKYARD_STORE": "s3://bucket/p",
+            "DOCKYARD_NO_PROXY": "a.example, b.example",
+            "DOCKYARD_STORAGE_CLASS": "",
+            "DOCKYARD_JOB_TTL_SECONDS": "60",
+            "DOCKYARD_KUEUE_QUEUE": "q",
+            "DOCKYARD_AGENT_MEMORY_LIMIT": "16Gi",
+            "DOCKYARD_SIDECAR_CPU_REQUEST": "5m",
+            "DOCKYARD_TERMINATION_GRACE_SECONDS": " ",  # blank keeps the default
+        }
+    )
+    assert settings.agent_image == "registry.local/agent:1"
+    assert settings.image_pull_policy == "Always"
+    assert settings.nats_url == "nats://bus:4222" and settings.store_url == "s3://bucket/p"
+    assert settings.no_proxy == ("a.example", "b.example")
+    assert settings.storage_class == ""
+    assert settings.ttl_seconds_after_finished == 60
+    assert settings.kueue_queue == "q"
+    assert settings.agent_resources.memory_limit == "16Gi" and settings.agent_resources.cpu_limit == "2"
+    assert settings.sidecar_resources.cpu_request == "5m"
+    assert settings.termination_grace_seconds == JobSettings().termination_grace_seconds
+    assert JobSettings.from_env({}) == JobSettings()
+
+
+@pytest.mark.parametrize(
+    "variables, fragment",
+    [
+        ({"DOCKYARD_IMAGE_PULL_POLICY": "Sometimes"}, "image_pull_policy"),
+        ({"DOCKYARD_JOB_TTL_SECONDS": "soon"}, "DOCKYARD_JOB_TTL_SECONDS"),
+        ({"DOCKYARD_TERMINATION_GRACE_SECONDS": "-1"}, "termination_grace_seconds"),
+    ],
+)
+def test_settings_errors_name_the_variable(variables, fragment):
+    with pytest.raises(SettingsError, match=fragment):
+        JobSettings.from_env(variables)
+
+
+def test_settings_updated_from_a_mapping():
+    settings = JobSettings().updated({"agent_image": "x:1", "agent_resources": {"cpu_limit": 3}, "no_proxy": ["a", "b"]})
+    assert settings.agent_image == "x:1" and settings.agent_resources.cpu_limit == "3" and settings.no_proxy == ("a", "b")
+    with pytest.raises(SettingsError, match="unknown Job setting 'imagee'"):
+        JobSettings().updated({"imagee": "x"})
+
+
+# --- dockyard manifests job --------------------------------------------------------
+
+
+def run_manifests(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="dockyard")
+    manifests.add_parser(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    return args.run(args)
+
+
+@pytest.fixture
+def clean_env(monkeypatch):
+    for name in list(os.environ):
+        if name.startswith("DOCKYARD_"):
+            monkeypatch.delenv(name)
+
+
+def test_manifests_job_prints_two_yaml_documents(tmp_path, capsys, clean_env):
+    task_file = tmp_path / "task.json"
+    task_file.write_text(json.dumps({"prompt": "hello", "limits": {"storage": "3Gi"}}))
+    settings_file = tmp_path / "settings.yaml"
+    settings_file.write_text("agent_image: example/agent:2\nkueue_queue: q\nagent_resources:\n  memory_limit: 6Gi\n")
+
+    assert run_manifests(["manifests", "job", "--task-file", str(task_file), "--settings", str(settings_file), "--task-id", "demo-1"]) == 0
+    job, pvc = yaml.safe_load_all(capsys.readouterr().out)
+    assert job["kind"] == "Job" and job["metadata"]["name"] == "agent-demo-1"
+    assert job["spec"]["suspend"] is True
+    assert container(job, "agent")["image"] == "example/agent:2"
+    assert container(job, "agent")["resources"]["limits"]["memory"] == "6Gi"
+    assert pvc["kind"] == "PersistentVolumeClaim" and pvc["spec"]["resources"]["requests"]["storage"] == "3Gi"
+    assert pvc["metadata"]["ownerReferences"][0]["uid"] == factory.PLACEHOLDER_UID
+
+
+def test_manifests_job_derives_a_stable_id_and_reports_bad_input(tmp_path, capsys, clean_env):
+    task_file = tmp_path / "task.json"
+    task_file.write_text(json.dumps({"prompt": "hello"}))
+    run_manifests(["manifests", "job", "--task-file", str(task_file)])
+    first = list(yaml.safe_load_all(capsys.readouterr().out))
+    run_manifests(["manifests", "job", "--task-file", str(task_file)])
+    assert list(yaml.safe_load_all(capsys.readouterr().out)) == first
+    assert contract.is_valid_task_id(first[0]["metadata"]["labels"][contract.LABEL_TASK_ID])
+
+    from functions.cli.main import CommandError
+
+    task_file.write_text(json.dumps({"prompt": ""}))
+    with pytest.raises(CommandError, match="prompt"):
+        run_manifests(["manifests", "job", "--task-file", str(task_file)])
+    with pytest.raises(CommandError, match="nope.yaml"):
+        run_manifests(["manifests", "job", "--task-file", str(tmp_path / "nope.yaml")])
+
+
+def test_describe_masks_url_passwords():
+    text = JobSettings(nats_url="nats://user:hunter2@nats:4222").describe()
+    assert "hunter2" not in text and "nats_url = nats://user:***@nats:4222" in text
+    assert "agent_image = " in text

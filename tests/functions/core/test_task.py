@@ -1,0 +1,97 @@
+"""functions.core.task: untrusted task data in, a valid Task or a BadInput naming the field out."""
+
+from __future__ import annotations
+
+import pytest
+
+from agent import contract
+from functions.core.task import MAX_PROMPT_BYTES, LimitsPolicy, parse_task
+from functions.errors import BadInput
+
+
+def parse(data, **kwargs):
+    return parse_task(data, source="test/suite", event_id="e-1", **kwargs)
+
+
+def test_minimal_task_gets_defaults_and_a_derived_id():
+    task = parse({"prompt": "fix the bug"})
+    assert task.task_id == contract.derive_task_id("test/suite", "e-1")
+    assert contract.is_valid_task_id(task.task_id)
+    policy = LimitsPolicy()
+    assert (task.limits.deadline_seconds, task.limits.retries, task.limits.storage) == (
+        policy.default_deadline_seconds,
+        policy.default_retries,
+        policy.default_storage,
+    )
+
+
+def test_same_event_same_id_and_spec_hash():
+    a, b = parse({"prompt": "x"}), parse({"prompt": "x"})
+    assert (a.task_id, a.spec_hash) == (b.task_id, b.spec_hash)
+    assert parse({"prompt": "y"}).spec_hash != a.spec_hash
+
+
+def test_full_task_round_trips():
+    task = parse(
+        {
+            "task_id": "fix-42",
+            "prompt": "fix it",
+            "repo": {"url": "https://example.com/r.git", "ref": "main"},
+            "model": "openai:gpt-4o",
+            "limits": {"deadline_seconds": 600, "retries": 1, "storage": "512Mi"},
+        }
+    )
+    assert task.to_dict() == {
+        "task_id": "fix-42",
+        "prompt": "fix it",
+        "repo": {"url": "https://example.com/r.git", "ref": "main"},
+        "model": "openai:gpt-4o",
+        "limits": {"deadline_seconds": 600, "retries": 1, "storage": "512Mi"},
+    }
+
+
+@pytest.mark.parametrize(
+    "data, field, status",
+    [
+        ("just a string", "data", 400),
+        ([{"prompt": "x"}], "data", 400),
+        ({}, "prompt", 400),
+        ({"prompt": "   "}, "prompt", 400),
+        ({"prompt": 7}, "prompt", 400),
+        ({"prompt": "x" * (MAX_PROMPT_BYTES + 1)}, "prompt", 413),
+        ({"prompt": "x", "task_id": "Fix-42"}, "task_id", 400),
+        ({"prompt": "x", "task_id": "../etc"}, "task_id", 400),
+        ({"prompt": "x", "task_id": ".."}, "task_id", 400),
+        ({"prompt": "x", "task_id": "a" * 41}, "task_id", 400),
+        ({"prompt": "x", "task_id": "-a"}, "task_id", 400),
+        ({"prompt": "x", "task_id": ""}, "task_id", 400),
+        ({"prompt": "x", "task_id": 42}, "task_id", 400),
+        ({"prompt": "x", "repo": 5}, "repo", 400),
+        ({"prompt": "x", "repo": {"url": "http://plain.example/r.git"}}, "repo.url", 400),
+        ({"prompt": "x", "repo": {"url": "https://e.com/r.git", "ref": "--upload-pack=evil"}}, "repo.ref", 400),
+        ({"prompt": "x", "model": "gpt-4o"}, "model", 400),
+        ({"prompt": "x", "limits": []}, "limits", 400),
+        ({"prompt": "x", "limits": {"deadline_seconds": 0}}, "limits.deadline_seconds", 400),
+        ({"prompt": "x", "limits": {"deadline_seconds": 10**9}}, "limits.deadline_seconds", 400),
+        ({"prompt": "x", "limits": {"retries": True}}, "limits.retries", 400),
+        ({"prompt": "x", "limits": {"storage": "5GB"}}, "limits.storage", 400),
+        ({"prompt": "x", "limits": {"storage": "1000Gi"}}, "limits.storage", 400),
+    ],
+)
+def test_bad_input_names_the_field(data, field, status):
+    with pytest.raises(BadInput) as caught:
+        parse(data)
+    assert caught.value.field == field
+    assert caught.value.status == status
+    assert caught.value.body() == {"error": caught.value.message, "field": field}
+
+
+def test_forty_character_id_is_accepted():
+    assert parse({"prompt": "x", "task_id": "a" * 40}).task_id == "a" * 40
+
+
+def test_policy_bounds_limits():
+    policy = LimitsPolicy(max_deadline_seconds=60, default_deadline_seconds=30)
+    assert parse({"prompt": "x"}, policy=policy).limits.deadline_seconds == 30
+    with pytest.raises(BadInput):
+        parse({"prompt": "x", "limits": {"deadline_seconds": 61}}, policy=policy)

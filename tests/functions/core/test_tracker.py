@@ -1,0 +1,174 @@
+"""The tracker against a real nats-server: registry records follow status and phase events.
+
+Forward-only (finished stays finished), idempotent under redelivery (attempts
+counted once), and durable (a restarted tracker continues where it stopped).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+
+import pytest
+
+from agent import contract
+from functions.stream import app as stream
+from functions.core.bus import now_iso
+from functions.core.registry import new_record
+from functions.core.tracker import DURABLE, Tracker, apply_event
+
+pytestmark = pytest.mark.timeout(60)
+
+STARTED = {"type": contract.EV_STATUS, "state": contract.STATE_STARTED}
+
+
+def record(**fields) -> dict:
+    return {**new_record("t-1", task=None, spec_hash=None, now="2030-01-01T00:00:00.000Z"), **fields}
+
+
+# --- apply_event: the rules, as a pure function ---------------------------------
+
+
+def test_status_and_phase_events_update_the_record():
+    r = apply_event(record(), STARTED, 3, now="T1")
+    assert (r["state"], r["attempts"], r["events_seq"], r["updated_at"]) == ("started", 1, 3, "T1")
+    r = apply_event(r, {"type": contract.EV_PHASE, "phase": contract.PHASE_TACTICAL}, 4, now="T2")
+    assert (r["state"], r["phase"], r["attempts"], r["updated_at"]) == ("started", "TACTICAL", 1, "T2")
+    r = apply_event(r, {"type": contract.EV_STATUS, "state": contract.STATE_RETRYING}, 5)
+    r = apply_event(r, {"type": contract.EV_STATUS, "state": contract.STATE_RESUMED}, 6)
+    assert (r["state"], r["attempts"]) == ("resumed", 2)
+    done = {"type": contract.EV_STATUS, "state": "finished", "outcome": "failed", "reason": "tests fail"}
+    r = apply_event(r, done, 7)
+    assert (r["state"], r["outcome"], r["reason"], r["attempts"]) == ("finished", "failed", "tests fail", 2)
+
+
+def test_redelivered_and_older_events_change_nothing():
+    r = apply_event(record(), STARTED, 3)
+    assert apply_event(r, STARTED, 3) is None  # the same message again
+    assert apply_event(r, {"type": contract.EV_PHASE, "phase": "STRATEGIC"}, 2) is None  # an older one
+
+
+def test_a_finished_record_never_moves_back():
+    r = record(state=contract.STATE_FINISHED, outcome=contract.OUTCOME_DONE, events_seq=5)
+    assert apply_event(r, STARTED, 9) is None
+    assert apply_event(r, {"type": contract.EV_PHASE, "phase": "TACTICAL"}, 10) is None
+    # Finished by someone else (job_finished) without any event seen: still final.
+    assert apply_event(record(state=contract.STATE_FINISHED), STARTED, 1) is None
+
+
+# --- the tracker on a real stream -------------------------------------------------
+
+
+async def publish(js, task_id: str, type_: str, **fields) -> int:
+    body = {"type": type_, "task_id": task_id, "ts": now_iso(), **fields}
+    return (await js.publish(contract.subject_events(task_id), json.dumps(body).encode())).seq
+
+
+async def acked_through(js, seq: int, durable: str = DURABLE, timeout: float = 10) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            info = await js.consumer_info(contract.STREAM_NAME, durable)
+            if info.ack_floor.stream_seq >= seq:
+                return
+        except Exception:  # not created yet
+            pass
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"tracker {durable} did not acknowledge sequence {seq}")
+        await asyncio.sleep(0.05)
+
+
+async def register(registry, task_id: str) -> None:
+    assert await registry.create(task_id, new_record(task_id, task=None, spec_hash=None, now=now_iso()))
+
+
+async def test_tracker_follows_events_and_never_regresses(bus):
+    task = "t-track"
+    await register(bus.registry, task)
+    tracker = Tracker(bus.js, bus.registry, fetch_timeout=0.2)
+    tracker.start()
+    try:
+        await publish(bus.js, task, contract.EV_STATUS, state=contract.STATE_STARTED)
+        await publish(bus.js, task, contract.EV_PHASE, phase=contract.PHASE_STRATEGIC)
+        await publish(bus.js, task, contract.EV_TOOL, name="execute")  # not tracked
+        await publish(bus.js, task, contract.EV_PHASE, phase=contract.PHASE_TACTICAL)
+        await publish(bus.js, task, contract.EV_STATUS, state=contract.STATE_RETRYING)
+        await publish(bus.js, task, contract.EV_STATUS, state=contract.STATE_RESUMED)
+        await publish(bus.js, task, contract.EV_STATUS, state=contract.STATE_FINISHED, outcome=contract.OUTCOME_DONE)
+        # Late stragglers after the end must not reopen the task.
+        await publish(bus.js, task, contract.EV_STATUS, state=contract.STATE_STARTED)
+        last = await publish(bus.js, task, contract.EV_PHASE, phase=contract.PHASE_STRATEGIC)
+        await publish(bus.js, "t-unregistered", contract.EV_STATUS, state=contract.STATE_STARTED)  # skipped, acked
+        await acked_through(bus.js, last + 1)
+    finally:
+        await tracker.stop()
+
+    r = await bus.registry.get(task)
+    assert (r["state"], r["outcome"], r["phase"], r["attempts"]) == ("finished", "done", "TACTICAL", 2)
+    assert await bus.registry.get("t-unregistered") is None
+
+
+async def test_a_restarted_tracker_continues_and_redelivery_is_idempotent(bus):
+    task = "t-durable"
+    await register(bus.registry, task)
+    first = Tracker(bus.js, bus.registry, fetch_timeout=0.2)
+    first.start()
+    seq = await publish(bus.js, task, contract.EV_STATUS, state=contract.STATE_STARTED)
+    await acked_through(bus.js, seq)
+    await first.stop()
+
+    # While no tracker runs, the task goes on.
+    await publish(bus.js, task, contract.EV_STATUS, state=contract.STATE_RETRYING)
+    await publish(bus.js, task, contract.EV_STATUS, state=contract.STATE_RESUMED)
+    last = await publish(bus.js, task, contract.EV_PHASE, phase=contract.PHASE_TACTICAL)
+    second = Tracker(bus.js, bus.registry, fetch_timeout=0.2)
+    second.start()
+    await acked_through(bus.js, last)
+    await second.stop()
+    after_restart = await bus.registry.get(task)
+    assert (after_restart["state"], after_restart["phase"], after_restart["attempts"]) == ("resumed", "TACTICAL", 2)
+
+    # Every event delivered again (a consumer starting from the beginning): nothing changes.
+    replay = Tracker(bus.js, bus.registry, durable="replay-everything", fetch_timeout=0.2)
+    replay.start()
+    await acked_through(bus.js, last, durable="replay-everything")
+    await replay.stop()
+    assert await bus.registry.get(task) == after_restart
+
+
+async def test_the_stream_app_runs_the_tracker_in_its_lifespan(settings, bus):
+    task = "t-lifespan"
+    await register(bus.registry, task)
+    app = stream.create_app(settings, run_tracker=True)
+    async with app.router.lifespan_context(app):
+        await publish(bus.js, task, contract.EV_STATUS, state=contract.STATE_STARTED)
+        last = await publish(bus.js, task, contract.EV_PHASE, phase=contract.PHASE_STRATEGIC)
+        await acked_through(bus.js, last)
+    r = await bus.registry.get(task)
+    assert (r["state"], r["phase"], r["attempts"]) == ("started", "STRATEGIC", 1)
+
+
+async def test_tracker_survives_a_nats_restart(bus, nats_server):
+    task = "t-track-restart"
+    await register(bus.registry, task)
+    tracker = Tracker(bus.js, bus.registry, fetch_timeout=0.2)
+    tracker.start()
+    try:
+        seq = await publish(bus.js, task, contract.EV_STATUS, state=contract.STATE_STARTED)
+        await acked_through(bus.js, seq)
+        await asyncio.to_thread(nats_server.restart)
+        deadline = time.monotonic() + 20
+        while True:  # publish once JetStream is back
+            try:
+                last = await publish(bus.js, task, contract.EV_STATUS, state=contract.STATE_FINISHED, outcome="done")
+                break
+            except Exception:
+                if time.monotonic() > deadline:
+                    raise
+                await asyncio.sleep(0.1)
+        await acked_through(bus.js, last, timeout=20)
+    finally:
+        await tracker.stop()
+    r = await bus.registry.get(task)
+    assert (r["state"], r["outcome"], r["attempts"]) == ("finished", "done", 1)

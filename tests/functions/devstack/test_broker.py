@@ -1,0 +1,270 @@
+"""functions.devstack.broker: routes from eventing/, retries with backoff, dead letters, the ingress, the ping timer."""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime, timezone
+
+import httpx
+import pytest
+from cloudevents.http import CloudEvent
+
+from agent import contract
+from functions.devstack.broker import (
+    EVENTING_DIR,
+    Broker,
+    Delivery,
+    ManifestError,
+    PingTimer,
+    local_targets,
+    parse_duration,
+    parse_schedule,
+    ping_from_manifests,
+    routes_from_manifests,
+)
+from functions.main import HANDLERS
+
+
+# --- manifests -----------------------------------------------------------------
+def test_routes_from_eventing_match_the_four_functions():
+    routes = routes_from_manifests(EVENTING_DIR)
+    assert {r.event_type: r.function for r in routes} == {
+        contract.EVENT_TASK_SUBMITTED: "task_submitted",
+        contract.EVENT_JOB_UPDATE: "job_finished",
+        contract.EVENT_PING: "snapshot_due",
+        contract.EVENT_TASK_COMMAND: "task_command",
+    }
+    assert {r.function for r in routes} == set(HANDLERS)
+    for route in routes:
+        assert route.attributes == {"type": route.event_type}  # filter on type only
+        assert route.delivery == Delivery(retry=5, backoff_policy="exponential", backoff_delay=0.5, dead_letter_sink="dead-letter")
+
+
+def test_ping_source_and_api_server_source_wiring():
+    ping = ping_from_manifests(EVENTING_DIR)
+    assert (ping.name, ping.every_minutes) == ("snapshot-due", 5)
+    assert ping.event()["type"] == contract.EVENT_PING
+
+    import yaml
+
+    docs = [d for f in EVENTING_DIR.glob("*.yaml") for d in yaml.safe_load_all(f.read_text()) if d]
+    (source,) = [d for d in docs if d["kind"] == "ApiServerSource"]
+    assert source["spec"]["mode"] == "Resource"
+    (resource,) = source["spec"]["resources"]
+    assert resource["apiVersion"] == "batch/v1" and resource["kind"] == "Job"
+    assert resource["selector"]["matchLabels"] == {contract.LABEL_MANAGED_BY: contract.MANAGED_BY}
+    (role,) = [d for d in docs if d["kind"] == "Role"]
+    assert role["metadata"]["namespace"] == contract.AGENTS_NAMESPACE
+    (broker,) = [d for d in docs if d["kind"] == "Broker"]
+    (config,) = [d for d in docs if d["kind"] == "ConfigMap" and d["metadata"]["name"] == broker["spec"]["config"]["name"]]
+    assert yaml.safe_load(config["data"]["channel-template-spec"])["kind"] == "NatsJetStreamChannel"
+    kustomization = yaml.safe_load((EVENTING_DIR / "kustomization.yaml").read_text())
+    assert sorted(kustomization["resources"]) == sorted(f.name for f in EVENTING_DIR.glob("*.yaml") if f.name != "kustomization.yaml")
+
+
+@pytest.mark.parametrize("expr, minutes", [("* * * * *", 1), ("*/5 * * * *", 5), ("*/15  *  * * *", 15)])
+def test_parse_schedule(expr, minutes):
+    assert parse_schedule(expr) == minutes
+
+
+@pytest.mark.parametrize("expr", ["0 * * * *", "*/5 1 * * *", "*/0 * * * *", "@hourly", "", "*/5 * * *"])
+def test_parse_schedule_refuses_other_forms(expr):
+    with pytest.raises(ManifestError, match="understands only"):
+        parse_schedule(expr)
+
+
+def test_durations_and_backoff():
+    assert parse_duration("PT0.5S") == 0.5
+    assert parse_duration("PT1M30S") == 90
+    assert parse_duration("P1DT1H") == 90000
+    with pytest.raises(ManifestError):
+        parse_duration("0.5s")
+    exponential = Delivery(retry=3, backoff_delay=0.5)
+    assert [exponential.delay(n) for n in (1, 2, 3)] == [0.5, 1.0, 2.0]
+    linear = Delivery(retry=3, backoff_policy="linear", backoff_delay=0.5)
+    assert [linear.delay(n) for n in (1, 2, 3)] == [0.5, 1.0, 1.5]
+
+
+def test_next_ping_fire_time():
+    ping = ping_from_manifests(EVENTING_DIR)
+    t = datetime(2024, 1, 1, 10, 3, 20, tzinfo=timezone.utc).timestamp()
+    assert datetime.fromtimestamp(ping.next_fire(t), timezone.utc).minute == 5
+    on_the_tick = datetime(2024, 1, 1, 10, 55, 0, tzinfo=timezone.utc).timestamp()
+    assert datetime.fromtimestamp(ping.next_fire(on_the_tick), timezone.utc).hour == 11
+
+
+# --- delivery ------------------------------------------------------------------
+class Function:
+    """A target that answers from a script of statuses and records the events it saw."""
+
+    def __init__(self, *statuses: int):
+        self.script = list(statuses)
+        self.seen: list[str] = []
+
+    async def __call__(self, event: CloudEvent):
+        self.seen.append(event["id"])
+        status = self.script.pop(0) if self.script else 200
+        if status == 500:
+            raise RuntimeError("crashed")
+        return status, ({"ok": True} if status < 400 else {"error": f"status {status}", "field": None})
+
+
+@pytest.fixture
+def sleeps():
+    return []
+
+
+def make_broker(tmp_path, sleeps, **functions):
+    async def sleep(seconds):
+        sleeps.append(seconds)
+
+    targets = {name: functions.get(name, Function()) for name in HANDLERS}
+    return Broker(routes_from_manifests(EVENTING_DIR), targets, tmp_path / "dead-letter.jsonl", sleep=sleep)
+
+
+def event(type_=contract.EVENT_TASK_SUBMITTED, data=None) -> CloudEvent:
+    return CloudEvent({"type": type_, "source": "test"}, data or {"prompt": "x"})
+
+
+def dead_letters(tmp_path) -> list[dict]:
+    path = tmp_path / "dead-letter.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+async def test_retries_5xx_with_backoff_then_succeeds(tmp_path, sleeps):
+    flaky = Function(503, 503, 200)
+    broker = make_broker(tmp_path, sleeps, task_submitted=flaky)
+    (result,) = await broker.deliver(event())
+    assert (result.status, result.attempts) == (200, 3)
+    assert len(flaky.seen) == 3 and sleeps == [0.5, 1.0]
+    assert dead_letters(tmp_path) == []
+
+
+async def test_never_retries_4xx_and_dead_letters_it(tmp_path, sleeps):
+    picky = Function(400)
+    broker = make_broker(tmp_path, sleeps, task_submitted=picky)
+    ev = event()
+    (result,) = await broker.deliver(ev)
+    assert (result.status, result.attempts) == (400, 1)
+    assert len(picky.seen) == 1 and sleeps == []
+    (letter,) = dead_letters(tmp_path)
+    assert letter["event"]["id"] == ev["id"] and letter["status"] == 400 and letter["attempts"] == 1
+
+
+async def test_dead_letters_after_the_last_retry(tmp_path, sleeps):
+    broken = Function(*[503] * 5, 500)  # the last attempt crashes
+    broker = make_broker(tmp_path, sleeps, task_command=broken)
+    (result,) = await broker.deliver(event(contract.EVENT_TASK_COMMAND, {"task_id": "t", "op": "cancel"}))
+    assert (result.status, result.attempts) == (500, 6)  # the first attempt and retry: 5
+    assert sleeps == [0.5, 1.0, 2.0, 4.0, 8.0]
+    (letter,) = dead_letters(tmp_path)
+    assert letter["trigger"] == "task-command" and letter["dead_letter_sink"] == "dead-letter"
+    assert letter["event"]["data"] == {"task_id": "t", "op": "cancel"} and "crashed" in letter["error"]
+
+
+async def test_unrouted_event_goes_nowhere(tmp_path, sleeps):
+    broker = make_broker(tmp_path, sleeps)
+    assert await broker.deliver(event("dev.example.other")) == []
+
+
+def test_triggers_must_name_existing_functions(tmp_path):
+    with pytest.raises(ManifestError, match="task_command"):
+        Broker(routes_from_manifests(EVENTING_DIR), {n: Function() for n in HANDLERS if n != "task_command"}, tmp_path / "x")
+
+
+# --- ingress -------------------------------------------------------------------
+async def ingress(broker: Broker, headers: dict, body: bytes, path: str = "/") -> httpx.Response:
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=broker.app()), base_url="http://broker") as c:
+        return await c.post(path, headers=headers, content=body)
+
+
+BINARY = {"ce-specversion": "1.0", "ce-id": "e1", "ce-source": "test", "content-type": "application/json"}
+
+
+async def test_ingress_answers(tmp_path, sleeps):
+    submitted, commands = Function(200), Function(404)
+    broker = make_broker(tmp_path, sleeps, task_submitted=submitted, task_command=commands)
+
+    ok = await ingress(broker, {**BINARY, "ce-type": contract.EVENT_TASK_SUBMITTED}, b'{"prompt": "x"}')
+    assert ok.status_code == 202 and ok.json() == {"accepted": True, "results": {"task_submitted": {"ok": True}}}
+
+    knative_path = await ingress(broker, {**BINARY, "ce-type": contract.EVENT_TASK_SUBMITTED}, b"{}", "/dockyard/default")
+    assert knative_path.status_code == 202
+
+    refused = await ingress(broker, {**BINARY, "ce-type": contract.EVENT_TASK_COMMAND}, b"{}")
+    assert refused.status_code == 404 and refused.json()["error"] == "status 404"
+
+    unknown = await ingress(broker, {**BINARY, "ce-type": "dev.example.other"}, b"{}")
+    assert unknown.status_code == 400 and unknown.json()["field"] == "ce-type"
+
+    garbage = await ingress(broker, {"content-type": "text/plain"}, b"hello")
+    assert garbage.status_code == 400 and garbage.json()["field"] == "ce-specversion"
+    assert len(submitted.seen) == 2
+
+
+async def test_ingress_503_when_retries_are_exhausted(tmp_path, sleeps):
+    broker = make_broker(tmp_path, sleeps, task_submitted=Function(*[503] * 6))
+    response = await ingress(broker, {**BINARY, "ce-type": contract.EVENT_TASK_SUBMITTED}, b'{"prompt": "x"}')
+    assert response.status_code == 503 and "dead-letter" in response.json()["error"]
+    assert len(dead_letters(tmp_path)) == 1
+
+
+# --- the real functions behind the broker ----------------------------------------
+async def test_broker_delivers_to_the_real_functions(ctx, runtime, tmp_path):
+    async def get_context():
+        return ctx
+
+    broker = Broker.from_manifests(local_targets(HANDLERS, get_context), tmp_path)
+    headers = {**BINARY, "ce-type": contract.EVENT_TASK_SUBMITTED}
+    accepted = await ingress(broker, headers, b'{"prompt": "x", "task_id": "via-broker"}')
+    assert accepted.status_code == 202
+    assert accepted.json()["results"]["task_submitted"] == {"task_id": "via-broker", "status": "submitted"}
+    assert list(runtime.tasks) == ["via-broker"]
+
+    bad = await ingress(broker, headers, b'{"task_id": "no-prompt"}')
+    assert bad.status_code == 400 and bad.json()["field"] == "prompt"
+    assert dead_letters(tmp_path)[0]["event"]["data"] == {"task_id": "no-prompt"}
+
+    sleeps: list = []
+
+    async def no_sleep(seconds):
+        sleeps.append(seconds)
+
+    timer = PingTimer(broker, ping_from_manifests(EVENTING_DIR), sleep=no_sleep)
+    (tick,) = await timer.tick()
+    assert tick.status == 200 and tick.body["asked"] == 1
+
+
+async def test_ping_timer_ticks_on_the_schedule(tmp_path):
+    import asyncio
+
+    snapshots = Function()
+    broker = make_broker(tmp_path, [], snapshot_due=snapshots)
+    start = datetime(2024, 1, 1, 10, 3, 20, tzinfo=timezone.utc).timestamp()
+    now = [start]
+    waits: list[float] = []
+
+    async def sleep(seconds):
+        if len(waits) == 2:
+            raise asyncio.CancelledError
+        waits.append(seconds)
+        now[0] += seconds
+
+    timer = PingTimer(broker, ping_from_manifests(EVENTING_DIR), clock=lambda: now[0], sleep=sleep)
+    with pytest.raises(asyncio.CancelledError):
+        await timer.run()
+    assert waits == [100.0, 300.0]  # to 10:05:00, then every five minutes
+    assert len(snapshots.seen) == 2
+
+
+async def test_emit_raises_when_delivery_failed(tmp_path, sleeps):
+    from functions.errors import Unavailable
+
+    jobs = Function(*[503] * 6, 200)
+    broker = make_broker(tmp_path, sleeps, job_finished=jobs)
+    structured = {"specversion": "1.0", "id": "u1-finished", "source": contract.EVENT_SOURCE_LOCAL_RUNTIME,
+                  "type": contract.EVENT_JOB_UPDATE, "data": {"kind": "Job"}}
+    with pytest.raises(Unavailable, match="job-finished"):
+        await broker.emit(structured)
+    await broker.emit(structured)  # the sender's retry
+    assert jobs.seen == ["u1-finished"] * 7

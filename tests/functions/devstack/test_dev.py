@@ -1,0 +1,289 @@
+"""`dockyard dev` and `dockyard demo` end to end: the real agent, the real functions, a real nats-server.
+
+The stack runs as a child process (`python -m functions.cli dev`) exactly as a user starts it;
+tests talk to it over HTTP only, and reach into its data dir only to find an agent's pid.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from agent import contract
+from functions.cli import client
+from functions.cli import main as cli
+from functions.cli.demo import EXAMPLE_MODEL, EXAMPLE_TASK
+from functions.devstack.nats_embedded import EmbeddedNats
+from functions.cli.sse_client import follow
+from tests.conftest import free_port
+
+REPO_ROOT = Path(__file__).resolve().parents[3]
+
+
+class DevStack:
+    """`dockyard dev` in a child process on a free port."""
+
+    def __init__(self, data_dir: Path, env: dict):
+        self.data_dir = data_dir
+        self.env = env
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = data_dir / "dev-test.log"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> "DevStack":
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        with open(self.log, "ab") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "functions.cli", "dev", "--port", str(self.port), "--data-dir", str(self.data_dir)],
+                cwd=REPO_ROOT,
+                env=self.env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            assert self.proc.poll() is None, f"dev exited with {self.proc.returncode}:\n{self.log.read_text()}"
+            try:
+                if httpx.get(f"{self.url}/healthz", timeout=1).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.1)
+        raise AssertionError(f"dev did not come up:\n{self.log.read_text()}")
+
+    def stop(self) -> int:
+        """Ctrl-C, as a user stops it."""
+        if self.proc is None or self.proc.poll() is not None:
+            return self.proc.returncode if self.proc else 0
+        self.proc.send_signal(signal.SIGINT)
+        try:
+            return self.proc.wait(40)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+            raise AssertionError(f"dev did not stop on SIGINT:\n{self.log.read_text()}")
+
+    def supervisor_state(self, task_id: str) -> dict:
+        return json.loads((self.data_dir / "tasks" / task_id / "supervisor.json").read_text())
+
+
+def example_task() -> dict:
+    task = json.loads(EXAMPLE_TASK.read_text())
+    return {**task, "model": EXAMPLE_MODEL}
+
+
+async def collect(url: str, task_id: str, until=None, after: int | None = None, timeout: float = 90.0) -> list:
+    """The task's SSE messages until `end` (or until `until(message)` is true)."""
+    messages = []
+
+    async def run():
+        async for message in follow(f"{url}/api/stream/{task_id}", after):
+            messages.append(message)
+            if until is not None and until(message):
+                return
+
+    await asyncio.wait_for(run(), timeout)
+    return messages
+
+
+def statuses(messages) -> list[dict]:
+    return [m.data for m in messages if m.event == contract.EV_STATUS]
+
+
+def wait_record(url: str, task_id: str, timeout: float = 30.0) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        record = httpx.get(f"{url}/api/tasks/{task_id}", timeout=5).json()
+        if record.get("finished_uids"):
+            return record
+        time.sleep(0.2)
+    raise AssertionError(f"job_finished never recorded task {task_id}: {record}")
+
+
+@pytest.fixture
+def stack(tmp_path, agent_env):
+    stacks: list[DevStack] = []
+
+    def make() -> DevStack:
+        stacks.append(DevStack(tmp_path / "data", agent_env).start())
+        return stacks[-1]
+
+    yield make
+    for s in stacks:
+        s.stop()
+
+
+def test_demo_runs_the_example_task(tmp_path, agent_env):
+    result = subprocess.run(
+        [sys.executable, "-m", "functions.cli", "demo", "--data-dir", str(tmp_path / "demo")],
+        cwd=REPO_ROOT,
+        env=agent_env,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    out = result.stdout
+    assert "== STRATEGIC ==" in out and "== TACTICAL ==" in out
+    assert out.index("== STRATEGIC ==") < out.index("== TACTICAL ==")
+    assert "$ execute: " in out and "outcome: done" in out
+    (line,) = [line for line in out.splitlines() if line.startswith("final snapshot: ")]
+    archive = Path(line.removeprefix("final snapshot: file://"))
+    assert archive.is_file() and archive.name == "workspace.tar.gz"
+    # The stack stopped with the demo: nothing listens any more.
+    assert "stopped the dev stack" in out
+
+
+def test_an_agent_killed_mid_task_is_retried_and_resumes(stack):
+    dev = stack()
+    task_id = client.submit_task(dev.url, {**example_task(), "task_id": "killed"})
+    assert task_id == "killed"
+    killed: list[int] = []
+
+    def kill_at_first_tool(message) -> bool:
+        if message.event == contract.EV_TOOL and not killed:
+            pid = dev.supervisor_state(task_id)["pgids"]["agent"]
+            os.kill(pid, signal.SIGKILL)
+            killed.append(pid)
+        return message.event == "end"
+
+    messages = asyncio.run(collect(dev.url, task_id, until=kill_at_first_tool))
+    states = [s.get("state") for s in statuses(messages)]
+    assert killed
+    retrying = [s for s in statuses(messages) if s.get("state") == contract.STATE_RETRYING]
+    assert retrying and retrying[0]["exit_code"] == 137 and retrying[0]["attempt"] == 2
+    assert states.index(contract.STATE_RETRYING) < states.index(contract.STATE_RESUMED) < states.index(contract.STATE_FINISHED)
+    assert statuses(messages)[-1]["outcome"] == contract.OUTCOME_DONE
+    record = wait_record(dev.url, task_id)
+    assert record["outcome"] == contract.OUTCOME_DONE
+    assert contract.final_archive_key(task_id) in record["snapshot_keys"]
+    assert dev.supervisor_state(task_id)["exit_codes"] == [137, 0]
+
+
+def test_ctrl_c_stops_agents_and_the_next_start_resumes_them(stack):
+    first = stack()
+    task_id = client.submit_task(first.url, {**example_task(), "task_id": "restarted"})
+    seen = asyncio.run(collect(first.url, task_id, until=lambda m: m.data.get("phase") == contract.PHASE_TACTICAL))
+    assert first.stop() == 0
+    state = first.supervisor_state(task_id)
+    assert state["state"] != contract.STATE_FINISHED and state["exit_codes"] == [contract.EXIT_INTERRUPTED]
+    assert state["pgids"] == {}  # nothing left running
+
+    second = stack()
+    messages = asyncio.run(collect(second.url, task_id, after=seen[-1].id))
+    states = [s.get("state") for s in statuses(messages)]
+    assert contract.STATE_RESUMED in states and states[-1] == contract.STATE_FINISHED
+    assert wait_record(second.url, task_id)["outcome"] == contract.OUTCOME_DONE
+
+
+def test_cancel_through_the_stack(stack, capsys):
+    dev = stack()
+    task_id = client.submit_task(dev.url, {**example_task(), "task_id": "cancelled"})
+    seen = asyncio.run(collect(dev.url, task_id, until=lambda m: m.data.get("phase") == contract.PHASE_TACTICAL))
+    assert cli.main(["cancel", task_id, "--url", dev.url]) == 0
+    assert capsys.readouterr().out.strip() == f"cancel {task_id}: cancelling"  # the agent took it
+    messages = asyncio.run(collect(dev.url, task_id, after=seen[-1].id))
+    assert statuses(messages)[-1]["outcome"] == contract.OUTCOME_CANCELLED
+    assert wait_record(dev.url, task_id)["outcome"] == contract.OUTCOME_CANCELLED
+    state = dev.supervisor_state(task_id)  # exit 4 is not retried
+    assert (state["exit_codes"], state["reason"]) == ([contract.EXIT_CANCELLED], "PodFailurePolicy")
+
+
+def test_submit_to_the_dev_stack_refuses_bad_input(stack, capsys):
+    dev = stack()
+    assert cli.main(["submit", "x", "--task-id", "Not_Valid", "--url", dev.url]) == 2
+    assert "(field: task_id)" in capsys.readouterr().err
+    assert cli.main(["tasks", "--url", dev.url]) == 0
+    assert capsys.readouterr().out.strip() == "no tasks"
+
+
+async def _post_same_event_concurrently(url: str, times: int) -> list[httpx.Response]:
+    event = {
+        "specversion": "1.0", "id": "dup-1", "source": "test/duplicates", "type": contract.EVENT_TASK_SUBMITTED,
+        "datacontenttype": "application/json", "data": example_task(),
+    }
+    headers = {"content-type": "application/cloudevents+json"}
+    async with httpx.AsyncClient(timeout=30) as client:
+        return await asyncio.gather(*(client.post(f"{url}/", json=event, headers=headers) for _ in range(times)))
+
+
+def test_the_same_event_twenty_times_concurrently_makes_one_task_and_one_workspace(stack):
+    dev = stack()
+    responses = asyncio.run(_post_same_event_concurrently(dev.url, 20))
+    assert [r.status_code for r in responses] == [202] * 20, [r.text for r in responses]
+    task_id = contract.derive_task_id("test/duplicates", "dup-1")
+    assert [p.name for p in (dev.data_dir / "tasks").iterdir()] == [task_id]
+    messages = asyncio.run(collect(dev.url, task_id))
+    assert [s["state"] for s in statuses(messages)].count(contract.STATE_STARTED) == 1
+    assert statuses(messages)[-1]["outcome"] == contract.OUTCOME_DONE
+    assert [r["task_id"] for r in httpx.get(f"{dev.url}/api/tasks", timeout=5).json()] == [task_id]
+
+
+# --- the embedded nats-server ------------------------------------------------------
+
+
+async def test_embedded_nats_serves_jetstream_and_keeps_its_store(tmp_path):
+    import nats
+
+    port = free_port()
+    with EmbeddedNats(tmp_path, port=port) as server:
+        assert server.url == f"nats://127.0.0.1:{port}"
+        nc = await nats.connect(server.url)
+        js = nc.jetstream()
+        await js.add_stream(name="KEEP", subjects=["keep.>"])
+        await js.publish("keep.one", b"1")
+        await nc.close()
+    with EmbeddedNats(tmp_path) as server:  # a free port this time, the same store
+        nc = await nats.connect(server.url)
+        assert (await nc.jetstream().stream_info("KEEP")).state.messages == 1
+        await nc.close()
+
+
+def test_embedded_nats_dies_with_its_parent(tmp_path, agent_env):
+    parent = subprocess.Popen(
+        [sys.executable, "-c", textwrap.dedent(
+            f"""
+            import time
+            from functions.devstack.nats_embedded import EmbeddedNats
+            server = EmbeddedNats({str(tmp_path)!r}).start()
+            print(server.proc.pid, flush=True)
+            time.sleep(60)
+            """
+        )],
+        env=agent_env,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        pid = int(parent.stdout.readline())
+        parent.kill()
+        parent.wait()
+    finally:
+        parent.kill()
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return
+        if Path(f"/proc/{pid}/stat").read_text().split(")")[1].split()[0] == "Z":
+            return  # exited; waiting for init to reap it
+        time.sleep(0.05)
+    raise AssertionError("nats-server outlived its parent")
+
+
+def test_embedded_nats_reports_a_taken_port(tmp_path):
+    with EmbeddedNats(tmp_path / "a") as first:
+        with pytest.raises(Exception, match="nats-server exited"):
+            EmbeddedNats(tmp_path / "b", port=first.port).start()
