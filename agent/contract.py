@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+import time
 from datetime import datetime, timezone
 
 # --- distribution -----------------------------------------------------------
@@ -158,3 +159,10 @@ def final_result_key(task_id: str) -> str:
 
 # --- environment variables read by the agent CLI ----------------------------
 ENV_PREFIX = "DOCKYARD_"
+
+
+def iso_utc(ts: float | None = None) -> str:
+    """The one format of every `ts` field: ISO-8601 UTC with milliseconds, e.g. 2024-05-01T12:00:00.123Z."""
+    ts = time.time() if ts is None else ts
+    sec = int(ts)
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(sec)) + f".{int((ts - sec) * 1000):03d}Z"

@@ -217,7 +217,7 @@ def take_snapshot(
                 "key": key,
                 "sha256": sha,
                 "size": size,
-                "ts": datetime.now(timezone.utc).isoformat(),
+                "ts": contract.iso_utc(),
             },
         )
         return SnapshotResult(key=key, size=size, uploaded=True, sha256=sha)
@@ -368,7 +368,7 @@ def snapshot_event(task_id: str, snap: SnapshotResult | None, *, final: bool = F
     event = {
         "type": contract.EV_SNAPSHOT,
         "task_id": task_id,
-        "ts": datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z"),
+        "ts": contract.iso_utc(),
         "key": snap.key if snap else None,
         "size": snap.size if snap else 0,
         "uploaded": snap.uploaded if snap else False,

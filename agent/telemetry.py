@@ -95,10 +95,7 @@ _SID_CMD = 2
 _SID_API = 3
 
 
-def iso_utc(ts: float) -> str:
-    """ISO-8601 UTC with milliseconds, e.g. 2024-05-01T12:00:00.123Z."""
-    sec = int(ts)
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(sec)) + f".{int((ts - sec) * 1000):03d}Z"
+iso_utc = contract.iso_utc
 
 
 class _TsCache:

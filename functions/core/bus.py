@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from datetime import datetime, timezone
 from typing import TYPE_CHECKING
 
 from agent import contract
@@ -29,7 +28,7 @@ PUBLISH_TIMEOUT_SECONDS = 5.0
 
 
 def now_iso() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    return contract.iso_utc()
 
 
 def _is_nats_error(exc: BaseException) -> bool:
