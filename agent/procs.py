@@ -8,8 +8,15 @@ invariants hold everywhere:
   clean stop still ends it.
 - A child started with `start_new_session=True` leads its own process group, so
   `signal_group(pid, sig)` reaches everything it started that did not call
-  setsid itself. `live_group_members` reads /proc, because orphans reparented
-  to a PID 1 that never reaps them stay zombies and would count as alive.
+  setsid itself. `live_group_members`, `group_alive` and `pid_alive` read
+  /proc, because orphans reparented to a PID 1 that never reaps them stay
+  zombies and would count as alive.
+
+The signal on parent death is the caller's choice, on purpose: the local runtime
+and the dev stack ask for SIGTERM (an agent stops after its step, nats-server
+shuts down cleanly), the agent's `execute` for SIGKILL (a command of a killed
+agent must not complete behind its back). Nothing else in agent/ or functions/
+calls killpg or prctl.
 """
 
 from __future__ import annotations
@@ -17,8 +24,8 @@ from __future__ import annotations
 import os
 import signal
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 PR_SET_PDEATHSIG = 1
 
@@ -57,18 +64,27 @@ def signal_group(pgid: int, sig: int) -> bool:
         return False
 
 
+def _stat(proc_dir: Path) -> list[bytes] | None:
+    """The fields of /proc/<pid>/stat after the command name: [state, ppid, pgrp, ...]."""
+    try:
+        raw = (proc_dir / "stat").read_bytes()
+    except OSError:
+        return None
+    return raw[raw.rfind(b")") + 2 :].split()
+
+
+def _live(fields: list[bytes]) -> bool:
+    return fields[0] not in (b"Z", b"X")  # a zombie has exited; it only waits to be reaped
+
+
 def live_group_members(pgid: int) -> list[int]:
     """PIDs of the live (non-zombie) processes in a process group, from /proc."""
     found = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
-        try:
-            raw = (entry / "stat").read_bytes()
-        except OSError:
-            continue
-        fields = raw[raw.rfind(b")") + 2 :].split()
-        if len(fields) > 2 and int(fields[2]) == pgid and fields[0] not in (b"Z", b"X"):
+        fields = _stat(entry)
+        if fields is not None and len(fields) > 2 and int(fields[2]) == pgid and _live(fields):
             found.append(int(entry.name))
     return found
 
@@ -78,3 +94,17 @@ def group_alive(pgid: int) -> bool:
     if not Path("/proc/self/stat").exists():
         return signal_group(pgid, 0)
     return bool(live_group_members(pgid))
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether a process exists and has not exited (a zombie counts as gone)."""
+    if not Path("/proc/self/stat").exists():
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+        return True
+    fields = _stat(Path(f"/proc/{pid}"))
+    return fields is not None and _live(fields)
