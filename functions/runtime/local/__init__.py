@@ -1,0 +1,16 @@
+"""Agents as child processes on this machine: the pod, mirrored (the Runtime of `dockyard dev`).
+
+The package, imports one way (top to bottom):
+    runtime        LocalRuntime: launch, cancel, finished_job, resume after a restart, the TTL janitor
+    supervisor     one task's Job controller: attempts, retries with backoff, deadline, the job event
+    status_events  the runtime's own status events (retrying) on NATS
+    processes      restore, snapshotter and agent as child processes in their own process groups
+    job_event      the finished Job and the ApiServerSource CloudEvent carrying it
+    state          a task's folder and `supervisor.json`, written atomically
+    clock          the Clock every wait and persisted time goes through (a test injects its own)
+"""
+
+from functions.runtime.local.clock import Clock
+from functions.runtime.local.runtime import LocalRuntime
+
+__all__ = ["Clock", "LocalRuntime"]

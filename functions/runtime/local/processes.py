@@ -1,0 +1,198 @@
+"""The child processes of a local task: restore, the snapshotter and the agent, as the pod's containers.
+
+Invariants
+- Every child leads its own process group (`start_new_session`) and gets SIGTERM
+  from the kernel if this process dies (`agent.procs.die_with_parent`), so no
+  agent outlives `dockyard dev`; the groups are recorded in the task's state so
+  a new process reaps what a hard crash left behind.
+- Stopping a child is SIGTERM to its whole group, a grace period, then SIGKILL
+  to the group; a child that exits on its own gets SIGKILL for stragglers left
+  in its group. Grace periods are real time: they are about real processes.
+- A child's output is appended to `logs/<role>.log`, each run after a header
+  line, and the offset where the run began is kept for FallbackToLogsOnError.
+- The children get the flags the pod's containers get (`AgentCommand`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from agent.procs import die_with_parent, group_alive, signal_group
+from functions.core.task import Task
+from functions.runtime.local.state import TaskFolder
+
+log = logging.getLogger("dockyard.runtime.local")
+
+REAP_POLL_SECONDS = 0.05  # a group that is not our child cannot be waited on, only looked at
+
+
+@dataclass(frozen=True)
+class AgentCommand:
+    """`<argv> run|restore|snapshotter ...`: the agent CLI (or a stand-in in tests) and its flags."""
+
+    argv: tuple[str, ...]
+    store_url: str
+    nats_url: str | None = None
+    default_model: str | None = None
+    secrets_dir: str | None = None
+    snapshot_interval: float | None = None
+
+    def line(self, task: Task, command: str, folder: TaskFolder) -> list[str]:
+        """The command line of one container, the flags as the pod's containers get them."""
+        argv = [*self.argv, command, "--task-id", task.task_id, "--workspace", str(folder.workspace)]
+        if command == "restore":
+            return [*argv, "--store", self.store_url]
+        if command == "snapshotter":
+            argv += ["--store", self.store_url]
+            if self.nats_url:
+                argv += ["--nats", self.nats_url]
+            if self.snapshot_interval:
+                argv += ["--interval", str(self.snapshot_interval)]
+            return argv
+        argv += ["--task-file", str(folder.task_file), "--home", str(folder.home)]
+        model = task.model or self.default_model
+        if model:
+            argv += ["--model", model]
+        if self.nats_url:
+            argv += ["--nats", self.nats_url]
+        if self.secrets_dir:
+            argv += ["--secrets-dir", self.secrets_dir]
+        return argv
+
+
+def child_env(env: dict[str, str] | None) -> dict[str, str]:
+    """The environment of every child: `env` (default: this process's), with this checkout on the path."""
+    import agent
+
+    env = dict(os.environ if env is None else env)
+    # The children import `agent` from this checkout even when it is not installed.
+    root = str(Path(agent.__file__).resolve().parent.parent)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    return env
+
+
+def exit_code(returncode: int | None) -> int:
+    """As a container reports it: a death by signal N is 128+N (SIGKILL → 137)."""
+    if returncode is None:
+        return -1
+    return 128 - returncode if returncode < 0 else returncode
+
+
+class Children:
+    """The running children of one task, by role. `groups` is the task's persisted record of
+    live process groups; `persist` saves it after every change."""
+
+    def __init__(self, folder: TaskFolder, env: dict[str, str], groups: dict[str, int], persist: Callable[[], None]):
+        self.folder = folder
+        self.env = env
+        self.groups = groups
+        self.persist = persist
+        self.procs: dict[str, asyncio.subprocess.Process] = {}
+        self.log_offsets: dict[str, int] = {}
+
+    def running(self, role: str) -> asyncio.subprocess.Process | None:
+        proc = self.procs.get(role)
+        return proc if proc is not None and proc.returncode is None else None
+
+    async def start(self, role: str, argv: list[str]) -> asyncio.subprocess.Process:
+        self.folder.logs.mkdir(parents=True, exist_ok=True)
+        env = dict(self.env)
+        if role == "agent":
+            env["HOME"] = str(self.folder.home)
+            env["PYTHONUSERBASE"] = str(self.folder.home / ".local")
+        with open(self.folder.log(role), "ab") as logfile:
+            stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+            logfile.write(f"--- {stamp} {role} starts\n".encode())
+            logfile.flush()
+            self.log_offsets[role] = logfile.tell()  # where this run's output begins
+            proc = await asyncio.create_subprocess_exec(
+                *argv,
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=logfile,
+                stderr=asyncio.subprocess.STDOUT,
+                cwd=str(self.folder.workspace),
+                env=env,
+                start_new_session=True,  # its own process group, so a stop reaches its children too
+                preexec_fn=die_with_parent(signal.SIGTERM),
+            )
+        self.procs[role] = proc
+        self.groups[role] = proc.pid
+        self.persist()
+        return proc
+
+    async def exited(self, role: str) -> None:
+        """After `role` exited on its own: SIGKILL what it left in its group, and forget it."""
+        proc = self.procs.pop(role, None)
+        if proc is not None:
+            await proc.wait()
+            signal_group(proc.pid, signal.SIGKILL)
+        self._forget(role)
+
+    async def stop(self, role: str, grace: float) -> None:
+        """SIGTERM to the group of `role`, `grace` seconds, then SIGKILL to the group."""
+        proc = self.procs.pop(role, None)
+        if proc is None:
+            return
+        if proc.returncode is None:
+            signal_group(proc.pid, signal.SIGTERM)
+            try:
+                await asyncio.wait_for(proc.wait(), grace)
+            except TimeoutError:
+                log.warning("task %s: %s ignored SIGTERM for %.0fs; killing it", self.folder.root.name, role, grace)
+        signal_group(proc.pid, signal.SIGKILL)
+        await proc.wait()
+        self._forget(role)
+
+    async def wait_gone(self, role: str, timeout: float) -> None:
+        """Wait (at most `timeout` seconds) until `role` has exited, if it runs."""
+        proc = self.running(role)
+        if proc is not None:
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(proc.wait(), timeout)
+
+    def output_since_start(self, role: str) -> str | None:
+        """What `role` wrote to its log during its last run."""
+        try:
+            with open(self.folder.log(role), "rb") as fh:
+                fh.seek(self.log_offsets.get(role, 0))
+                return fh.read().decode(errors="replace")
+        except OSError:
+            return None
+
+    def _forget(self, role: str) -> None:
+        if self.groups.pop(role, None) is not None:
+            self.persist()
+
+
+async def reap_orphans(groups: dict[str, int], task_id: str, grace: float) -> None:
+    """Children of a process that died hard got SIGTERM from the kernel; make sure they are gone.
+    Empties `groups`."""
+    for role, pgid in list(groups.items()):
+        if _is_our_group(pgid, task_id):
+            log.warning("task %s: stopping the %s left over by the previous process", task_id, role)
+            signal_group(pgid, signal.SIGTERM)
+            deadline = time.monotonic() + grace
+            while group_alive(pgid) and time.monotonic() < deadline:
+                await asyncio.sleep(REAP_POLL_SECONDS)
+            signal_group(pgid, signal.SIGKILL)
+    groups.clear()
+
+
+def _is_our_group(pgid: int, task_id: str) -> bool:
+    """A recorded group still alive whose leader's command line names the task: not a reused pid."""
+    if not group_alive(pgid):
+        return False
+    try:
+        cmdline = Path(f"/proc/{pgid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return True  # leader gone but the group lives: ours, since group ids are not reused while alive
+    return task_id.encode() in cmdline

@@ -1,0 +1,256 @@
+"""LocalRuntime: the Runtime of `dockyard dev`, the cluster's Job controller and TTL controller imitated.
+
+Invariants
+- Launch is idempotent by task id: the folder `<data_dir>/tasks/<id>/` is the
+  arbiter (same spec: nothing new; another spec: LaunchConflict), and one
+  `TaskSupervisor` at most runs per task in this process.
+- `close()` stops every agent with SIGTERM and leaves its task unfinished;
+  `resume_running()` in the next process supervises every unfinished task again
+  and delivers every job event still owed.
+- The janitor (every `sweep_interval_seconds`, like ttlSecondsAfterFinished)
+  removes the workspace of a task finished longer than its TTL ago (a failed
+  one is kept longer, to look into), once its final snapshot is in the store;
+  the task's record stays.
+- All waiting and every persisted time is on the injected `Clock`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import shutil
+import sys
+import uuid
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+from agent import contract
+from functions.core.task import Task
+from functions.errors import LaunchConflict, TaskNotFound, TransientError
+from functions.runtime.local.clock import Clock
+from functions.runtime.local.job_event import REASON_COMPLETE, job_object
+from functions.runtime.local.processes import AgentCommand, child_env
+from functions.runtime.local.state import SupervisorState, TaskFolder, TaskFolders
+from functions.runtime.local.status_events import StatusEvents
+from functions.runtime.local.supervisor import EmitJobEvent, Policy, TaskSupervisor
+
+log = logging.getLogger("dockyard.runtime.local")
+
+
+class LocalRuntime:
+    """The Runtime for `dockyard dev`: restore, snapshotter and agent as child processes."""
+
+    def __init__(
+        self,
+        data_dir: Path | str,
+        nats_url: str | None,
+        store_url: str,
+        emit_job_event: EmitJobEvent,
+        agent_cmd: Sequence[str] | None = None,
+        *,
+        env: dict[str, str] | None = None,
+        default_model: str | None = None,
+        secrets_dir: str | None = None,
+        snapshot_interval: float | None = None,
+        backoff_seconds: float = 2.0,
+        backoff_max_seconds: float = 60.0,
+        grace_seconds: float = 10.0,
+        snapshotter_grace_seconds: float = 120.0,
+        ttl_succeeded_seconds: float = 3600.0,
+        ttl_failed_seconds: float = 7 * 24 * 3600.0,
+        sweep_interval_seconds: float = 60.0,
+        clock: Clock | None = None,
+    ):
+        self.data_dir = Path(data_dir).resolve()
+        self.folders = TaskFolders(self.data_dir / "tasks")
+        self.store_url = store_url
+        self.clock = clock or Clock()
+        self.ttl_succeeded_seconds = ttl_succeeded_seconds
+        self.ttl_failed_seconds = ttl_failed_seconds
+        self.sweep_interval_seconds = sweep_interval_seconds
+        self._shutdown = asyncio.Event()
+        self._status = StatusEvents(nats_url)
+        self.policy = Policy(
+            folders=self.folders,
+            # `<agent_cmd> run|restore|snapshotter ...`: the agent CLI, or a stand-in in tests.
+            command=AgentCommand(
+                tuple(agent_cmd or (sys.executable, "-m", "agent")),
+                store_url,
+                nats_url=nats_url,
+                default_model=default_model,
+                secrets_dir=secrets_dir,
+                snapshot_interval=snapshot_interval,
+            ),
+            env=child_env(env),
+            emit_job_event=emit_job_event,
+            status=self._status,
+            clock=self.clock,
+            shutdown=self._shutdown,
+            backoff_seconds=backoff_seconds,
+            backoff_max_seconds=backoff_max_seconds,
+            grace_seconds=grace_seconds,
+            snapshotter_grace_seconds=snapshotter_grace_seconds,
+        )
+        self._supervised: dict[str, TaskSupervisor] = {}
+        self._lock = asyncio.Lock()
+        self._janitor: asyncio.Task | None = None
+
+    # --- the Runtime protocol ------------------------------------------------
+
+    async def launch(self, task: Task) -> bool:
+        if self._shutdown.is_set():
+            raise TransientError("the local runtime is stopping; retry once `dockyard dev` runs again")
+        async with self._lock:
+            existing = self.folders.load(task.task_id)
+            if existing is not None:
+                if existing.spec_hash != task.spec_hash:
+                    raise LaunchConflict(
+                        f"task {task.task_id} already exists with a different spec; submit under another task_id"
+                    )
+                if not existing.finished or not existing.event_sent:
+                    self._supervise(existing, task)  # e.g. launched again before resume_running()
+                return False
+            state = SupervisorState(
+                task_id=task.task_id, spec_hash=task.spec_hash, uid=str(uuid.uuid4()), created_at=self.clock.time()
+            )
+            self.folders.create(task, state)
+            self._supervise(state, task)
+            self._start_janitor()
+            log.info("launched task %s (job uid %s)", task.task_id, state.uid)
+            return True
+
+    async def finished_job(self, task_id: str) -> dict | None:
+        state = self._current(task_id)
+        if state is None or not state.finished:
+            return None
+        return job_object(state, self.folders.load_task(task_id))
+
+    async def cancel(self, task_id: str) -> None:
+        """Stop the agent (SIGTERM, grace, SIGKILL); the task finishes with outcome cancelled."""
+        async with self._lock:
+            state = self._current(task_id)
+            if state is None:
+                raise TaskNotFound(f"no task {task_id} in {self.folders.tasks_dir}")
+            if state.finished:
+                return
+            sup = self._supervised.get(task_id) or self._supervise(state, self.folders.load_task(task_id))
+            sup.stop("cancel")
+        # Wait for the agent to be gone, not for the job event: its delivery may need this caller.
+        await sup.agent_gone()
+
+    # --- lifecycle of this process -------------------------------------------
+
+    async def resume_running(self, registry_records: Iterable[Any] = ()) -> list[str]:
+        """Pick up what the last process left: every task whose folder says it is not finished
+        is supervised again (its agent resumes from its checkpoint), and a job event that was
+        never delivered is sent now. `registry_records` (entries of the task registry that are
+        not finished) only serve to warn about tasks that have no folder here."""
+        resumed = []
+        async with self._lock:
+            for task_id in self.folders.task_ids():
+                state = self.folders.load(task_id)
+                if state is None or task_id in self._supervised:
+                    continue
+                if state.finished and state.event_sent:
+                    continue
+                self._supervise(state, self.folders.load_task(task_id))
+                resumed.append(task_id)
+        for record in registry_records:
+            task_id = _record_task_id(record)
+            if task_id and self.folders.load(task_id) is None:
+                log.warning("task %s is unfinished in the registry but has no folder in %s", task_id, self.folders.tasks_dir)
+        if resumed:
+            log.info("resumed %d task(s): %s", len(resumed), ", ".join(resumed))
+        self._start_janitor()
+        return resumed
+
+    async def close(self) -> None:
+        """Stop every agent (SIGTERM: it stops after its current step) and its snapshotter,
+        leaving the tasks unfinished so the next process resumes them."""
+        self._shutdown.set()
+        if self._janitor:
+            self._janitor.cancel()
+        running = [sup.state.task_id for sup in self._supervised.values() if not sup.state.finished]
+        if running:
+            log.info("stopping %d agent(s) with SIGTERM; the next start resumes them: %s", len(running), ", ".join(running))
+        for sup in list(self._supervised.values()):
+            sup.stop("shutdown")
+        runners = [sup.runner for sup in self._supervised.values() if sup.runner]
+        if runners:
+            await asyncio.gather(*runners, return_exceptions=True)
+        await self._status.close()
+
+    async def sweep(self) -> None:
+        """Deliver job events still owed, and remove the workspaces of tasks finished longer than
+        their TTL ago once their final snapshot is in the store."""
+        for task_id in self.folders.task_ids():
+            state = self.folders.load(task_id)
+            if state is None or not state.finished or task_id in self._supervised:
+                continue
+            if not state.event_sent:
+                self._supervise(state, self.folders.load_task(task_id))
+                continue
+            ttl = self.ttl_succeeded_seconds if state.reason == REASON_COMPLETE else self.ttl_failed_seconds
+            if state.workspace_removed or self.clock.time() - (state.finished_at or 0) < ttl:
+                continue
+            if await self._final_snapshot_stored(task_id):
+                folder = self.folders.folder(task_id)
+                shutil.rmtree(folder.workspace, ignore_errors=True)
+                shutil.rmtree(folder.home, ignore_errors=True)
+                state.workspace_removed = True
+                self.folders.save(state)
+                log.info("removed the workspace of task %s (final snapshot stored)", task_id)
+
+    # --- for the dev stack and the tests -------------------------------------------
+
+    def folder(self, task_id: str) -> TaskFolder:
+        return self.folders.folder(task_id)
+
+    def command_line(self, task: Task, command: str) -> list[str]:
+        """`<agent_cmd> run|restore|snapshotter ...`, the flags as the pod's containers get them."""
+        return self.policy.command.line(task, command, self.folder(task.task_id))
+
+    # --- helpers ---------------------------------------------------------------------
+
+    def _current(self, task_id: str) -> SupervisorState | None:
+        sup = self._supervised.get(task_id)
+        return sup.state if sup else self.folders.load(task_id)
+
+    def _supervise(self, state: SupervisorState, task: Task) -> TaskSupervisor:
+        sup = self._supervised.get(state.task_id)
+        if sup is None:
+            sup = TaskSupervisor(self.policy, state, task)
+            self._supervised[state.task_id] = sup
+            sup.start(lambda done: self._supervised.pop(done.state.task_id, None))
+        return sup
+
+    async def _final_snapshot_stored(self, task_id: str) -> bool:
+        from agent.storage import open_store
+
+        try:
+            store = open_store(self.store_url)
+            return await asyncio.to_thread(store.exists, contract.final_result_key(task_id))
+        except Exception as exc:  # noqa: BLE001 - keep the workspace when in doubt
+            log.warning("task %s: cannot check the final snapshot (%s); keeping the workspace", task_id, exc)
+            return False
+
+    def _start_janitor(self) -> None:
+        if self._janitor is None and not self._shutdown.is_set():
+            self._janitor = asyncio.get_running_loop().create_task(self._janitor_loop(), name="local-runtime-janitor")
+
+    async def _janitor_loop(self) -> None:
+        while True:
+            try:
+                await self.sweep()
+            except Exception:
+                log.exception("sweeping finished tasks failed")
+            await self.clock.sleep(self.sweep_interval_seconds)
+
+
+def _record_task_id(record: Any) -> str | None:
+    if isinstance(record, str):
+        return record
+    if isinstance(record, dict):
+        return record.get("task_id")
+    return getattr(record, "task_id", None)
