@@ -51,14 +51,11 @@ class InMemoryRuntime:
         self.specs[task.task_id] = task.spec_hash
         return True
 
-    async def status(self, task_id):
-        raise NotImplementedError
-
     async def cancel(self, task_id):
         raise NotImplementedError
 
-    async def list(self):
-        return []
+    async def finished_job(self, task_id):
+        return None
 
 
 def event(i: int, run: str) -> CloudEvent:

@@ -19,7 +19,6 @@ import asyncio
 import json
 import logging
 import os
-import re
 from typing import Any, Callable
 
 from kubernetes import client, config
@@ -29,15 +28,11 @@ from urllib3.exceptions import HTTPError as Urllib3Error
 from agent import contract
 from functions.core import factory
 from functions.core.factory import JobSettings
-from functions.core.runtime_api import TaskStatus
 from functions.errors import ApiRejected, ApiUnavailable, LaunchConflict, TaskNotFound
 from functions.errors import SettingsError
 from functions.core.task import Task
 
 log = logging.getLogger("dockyard.runtime.kubernetes")
-
-MANAGED_SELECTOR = f"{contract.LABEL_MANAGED_BY}={contract.MANAGED_BY}"
-_EXIT_CODE = re.compile(r"exit code (\d+)")
 
 
 class _Answer(Exception):
@@ -110,9 +105,6 @@ class KubernetesRuntime:
             log.info("completed the launch of task %s: created the missing workspace of Job %s/%s", task.task_id, ns, name)
         return True
 
-    async def status(self, task_id: str) -> TaskStatus:
-        return job_status(await self._read_job(task_id))
-
     async def finished_job(self, task_id: str) -> dict | None:
         try:
             job = await self._read_job(task_id)
@@ -138,11 +130,6 @@ class KubernetesRuntime:
         except _Answer:
             raise TaskNotFound(f"no task {task_id}: Job {ns}/{name} does not exist") from None
         log.info("cancelled task %s: deleted Job %s/%s", task_id, ns, name)
-
-    async def list(self) -> list[TaskStatus]:
-        ns = self.settings.namespace
-        answer = await self._call(f"list Jobs in {ns}", self.batch.list_namespaced_job, ns, label_selector=MANAGED_SELECTOR)
-        return sorted((job_status(job) for job in answer.get("items") or []), key=lambda status: status.task_id)
 
     # --- helpers ---------------------------------------------------------------
 
@@ -242,71 +229,3 @@ def _annotated_task(meta: dict) -> dict | None:
     except ValueError:
         return None
 
-
-# --- Job status -> task status ---------------------------------------------------
-
-
-def job_status(job: dict) -> TaskStatus:
-    """What a Job says about its task. Finished only with a Complete or Failed condition that is
-    "True" (as `job_finished` decides); before that: suspended or no pod ready is queued, a pod
-    ready is started, and earlier failed pods make it retrying."""
-    meta = job.get("metadata") or {}
-    spec = job.get("spec") or {}
-    st = job.get("status") or {}
-    name = meta.get("name") or ""
-    task_id = (meta.get("labels") or {}).get(contract.LABEL_TASK_ID) or name.removeprefix("agent-")
-    conditions = {c.get("type"): c for c in st.get("conditions") or [] if isinstance(c, dict) and str(c.get("status")) == "True"}
-    active, failed, succeeded = (int(st.get(key) or 0) for key in ("active", "failed", "succeeded"))
-    ready = st.get("ready")
-    outcome = reason = message = None
-
-    if "Complete" in conditions:
-        state, outcome = contract.STATE_FINISHED, contract.OUTCOME_DONE
-        reason, message = conditions["Complete"].get("reason"), conditions["Complete"].get("message")
-    elif "Failed" in conditions:
-        state = contract.STATE_FINISHED
-        reason, message = conditions["Failed"].get("reason"), conditions["Failed"].get("message")
-        outcome = _failed_outcome(reason, message)
-    elif meta.get("deletionTimestamp"):
-        state, outcome, reason = contract.STATE_FINISHED, contract.OUTCOME_CANCELLED, "Deleted"
-    elif spec.get("suspend"):
-        state, reason = contract.STATE_QUEUED, "Suspended"  # waiting for Kueue to admit it
-    elif active and failed:
-        state = contract.STATE_RETRYING
-    elif active:
-        state = contract.STATE_STARTED if ready is None or int(ready) > 0 else contract.STATE_QUEUED
-    elif failed:
-        state = contract.STATE_RETRYING  # between attempts (pod backoff)
-    else:
-        state = contract.STATE_QUEUED
-
-    return TaskStatus(
-        task_id=task_id,
-        state=state,
-        outcome=outcome,
-        attempts=active + failed + succeeded,
-        reason=reason,
-        details={
-            "job": name,
-            "namespace": meta.get("namespace"),
-            "uid": meta.get("uid"),
-            "active": active,
-            "failed": failed,
-            "succeeded": succeeded,
-            "started_at": st.get("startTime"),
-            "finished_at": st.get("completionTime")
-            or (conditions.get("Failed") or {}).get("lastTransitionTime"),
-            "message": message,
-        },
-    )
-
-
-def _failed_outcome(reason: str | None, message: str | None) -> str:
-    if reason == "DeadlineExceeded":
-        return contract.OUTCOME_DEADLINE
-    if reason == "PodFailurePolicy":
-        # "Container agent for pod ns/p failed with exit code 4 matching FailJob rule at index 0"
-        match = _EXIT_CODE.search(message or "")
-        if match and int(match.group(1)) == contract.EXIT_CANCELLED:
-            return contract.OUTCOME_CANCELLED
-    return contract.OUTCOME_FAILED

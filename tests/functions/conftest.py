@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import uuid
+from dataclasses import dataclass
 
 import httpx
 import pytest
@@ -12,10 +13,18 @@ from starlette.applications import Starlette
 from starlette.routing import Route
 
 from functions.core.bus import Bus
-from functions.core.runtime_api import TaskStatus
 from functions.errors import LaunchConflict, TaskNotFound
 from functions.core.settings import Settings
 from functions.core.task import Task
+
+
+@dataclass
+class MemoryTask:
+    """What the in-memory runtime knows of a task: launched (queued), or cancelled."""
+
+    task_id: str
+    state: str = "queued"
+    outcome: str | None = None
 
 
 class MemoryRuntime:
@@ -25,7 +34,7 @@ class MemoryRuntime:
     server's AlreadyExists it is the arbiter between racing launches."""
 
     def __init__(self):
-        self.tasks: dict[str, TaskStatus] = {}
+        self.tasks: dict[str, MemoryTask] = {}
         self.specs: dict[str, str] = {}
         self.created = 0  # launches that created a task
         self.finished_jobs: dict[str, dict] = {}  # Jobs that finished, as the ApiServerSource would send them
@@ -37,21 +46,15 @@ class MemoryRuntime:
                 raise LaunchConflict(f"task {task.task_id} exists with another spec")
             return False
         self.specs[task.task_id] = task.spec_hash
-        self.tasks[task.task_id] = TaskStatus(task.task_id, "queued")
+        self.tasks[task.task_id] = MemoryTask(task.task_id)
         self.created += 1
         return True
 
-    async def status(self, task_id: str) -> TaskStatus:
+    async def cancel(self, task_id: str) -> None:
         if task_id not in self.tasks:
             raise TaskNotFound(task_id)
-        return self.tasks[task_id]
-
-    async def cancel(self, task_id: str) -> None:
-        status = await self.status(task_id)
-        status.state, status.outcome = "finished", "cancelled"
-
-    async def list(self) -> list[TaskStatus]:
-        return list(self.tasks.values())
+        task = self.tasks[task_id]
+        task.state, task.outcome = "finished", "cancelled"
 
     async def finished_job(self, task_id: str) -> dict | None:
         return self.finished_jobs.get(task_id)

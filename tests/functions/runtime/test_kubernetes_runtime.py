@@ -159,8 +159,8 @@ async def test_an_unreachable_api_server_is_transient():
     with pytest.raises(ApiUnavailable, match="did not answer") as caught:
         await runtime.launch(make_task())
     assert isinstance(caught.value, TransientError)
-    with pytest.raises(ApiUnavailable):
-        await runtime.list()
+    with pytest.raises(ApiUnavailable, match="did not answer"):
+        await runtime.finished_job("t1")
     await runtime.close()
 
 
@@ -177,8 +177,7 @@ async def test_cancel_deletes_the_job_and_the_pvc_goes_with_it(kube, runtime):
 
     with pytest.raises(TaskNotFound):
         await runtime.cancel("t1")
-    with pytest.raises(TaskNotFound):
-        await runtime.status("t1")
+    assert await runtime.finished_job("t1") is None
 
 
 async def test_the_emulator_orphans_a_jobs_dependents_by_default(kube, kube_client, runtime):
@@ -199,47 +198,15 @@ async def test_cancel_of_an_unknown_or_invalid_id_is_not_found(runtime):
         await runtime.cancel("Not_An_Id")
 
 
-# --- status and list -----------------------------------------------------------------
-
-
-async def test_status_follows_the_job(kube, runtime):
-    await runtime.launch(make_task())
-    status = await runtime.status("t1")
-    assert (status.state, status.outcome, status.attempts) == (contract.STATE_QUEUED, None, 0)
-    assert status.details["uid"] == kube.get(JOBS, NS, "agent-t1")["metadata"]["uid"]
-
-    await kube.set_job_status(NS, "agent-t1", active=1, ready=0)
-    assert (await runtime.status("t1")).state == contract.STATE_QUEUED  # pod not ready yet (pulling, restoring)
-    await kube.set_job_status(NS, "agent-t1", active=1, ready=1, startTime="2030-01-01T00:00:00Z")
-    status = await runtime.status("t1")
-    assert (status.state, status.attempts, status.details["started_at"]) == (contract.STATE_STARTED, 1, "2030-01-01T00:00:00Z")
-    await kube.set_job_status(NS, "agent-t1", active=1, ready=1, failed=1)
-    assert (await runtime.status("t1")).state == contract.STATE_RETRYING
-    await kube.set_job_status(NS, "agent-t1", active=0, ready=0, succeeded=1, conditions=[job_condition("Complete")])
-    status = await runtime.status("t1")
-    assert (status.state, status.outcome, status.reason, status.attempts) == (contract.STATE_FINISHED, contract.OUTCOME_DONE, "CompletionsReached", 2)
-
-
-@pytest.mark.parametrize(
-    "condition, outcome",
-    [
-        (job_condition("Failed", reason="BackoffLimitExceeded"), contract.OUTCOME_FAILED),
-        (job_condition("Failed", reason="DeadlineExceeded"), contract.OUTCOME_DEADLINE),
-        (job_condition("Failed", reason="PodFailurePolicy", message="Container agent for pod p failed with exit code 4 matching FailJob rule at index 0"), contract.OUTCOME_CANCELLED),
-        (job_condition("Failed", reason="PodFailurePolicy", message="Container agent for pod p failed with exit code 3 matching FailJob rule at index 0"), contract.OUTCOME_FAILED),
-    ],
-)
-async def test_failed_conditions_map_to_outcomes(kube, runtime, condition, outcome):
-    await runtime.launch(make_task())
-    await kube.set_job_status(NS, "agent-t1", failed=1, conditions=[job_condition("FailureTarget", reason=condition["reason"]), condition])
-    status = await runtime.status("t1")
-    assert (status.state, status.outcome, status.reason) == (contract.STATE_FINISHED, outcome, condition["reason"])
+# --- finished_job -------------------------------------------------------------------
 
 
 async def test_a_condition_that_is_not_true_does_not_finish(kube, runtime):
     await runtime.launch(make_task())
     await kube.set_job_status(NS, "agent-t1", active=1, ready=1, conditions=[job_condition("Complete", status="False")])
-    assert (await runtime.status("t1")).state == contract.STATE_STARTED
+    assert await runtime.finished_job("t1") is None
+    await kube.set_job_status(NS, "agent-t1", active=0, ready=0, succeeded=1, conditions=[job_condition("Complete")])
+    assert [c["type"] for c in (await runtime.finished_job("t1"))["status"]["conditions"]] == ["Complete"]
 
 
 async def test_a_kueue_job_waits_suspended(kube, kube_client):
@@ -247,20 +214,7 @@ async def test_a_kueue_job_waits_suspended(kube, kube_client):
     await runtime.launch(make_task())
     job = kube.get(JOBS, NS, "agent-t1")
     assert job["spec"]["suspend"] is True and job["metadata"]["labels"][contract.KUEUE_QUEUE_LABEL] == "agents"
-    status = await runtime.status("t1")
-    assert (status.state, status.reason) == (contract.STATE_QUEUED, "Suspended")
-
-
-async def test_list_selects_dockyard_jobs_only(kube, kube_client, runtime):
-    await runtime.launch(make_task("b"))
-    await runtime.launch(make_task("a"))
-    foreign = render_job(make_task("c"), JobSettings())
-    foreign["metadata"]["labels"] = {contract.LABEL_MANAGED_BY: "helm"}
-    await asyncio.to_thread(_create_job, kube_client, foreign)
-    await kube.set_job_status(NS, "agent-b", succeeded=1, conditions=[job_condition("Complete")])
-
-    statuses = await runtime.list()
-    assert [(s.task_id, s.state) for s in statuses] == [("a", contract.STATE_QUEUED), ("b", contract.STATE_FINISHED)]
+    assert await runtime.finished_job("t1") is None
 
 
 async def test_finished_job_is_the_job_once_it_has_a_finished_condition(kube, runtime):
@@ -273,11 +227,6 @@ async def test_finished_job_is_the_job_once_it_has_a_finished_condition(kube, ru
     assert job["metadata"]["uid"] == kube.get(JOBS, NS, "agent-t1")["metadata"]["uid"]
     assert job["metadata"]["labels"][contract.LABEL_TASK_ID] == "t1"
     assert [c["type"] for c in job["status"]["conditions"]] == ["Failed"]
-
-
-async def test_status_of_an_unknown_task_is_not_found(runtime):
-    with pytest.raises(TaskNotFound, match="agent-zzz"):
-        await runtime.status("zzz")
 
 
 # --- the emulator itself ----------------------------------------------------------------
