@@ -1,52 +1,43 @@
 """The agent's work tools: `execute`, `read_file`, `write_file`, `list_dir`.
 
 The agent runs whatever the model writes, so these tools are the fence. The
-invariant every function here keeps:
+invariants every tool keeps (the first and the last are kept by the modules
+named):
 
-* Tools never escape the workspace. Every path the model gives (and the
-  working directory of `execute`) is resolved, symlinks included, and must lie
-  inside the workspace; `..` escapes, absolute paths elsewhere and symlinks
-  pointing out are refused. (A shell command can still read what the container
-  lets it read: the container itself is the outer fence, see knative/.)
+* Tools never escape the workspace (`agent.workspace`): every path the model
+  gives is resolved, symlinks included, and must lie inside the workspace; the
+  working directory of `execute` is the workspace root.
 * Tools never crash the agent. `WorkTools.call` never raises: a refused path,
   a missing file, binary content, a bad argument, a timeout or a non-zero exit
   all come back as `ToolResult(ok=False, output=<message the model can act on>)`.
-  Output is capped while it is read, and a command that outlives its timeout
-  is killed with its whole process group (SIGTERM, then SIGKILL).
-* Tools never see secrets. `execute` builds the child's environment from
-  scratch (PATH, HOME, PYTHONUSERBASE, LANG, TMPDIR, proxy settings with any
-  credentials stripped, a few constants); nothing is inherited from the agent's
-  own environment.
+* Tools never see secrets (`agent.execute`): a command runs with an
+  environment built from scratch, and is killed with its whole process group
+  when it outlives its timeout; its output is capped while it is read.
 """
 
 from __future__ import annotations
 
 import errno
 import os
-import selectors
-import shutil
 import signal
 import stat
-import subprocess
 import tempfile
-import time
-from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from agent.procs import die_with_parent, group_alive, signal_group
+from agent.execute import (
+    SYSTEM_PATH,
+    cap_text,
+    proxy_settings,
+    run_command,
+    scrubbed_environment,
+    strip_userinfo,
+)
+from agent.workspace import PathRefused, Workspace
 
-__all__ = ["ToolResult", "WorkTools", "SYSTEM_PATH", "strip_userinfo"]
-
-SYSTEM_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
-PROXY_VARIABLES = ("HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY")
-
-TERM_GRACE_SECONDS = 2.0  # between SIGTERM and SIGKILL of a process group
-LINGER_GRACE_SECONDS = 1.0  # how long background children may hold the output after the command exits
-_READ_CHUNK = 1 << 16
-_READS_PER_TURN = 64  # bound one drain, so an endless writer cannot starve the deadline check
+__all__ = ["SYSTEM_PATH", "ToolResult", "WorkTools", "strip_userinfo"]
 
 
 @dataclass(frozen=True)
@@ -57,81 +48,6 @@ class ToolResult:
 
 class ToolError(Exception):
     """A failure the model should see as a tool error (ok=False)."""
-
-
-def strip_userinfo(url: str) -> str:
-    """`http://user:pass@proxy:3128/` -> `http://proxy:3128/` (also without a scheme)."""
-    scheme, sep, rest = url.partition("://")
-    if not sep:
-        scheme, rest = "", url
-    end = len(rest)
-    for ch in "/?#":
-        idx = rest.find(ch)
-        if idx != -1:
-            end = min(end, idx)
-    authority, tail = rest[:end], rest[end:]
-    if "@" in authority:
-        authority = authority.rpartition("@")[2]
-    return f"{scheme}{sep}{authority}{tail}"
-
-
-class _CappedOutput:
-    """Keeps the first half of `cap` bytes and a rolling tail of the second half."""
-
-    def __init__(self, cap: int):
-        cap = max(cap, 2)
-        self.head_cap = cap // 2
-        self.tail_cap = cap - self.head_cap
-        self.head = bytearray()
-        self.tail: deque[bytes] = deque()
-        self.tail_len = 0
-        self.total = 0
-
-    def add(self, chunk: bytes) -> None:
-        self.total += len(chunk)
-        room = self.head_cap - len(self.head)
-        if room > 0:
-            self.head += chunk[:room]
-            chunk = chunk[room:]
-        if not chunk:
-            return
-        if len(chunk) >= self.tail_cap:
-            self.tail.clear()
-            self.tail.append(bytes(chunk[-self.tail_cap :]))
-            self.tail_len = self.tail_cap
-            return
-        self.tail.append(bytes(chunk))
-        self.tail_len += len(chunk)
-        while self.tail_len > self.tail_cap:
-            excess = self.tail_len - self.tail_cap
-            first = self.tail[0]
-            if len(first) <= excess:
-                self.tail.popleft()
-                self.tail_len -= len(first)
-            else:
-                self.tail[0] = first[excess:]
-                self.tail_len -= excess
-
-    @property
-    def stored(self) -> int:
-        return len(self.head) + self.tail_len
-
-    def text(self) -> str:
-        head = bytes(self.head).decode("utf-8", errors="replace")
-        tail = b"".join(self.tail).decode("utf-8", errors="replace")
-        elided = self.total - self.stored
-        if elided > 0:
-            return f"{head}\n... [{elided} bytes elided] ...\n{tail}"
-        return head + tail
-
-
-def _cap_text(text: str, cap: int) -> str:
-    data = text.encode("utf-8", errors="replace")
-    if len(data) <= cap:
-        return text
-    buf = _CappedOutput(cap)
-    buf.add(data)
-    return buf.text()
 
 
 _JSON_TYPES: dict[str, tuple[type, ...]] = {"string": (str,), "integer": (int, float)}
@@ -160,14 +76,15 @@ class WorkTools:
         list_cap: int = 1_000,
     ):
         self.workspace = Path(workspace)
-        self.root = self.workspace.resolve()
+        self.ws = Workspace(self.workspace)
+        self.root = self.ws.root
         self.home = Path(home).absolute()
         self.output_cap = max(int(output_cap), 64)
         self.max_timeout = max(int(max_timeout), 1)
         self.default_timeout = min(max(int(default_timeout), 1), self.max_timeout)
         self.read_cap = int(read_cap)
         self.list_cap = int(list_cap)
-        self.proxy_env = self._proxy_settings(proxy_env or {})
+        self.proxy_env = proxy_settings(proxy_env or {})
         self._tools: dict[str, tuple[Callable[..., ToolResult], dict[str, Any]]] = {
             "execute": (self._execute, self._execute_params()),
             "read_file": (self._read_file, self._path_params("File to read.")),
@@ -185,7 +102,7 @@ class WorkTools:
             fn, params = entry
             kwargs = self._validate(name, params, {} if args is None else args)
             return fn(**kwargs)
-        except ToolError as exc:
+        except (ToolError, PathRefused) as exc:
             return ToolResult(False, str(exc))
         except Exception as exc:  # never crash the agent
             return ToolResult(False, f"{name} failed: {type(exc).__name__}: {exc}")
@@ -304,68 +221,12 @@ class WorkTools:
             out[key] = value
         return out
 
-    # --- paths ---------------------------------------------------------------
-    def _display(self, p: Path) -> str:
-        try:
-            rel = p.relative_to(self.root)
-        except ValueError:
-            return str(p)
-        return str(rel) if str(rel) != "." else "."
-
-    def _check_path_arg(self, path: str) -> Path:
-        if "\x00" in path:
-            raise ToolError(f"path {path!r} contains a NUL byte")
-        return Path(path) if os.path.isabs(path) else self.root / path
-
-    def _outside(self, path: str) -> ToolError:
-        return ToolError(
-            f"path {path!r} is outside the workspace {self.root}: "
-            f"use a path relative to the workspace root (symlinks may not point outside either)"
-        )
-
-    def _resolve(self, path: str) -> Path:
-        """Resolve `path` (relative to the workspace, or absolute) and refuse anything outside."""
-        candidate = self._check_path_arg(path)
-        try:
-            resolved = candidate.resolve(strict=False)
-        except (OSError, RuntimeError) as exc:  # symlink loops
-            raise ToolError(f"cannot resolve path {path!r}: {exc}") from None
-        if not resolved.is_relative_to(self.root):
-            raise self._outside(path)
-        return resolved
-
-    def _resolve_for_write(self, path: str) -> Path:
-        if not path:
-            raise ToolError("write_file: argument 'path' must not be empty")
-        candidate = self._check_path_arg(path)
-        try:
-            parent = candidate.parent.resolve(strict=False)
-        except (OSError, RuntimeError) as exc:
-            raise ToolError(f"cannot resolve path {path!r}: {exc}") from None
-        if not parent.is_relative_to(self.root):
-            raise self._outside(path)
-        name = candidate.name
-        if name in ("", ".", ".."):
-            raise ToolError(f"path {path!r} does not name a file")
-        target = parent / name
-        if target.is_symlink():
-            # Never follow a final symlink out; one pointing inside is written through.
-            try:
-                target = target.resolve(strict=False)
-            except (OSError, RuntimeError) as exc:
-                raise ToolError(f"cannot resolve path {path!r}: {exc}") from None
-            if not target.is_relative_to(self.root):
-                raise self._outside(path)
-        if target == self.root:
-            raise ToolError(f"path {path!r} is a directory")
-        return target
-
     # --- file tools ----------------------------------------------------------
     def _read_file(self, path: str) -> ToolResult:
         if not path:
             raise ToolError("read_file: argument 'path' must not be empty")
-        target = self._resolve(path)
-        shown = self._display(target)
+        target = self.ws.resolve(path)
+        shown = self.ws.display(target)
         try:
             fd = os.open(target, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
         except FileNotFoundError:
@@ -374,7 +235,7 @@ class WorkTools:
             raise ToolError(f"{shown} is a directory: use list_dir") from None
         except OSError as exc:
             if exc.errno == errno.ELOOP:
-                raise self._outside(path) from None
+                raise self.ws.outside(path) from None
             raise ToolError(f"cannot open {shown}: {exc.strerror or exc}") from None
         try:
             st = os.fstat(fd)
@@ -413,8 +274,10 @@ class WorkTools:
             ) from None
 
     def _write_file(self, path: str, content: str) -> ToolResult:
-        target = self._resolve_for_write(path)
-        shown = self._display(target)
+        if not path:
+            raise ToolError("write_file: argument 'path' must not be empty")
+        target = self.ws.resolve_for_write(path)
+        shown = self.ws.display(target)
         try:
             data = content.encode("utf-8")
         except UnicodeEncodeError as exc:
@@ -429,8 +292,8 @@ class WorkTools:
         except OSError as exc:
             raise ToolError(f"cannot create the directory for {shown}: {exc.strerror or exc}") from None
         # mkdir may have raced with a symlink swap; check once more before writing.
-        if not parent.resolve(strict=False).is_relative_to(self.root):
-            raise self._outside(path)
+        if not self.ws.still_inside(parent):
+            raise self.ws.outside(path)
         try:
             mode = stat.S_IMODE(os.stat(target).st_mode)
         except OSError:
@@ -454,8 +317,8 @@ class WorkTools:
         return ToolResult(True, f"wrote {len(data)} bytes to {shown}")
 
     def _list_dir(self, path: str = ".") -> ToolResult:
-        target = self._resolve(path or ".")
-        shown = self._display(target)
+        target = self.ws.resolve(path or ".")
+        shown = self.ws.display(target)
         if not target.exists():
             raise ToolError(f"directory not found: {shown}")
         if not target.is_dir():
@@ -478,48 +341,12 @@ class WorkTools:
         text = "\n".join(shown_entries)
         if len(entries) > len(shown_entries):
             text += f"\n... and {len(entries) - len(shown_entries)} more entries (use execute with ls or find)"
-        return ToolResult(True, _cap_text(text, self.output_cap))
+        return ToolResult(True, cap_text(text, self.output_cap))
 
     # --- execute -------------------------------------------------------------
-    @staticmethod
-    def _proxy_settings(proxy_env: Mapping[str, str]) -> dict[str, str]:
-        out: dict[str, str] = {}
-        for name in PROXY_VARIABLES:
-            value = proxy_env.get(name) or proxy_env.get(name.lower())
-            if not value:
-                continue
-            if name != "NO_PROXY":
-                value = strip_userinfo(value)
-            out[name] = value
-            out[name.lower()] = value
-        return out
-
     def environment(self) -> dict[str, str]:
         """The scrubbed environment every command runs with (git clone uses it too)."""
-        local = self.home / ".local"
-        tmpdir = self.home / "tmp"
-        try:
-            tmpdir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        except OSError:
-            tmpdir = Path("/tmp")
-        env = {
-            "PATH": f"{local / 'bin'}:{SYSTEM_PATH}",
-            "HOME": str(self.home),
-            "PYTHONUSERBASE": str(local),
-            "LANG": "C.UTF-8",
-            "TMPDIR": str(tmpdir),
-            "TERM": "dumb",
-            "PAGER": "cat",
-            "GIT_PAGER": "cat",
-            "GIT_TERMINAL_PROMPT": "0",
-            "PIP_DISABLE_PIP_VERSION_CHECK": "1",
-        }
-        env.update(self.proxy_env)
-        return env
-
-    @staticmethod
-    def _shell() -> str:
-        return shutil.which("bash", path=SYSTEM_PATH) or shutil.which("sh", path=SYSTEM_PATH) or "/bin/sh"
+        return scrubbed_environment(self.home, self.proxy_env)
 
     def _execute(self, command: str, timeout_seconds: int | None = None) -> ToolResult:
         if not command.strip():
@@ -531,55 +358,16 @@ class WorkTools:
         if not self.root.is_dir():
             raise ToolError(f"execute: the workspace {self.root} does not exist")
         try:
-            proc = subprocess.Popen(
-                [self._shell(), "-c", command],
-                cwd=self.root,
-                env=self.environment(),
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-                close_fds=True,
-                preexec_fn=die_with_parent(signal.SIGKILL),  # a killed agent's command never completes behind its back
-            )
+            result = run_command(command, self.root, self.environment(), timeout, self.output_cap)
         except OSError as exc:
             raise ToolError(f"execute: cannot start the shell: {exc}") from None
-        assert proc.stdout is not None
-        reader = _PipeReader(proc.stdout.fileno(), _CappedOutput(self.output_cap))
-        timed_out = False
-        lingering = False
-        try:
-            deadline = time.monotonic() + timeout
-            exited_at: float | None = None
-            while True:
-                reader.pump(0.05)
-                now = time.monotonic()
-                if proc.poll() is not None:
-                    if reader.eof:
-                        break
-                    exited_at = exited_at or now
-                    if now - exited_at >= LINGER_GRACE_SECONDS:
-                        lingering = True  # background children still hold the output
-                        break
-                if exited_at is None and now >= deadline:
-                    timed_out = True
-                    break
-            if timed_out or lingering:
-                _terminate_group(proc, reader)
-        finally:
-            if proc.poll() is None:  # only on an unexpected exception above
-                signal_group(proc.pid, signal.SIGKILL)
-                proc.wait()
-            reader.close()
-            proc.stdout.close()
-        output = reader.buf.text()
-        if timed_out:
+        if result.timed_out:
             return ToolResult(
                 False,
                 f"timed out after {timeout} s: the command and its process group were killed "
-                f"(pass a larger timeout_seconds, max {self.max_timeout}, for long commands)\n{output}",
+                f"(pass a larger timeout_seconds, max {self.max_timeout}, for long commands)\n{result.output}",
             )
-        code = proc.returncode
+        code = result.returncode
         if code < 0:
             try:
                 signame = signal.Signals(-code).name
@@ -588,64 +376,6 @@ class WorkTools:
             head = f"exit code {code} (killed by {signame})"
         else:
             head = f"exit code {code}"
-        if lingering:
+        if result.lingering:
             head += " (background processes still attached to the output were stopped)"
-        return ToolResult(code == 0, f"{head}\n{output}")
-
-
-class _PipeReader:
-    """Non-blocking reads of a pipe into a capped buffer."""
-
-    def __init__(self, fd: int, buf: _CappedOutput):
-        self.fd = fd
-        self.buf = buf
-        self.eof = False
-        os.set_blocking(fd, False)
-        self.sel = selectors.DefaultSelector()
-        self.sel.register(fd, selectors.EVENT_READ)
-
-    def pump(self, wait: float) -> None:
-        """Wait up to `wait` seconds for output and read what is there (bounded)."""
-        if self.eof:
-            time.sleep(wait)
-            return
-        if not self.sel.select(wait):
-            return
-        for _ in range(_READS_PER_TURN):
-            try:
-                chunk = os.read(self.fd, _READ_CHUNK)
-            except BlockingIOError:
-                return
-            except OSError:
-                chunk = b""
-            if not chunk:
-                self.eof = True
-                self.sel.unregister(self.fd)
-                return
-            self.buf.add(chunk)
-
-    def close(self) -> None:
-        if not self.eof:
-            try:
-                self.sel.unregister(self.fd)
-            except (KeyError, ValueError):
-                pass
-        self.sel.close()
-
-
-def _terminate_group(proc: subprocess.Popen, reader: _PipeReader) -> None:
-    """SIGTERM the whole group, keep reading for a grace period, then SIGKILL it."""
-    pgid = proc.pid  # start_new_session: the shell leads its own group
-    if signal_group(pgid, signal.SIGTERM):
-        end = time.monotonic() + TERM_GRACE_SECONDS
-        while time.monotonic() < end:
-            reader.pump(0.05)
-            if proc.poll() is not None and reader.eof and not group_alive(pgid):
-                break
-    signal_group(pgid, signal.SIGKILL)
-    proc.wait()
-    # Collect what the killed processes left in the pipe; a process that left the
-    # group (setsid) may keep it open, so do not wait for EOF forever.
-    end = time.monotonic() + 0.5
-    while not reader.eof and time.monotonic() < end:
-        reader.pump(0.05)
+        return ToolResult(code == 0, f"{head}\n{result.output}")

@@ -1,0 +1,42 @@
+"""Fixtures of the work-tool tests: a workspace, a home, a directory outside with a secret, the tools."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from agent.tools import ToolResult, WorkTools
+
+
+@pytest.fixture
+def ws(tmp_path: Path) -> Path:
+    workspace = tmp_path / "workspace"
+    workspace.mkdir()
+    return workspace
+
+
+@pytest.fixture
+def home(tmp_path: Path) -> Path:
+    return tmp_path / "home"
+
+
+@pytest.fixture
+def outside(tmp_path: Path) -> Path:
+    """A directory next to the workspace with a secret file in it."""
+    out = tmp_path / "outside"
+    out.mkdir()
+    (out / "secret.txt").write_text("TOP-SECRET")
+    return out
+
+
+@pytest.fixture
+def tools(ws: Path, home: Path) -> WorkTools:
+    return WorkTools(ws, home, output_cap=4_000, default_timeout=10, max_timeout=20)
+
+
+def assert_refused(result: ToolResult, *, secret: str = "TOP-SECRET") -> None:
+    assert isinstance(result, ToolResult)
+    assert result.ok is False
+    assert "outside the workspace" in result.output
+    assert secret not in result.output
