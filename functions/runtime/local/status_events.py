@@ -1,9 +1,11 @@
 """The local runtime's own status events (a task is retrying), published where the agent's go.
 
 Invariant: best effort. The events only inform the stream and the CLI; a NATS
-that is down is logged and never stops or delays the supervision beyond one
-bounded connection attempt. The connection is the functions' `Bus` (one way to
-reach NATS, errors translated there), opened on first use and reused.
+that is down is logged and never stops the supervision (it delays a retry by
+the bus's bounded connect and publish timeouts at most). The connection is the
+functions' `Bus` (one way to reach NATS, its errors translated there), opened
+on first use and reused; the events therefore carry `ts` in the one format of
+every `ts` field (`contract.iso_utc`).
 """
 
 from __future__ import annotations

@@ -102,8 +102,9 @@ class TaskSupervisor:
         self.runner = asyncio.get_running_loop().create_task(run(), name=f"supervise-{self.state.task_id}")
 
     def stop(self, reason: str) -> None:
-        """Ask the supervision to end: "cancel" finishes the task, "shutdown" leaves it to the next start."""
-        if self.stop_reason is None:
+        """Ask the supervision to end: "cancel" finishes the task, "shutdown" leaves it to the next
+        start. A cancel wins over a shutdown, never the other way round."""
+        if reason == "cancel" or self.stop_reason is None:
             self.stop_reason = reason
         self.interrupt.set()
 
