@@ -9,8 +9,12 @@ from __future__ import annotations
 
 import argparse
 import os
+from typing import TYPE_CHECKING
 
 from agent import contract
+
+if TYPE_CHECKING:
+    from agent.telemetry.connection import NatsAuth
 
 
 class UsageError(Exception):
@@ -38,6 +42,23 @@ def task_parser(prog: str, description: str, *, store: bool) -> Parser:
     if store:
         parser.add_argument("--store", default=env_default("STORE"), help="s3://bucket/prefix or file:///dir [DOCKYARD_STORE]")
     return parser
+
+
+def add_nats_arguments(parser: argparse.ArgumentParser, what: str) -> None:
+    """--nats and its credentials (--nats-creds or --nats-nkey), each with its environment fallback."""
+    parser.add_argument("--nats", default=env_default("NATS_URL"), help=f"NATS URL (user:password@ or token@ allowed) for {what} [DOCKYARD_NATS_URL]")
+    parser.add_argument("--nats-creds", default=env_default("NATS_CREDS"), metavar="FILE", help="NATS credentials file: user JWT and nkey seed, as nsc writes it [DOCKYARD_NATS_CREDS]")
+    parser.add_argument("--nats-nkey", default=env_default("NATS_NKEY"), metavar="FILE", help="NATS nkey seed file, for a server that knows the user by its nkey [DOCKYARD_NATS_NKEY]")
+
+
+def nats_auth(args: argparse.Namespace) -> "NatsAuth":
+    """The credentials files given, checked now: a bad one is a UsageError naming its flag."""
+    from agent.telemetry.connection import CredentialsError, NatsAuth
+
+    try:
+        return NatsAuth.load(args.nats_creds, args.nats_nkey)
+    except CredentialsError as exc:
+        raise UsageError(str(exc)) from None
 
 
 def check_common(args: argparse.Namespace) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import re
 import time
+from dataclasses import dataclass
 from datetime import datetime, timezone
 
 # --- distribution -----------------------------------------------------------
@@ -41,9 +42,54 @@ EVENT_SOURCE_LOCAL_RUNTIME = "dockyard/runtime/local"
 
 
 # --- NATS -------------------------------------------------------------------
-STREAM_NAME = "AGENT"
-STREAM_SUBJECTS = ("logs.agent.>", "events.agent.>")
-STREAM_MAX_AGE_SECONDS = 7 * 24 * 3600
+@dataclass(frozen=True)
+class StreamSpec:
+    """A JetStream stream's configuration as plain data, defined once below.
+
+    The agent's telemetry and `functions.core.bus.ensure_stream` both create the
+    stream from it with `StreamConfig(**spec.config())`: the same bytes go to the
+    server from either side, so whichever creates it first, the other finds an
+    identical configuration. Field names and units (seconds) are nats-py's.
+    """
+
+    name: str
+    subjects: tuple[str, ...]
+    max_age_seconds: float
+    duplicate_window_seconds: float
+    storage: str = "file"
+    retention: str = "limits"
+    discard: str = "old"
+    num_replicas: int = 1
+
+    def config(self, max_age_seconds: float | None = None) -> dict:
+        """Keyword arguments for `nats.js.api.StreamConfig`; `max_age_seconds` overrides the default age.
+
+        The duplicate window is capped at the max age (the server refuses a longer one)."""
+        max_age = self.max_age_seconds if max_age_seconds is None else max_age_seconds
+        return {
+            "name": self.name,
+            "subjects": list(self.subjects),
+            "retention": self.retention,
+            "discard": self.discard,
+            "storage": self.storage,
+            "num_replicas": self.num_replicas,
+            "max_age": max_age,
+            "duplicate_window": min(self.duplicate_window_seconds, max_age),
+        }
+
+
+AGENT_STREAM = StreamSpec(
+    name="AGENT",
+    subjects=("logs.agent.>", "events.agent.>"),
+    max_age_seconds=7 * 24 * 3600,
+    # The agent re-sends unacknowledged records after a reconnect with their original
+    # Nats-Msg-Id; this window drops the ones already stored. It must outlast the agent's
+    # hold of records during an outage (30 s) plus an ack timeout (5 s).
+    duplicate_window_seconds=120,
+)
+STREAM_NAME = AGENT_STREAM.name
+STREAM_SUBJECTS = AGENT_STREAM.subjects
+STREAM_MAX_AGE_SECONDS = AGENT_STREAM.max_age_seconds
 KV_BUCKET = "dockyard-tasks"
 
 

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from agent import contract
-from agent.cli import UsageError, check_common, env_default, task_parser
+from agent.cli import UsageError, add_nats_arguments, check_common, env_default, nats_auth, task_parser
 
 log = logging.getLogger("agent")
 
@@ -51,7 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--task-file", default=env_default("TASK_FILE", contract.TASK_FILE), help="task JSON {prompt, repo?, model?, limits?} [DOCKYARD_TASK_FILE]")
     parser.add_argument("--model", default=env_default("MODEL"), help="model spec, e.g. scripted:example or openai:gpt-4o; overrides the task's [DOCKYARD_MODEL]")
-    parser.add_argument("--nats", default=env_default("NATS_URL"), help="NATS URL for telemetry and commands; none: trace to stdout [DOCKYARD_NATS_URL]")
+    add_nats_arguments(parser, "telemetry and commands; none: trace to stdout")
     parser.add_argument("--home", default=env_default("HOME_DIR", contract.HOME_DIR), help="writable home for tools (PYTHONUSERBASE under it) [DOCKYARD_HOME_DIR]")
     parser.add_argument("--secrets-dir", default=env_default("SECRETS_DIR", contract.SECRETS_DIR), help="directory of secret files [DOCKYARD_SECRETS_DIR]")
     parser.add_argument("--max-strategic-rounds", type=int, default=env_default("MAX_STRATEGIC_ROUNDS", "30"), help="budget [DOCKYARD_MAX_STRATEGIC_ROUNDS]")
@@ -125,6 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args = parser.parse_args(argv)
         check_common(args)
+        auth = nats_auth(args)
     except SystemExit as exc:  # --help
         return int(exc.code or 0)
     except UsageError as exc:
@@ -142,8 +143,9 @@ def main(argv: list[str] | None = None) -> int:
     from agent.redact import Redactor
     from agent.telemetry import Telemetry
 
-    redactor = Redactor.from_secrets_dir(Path(args.secrets_dir))
-    telemetry = Telemetry(args.task_id, args.nats, redactor=redactor)
+    # The NATS credentials are secrets too: every line of the file (JWT, seed) is redacted.
+    redactor = Redactor.from_secrets_dir(Path(args.secrets_dir), extra_file=auth.secrets_file)
+    telemetry = Telemetry(args.task_id, args.nats, redactor=redactor, auth=auth)
     telemetry.start()
     handler = telemetry.log_handler()
     logging.getLogger().addHandler(handler)

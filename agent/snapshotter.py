@@ -19,10 +19,9 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
 
 from agent import contract
-from agent.cli import UsageError, check_common, task_parser
+from agent.cli import UsageError, add_nats_arguments, check_common, nats_auth, task_parser
 from agent.snapshot import (
     SnapshotResult,
     prune_snapshots,
@@ -32,6 +31,7 @@ from agent.snapshot import (
     upload_final,
 )
 from agent.storage import StorageError, Store, open_store
+from agent.telemetry.connection import NatsAuth, public_url
 
 DEFAULT_KEEP = 5
 FINAL_ATTEMPTS = 3
@@ -42,14 +42,6 @@ def _log(message: str) -> None:
     print(f"snapshotter: {message}", file=sys.stderr, flush=True)
 
 
-def _public_url(url: str) -> str:
-    """A URL without user info (NATS URLs may carry user:password)."""
-    parts = urlsplit(url)
-    if "@" not in parts.netloc:
-        return url
-    return urlunsplit(parts._replace(netloc=parts.netloc.rsplit("@", 1)[1]))
-
-
 @dataclass(frozen=True)
 class Settings:
     task_id: str
@@ -58,6 +50,7 @@ class Settings:
     nats_url: str | None
     interval: float
     keep: int
+    nats_auth: NatsAuth = NatsAuth()
 
     @property
     def db_path(self) -> Path:
@@ -66,7 +59,7 @@ class Settings:
     def summary(self, store: Store) -> str:
         return (
             f"task={self.task_id} db={self.db_path} store={store.describe()} "
-            f"nats={_public_url(self.nats_url) if self.nats_url else 'off'} "
+            f"nats={public_url(self.nats_url) if self.nats_url else 'off'}{self.nats_auth.describe()} "
             f"interval={self.interval:g}s{' (off)' if self.interval <= 0 else ''} keep={self.keep}"
         )
 
@@ -182,6 +175,7 @@ class Snapshotter:
                     error_cb=self._nats_error,
                     disconnected_cb=_on_disconnected,
                     reconnected_cb=_on_reconnected,
+                    **s.nats_auth.connect_options(),
                 )
                 await nc.subscribe(contract.subject_cmd(s.task_id), cb=self._on_cmd)
                 await nc.flush(timeout=5)
@@ -304,12 +298,7 @@ def _parser():
         store=True,
     )
     env = os.environ
-    parser.add_argument(
-        "--nats",
-        default=env.get("DOCKYARD_NATS_URL"),
-        help="NATS URL for snapshot requests and events (env DOCKYARD_NATS_URL); without it, only timer "
-        "and final snapshots",
-    )
+    add_nats_arguments(parser, "snapshot requests and events; without it, only timer and final snapshots")
     parser.add_argument(
         "--interval",
         type=float,
@@ -339,6 +328,7 @@ def parse_settings(argv: list[str] | None) -> Settings:
         nats_url=args.nats or None,
         interval=args.interval,
         keep=args.keep,
+        nats_auth=nats_auth(args),
     )
 
 

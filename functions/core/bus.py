@@ -132,7 +132,10 @@ class Bus:
 
 
 async def ensure_stream(js, max_age_seconds: float = contract.STREAM_MAX_AGE_SECONDS) -> None:
-    """Create the AGENT stream unless it exists (whoever created it first owns its config)."""
+    """Create the AGENT stream unless it exists (whoever created it first owns its config).
+
+    The configuration is `contract.AGENT_STREAM`, the one the agent's telemetry creates too."""
+    from nats.js.api import StreamConfig
     from nats.js.errors import BadRequestError, NotFoundError
 
     try:
@@ -141,7 +144,7 @@ async def ensure_stream(js, max_age_seconds: float = contract.STREAM_MAX_AGE_SEC
     except NotFoundError:
         pass
     try:
-        await js.add_stream(name=contract.STREAM_NAME, subjects=list(contract.STREAM_SUBJECTS), max_age=max_age_seconds)
+        await js.add_stream(StreamConfig(**contract.AGENT_STREAM.config(max_age_seconds)))
     except BadRequestError:
         # Created concurrently by another process (with another max age): fine if it exists now.
         await js.stream_info(contract.STREAM_NAME)

@@ -15,7 +15,7 @@ from nats.js.api import DeliverPolicy
 from agent import contract
 from agent.redact import REPLACEMENT, Redactor
 from agent.telemetry import Telemetry
-from tests.conftest import free_port
+from tests.conftest import eventually, free_port
 
 TASK = "t-telemetry"
 TS_RE = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
@@ -53,14 +53,6 @@ def request(url: str, subject: str, payload: bytes, timeout: float = 1.0):
             await nc.close()
 
     return asyncio.run(main())
-
-
-def wait_for(predicate, timeout: float = 5.0, step: float = 0.01) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not reached in time")
-        time.sleep(step)
 
 
 @pytest.fixture
@@ -174,7 +166,7 @@ def test_no_nats_url_prints_live_and_in_order(capsys):
     tel = Telemetry(TASK, None).start()
     for i in range(50):
         tel.event(contract.EV_TOOL, step=i)
-    wait_for(lambda: tel.written_stdout == 50)  # printed while running, not only at exit
+    eventually(lambda: tel.written_stdout == 50, "50 records on stdout")  # printed while running, not only at exit
     tel.close()
     tel.close()  # idempotent
     tel.event(contract.EV_RESULT, step=50)  # after close: still visible
@@ -186,14 +178,14 @@ def test_nats_restarted_mid_run(nats_server, task_logger):
     tel = Telemetry(TASK, nats_server.url).start()
     task_logger.addHandler(tel.log_handler(logging.DEBUG))
     expected = simulate_run(tel, task_logger, 50)
-    wait_for(lambda: tel.published == len(expected))
+    eventually(lambda: tel.published == len(expected), "the first records acked")
 
     nats_server.stop()
-    wait_for(lambda: not tel.connected)
+    eventually(lambda: not tel.connected, "the connection lost")
     # Enqueued during the outage: held (hold_seconds) and delivered after the reconnect.
     expected += simulate_run(tel, task_logger, 50, start=50)
     nats_server.start()
-    wait_for(lambda: tel.connected, timeout=10)
+    eventually(lambda: tel.connected, "reconnected")
     expected += simulate_run(tel, task_logger, 50, start=100)
     tel.close(timeout=10)
 
@@ -216,7 +208,7 @@ def test_commands_reply_and_none_means_no_reply(nats_server):
     tel = Telemetry(TASK, nats_server.url)
     tel.on_command(handle)  # before start
     tel.start()
-    wait_for(lambda: tel.connected)
+    eventually(lambda: tel.connected, "connected")
     subject = contract.subject_cmd(TASK)
     reply = request(nats_server.url, subject, json.dumps({"op": "status"}).encode())
     assert reply == {"ok": True, "op": "status", "token": REPLACEMENT}
@@ -231,23 +223,23 @@ def test_commands_reply_and_none_means_no_reply(nats_server):
     # Replaced after start, and still served after a reconnect.
     tel.on_command(lambda request: {"ok": True, "second": True})
     nats_server.restart()
-    wait_for(lambda: tel.reconnects >= 1 and tel.connected, timeout=10)
+    eventually(lambda: tel.reconnects >= 1 and tel.connected, "reconnected")
     assert request(nats_server.url, subject, b'{"op": "cancel"}') == {"ok": True, "second": True}
     tel.close()
 
 
 def test_on_command_after_start(nats_server):
     tel = Telemetry(TASK, nats_server.url).start()
-    wait_for(lambda: tel.connected)
+    eventually(lambda: tel.connected, "connected")
     tel.on_command(lambda request: {"ok": True, "got": request["op"]})
-    deadline = time.monotonic() + 2
-    while True:  # the subscription is made on the telemetry thread
+
+    def answered():  # the subscription is made on the telemetry thread, soon after
         try:
-            assert request(nats_server.url, contract.subject_cmd(TASK), b'{"op": "message"}', 0.2) == {
-                "ok": True, "got": "message"}
-            break
+            return request(nats_server.url, contract.subject_cmd(TASK), b'{"op": "message"}')
         except nats.errors.NoRespondersError:
-            assert time.monotonic() < deadline
+            return None
+
+    assert eventually(answered, "an answer on the command subject") == {"ok": True, "got": "message"}
     tel.close()
 
 
@@ -300,7 +292,7 @@ def test_restart_while_records_are_in_flight(nats_server, task_logger):
     for i in range(total):  # queued before start: the publisher keeps its ack window full while draining
         task_logger.info("n %d", i)
     tel.start()
-    wait_for(lambda: tel.published > 1_000, step=0.001)
+    eventually(lambda: tel.published > 1_000, "1,000 records acked", interval=0.001)
     nats_server.restart()
     tel.close(timeout=15)
     numbers = [int(body["msg"].split()[1]) for _, body, _ in read_stream(nats_server.url, total + 1)]
@@ -311,12 +303,12 @@ def test_restart_while_records_are_in_flight(nats_server, task_logger):
 def test_long_outage_falls_back_to_stdout(nats_server, capsys):
     tel = Telemetry(TASK, nats_server.url, hold_seconds=0.2).start()
     tel.event(contract.EV_STATUS, step=0)
-    wait_for(lambda: tel.published == 1)
+    eventually(lambda: tel.published == 1, "the first record acked")
     nats_server.stop()
-    wait_for(lambda: not tel.connected)
+    eventually(lambda: not tel.connected, "the connection lost")
     tel.event(contract.EV_STATUS, step=1)
     tel.event(contract.EV_STATUS, step=2)
-    wait_for(lambda: tel.written_stdout == 2)  # held for hold_seconds, then printed
+    eventually(lambda: tel.written_stdout == 2, "2 records on stdout")  # held for hold_seconds, then printed
     started = time.monotonic()
     tel.close(timeout=1.0)
     assert time.monotonic() - started < 1.5
@@ -337,7 +329,7 @@ def test_rejected_record_is_given_up_and_the_rest_flows(nats_server, capsys):
     tel.event(contract.EV_TOOL, step=0)
     tel.event(contract.EV_TOOL, step=1, output="x" * 2000)  # rejected by the stream: too big
     tel.event(contract.EV_TOOL, step=2)
-    wait_for(lambda: tel.failed == 1, timeout=5)
+    eventually(lambda: tel.failed == 1, "the rejected record given up")
     tel.close()
     assert [b["step"] for _, b, _ in read_stream(nats_server.url)] == [0, 2]
     assert [json.loads(line)["step"] for line in capsys.readouterr().out.splitlines()] == [1]
@@ -347,7 +339,7 @@ def test_rejected_record_is_given_up_and_the_rest_flows(nats_server, capsys):
 def test_stream_deleted_mid_run_is_recreated(nats_server):
     tel = Telemetry(TASK, nats_server.url).start()
     tel.event(contract.EV_TOOL, step=0)
-    wait_for(lambda: tel.published == 1)
+    eventually(lambda: tel.published == 1, "the first record acked")
 
     async def delete():
         nc = await nats.connect(nats_server.url)
