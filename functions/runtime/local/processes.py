@@ -32,6 +32,7 @@ from functions.runtime.local.state import TaskFolder
 log = logging.getLogger("dockyard.runtime.local")
 
 REAP_POLL_SECONDS = 0.05  # a group that is not our child cannot be waited on, only looked at
+KILL_SETTLE_SECONDS = 10.0  # after SIGKILL: how long a stop waits for the rest of the group to be gone
 
 
 @dataclass(frozen=True)
@@ -150,6 +151,10 @@ class Children:
                 log.warning("task %s: %s ignored SIGTERM for %.0fs; killing it", self.folder.root.name, role, grace)
         signal_group(proc.pid, signal.SIGKILL)
         await proc.wait()
+        # The leader is reaped; other members may still be on their way out of a SIGKILL.
+        deadline = time.monotonic() + KILL_SETTLE_SECONDS
+        while group_alive(proc.pid) and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
         self._forget(role)
 
     async def wait_gone(self, role: str, timeout: float) -> None:
