@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
 
 import pytest
 from conftest_kube import api_client_for, kube, kube_client  # noqa: F401
@@ -16,6 +15,7 @@ from kube_emulator import JOBS, PVCS, job_condition, parse_selector, selector_ma
 from agent import contract
 from functions.core.factory import render_job
 from functions.core.settings import Settings
+from tests.conftest import free_port
 from functions.errors import LaunchConflict, TaskNotFound
 from functions.errors import ApiRejected, ApiUnavailable, PermanentError, TransientError
 from functions.runtime.kubernetes import KubernetesRuntime
@@ -153,9 +153,7 @@ async def test_an_exceeded_quota_is_transient(kube, runtime):
 
 
 async def test_an_unreachable_api_server_is_transient():
-    with socket.socket() as s:  # a port nothing listens on
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()  # nothing listens on it
     runtime = KubernetesRuntime(Settings(), api_client_for(f"http://127.0.0.1:{port}"), request_timeout=1)
     with pytest.raises(ApiUnavailable, match="did not answer") as caught:
         await runtime.launch(make_task())
