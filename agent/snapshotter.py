@@ -22,7 +22,7 @@ from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
 from agent import contract
-from agent.cli import UsageError, check_common, task_parser
+from agent.cli import UsageError, check_common, stderr_logger, task_parser
 from agent.snapshot import (
     SnapshotResult,
     prune_snapshots,
@@ -38,8 +38,7 @@ FINAL_ATTEMPTS = 3
 NO_CHECKPOINT = "no checkpoint yet"
 
 
-def _log(message: str) -> None:
-    print(f"snapshotter: {message}", file=sys.stderr, flush=True)
+_log = stderr_logger("snapshotter")
 
 
 def _public_url(url: str) -> str:
