@@ -91,9 +91,9 @@ def _setting(default: Any, doc: str, used_by: str, *, var: str | None = None, sh
 
 
 _LIMITS = LimitsPolicy()  # the defaults of a task's limits live with the rule that applies them
-FUNCTIONS = "functions"
-STREAM = "stream"
-JOBS = "Kubernetes runtime (the Job)"
+_FUNCTIONS = "functions"
+_STREAM = "stream"
+_JOBS = "Kubernetes runtime (the Job)"
 
 
 class Settings(BaseSettings):
@@ -101,7 +101,7 @@ class Settings(BaseSettings):
 
     model_config = SettingsConfigDict(
         env_prefix=contract.ENV_PREFIX,
-        case_sensitive=False,
+        case_sensitive=False,  # DOCKYARD_ + the field name, upper case in the environment
         frozen=True,
         extra="forbid",
         validate_by_name=True,
@@ -124,7 +124,7 @@ class Settings(BaseSettings):
         "", "S3 endpoint for MinIO; none: AWS (or the agents' secret file `s3/endpoint`)",
         "agents, functions (S3 client)", url=_HTTP_SCHEMES)
     runtime: Literal["local", "kubernetes"] = _setting(
-        "local", "where agents run: `local` (child processes) or `kubernetes` (Jobs)", FUNCTIONS)
+        "local", "where agents run: `local` (child processes) or `kubernetes` (Jobs)", _FUNCTIONS)
 
     # --- a task's limits: defaults and maxima ---------------------------------------
     default_deadline_seconds: int = _setting(_LIMITS.default_deadline_seconds, "deadline of a task that sets none", "task_submitted", ge=1)
@@ -151,54 +151,54 @@ class Settings(BaseSettings):
 
     # --- the stream (docs/stream.md) -------------------------------------------------
     stream_max_seconds: float = _setting(
-        540, "a response ends cleanly by then (under Knative's 600 s request timeout); the client resumes", STREAM, ge=0.1)
+        540, "a response ends cleanly by then (under Knative's 600 s request timeout); the client resumes", _STREAM, ge=0.1)
     stream_send_timeout_seconds: float = _setting(
-        30, "a client whose socket takes no bytes for this long is cut (it resumes from its Last-Event-ID)", STREAM, ge=0.1)
+        30, "a client whose socket takes no bytes for this long is cut (it resumes from its Last-Event-ID)", _STREAM, ge=0.1)
     stream_client_buffer_bytes: int = _setting(
-        1024 * 1024, "how far a live client may fall behind before it is cut", STREAM, shown="`1048576` (1 MiB)", ge=1024)
-    stream_max_per_ip: int = _setting(20, "concurrent streams per client address (429 beyond); 0: no cap", STREAM, ge=0)
+        1024 * 1024, "how far a live client may fall behind before it is cut", _STREAM, shown="`1048576` (1 MiB)", ge=1024)
+    stream_max_per_ip: int = _setting(20, "concurrent streams per client address (429 beyond); 0: no cap", _STREAM, ge=0)
     cors_origins: CommaList = _setting(
         (), "comma-separated origins allowed to read the API from a browser (an external cockpit); none: same origin only",
-        STREAM)
-    known_secrets_file: str = _setting("", "a file of exact secret values, one per line, redacted from everything served", STREAM)
+        _STREAM)
+    known_secrets_file: str = _setting("", "a file of exact secret values, one per line, redacted from everything served", _STREAM)
     broker_url: str = _setting(
         "", "where the cockpit's relay posts events (the Broker's address); none: `/` of its own origin (dev)",
         "stream (cockpit relay)", url=_HTTP_SCHEMES)
 
     # --- the agents' Jobs (functions/core/factory.py) ----------------------------------
-    agent_image: Name = _setting("dev.local/dockyard-agent:0.1.0", "image of the agent, restore and snapshotter containers", JOBS)
-    image_pull_policy: Literal["Always", "IfNotPresent", "Never"] = _setting("IfNotPresent", "the containers' imagePullPolicy", JOBS)
-    image_path: Name = _setting(DEFAULT_IMAGE_PATH, "the agent image's PATH (`~/.local/bin` goes in front)", JOBS, var="AGENT_IMAGE_PATH")
-    namespace: Name = _setting(contract.AGENTS_NAMESPACE, "namespace of the Jobs and their PVCs", JOBS, var="AGENTS_NAMESPACE")
-    service_account: Name = _setting("dockyard-agent", "the pods' ServiceAccount (no token is mounted)", JOBS, var="AGENT_SERVICE_ACCOUNT")
+    agent_image: Name = _setting("dev.local/dockyard-agent:0.1.0", "image of the agent, restore and snapshotter containers", _JOBS)
+    image_pull_policy: Literal["Always", "IfNotPresent", "Never"] = _setting("IfNotPresent", "the containers' imagePullPolicy", _JOBS)
+    image_path: Name = _setting(DEFAULT_IMAGE_PATH, "the agent image's PATH (`~/.local/bin` goes in front)", _JOBS, var="AGENT_IMAGE_PATH")
+    namespace: Name = _setting(contract.AGENTS_NAMESPACE, "namespace of the Jobs and their PVCs", _JOBS, var="AGENTS_NAMESPACE")
+    service_account: Name = _setting("dockyard-agent", "the pods' ServiceAccount (no token is mounted)", _JOBS, var="AGENT_SERVICE_ACCOUNT")
     egress_proxy: str = _setting(
         "http://egress-proxy.dockyard.svc.cluster.local:3128", "HTTP(S) proxy of the agent container; empty: none",
-        JOBS, blank=True, url=_HTTP_SCHEMES)
+        _JOBS, blank=True, url=_HTTP_SCHEMES)
     no_proxy: CommaList = _setting(
         (".svc", ".cluster.local", "localhost", "127.0.0.1"), "hosts that bypass the proxy, comma-separated (the NATS and S3 hosts are added)",
-        JOBS, blank=True)
-    storage_class: str = _setting("local-path", "StorageClass of the workspaces; empty: the cluster's default", JOBS, blank=True)
+        _JOBS, blank=True)
+    storage_class: str = _setting("local-path", "StorageClass of the workspaces; empty: the cluster's default", _JOBS, blank=True)
     ttl_seconds_after_finished: int = _setting(
-        24 * 3600, "a finished Job (and its PVC) is deleted this long after it finished", JOBS, var="JOB_TTL_SECONDS", ge=0)
+        24 * 3600, "a finished Job (and its PVC) is deleted this long after it finished", _JOBS, var="JOB_TTL_SECONDS", ge=0)
     termination_grace_seconds: int = _setting(
-        300, "SIGTERM to SIGKILL: the agent finishes its step, then the final snapshot", JOBS, ge=0)
-    heartbeat_stale_seconds: int = _setting(180, "the liveness probe fails when the agent's heartbeat is older", JOBS, ge=0)
+        300, "SIGTERM to SIGKILL: the agent finishes its step, then the final snapshot", _JOBS, ge=0)
+    heartbeat_stale_seconds: int = _setting(180, "the liveness probe fails when the agent's heartbeat is older", _JOBS, ge=0)
     snapshot_interval_seconds: int = _setting(
-        300, "periodic snapshots by the snapshotter; 0: on request only", JOBS, var="SNAPSHOT_INTERVAL", ge=0)
-    agent_cpu_request: Quantity = _setting("500m", "the agent container's CPU request", JOBS)
-    agent_memory_request: Quantity = _setting("1Gi", "the agent container's memory request", JOBS)
-    agent_cpu_limit: Quantity = _setting("2", "the agent container's CPU limit", JOBS)
-    agent_memory_limit: Quantity = _setting("4Gi", "the agent container's memory limit", JOBS)
-    sidecar_cpu_request: Quantity = _setting("50m", "CPU request of restore and snapshotter", JOBS)
-    sidecar_memory_request: Quantity = _setting("128Mi", "memory request of restore and snapshotter", JOBS)
-    sidecar_cpu_limit: Quantity = _setting("1", "CPU limit of restore and snapshotter", JOBS)
-    sidecar_memory_limit: Quantity = _setting("512Mi", "memory limit of restore and snapshotter", JOBS)
-    home_size_limit: Quantity = _setting("2Gi", "size limit of the agent's home (an emptyDir)", JOBS)
-    tmp_size_limit: Quantity = _setting("1Gi", "size limit of `/tmp` (an emptyDir)", JOBS)
-    object_store_secret: Name = _setting("dockyard-object-store", "Secret with the object store's credentials", JOBS)
-    model_secret: Name = _setting("dockyard-model", "Secret with the model's API key and base URL (optional)", JOBS)
-    kueue_queue: str = _setting("", "a Kueue LocalQueue: Jobs are created suspended for Kueue to admit; none: no Kueue", JOBS)
-    default_model: str = _setting("", "model of a task that names none, e.g. `openai:gpt-4o`; none: the agent's default", JOBS)
+        300, "periodic snapshots by the snapshotter; 0: on request only", _JOBS, var="SNAPSHOT_INTERVAL", ge=0)
+    agent_cpu_request: Quantity = _setting("500m", "the agent container's CPU request", _JOBS)
+    agent_memory_request: Quantity = _setting("1Gi", "the agent container's memory request", _JOBS)
+    agent_cpu_limit: Quantity = _setting("2", "the agent container's CPU limit", _JOBS)
+    agent_memory_limit: Quantity = _setting("4Gi", "the agent container's memory limit", _JOBS)
+    sidecar_cpu_request: Quantity = _setting("50m", "CPU request of restore and snapshotter", _JOBS)
+    sidecar_memory_request: Quantity = _setting("128Mi", "memory request of restore and snapshotter", _JOBS)
+    sidecar_cpu_limit: Quantity = _setting("1", "CPU limit of restore and snapshotter", _JOBS)
+    sidecar_memory_limit: Quantity = _setting("512Mi", "memory limit of restore and snapshotter", _JOBS)
+    home_size_limit: Quantity = _setting("2Gi", "size limit of the agent's home (an emptyDir)", _JOBS)
+    tmp_size_limit: Quantity = _setting("1Gi", "size limit of `/tmp` (an emptyDir)", _JOBS)
+    object_store_secret: Name = _setting("dockyard-object-store", "Secret with the object store's credentials", _JOBS)
+    model_secret: Name = _setting("dockyard-model", "Secret with the model's API key and base URL (optional)", _JOBS)
+    kueue_queue: str = _setting("", "a Kueue LocalQueue: Jobs are created suspended for Kueue to admit; none: no Kueue", _JOBS)
+    default_model: str = _setting("", "model of a task that names none, e.g. `openai:gpt-4o`; none: the agent's default", _JOBS)
 
     # --- construction ------------------------------------------------------------------
     @classmethod
@@ -219,7 +219,8 @@ class Settings(BaseSettings):
 
     def updated(self, values: Mapping[str, Any], source: str = "settings") -> "Settings":
         """A copy with `values` (field name -> value, as from a YAML settings file) applied and validated.
-        `agent_resources`/`sidecar_resources` take a mapping of cpu_request, memory_request, cpu_limit, memory_limit."""
+        `agent_resources`/`sidecar_resources` take a mapping of cpu_request, memory_request, cpu_limit, memory_limit.
+        The store keeps its value: a new `data_dir` does not move a store already derived from the old one."""
         known = set(type(self).model_fields) | {f"{group}_resources" for group in _RESOURCE_GROUPS}
         for name in values:
             if name not in known:
@@ -381,7 +382,7 @@ class _Variables(EnvSettingsSource):
 
 
 def _settings_error(cls: type[Settings], exc: ValidationError) -> SettingsError:
-    """The first problem as `DOCKYARD_X='value': why` (URL passwords masked)."""
+    """Every problem as `DOCKYARD_X='value': why` (URL passwords masked); `field` is the first variable at fault."""
     by_key = {**{name: name for name in cls.model_fields}, **{cls.variable(n): n for n in cls.model_fields}}
     messages, first = [], None
     for error in exc.errors():
