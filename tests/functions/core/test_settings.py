@@ -77,6 +77,8 @@ def test_from_env_of_nothing_is_the_defaults():
     [
         ({"DOCKYARD_RUNTIME": "docker"}, "DOCKYARD_RUNTIME='docker': Input should be 'local' or 'kubernetes'"),
         ({"DOCKYARD_SNAPSHOT_STALE_SECONDS": "soon"}, "DOCKYARD_SNAPSHOT_STALE_SECONDS='soon': Input should be a valid number"),
+        ({"DOCKYARD_STREAM_MAX_SECONDS": "inf"}, "DOCKYARD_STREAM_MAX_SECONDS='inf': Input should be a finite number"),
+        ({"DOCKYARD_TTL_FAILED_SECONDS": "1.5"}, "DOCKYARD_TTL_FAILED_SECONDS='1.5': Input should be a valid integer"),
         ({"DOCKYARD_IMAGE_PULL_POLICY": "Sometimes"}, "DOCKYARD_IMAGE_PULL_POLICY='Sometimes'"),
         ({"DOCKYARD_JOB_TTL_SECONDS": "soon"}, "DOCKYARD_JOB_TTL_SECONDS='soon'"),
         ({"DOCKYARD_TERMINATION_GRACE_SECONDS": "-1"}, "DOCKYARD_TERMINATION_GRACE_SECONDS='-1': Input should be greater than or equal to 0"),
