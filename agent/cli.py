@@ -1,4 +1,4 @@
-"""Command-line parsing shared by the agent's three processes (run, snapshotter, restore).
+"""Command-line parsing and stderr lines shared by the agent's three processes (run, snapshotter, restore).
 
 Each flag has an environment fallback (`DOCKYARD_<NAME>`), so the same image runs
 from a Job spec or a shell. A usage error is fatal (exit 3, never retried):
@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import argparse
 import os
-from typing import TYPE_CHECKING
+import sys
+from typing import TYPE_CHECKING, Callable
 
 from agent import contract
 
@@ -24,6 +25,16 @@ class UsageError(Exception):
 class Parser(argparse.ArgumentParser):
     def error(self, message):
         raise UsageError(message)
+
+
+def stderr_logger(prog: str) -> Callable[[str], None]:
+    """`log(message)` writes `prog: message` to stderr and flushes it at once: the pod log keeps
+    the last lines even when the process dies next (Kubernetes makes them the termination message)."""
+
+    def log(message: str) -> None:
+        print(f"{prog}: {message}", file=sys.stderr, flush=True)
+
+    return log
 
 
 def env_default(name: str, default=None):

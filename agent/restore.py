@@ -21,13 +21,12 @@ import tempfile
 from pathlib import Path
 
 from agent import contract
-from agent.cli import UsageError, check_common, task_parser
+from agent.cli import UsageError, check_common, stderr_logger, task_parser
 from agent.snapshot import list_snapshots
 from agent.storage import ObjectNotFound, StorageError, Store, open_store
 
 
-def _log(message: str) -> None:
-    print(f"restore: {message}", file=sys.stderr, flush=True)
+_log = stderr_logger("restore")
 
 
 def _remove_sidecars(db: Path) -> None:

@@ -31,7 +31,6 @@ import json
 import os
 import sqlite3
 import stat
-import sys
 import tarfile
 import tempfile
 import threading
@@ -41,6 +40,7 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 from agent import contract
+from agent.cli import stderr_logger
 from agent.storage import Store
 
 STATE_DIR = ".dockyard"  # runtime folder in the workspace; never archived
@@ -265,8 +265,7 @@ class _Padded:
         return data
 
 
-def _warn(message: str) -> None:
-    print(f"snapshot: warning: {message}", file=sys.stderr)
+_warn = stderr_logger("snapshot: warning")
 
 
 def write_workspace_archive(workspace: str | os.PathLike, dest: str | os.PathLike) -> None:

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from agent import contract
-from agent.cli import UsageError, add_nats_arguments, check_common, nats_auth, task_parser
+from agent.cli import UsageError, add_nats_arguments, check_common, nats_auth, stderr_logger, task_parser
 from agent.snapshot import (
     SnapshotResult,
     prune_snapshots,
@@ -38,8 +38,7 @@ FINAL_ATTEMPTS = 3
 NO_CHECKPOINT = "no checkpoint yet"
 
 
-def _log(message: str) -> None:
-    print(f"snapshotter: {message}", file=sys.stderr, flush=True)
+_log = stderr_logger("snapshotter")
 
 
 @dataclass(frozen=True)

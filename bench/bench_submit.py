@@ -94,14 +94,13 @@ async def kubernetes_figures(bus, settings, tasks: int) -> tuple[list[float], li
     from kmock import Server
     from kube_emulator import KubeEmulator
 
-    from functions.core.factory import JobSettings
     from functions.runtime.kubernetes import KubernetesRuntime
 
     async with KubeEmulator() as emulator, Server(emulator):
         api = api_client_for(str(emulator.url))
 
         async def make():
-            return KubernetesRuntime(JobSettings(), api)
+            return KubernetesRuntime(Settings(), api)
 
         await measure(bus, settings, make, 20, "kwarm")
         return await measure(bus, settings, make, tasks, "k8s")

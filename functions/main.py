@@ -14,8 +14,11 @@ parses the CloudEvent and maps errors to 4xx/5xx instead.
 Locally, `dockyard dev` builds its own `Context` and mounts
 `starlette_endpoint(handler, get_context)` for each entry of `HANDLERS`.
 
-Invariant: importing this module is cheap (no NATS, Kubernetes or boto3):
-they load on the first event, which is what cold start pays for.
+Invariants: the settings are read, validated and printed when this module is
+imported, i.e. when the process starts; a wrong `DOCKYARD_*` variable stops it
+(exit 3) with a message naming the variable, instead of every event being
+answered 4xx and dead-lettered. Importing is otherwise cheap (no NATS,
+Kubernetes or boto3): they load on the first event, which is what cold start pays for.
 """
 
 from __future__ import annotations
@@ -26,7 +29,9 @@ from typing import TYPE_CHECKING
 
 import functions_framework.aio
 
+from agent import contract
 from functions.core.settings import Settings
+from functions.errors import SettingsError
 from functions.handlers import HANDLERS, edge
 from functions.handlers.context import Context
 from functions.handlers.job_finished import handle as handle_job_finished
@@ -50,21 +55,28 @@ async def _job_event_to_job_finished(event: dict) -> None:
         log.error("job_finished refused the local runtime's job event %s: %s", event.get("id"), body)
 
 
+def read_settings() -> Settings:
+    """The settings from the environment, printed (secrets masked); a wrong variable exits the process."""
+    try:
+        settings = Settings.from_env()
+    except SettingsError as exc:
+        print(f"dockyard functions: {exc}", file=sys.stderr, flush=True)
+        raise SystemExit(contract.EXIT_FATAL) from None
+    print(f"dockyard functions settings:\n{settings.describe()}", file=sys.stderr, flush=True)
+    return settings
+
+
 # --- the process-wide context of a functions-framework process ------------
-_settings: Settings | None = None
+_settings: Settings = read_settings()
 _runtime: "Runtime | None" = None
 _context: Context | None = None
 
 
 async def get_context() -> Context:
-    """Settings read once, the runtime made once, the bus connected per event loop (lazily)."""
-    global _settings, _runtime, _context
+    """The settings read at start, the runtime made once, the bus connected per event loop (lazily)."""
+    global _runtime, _context
     from functions.core import bus
 
-    if _settings is None:
-        settings = Settings.from_env()
-        print(f"dockyard functions settings:\n{settings.describe()}", file=sys.stderr, flush=True)
-        _settings = settings
     if _runtime is None:
         from functions.runtime import make_runtime
 

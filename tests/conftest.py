@@ -12,13 +12,9 @@ from pathlib import Path
 
 import pytest
 
+from functions.devstack.ports import free_port  # noqa: F401  (tests import it from here)
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # Generous on purpose: these bound a wait on state, never decide which code path runs, so a

@@ -20,15 +20,6 @@ HEALTH_TIMEOUT_SECONDS = 60.0
 STOP_TIMEOUT_SECONDS = 30.0
 
 
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _wait_healthy(url: str, proc: subprocess.Popen, log_file: Path) -> None:
     import httpx
 
@@ -78,7 +69,9 @@ def run(args) -> int:
 
     data_dir = Path(args.data_dir or tempfile.mkdtemp(prefix="dockyard-demo-")).resolve()
     data_dir.mkdir(parents=True, exist_ok=True)
-    port = args.port or _free_port()
+    from functions.devstack.ports import free_port
+
+    port = args.port or free_port()
     url = f"http://127.0.0.1:{port}"
     log_file = data_dir / "dev.log"
     store = (data_dir / "store").as_uri()

@@ -36,6 +36,7 @@ from functions.cli.client import (
     print_trace,
     submit_task,
 )
+from functions.errors import SettingsError
 
 # --- subcommands -----------------------------------------------------------------
 
@@ -212,6 +213,9 @@ def main(argv: list[str] | None = None) -> int:
     except CommandError as exc:
         print(f"dockyard {args.command}: {exc}", file=sys.stderr)
         return exc.code
+    except SettingsError as exc:  # a DOCKYARD_* variable is wrong (`dockyard dev`): the message names it
+        print(f"dockyard {args.command}: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
     except KeyboardInterrupt:
         return 130
     except BrokenPipeError:  # `dockyard logs ID | head`: the reader has what it wanted

@@ -2,8 +2,9 @@
 
 The output is exactly what `KubernetesRuntime.launch` sends, except the PVC's
 owner UID, which only the API server assigns (a placeholder here). Settings come
-from the `DOCKYARD_*` environment, then from `--settings FILE` (YAML mapping of
-`JobSettings` field names), so `kubectl apply --dry-run=server -f -` can check them.
+from the `DOCKYARD_*` environment, then from `--settings FILE` (a YAML mapping of
+`functions.core.settings.Settings` field names), so `kubectl apply --dry-run=server -f -`
+can check them.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ def add_parser(subparsers) -> None:
         description="Print the Job agent-<id> and its PVC workspace-<id> as YAML (the PVC's owner UID is a placeholder).",
     )
     job.add_argument("--task-file", required=True, type=Path, help="task as JSON or YAML: {prompt, task_id?, repo?, model?, limits?}")
-    job.add_argument("--settings", type=Path, help="YAML mapping of Job settings (JobSettings field names), over the DOCKYARD_* environment")
+    job.add_argument("--settings", type=Path, help="YAML mapping of settings (field names of functions.core.settings.Settings, e.g. agent_image), over the DOCKYARD_* environment")
     job.add_argument("--task-id", help="the task id; default: the file's task_id, else one derived from the file's content")
     job.set_defaults(run=run_job)
 
@@ -37,19 +38,19 @@ def run_job(args, out=None) -> int:
     import yaml
 
     from functions.cli.client import EXIT_BAD_INPUT, CommandError
-    from functions.core.factory import JobSettings, render
-    from functions.errors import SettingsError
+    from functions.core.factory import render
+    from functions.core.settings import Settings
     from functions.core.task import parse_task
-    from functions.errors import BadInput
+    from functions.errors import BadInput, SettingsError
 
     raw = _read(args.task_file, "--task-file")
     try:
         data = yaml.safe_load(raw)
-        settings = JobSettings.from_env()
+        settings = Settings.from_env()
         if args.settings:
             values = yaml.safe_load(_read(args.settings, "--settings")) or {}
             if not isinstance(values, dict):
-                raise SettingsError("the file must hold a mapping of Job setting names to values")
+                raise SettingsError(f"{args.settings}: the file must hold a mapping of setting names to values")
             settings = settings.updated(values, source=str(args.settings))
     except yaml.YAMLError as exc:
         raise CommandError(f"not valid YAML or JSON: {exc}", EXIT_BAD_INPUT) from None

@@ -11,56 +11,61 @@ from __future__ import annotations
 import asyncio
 import json
 import random
-from typing import Callable
+from typing import Callable, NotRequired, TypedDict
 
 from agent import contract
 from functions.errors import RegistryConflict
 
 UPDATE_ATTEMPTS = 50
 
-# Fields of a record; every writer keeps the ones it does not own.
-RECORD_FIELDS = (
-    "task_id",
-    "state",
-    "phase",
-    "outcome",
-    "reason",
-    "created_at",
-    "updated_at",
-    "spec_hash",
-    "task",
-    "attempts",
-    "job_uid",
-    "snapshot_keys",
-    "termination_message",
-    "finished_uids",
-    "retention_seconds",
-    "events_seq",  # the tracker: last stream sequence applied (forward-only updates)
-    "last_snapshot_at",  # snapshot_due: the last good snapshot
-    "last_snapshot_key",
-    "cancel_requested_at",  # task_command
-)
+
+class TaskRecord(TypedDict):
+    """A task's record. `new_record` sets the first group; the writers named add the rest.
+    Every writer changes only the keys it owns and keeps the others (`{**current, ...}`)."""
+
+    task_id: str
+    state: str  # contract.STATE_*
+    phase: str | None
+    outcome: str | None
+    reason: str | None
+    created_at: str  # contract.iso_utc
+    updated_at: str
+    spec_hash: str | None  # None when rebuilt from a Job (job_finished)
+    task: dict | None  # Task.to_dict()
+    attempts: int
+    job_uid: str | None
+    snapshot_keys: list[str]
+    termination_message: str | None
+    finished_uids: list[str]  # Jobs whose end was recorded (job_finished is idempotent by uid)
+    retention_seconds: int | None  # how long a finished record is kept (snapshot_due expires it)
+    events_seq: NotRequired[int]  # the tracker: last stream sequence applied (forward-only updates)
+    summary: NotRequired[str | None]  # job_finished: from the agent's result
+    final_snapshot_missing: NotRequired[bool]  # job_finished
+    finished_at: NotRequired[str]  # job_finished
+    last_snapshot_at: NotRequired[str]  # snapshot_due: the last good snapshot
+    last_snapshot_key: NotRequired[str | None]
+    cancel_requested_at: NotRequired[str]  # task_command
 
 
-def new_record(task_id: str, *, task: dict | None, spec_hash: str | None, now: str) -> dict:
+def new_record(task_id: str, *, task: dict | None, spec_hash: str | None, now: str) -> TaskRecord:
     """A freshly queued task."""
-    return {
-        "task_id": task_id,
-        "state": contract.STATE_QUEUED,
-        "phase": None,
-        "outcome": None,
-        "reason": None,
-        "created_at": now,
-        "updated_at": now,
-        "spec_hash": spec_hash,
-        "task": task,
-        "attempts": 0,
-        "job_uid": None,
-        "snapshot_keys": [],
-        "termination_message": None,
-        "finished_uids": [],
-        "retention_seconds": None,
-    }
+    return TaskRecord(
+        task_id=task_id,
+        state=contract.STATE_QUEUED,
+        phase=None,
+        outcome=None,
+        reason=None,
+        created_at=now,
+        updated_at=now,
+        spec_hash=spec_hash,
+        task=task,
+        attempts=0,
+        job_uid=None,
+        snapshot_keys=[],
+        termination_message=None,
+        finished_uids=[],
+        retention_seconds=None,
+    )
 
 
 class TaskRegistry:
@@ -90,11 +95,11 @@ class TaskRegistry:
         except KeyNotFoundError:  # also raised for deleted and purged keys
             return None
 
-    async def get(self, task_id: str) -> dict | None:
+    async def get(self, task_id: str) -> TaskRecord | None:
         entry = await self._entry(task_id)
         return json.loads(entry.value) if entry is not None and entry.value else None
 
-    async def create(self, task_id: str, record: dict) -> bool:
+    async def create(self, task_id: str, record: TaskRecord) -> bool:
         """Store the record unless the task exists; True when this call created it."""
         from nats.js.errors import KeyWrongLastSequenceError
 
@@ -104,7 +109,7 @@ class TaskRegistry:
             return False
         return True
 
-    async def update(self, task_id: str, mutate: Callable[[dict], dict | None]) -> dict | None:
+    async def update(self, task_id: str, mutate: Callable[[TaskRecord], TaskRecord | None]) -> TaskRecord | None:
         """Apply `mutate` to the current record with compare-and-set, retrying on conflict.
 
         `mutate` gets a copy of the record and returns the new record, or None for
@@ -130,7 +135,7 @@ class TaskRegistry:
     async def delete(self, task_id: str) -> None:
         await self.kv.delete(task_id)
 
-    async def list(self) -> list[dict]:
+    async def list(self) -> list[TaskRecord]:
         """Every task's record (one watch of the bucket, latest value per key)."""
         watcher = await self.kv.watchall(ignore_deletes=True)
         records = []
@@ -145,5 +150,5 @@ class TaskRegistry:
         return sorted(records, key=lambda r: (r.get("created_at") or "", r.get("task_id") or ""))
 
 
-def _encode(record: dict) -> bytes:
+def _encode(record: TaskRecord) -> bytes:
     return json.dumps(record, separators=(",", ":"), sort_keys=True).encode()

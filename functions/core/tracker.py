@@ -22,6 +22,7 @@ import logging
 
 from agent import contract
 from functions.core.bus import now_iso
+from functions.core.registry import TaskRecord
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +39,7 @@ ATTEMPT_STATES = (contract.STATE_STARTED, contract.STATE_RESUMED)
 APPLY_ATTEMPTS = 5  # registry failures for one event before it is left to redelivery
 
 
-def apply_event(record: dict, event: dict, seq: int, *, now: str | None = None) -> dict | None:
+def apply_event(record: TaskRecord, event: dict, seq: int, *, now: str | None = None) -> TaskRecord | None:
     """The record after `event` (stream sequence `seq`), or None when it changes nothing."""
     if record.get("state") in contract.TERMINAL_STATES or seq <= (record.get("events_seq") or 0):
         return None

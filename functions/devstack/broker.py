@@ -211,8 +211,14 @@ class DeliveryResult:
     attempts: int
 
 
+Sleep = Callable[[float], Awaitable[None]]
+
+
 class Broker:
-    def __init__(self, routes: list[Route], targets: Mapping[str, Target], dead_letter_path: str | Path, *, sleep=asyncio.sleep):
+    """Delivers events to the targets their Triggers name. `sleep` waits out the backoff
+    (tests pass one that records the delays instead of waiting)."""
+
+    def __init__(self, routes: list[Route], targets: Mapping[str, Target], dead_letter_path: str | Path, *, sleep: Sleep = asyncio.sleep):
         missing = sorted({r.function for r in routes} - set(targets))
         if missing:
             raise ManifestError(f"Triggers name functions that do not exist: {', '.join(missing)}")
@@ -222,8 +228,10 @@ class Broker:
         self._sleep = sleep
 
     @classmethod
-    def from_manifests(cls, targets: Mapping[str, Target], data_dir: str | Path, eventing_dir: str | Path = EVENTING_DIR) -> "Broker":
-        return cls(routes_from_manifests(eventing_dir), targets, Path(data_dir) / DEAD_LETTER_FILE)
+    def from_manifests(
+        cls, targets: Mapping[str, Target], data_dir: str | Path, eventing_dir: str | Path = EVENTING_DIR, *, sleep: Sleep = asyncio.sleep
+    ) -> "Broker":
+        return cls(routes_from_manifests(eventing_dir), targets, Path(data_dir) / DEAD_LETTER_FILE, sleep=sleep)
 
     def routes_for(self, event: CloudEvent) -> list[Route]:
         return [r for r in self.routes if r.matches(event)]
@@ -308,23 +316,11 @@ class Broker:
             return JSONResponse(rejected[0].body, status_code=rejected[0].status)
         return JSONResponse({"accepted": True, "results": {r.route.function: r.body for r in results}}, status_code=202)
 
-    def app(self):
-        """A Starlette app: POST / (and Knative's /<namespace>/<broker> path) is the ingress."""
-        from starlette.applications import Starlette
-        from starlette.routing import Route as HttpRoute
-
-        return Starlette(
-            routes=[
-                HttpRoute("/", self.ingress, methods=["POST"]),
-                HttpRoute("/{namespace}/{broker}", self.ingress, methods=["POST"]),
-            ]
-        )
-
 
 class PingTimer:
     """Emits the PingSource's event to the broker on its schedule, until stopped."""
 
-    def __init__(self, broker: Broker, schedule: PingSchedule, *, clock: Callable[[], float] = time.time, sleep=asyncio.sleep):
+    def __init__(self, broker: Broker, schedule: PingSchedule, *, clock: Callable[[], float] = time.time, sleep: Sleep = asyncio.sleep):
         self.broker = broker
         self.schedule = schedule
         self._clock = clock

@@ -17,13 +17,8 @@ step and stay unfinished; the next start over the same data dir resumes them.
 
 from __future__ import annotations
 
-import asyncio
 import os
-import signal
-import subprocess
 import sys
-import tempfile
-import time
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any, Sequence
@@ -31,17 +26,17 @@ from typing import Any, Sequence
 from agent import contract
 
 
-
 def dev_settings(data_dir: Path, nats_url: str, store: str | None = None, base_env: dict | None = None):
-    """Settings as `Settings.from_env` reads them, with the command line's choices on top."""
+    """Settings as `Settings.from_env` reads them, with the command line's choices on top
+    (as variables, so that the store's default follows the data dir)."""
     from functions.core.settings import Settings
 
     env = dict(os.environ if base_env is None else base_env)
-    env[f"{contract.ENV_PREFIX}DATA_DIR"] = str(Path(data_dir).resolve())
-    env[f"{contract.ENV_PREFIX}NATS_URL"] = nats_url
-    env[f"{contract.ENV_PREFIX}RUNTIME"] = "local"
+    env[Settings.variable("data_dir")] = str(Path(data_dir).resolve())
+    env[Settings.variable("nats_url")] = nats_url
+    env[Settings.variable("runtime")] = "local"
     if store:
-        env[f"{contract.ENV_PREFIX}STORE"] = store
+        env[Settings.variable("store")] = store
     return Settings.from_env(env)
 
 
@@ -56,7 +51,6 @@ def create_dev_app(
 
     Its lifespan connects NATS, starts the runtime (resuming unfinished tasks), the
     tracker and the ping timer, and stops them in reverse order."""
-    from cloudevents.http import from_dict
     from starlette.applications import Starlette
     from starlette.routing import Mount, Route
 
@@ -75,18 +69,11 @@ def create_dev_app(
     broker = Broker.from_manifests(local_targets(HANDLERS, get_context), settings.data_dir)
     ping = PingTimer(broker, ping_from_manifests())
 
-    async def emit_job_event(event: dict) -> None:
-        """The local ApiServerSource: a finished Job goes through the broker to job_finished."""
-        results = await broker.deliver(from_dict(event))
-        failed = [r for r in results if r.status >= 500]
-        if failed:  # the runtime tries again later; 4xx answers are dead-lettered by the broker
-            raise ConnectionError(f"{failed[0].route.service} answered {failed[0].status}: {failed[0].body.get('error')}")
-
     secrets_dir = Path(settings.data_dir) / "secrets"
     secrets_dir.mkdir(parents=True, exist_ok=True)
     runtime = make_runtime(
         settings,
-        emit_job_event=emit_job_event,
+        emit_job_event=broker.emit,  # the local ApiServerSource: a finished Job goes through the broker
         agent_cmd=agent_cmd,
         default_model=default_model,
         secrets_dir=str(secrets_dir),

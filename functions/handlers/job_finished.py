@@ -24,7 +24,7 @@ from cloudevents.http import CloudEvent
 from agent import contract
 from functions.core.bus import now_iso
 from functions.core.cloudevent import data_object, require_type
-from functions.core.registry import new_record
+from functions.core.registry import TaskRecord, new_record
 from functions.errors import BadInput, StoreUnavailable
 
 if TYPE_CHECKING:
@@ -76,7 +76,7 @@ def _read_store(store, task_id: str) -> tuple[dict | None, bool, list[str]]:
     return (result if isinstance(result, dict) else None), False, keys
 
 
-def _outcome(condition: dict, result: dict | None, record: dict) -> str:
+def _outcome(condition: dict, result: dict | None, record: TaskRecord) -> str:
     reported = (result or {}).get("outcome")
     if isinstance(reported, str) and reported and reported != "unknown":
         return reported
@@ -142,7 +142,7 @@ async def record_finished_job(job: dict, ctx: "Context") -> dict:
         final_snapshot_missing=final_missing,
     )
 
-    def finish(current: dict) -> dict | None:
+    def finish(current: TaskRecord) -> TaskRecord | None:
         if uid in (current.get("finished_uids") or []):
             return None
         now = now_iso()

@@ -26,6 +26,7 @@ from functions.core.cloudevent import require_type
 from functions.handlers.job_finished import record_finished_job
 
 if TYPE_CHECKING:
+    from functions.core.registry import TaskRecord
     from functions.handlers.context import Context
 
 log = logging.getLogger(__name__)
@@ -43,14 +44,14 @@ def _parse_time(value: object) -> datetime | None:
     return parsed if parsed.tzinfo else parsed.replace(tzinfo=timezone.utc)
 
 
-def _expired(record: dict, now: datetime) -> bool:
+def _expired(record: "TaskRecord", now: datetime) -> bool:
     if record.get("state") not in contract.TERMINAL_STATES or not record.get("retention_seconds"):
         return False
     finished = _parse_time(record.get("finished_at") or record.get("updated_at"))
     return finished is not None and (now - finished).total_seconds() > record["retention_seconds"]
 
 
-async def _snapshot(ctx: "Context", record: dict, now: datetime) -> str:
+async def _snapshot(ctx: "Context", record: "TaskRecord", now: datetime) -> str:
     """Ask one task for a snapshot; returns "snapshotted", "no_reply" or "stale"."""
     task_id = record["task_id"]
     try:
@@ -63,7 +64,7 @@ async def _snapshot(ctx: "Context", record: dict, now: datetime) -> str:
     if reply.get("ok", True) is True:
         key = reply.get("key")
 
-        def remember(current: dict) -> dict:
+        def remember(current: "TaskRecord") -> "TaskRecord":
             keys = list(current.get("snapshot_keys") or [])
             if isinstance(key, str) and key and key not in keys:
                 keys = [*keys, key][-MAX_SNAPSHOT_KEYS:]

@@ -21,6 +21,7 @@ from functions.errors import TaskNotFound
 from functions.errors import BadInput
 
 if TYPE_CHECKING:
+    from functions.core.registry import TaskRecord
     from functions.handlers.context import Context
 
 OPS = ("cancel", "message")
@@ -47,7 +48,7 @@ async def _record_cancelled(ctx: "Context", task_id: str) -> None:
     """The runtime stopped the job without the agent: no job-finished event will tell, so say it here."""
     reason = "the agent did not answer the cancel request; the runtime stopped it"
 
-    def finish(record: dict) -> dict | None:
+    def finish(record: "TaskRecord") -> "TaskRecord | None":
         if record.get("state") in contract.TERMINAL_STATES:
             return None
         return {**record, "state": contract.STATE_FINISHED, "outcome": contract.OUTCOME_CANCELLED, "reason": reason, "updated_at": now_iso()}

@@ -1,4 +1,7 @@
-"""Where agents run: `make_runtime` picks the implementation named by `Settings.runtime`."""
+"""Where agents run: `make_runtime` picks the implementation named by `Settings.runtime`.
+
+Invariant: a runtime gets its settings from the caller (read once at start), never from the environment.
+"""
 
 from __future__ import annotations
 
@@ -19,8 +22,7 @@ def make_runtime(settings: "Settings", **kw: Any) -> "Runtime":
         kw.setdefault("ttl_failed_seconds", settings.ttl_failed_seconds)
         return LocalRuntime(settings.data_dir, settings.nats_url, settings.store, **kw)
     if settings.runtime == "kubernetes":
-        from functions.core.factory import JobSettings
         from functions.runtime.kubernetes import KubernetesRuntime
 
-        return KubernetesRuntime(JobSettings.from_env(), **kw)
+        return KubernetesRuntime(settings, **kw)
     raise ValueError(f"DOCKYARD_RUNTIME={settings.runtime!r}: use 'local' or 'kubernetes'")

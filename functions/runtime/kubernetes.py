@@ -27,7 +27,7 @@ from urllib3.exceptions import HTTPError as Urllib3Error
 
 from agent import contract
 from functions.core import factory
-from functions.core.factory import JobSettings
+from functions.core.settings import Settings
 from functions.errors import ApiRejected, ApiUnavailable, LaunchConflict, TaskNotFound
 from functions.errors import SettingsError
 from functions.core.task import Task
@@ -63,8 +63,7 @@ def load_api_client() -> "client.ApiClient":
 class KubernetesRuntime:
     """The Runtime for a cluster: one Job and one PVC per task in `settings.namespace`."""
 
-    def __init__(self, settings: JobSettings, api_client: "client.ApiClient | None" = None, *, request_timeout: float = 30.0):
-        log.info("Job settings:\n%s", settings.describe())
+    def __init__(self, settings: Settings, api_client: "client.ApiClient | None" = None, *, request_timeout: float = 30.0):
         self.settings = settings
         self._owns_client = api_client is None
         self.api_client = api_client or load_api_client()

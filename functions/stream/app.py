@@ -530,7 +530,7 @@ async def trace(
     *,
     finished_at: int | None = None,
     only: Filter = EVERYTHING,
-    buffer_bytes: int = Settings.stream_client_buffer_bytes,
+    buffer_bytes: int = Settings.default("stream_client_buffer_bytes"),
 ) -> AsyncIterator[bytes]:
     """Yield SSE bytes for the task's messages after sequence `after`, through the terminal event.
 
@@ -837,7 +837,7 @@ def create_app(
     """The stream app. `run_tracker=True` runs the registry tracker in its lifespan (one per deployment)."""
     settings = settings or Settings.from_env()
     if nats_url:
-        settings = dataclasses.replace(settings, nats_url=nats_url)
+        settings = settings.model_copy(update={"nats_url": nats_url})
     redaction = Redaction(settings.known_secrets_file or None)
     feeds = Feeds(redaction)
     closing = asyncio.Event()  # set when the server shuts down: open streams end

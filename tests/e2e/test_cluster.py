@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 
 from agent import contract
-from functions.core.factory import JobSettings
+from functions.core.settings import Settings
 from functions.core.task import parse_task
 
 pytestmark = [
@@ -63,10 +63,10 @@ def settings():
     image = os.environ.get("DOCKYARD_E2E_AGENT_IMAGE")
     if not image:
         pytest.skip("set DOCKYARD_E2E_AGENT_IMAGE to the agent image the cluster can run")
-    return JobSettings.from_env().updated(
+    return Settings.from_env().updated(
         {
             "agent_image": image,
-            "store_url": os.environ.get("DOCKYARD_E2E_STORE", "file:///tmp/dockyard-store"),
+            "store": os.environ.get("DOCKYARD_E2E_STORE", "file:///tmp/dockyard-store"),
             "default_model": "scripted:example",
             "ttl_seconds_after_finished": 600,
         }

@@ -13,6 +13,7 @@ from starlette.applications import Starlette
 from starlette.routing import Route
 
 from functions.core.bus import Bus
+from functions.core.registry import TaskRecord
 from functions.errors import LaunchConflict, TaskNotFound
 from functions.core.settings import Settings
 from functions.core.task import Task
@@ -76,7 +77,12 @@ def settings(nats_server, tmp_path):
 async def bus(settings):
     connected = await Bus.open(settings.nats_url)
     yield connected
-    await connected.close()
+    try:
+        # Whatever the writers left in the registry holds only TaskRecord's keys (functions.core.registry).
+        undeclared = {key for record in await connected.registry.list() for key in record} - set(TaskRecord.__annotations__)
+    finally:
+        await connected.close()
+    assert not undeclared, f"registry records hold keys TaskRecord does not declare: {sorted(undeclared)}"
 
 
 @pytest.fixture

@@ -95,12 +95,12 @@ def settings_env() -> dict[str, str]:
 
 
 def example_tasks() -> dict[str, tuple[object, object]]:
-    """name -> (Task, JobSettings): the bundled example task, and one with every limit, a repo,
+    """name -> (Task, Settings): the bundled example task, and one with every limit, a repo,
     a model and a Kueue queue. Settings come from knative/settings.yaml."""
-    from functions.core.factory import JobSettings
+    from functions.core.settings import Settings
     from functions.core.task import parse_task
 
-    settings = JobSettings.from_env(settings_env())
+    settings = Settings.from_env(settings_env())
     example = parse_task(json.loads(EXAMPLE_TASK.read_text()), source="tests/manifests", event_id="example")
     everything = parse_task(
         {

@@ -43,6 +43,7 @@ import pytest
 import yaml
 
 from functions.core import egress
+from tests.conftest import free_port
 from tests.manifests import KNATIVE_DIR, one, documents, pod_template
 
 MARKER = b"dockyard-egress-test-server"
@@ -163,12 +164,6 @@ def _servers() -> tuple[_Server, _Server]:
     raise RuntimeError("no port free on both 127.0.0.5 and 127.0.0.1")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind((CANARY_ADDRESS, 0))
-        return s.getsockname()[1]
-
-
 def _wait_for_port(port: int, process: subprocess.Popen, log: Path, timeout: float = 20.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -244,7 +239,7 @@ def proxy():
         threading.Thread(target=s.serve_forever, daemon=True).start()
     server_port = server.server_address[1]
     workdir = Path(tempfile.mkdtemp(prefix="dockyard-squid-"))
-    port = _free_port()
+    port = free_port(CANARY_ADDRESS)
     access_log = workdir / "access.log"
     cache_log = workdir / "cache.log"
     conf = egress.render_squid_conf(

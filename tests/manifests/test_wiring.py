@@ -8,7 +8,6 @@ code reads; the NetworkPolicy admits the pods and ports the settings name.
 
 from __future__ import annotations
 
-import re
 from urllib.parse import urlsplit
 
 import pytest
@@ -16,8 +15,6 @@ import yaml
 
 from agent import contract
 from functions.devstack.broker import routes_from_manifests
-from functions.core.factory import ENV as JOB_ENV
-from functions.core.factory import JobSettings
 from functions.main import HANDLERS
 from functions.core.settings import Settings
 from tests.manifests import (
@@ -160,28 +157,21 @@ def test_the_stream_stays_up_for_long_streams():
     assert stream["spec"]["containers"][0]["command"] == ["python", "-m", "functions.stream"]  # with the tracker
 
 
-def _names_read_by_code() -> set[str]:
-    settings_source = (ROOT / "functions" / "core" / "settings.py").read_text()
-    names = {contract.ENV_PREFIX + n for n in re.findall(r'(?:_env_name\(|_number\(env, )"([A-Z_]+)"', settings_source)}
-    names |= set(JOB_ENV.values())
-    names |= {f"{contract.ENV_PREFIX}{group}_{part.upper()}" for group in ("AGENT", "SIDECAR")
-              for part in ("cpu_request", "memory_request", "cpu_limit", "memory_limit")}  # fmt: skip
-    return names
+def test_the_settings_configmap_holds_only_variables_the_model_defines():
+    unknown = sorted(set(settings_env()) - set(Settings.variables().values()))
+    assert not unknown, f"knative/settings.yaml sets variables the settings model does not define (typos?): {unknown}"
 
 
-def test_the_settings_configmap_holds_only_variables_the_code_reads():
-    unknown = sorted(set(settings_env()) - _names_read_by_code())
-    assert not unknown, f"knative/settings.yaml sets variables nothing reads (typos?): {unknown}"
-
-
-def test_the_settings_configmap_is_accepted_by_both_settings_objects():
-    env = settings_env()
-    settings = Settings.from_env(env)
-    jobs = JobSettings.from_env(env)
+def test_the_settings_configmap_is_accepted_by_the_settings_model():
+    settings = Settings.from_env(settings_env())
     assert settings.runtime == "kubernetes"
-    assert settings.store.startswith("s3://") and jobs.store_url == settings.store
-    assert jobs.namespace == contract.AGENTS_NAMESPACE
-    assert jobs.storage_class == "local-path"
+    assert settings.store.startswith("s3://")
+    assert settings.namespace == contract.AGENTS_NAMESPACE
+    assert settings.storage_class == "local-path"
+
+
+def test_the_nats_default_is_where_the_cluster_deploys_nats():
+    assert settings_env()["DOCKYARD_NATS_URL"] == Settings.default("nats_url")
 
 
 # --- the agents' pods ---------------------------------------------------------------------
@@ -340,7 +330,7 @@ def test_images_install_from_the_lock_file_and_run_as_uid_1000(name):
 
 
 def test_the_agent_image_fits_the_job():
-    from functions.core.factory import DEFAULT_IMAGE_PATH
+    from functions.core.settings import DEFAULT_IMAGE_PATH
 
     instructions = dockerfile("agent.Dockerfile")
     env = _env(instructions)

@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import time
+from urllib.parse import urlsplit
 
 import pytest
 import yaml
@@ -14,9 +15,12 @@ import yaml
 from agent import contract
 from functions.core import factory
 from functions.cli import manifests
-from functions.core.factory import JobSettings, Resources, render, render_job, render_pvc
-from functions.errors import SettingsError
+from functions.core.factory import render, render_job, render_pvc
+from functions.core.settings import Resources, Settings
 from functions.core.task import parse_task
+
+
+NATS_HOST = urlsplit(Settings().nats_url).hostname
 
 
 def make_task(**data):
@@ -30,7 +34,7 @@ def task():
 
 @pytest.fixture
 def job(task):
-    return render_job(task, JobSettings())
+    return render_job(task, Settings())
 
 
 def pod(job: dict) -> dict:
@@ -75,7 +79,7 @@ def test_job_limits_come_from_the_task(job):
     spec = job["spec"]
     assert spec["backoffLimit"] == 2
     assert spec["activeDeadlineSeconds"] == 900
-    assert spec["ttlSecondsAfterFinished"] == JobSettings().ttl_seconds_after_finished
+    assert spec["ttlSecondsAfterFinished"] == Settings().ttl_seconds_after_finished
     assert "suspend" not in spec
     assert pod(job)["restartPolicy"] == "Never"
 
@@ -105,7 +109,7 @@ def test_pod_is_restricted(job):
         "fsGroupChangePolicy": "OnRootMismatch",
         "seccompProfile": {"type": "RuntimeDefault"},
     }
-    assert spec["terminationGracePeriodSeconds"] == JobSettings().termination_grace_seconds >= 120
+    assert spec["terminationGracePeriodSeconds"] == Settings().termination_grace_seconds >= 120
     names = [c["name"] for c in spec["initContainers"]] + [c["name"] for c in spec["containers"]]
     assert names == ["restore", "snapshotter", "agent"]
     for c in spec["initContainers"] + spec["containers"]:
@@ -118,7 +122,7 @@ def test_pod_is_restricted(job):
         assert c["terminationMessagePolicy"] == "FallbackToLogsOnError"
         assert set(c["resources"]) == {"requests", "limits"}
         assert set(c["resources"]["requests"]) == set(c["resources"]["limits"]) == {"cpu", "memory"}
-        assert c["image"] == JobSettings().agent_image and c["imagePullPolicy"] == "IfNotPresent"
+        assert c["image"] == Settings().agent_image and c["imagePullPolicy"] == "IfNotPresent"
         assert c["command"] == ["python", "-m", "agent"]
         assert mounts(c)["/workspace"]["name"] == "workspace"
         assert "/tmp" in mounts(c)
@@ -132,13 +136,13 @@ def test_containers_run_the_agent_cli(job):
     assert restore["args"][:3] == ["restore", "--task-id", "t1"]
     assert "restartPolicy" not in restore
     assert snapshotter["args"][0] == "snapshotter" and snapshotter["restartPolicy"] == "Always"  # native sidecar
-    assert snapshotter["args"][snapshotter["args"].index("--interval") + 1] == str(JobSettings().snapshot_interval_seconds)
+    assert snapshotter["args"][snapshotter["args"].index("--interval") + 1] == str(Settings().snapshot_interval_seconds)
     assert agent["args"][0] == "run"
     assert agent["args"][agent["args"].index("--task-file") + 1] == contract.TASK_FILE
     for c in (restore, snapshotter):
-        assert c["args"][c["args"].index("--store") + 1] == JobSettings().store_url
+        assert c["args"][c["args"].index("--store") + 1] == Settings().store
     for c in (snapshotter, agent):
-        assert c["args"][c["args"].index("--nats") + 1] == JobSettings().nats_url
+        assert c["args"][c["args"].index("--nats") + 1] == Settings().nats_url
     for c in (restore, snapshotter, agent):
         assert env(c)["DOCKYARD_TASK_ID"] == "t1"
         assert env(c)["DOCKYARD_WORKSPACE"] == contract.WORKSPACE_MOUNT
@@ -176,22 +180,22 @@ def test_agent_environment_home_path_and_proxy(job):
     assert e["HOME"] == contract.HOME_DIR
     assert e["PYTHONUSERBASE"] == contract.PYTHONUSERBASE == "/home/agent/.local"
     assert e["PATH"].startswith("/home/agent/.local/bin:") and "/usr/local/bin" in e["PATH"]
-    proxy = JobSettings().egress_proxy
+    proxy = Settings().egress_proxy
     assert e["HTTP_PROXY"] == e["HTTPS_PROXY"] == e["http_proxy"] == e["https_proxy"] == proxy
     no_proxy = e["NO_PROXY"].split(",")
     assert e["no_proxy"] == e["NO_PROXY"]
-    assert {".svc", ".cluster.local", "nats.nats.svc.cluster.local"} <= set(no_proxy)
+    assert {".svc", ".cluster.local", NATS_HOST} <= set(no_proxy)
     # Restore and snapshotter talk to NATS and the store directly (the NetworkPolicy allows it).
     for name in ("restore", "snapshotter"):
         assert not {"HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy"} & set(env(container(job, name)))
 
 
 def test_no_proxy_names_the_store_endpoint_and_an_empty_proxy_means_none(task):
-    settings = JobSettings(s3_endpoint="http://minio.storage.svc:9000", no_proxy=("10.0.0.0/8",))
+    settings = Settings(s3_endpoint="http://minio.storage.svc:9000", no_proxy=("10.0.0.0/8",))
     agent = container(render_job(task, settings), "agent")
-    assert env(agent)["NO_PROXY"] == "10.0.0.0/8,nats.nats.svc.cluster.local,minio.storage.svc"
+    assert env(agent)["NO_PROXY"] == f"10.0.0.0/8,{NATS_HOST},minio.storage.svc"
     assert env(container(render_job(task, settings), "snapshotter"))["DOCKYARD_S3_ENDPOINT"] == "http://minio.storage.svc:9000"
-    assert "HTTP_PROXY" not in env(container(render_job(task, JobSettings(egress_proxy="")), "agent"))
+    assert "HTTP_PROXY" not in env(container(render_job(task, Settings(egress_proxy="")), "agent"))
 
 
 def test_liveness_probe_checks_the_heartbeat(job, tmp_path):
@@ -217,7 +221,7 @@ def test_liveness_probe_checks_the_heartbeat(job, tmp_path):
 
 
 def test_model_default_only_when_the_task_names_none():
-    settings = JobSettings(default_model="openai:gpt-4o")
+    settings = Settings(default_model="openai:gpt-4o")
     args = container(render_job(make_task(), settings), "agent")["args"]
     assert args[args.index("--model") + 1] == "openai:gpt-4o"
     args = container(render_job(make_task(model="anthropic:claude"), settings), "agent")["args"]
@@ -225,14 +229,14 @@ def test_model_default_only_when_the_task_names_none():
 
 
 def test_kueue_suspends_and_labels_the_job(task):
-    job = render_job(task, JobSettings(kueue_queue="agents"))
+    job = render_job(task, Settings(kueue_queue="agents"))
     assert job["spec"]["suspend"] is True
     assert job["metadata"]["labels"][contract.KUEUE_QUEUE_LABEL] == "agents"
     assert contract.KUEUE_QUEUE_LABEL not in job["spec"]["template"]["metadata"]["labels"]
 
 
 def test_resources_per_container(task):
-    settings = JobSettings(agent_resources=Resources("1", "2Gi", "4", "8Gi"), sidecar_resources=Resources("10m", "64Mi", "200m", "256Mi"))
+    settings = Settings(agent_resources=Resources("1", "2Gi", "4", "8Gi"), sidecar_resources=Resources("10m", "64Mi", "200m", "256Mi"))
     job = render_job(task, settings)
     assert container(job, "agent")["resources"] == {"requests": {"cpu": "1", "memory": "2Gi"}, "limits": {"cpu": "4", "memory": "8Gi"}}
     for name in ("restore", "snapshotter"):
@@ -243,7 +247,7 @@ def test_resources_per_container(task):
 
 
 def test_pvc_is_owned_by_the_job(task):
-    pvc = render_pvc(task, JobSettings(), "1234-uid")
+    pvc = render_pvc(task, Settings(), "1234-uid")
     assert pvc["apiVersion"] == "v1" and pvc["kind"] == "PersistentVolumeClaim"
     assert pvc["metadata"]["name"] == "workspace-t1"
     assert pvc["metadata"]["namespace"] == contract.AGENTS_NAMESPACE
@@ -256,72 +260,20 @@ def test_pvc_is_owned_by_the_job(task):
         "resources": {"requests": {"storage": "7Gi"}},
         "storageClassName": "local-path",
     }
-    assert "storageClassName" not in render_pvc(task, JobSettings(storage_class=""), "u")["spec"]
+    assert "storageClassName" not in render_pvc(task, Settings(storage_class=""), "u")["spec"]
 
 
 def test_render_gives_job_then_pvc_with_the_placeholder_uid(task):
-    job, pvc = render(task, JobSettings())
+    job, pvc = render(task, Settings())
     assert job["kind"] == "Job" and pvc["kind"] == "PersistentVolumeClaim"
     assert pvc["metadata"]["ownerReferences"][0]["uid"] == factory.PLACEHOLDER_UID
 
 
 def test_rendering_is_pure_and_shares_no_dicts(task):
-    first = render(task, JobSettings())
-    assert first == render(task, JobSettings())
+    first = render(task, Settings())
+    assert first == render(task, Settings())
     # No aliasing: yaml would print anchors, and a later edit of one container would change another.
     assert "&id" not in yaml.safe_dump_all(first)
-
-
-# --- settings --------------------------------------------------------------------
-
-
-def test_settings_from_env():
-    settings = JobSettings.from_env(
-        {
-            "DOCKYARD_AGENT_IMAGE": "registry.local/agent:1",
-            "DOCKYARD_IMAGE_PULL_POLICY": "Always",
-            "DOCKYARD_NATS_URL": "nats://bus:4222",
-            "DOCKYARD_STORE": "s3://bucket/p",
-            "DOCKYARD_NO_PROXY": "a.example, b.example",
-            "DOCKYARD_STORAGE_CLASS": "",
-            "DOCKYARD_JOB_TTL_SECONDS": "60",
-            "DOCKYARD_KUEUE_QUEUE": "q",
-            "DOCKYARD_AGENT_MEMORY_LIMIT": "16Gi",
-            "DOCKYARD_SIDECAR_CPU_REQUEST": "5m",
-            "DOCKYARD_TERMINATION_GRACE_SECONDS": " ",  # blank keeps the default
-        }
-    )
-    assert settings.agent_image == "registry.local/agent:1"
-    assert settings.image_pull_policy == "Always"
-    assert settings.nats_url == "nats://bus:4222" and settings.store_url == "s3://bucket/p"
-    assert settings.no_proxy == ("a.example", "b.example")
-    assert settings.storage_class == ""
-    assert settings.ttl_seconds_after_finished == 60
-    assert settings.kueue_queue == "q"
-    assert settings.agent_resources.memory_limit == "16Gi" and settings.agent_resources.cpu_limit == "2"
-    assert settings.sidecar_resources.cpu_request == "5m"
-    assert settings.termination_grace_seconds == JobSettings().termination_grace_seconds
-    assert JobSettings.from_env({}) == JobSettings()
-
-
-@pytest.mark.parametrize(
-    "variables, fragment",
-    [
-        ({"DOCKYARD_IMAGE_PULL_POLICY": "Sometimes"}, "image_pull_policy"),
-        ({"DOCKYARD_JOB_TTL_SECONDS": "soon"}, "DOCKYARD_JOB_TTL_SECONDS"),
-        ({"DOCKYARD_TERMINATION_GRACE_SECONDS": "-1"}, "termination_grace_seconds"),
-    ],
-)
-def test_settings_errors_name_the_variable(variables, fragment):
-    with pytest.raises(SettingsError, match=fragment):
-        JobSettings.from_env(variables)
-
-
-def test_settings_updated_from_a_mapping():
-    settings = JobSettings().updated({"agent_image": "x:1", "agent_resources": {"cpu_limit": 3}, "no_proxy": ["a", "b"]})
-    assert settings.agent_image == "x:1" and settings.agent_resources.cpu_limit == "3" and settings.no_proxy == ("a", "b")
-    with pytest.raises(SettingsError, match="unknown Job setting 'imagee'"):
-        JobSettings().updated({"imagee": "x"})
 
 
 # --- dockyard manifests job --------------------------------------------------------
@@ -373,9 +325,3 @@ def test_manifests_job_derives_a_stable_id_and_reports_bad_input(tmp_path, capsy
         run_manifests(["manifests", "job", "--task-file", str(task_file)])
     with pytest.raises(CommandError, match="nope.yaml"):
         run_manifests(["manifests", "job", "--task-file", str(tmp_path / "nope.yaml")])
-
-
-def test_describe_masks_url_passwords():
-    text = JobSettings(nats_url="nats://user:hunter2@nats:4222").describe()
-    assert "hunter2" not in text and "nats_url = nats://user:***@nats:4222" in text
-    assert "agent_image = " in text

@@ -14,7 +14,6 @@ from agent.storage import open_store
 from functions.main import Context, create_app
 from functions.core.registry import new_record
 from functions.core.settings import Settings
-from functions.errors import SettingsError
 
 SUBMITTED = contract.EVENT_TASK_SUBMITTED
 COMMAND = contract.EVENT_TASK_COMMAND
@@ -433,7 +432,7 @@ async def test_message_refused_by_the_agent_is_422(post, bus):
     assert response.status_code == 422 and "busy" in response.json()["error"]
 
 
-# --- the functions-framework entry points and settings ------------------------
+# --- the functions-framework entry points ---------------------------------------
 async def test_functions_framework_app_maps_errors(settings, runtime, monkeypatch):
     from functions.core import bus as bus_module
     from functions import main
@@ -475,26 +474,6 @@ async def test_nats_down_is_503(settings, runtime, tmp_path, monkeypatch):
         response = await c.post("/", headers=headers, content=b'{"prompt": "p"}')
     assert response.status_code == 503 and "not reachable" in response.json()["error"]
     assert runtime.tasks == {}
-
-
-def test_settings_from_env(tmp_path):
-    env = {
-        "DOCKYARD_NATS_URL": "nats://user:hunter2-pw@nats:4222",
-        "DOCKYARD_DATA_DIR": str(tmp_path),
-        "DOCKYARD_MAX_DEADLINE_SECONDS": "7200",
-        "DOCKYARD_SNAPSHOT_STALE_SECONDS": "60",
-        "DOCKYARD_TTL_FAILED_SECONDS": "10",
-    }
-    settings = Settings.from_env(env)
-    assert settings.limits.max_deadline_seconds == 7200 and settings.snapshot_stale_seconds == 60
-    assert settings.ttl_failed_seconds == 10 and settings.ttl_succeeded_seconds == 3600
-    assert settings.store == (tmp_path / "store").as_uri() and settings.runtime == "local"
-    described = settings.describe()
-    assert "hunter2-pw" not in described and "nats://user:***@nats:4222" in described
-    with pytest.raises(SettingsError, match="DOCKYARD_SNAPSHOT_STALE_SECONDS"):
-        Settings.from_env({"DOCKYARD_SNAPSHOT_STALE_SECONDS": "soon"})
-    with pytest.raises(SettingsError, match="DOCKYARD_RUNTIME"):
-        Settings.from_env({"DOCKYARD_RUNTIME": "docker"})
 
 
 async def test_survives_a_nats_restart(post, bus, runtime, nats_server):

@@ -7,14 +7,15 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
 
 import pytest
 from conftest_kube import api_client_for, kube, kube_client  # noqa: F401
 from kube_emulator import JOBS, PVCS, job_condition, parse_selector, selector_matches
 
 from agent import contract
-from functions.core.factory import JobSettings, render_job
+from functions.core.factory import render_job
+from functions.core.settings import Settings
+from tests.conftest import free_port
 from functions.errors import LaunchConflict, TaskNotFound
 from functions.errors import ApiRejected, ApiUnavailable, PermanentError, TransientError
 from functions.runtime.kubernetes import KubernetesRuntime
@@ -29,7 +30,7 @@ def make_task(task_id: str = "t1", prompt: str = "fix the tests", **data):
 
 @pytest.fixture
 def runtime(kube_client):
-    return KubernetesRuntime(JobSettings(), kube_client, request_timeout=2)
+    return KubernetesRuntime(Settings(), kube_client, request_timeout=2)
 
 
 def owner_uid(pvc: dict) -> str:
@@ -49,7 +50,7 @@ async def test_launch_creates_the_job_then_a_pvc_owned_by_its_uid(kube, runtime)
     pvc = kube.get(PVCS, NS, "workspace-t1")
     assert job["metadata"]["uid"] and pvc is not None
     assert owner_uid(pvc) == job["metadata"]["uid"]
-    assert job["spec"] == render_job(task, JobSettings())["spec"]
+    assert job["spec"] == render_job(task, Settings())["spec"]
     # The Job went first: its UID was known when the PVC was created, and it was stored before.
     assert int(job["metadata"]["resourceVersion"]) < int(pvc["metadata"]["resourceVersion"])
 
@@ -78,7 +79,7 @@ async def test_same_id_with_another_spec_is_a_conflict(kube, runtime):
 
 
 async def test_a_job_dockyard_does_not_manage_is_a_conflict(kube, kube_client, runtime):
-    foreign = render_job(make_task(), JobSettings())
+    foreign = render_job(make_task(), Settings())
     foreign["metadata"]["labels"] = {"app": "someone-else"}
     await asyncio.to_thread(_create_job, kube_client, foreign)
     with pytest.raises(LaunchConflict, match="does not manage"):
@@ -107,7 +108,7 @@ async def test_a_half_done_launch_is_completed_on_redelivery(kube, runtime):
 
 
 async def test_a_create_that_timed_out_but_went_through_is_adopted(kube, kube_client):
-    runtime = KubernetesRuntime(JobSettings(), kube_client, request_timeout=0.3)
+    runtime = KubernetesRuntime(Settings(), kube_client, request_timeout=0.3)
     kube.fail_next("create", "jobs", delay=0.6)  # creates the Job, answers after the client gave up
     with pytest.raises(ApiUnavailable, match="did not answer"):
         await runtime.launch(make_task())
@@ -152,10 +153,8 @@ async def test_an_exceeded_quota_is_transient(kube, runtime):
 
 
 async def test_an_unreachable_api_server_is_transient():
-    with socket.socket() as s:  # a port nothing listens on
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    runtime = KubernetesRuntime(JobSettings(), api_client_for(f"http://127.0.0.1:{port}"), request_timeout=1)
+    port = free_port()  # nothing listens on it
+    runtime = KubernetesRuntime(Settings(), api_client_for(f"http://127.0.0.1:{port}"), request_timeout=1)
     with pytest.raises(ApiUnavailable, match="did not answer") as caught:
         await runtime.launch(make_task())
     assert isinstance(caught.value, TransientError)
@@ -210,7 +209,7 @@ async def test_a_condition_that_is_not_true_does_not_finish(kube, runtime):
 
 
 async def test_a_kueue_job_waits_suspended(kube, kube_client):
-    runtime = KubernetesRuntime(JobSettings(kueue_queue="agents"), kube_client)
+    runtime = KubernetesRuntime(Settings(kueue_queue="agents"), kube_client)
     await runtime.launch(make_task())
     job = kube.get(JOBS, NS, "agent-t1")
     assert job["spec"]["suspend"] is True and job["metadata"]["labels"][contract.KUEUE_QUEUE_LABEL] == "agents"
@@ -248,7 +247,7 @@ async def test_emulator_answers_status_bodies(kube, kube_client):
     from kubernetes.client.exceptions import ApiException
 
     api = client.BatchV1Api(kube_client)
-    body = render_job(make_task(), JobSettings())
+    body = render_job(make_task(), Settings())
     created = await asyncio.to_thread(api.create_namespaced_job, NS, body)
     assert created.metadata.uid and created.metadata.resource_version and created.metadata.creation_timestamp
     with pytest.raises(ApiException) as caught:
@@ -272,7 +271,6 @@ async def test_make_runtime_reads_the_kubeconfig_and_the_job_settings_from_the_e
     import yaml
 
     from functions.runtime import make_runtime
-    from functions.core.settings import Settings
 
     kubeconfig = tmp_path / "kubeconfig"
     kubeconfig.write_text(
@@ -289,9 +287,10 @@ async def test_make_runtime_reads_the_kubeconfig_and_the_job_settings_from_the_e
     )
     monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
     monkeypatch.setenv("KUBECONFIG", str(kubeconfig))
+    monkeypatch.setenv("DOCKYARD_RUNTIME", "kubernetes")
     monkeypatch.setenv("DOCKYARD_AGENT_IMAGE", "registry.test/agent:7")
 
-    runtime = make_runtime(Settings(runtime="kubernetes"))
+    runtime = make_runtime(Settings.from_env())  # as functions/main.py does at start
     try:
         assert await runtime.launch(make_task()) is True
     finally:
@@ -306,4 +305,4 @@ async def test_no_kubernetes_configuration_is_a_settings_error(tmp_path, monkeyp
     monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
     monkeypatch.setenv("KUBECONFIG", str(tmp_path / "missing"))
     with pytest.raises(SettingsError, match="KUBECONFIG"):
-        KubernetesRuntime(JobSettings())
+        KubernetesRuntime(Settings())

@@ -11,7 +11,6 @@ filters (`?types=`, `?level=`) that keep resumption exact.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import json
 import os
 import select
@@ -44,7 +43,7 @@ async def serve(settings):
     servers: list[AppServer] = []
 
     async def start(heartbeat_seconds: float = 60, **fields) -> AppServer:
-        app = stream.create_app(dataclasses.replace(settings, **fields), heartbeat_seconds=heartbeat_seconds)
+        app = stream.create_app(settings.model_copy(update=fields), heartbeat_seconds=heartbeat_seconds)
         server = await AppServer(app).start()
         servers.append(server)
         return server

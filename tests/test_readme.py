@@ -1,0 +1,43 @@
+"""The README's configuration lists every variable the agent's processes read.
+
+The orchestrator's table is generated from its settings model and checked in
+tests/functions/core/test_settings.py; the agent's processes take flags with
+environment fallbacks, read here from their parsers' help and the source.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from agent import restore, run, snapshotter
+
+ROOT = Path(__file__).resolve().parent.parent
+VARIABLE = re.compile(r"DOCKYARD_[A-Z0-9_]+")
+
+
+def _agent_table() -> str:
+    readme = (ROOT / "README.md").read_text()
+    section = readme[readme.index("**The agent's processes**") :]
+    return section[: section.index("\n\n", section.index("| variable |"))]
+
+
+def _variables_read_by_the_agent() -> set[str]:
+    found: set[str] = set()
+    for parser in (run.build_parser(), snapshotter._parser(), restore._parser()):
+        found |= set(VARIABLE.findall(parser.format_help().replace("\n", " ").replace("DOCKYARD_ ", "DOCKYARD_")))
+    for path in (ROOT / "agent").rglob("*.py"):
+        source = path.read_text()
+        found |= set(VARIABLE.findall(source))
+        found |= {f"DOCKYARD_{name}" for name in re.findall(r'env_default\("([A-Z0-9_]+)"', source)}
+        found |= {f"DOCKYARD_{name}" for name in re.findall(r"ENV_PREFIX\}([A-Z0-9_]+)", source)}
+    return found
+
+
+def test_every_variable_the_agent_reads_is_in_the_readme_table():
+    table = _agent_table()
+    listed = set(VARIABLE.findall(table))
+    read = _variables_read_by_the_agent()
+    assert {"DOCKYARD_TASK_ID", "DOCKYARD_NATS_URL", "DOCKYARD_SNAPSHOT_KEEP"} <= read  # the scan sees them
+    assert sorted(read - listed) == [], "add these to the README's agent table"
+    assert sorted(listed - read) == [], "the README's agent table lists variables the agent no longer reads"
