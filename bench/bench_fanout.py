@@ -4,7 +4,8 @@
                                            [--client-procs 2] [--repeats 4] [--control]
 
 One nats-server and one stream app, served as deployed (`python -m
-functions.stream.app`, its own process). Each run publishes R log records/s for S
+functions.stream`, its own process; `--app` serves another app factory under
+uvicorn instead, e.g. bench/sse_starlette_app.py). Each run publishes R log records/s for S
 seconds on a fresh task:
 (1) one SSE client: the baseline, measured in the same run;
 (2) C clients;

@@ -1,6 +1,7 @@
 """How fast the stream app delivers a task's trace, against nats-py reading the same stream.
 
-    .venv/bin/python bench/bench_stream.py [--records 50000] [--clients 50] [--rate 1000] [--seconds 5]
+    .venv/bin/python bench/bench_stream.py [--records 50000] [--clients 50] [--rate 1000] [--seconds 5] [--app FACTORY]
+    .venv/bin/python bench/bench_stream.py --responses [--writes 200000] [--repeats 5]
 
 (a) replay: N log records already in the stream, read by one SSE client through
     the stream app versus one raw nats-py ordered consumer: records/s and ratio
@@ -8,8 +9,15 @@
 (b) fan-out: C SSE clients follow one task while R records/s are published for
     S seconds: delivered records/s in total and the publish-to-client latency
     (the publish time is embedded in each record; target p99 <= 50 ms).
+(c) the response alone (`--responses`, no server, no network): the CPU time
+    per write of functions.stream.sse.EventStream, of starlette's
+    StreamingResponse and, if installed, of sse-starlette's
+    EventSourceResponse carrying the same framed chunks, against a bare loop
+    of ASGI sends (the baseline), alternated and repeated: CPU time of this
+    one process, so other load on the machine barely moves it.
 
-nats-server and the stream app (uvicorn, its own process) start on free ports;
+nats-server and the stream app (`python -m functions.stream`, or uvicorn on the
+app factory `--app`, its own process) start on free ports;
 the clients and the publisher run in this process. In (a) the SSE path spreads
 its work over two processes (app and client) where the raw consumer has one,
 so on two or more cores it can beat the baseline. The app is warmed up first
@@ -33,13 +41,13 @@ sys.path.insert(0, str(ROOT))
 
 import httpx  # noqa: E402
 import nats  # noqa: E402
+from bench_fanout import start_app  # noqa: E402  (this folder is on sys.path when run as a script)
 from nats.js.api import ConsumerConfig, DeliverPolicy  # noqa: E402
 from nats.js.errors import NotFoundError  # noqa: E402
 
 from agent import contract  # noqa: E402
 from functions.core.bus import ensure_stream  # noqa: E402
 from functions.devstack.nats_embedded import EmbeddedNats  # noqa: E402
-from bench_fanout import start_app  # noqa: E402  (this folder is on sys.path when run as a script)
 
 
 def cpu_seconds(pid: int | None = None) -> float:
@@ -177,19 +185,95 @@ async def bench_fanout(nc, js, base: str, clients: int, rate: int, seconds: floa
     print("    CPU used (cores): " + ", ".join(f"{name} {share:.2f}" for name, share in cpu.items()) + f" of {os.cpu_count()}")
 
 
+FRAME = b'id: 123456\nevent: log\ndata: {"ts": 1.0, "level": "INFO", "logger": "bench", "msg": "' + b"x" * 80 + b'"}\n\n'
+
+
+async def frames(n: int):
+    for _ in range(n):
+        yield FRAME
+
+
+async def no_send(message) -> None:
+    pass
+
+
+async def never_disconnects():
+    await asyncio.Event().wait()
+    return {"type": "http.disconnect"}
+
+
+def responses() -> dict:
+    """The responses to compare: name -> a coroutine function running one over `n` frames."""
+    from functions.stream.sse import EventStream
+
+    scope = {"type": "http", "method": "GET", "headers": [], "path": "/", "query_string": b""}
+
+    async def bare(n: int) -> None:  # the least any ASGI streaming response does per write
+        await no_send({"type": "http.response.start", "status": 200, "headers": EventStream.headers})
+        async for chunk in frames(n):
+            await no_send({"type": "http.response.body", "body": chunk, "more_body": True})
+        await no_send({"type": "http.response.body", "body": b"", "more_body": False})
+
+    async def own(n: int) -> None:
+        await EventStream(frames(n), heartbeat=15, send_timeout=30, max_seconds=540, closing=asyncio.Event())(scope, never_disconnects, no_send)
+
+    async def streaming(n: int) -> None:  # starlette's plain streaming response: no heartbeat, no timeouts
+        from starlette.responses import StreamingResponse
+
+        await StreamingResponse(frames(n), media_type="text/event-stream")(scope, never_disconnects, no_send)
+
+    found = {"bare ASGI sends (baseline)": bare, "starlette StreamingResponse": streaming, "EventStream (own)": own}
+    try:
+        from sse_starlette.sse import EventSourceResponse
+    except ImportError:
+        print("    sse-starlette is not installed: uv pip install --python .venv/bin/python sse-starlette==3.7.0")
+        return found
+
+    async def sse_starlette(n: int) -> None:
+        await EventSourceResponse(frames(n), ping=15, send_timeout=30)(scope, never_disconnects, no_send)
+
+    found["sse-starlette EventSourceResponse"] = sse_starlette
+    return found
+
+
+async def bench_responses(writes: int, repeats: int) -> None:
+    candidates = responses()
+    spent: dict[str, list[float]] = {name: [] for name in candidates}
+    for _ in range(repeats):  # alternated: drift hits all alike
+        for name, run in candidates.items():
+            start = time.process_time()
+            await run(writes)
+            spent[name].append((time.process_time() - start) / writes)
+    base = statistics.median(spent["bare ASGI sends (baseline)"])
+    print(f"(c) one response writing {writes} frames of {len(FRAME)} bytes, one frame per write; median of {repeats} runs")
+    for name, costs in spent.items():
+        cost = statistics.median(costs)
+        print(f"    {name:36s} {cost * 1e6:6.2f} us CPU per write   {cost / base:5.2f}x the baseline")
+    if "sse-starlette EventSourceResponse" in spent:
+        ratio = statistics.median(spent["sse-starlette EventSourceResponse"]) / statistics.median(spent["EventStream (own)"])
+        print(f"    sse-starlette / EventStream: {ratio:.2f}x CPU per write")
+
+
 async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--records", type=int, default=50_000)
     parser.add_argument("--clients", type=int, default=50)
     parser.add_argument("--rate", type=int, default=1000)
     parser.add_argument("--seconds", type=float, default=5.0)
+    parser.add_argument("--app", help="an app factory for uvicorn --factory instead of `python -m functions.stream`")
+    parser.add_argument("--responses", action="store_true", help="only (c): the response classes alone, in this process")
+    parser.add_argument("--writes", type=int, default=200_000, help="(c): frames per response")
+    parser.add_argument("--repeats", type=int, default=5, help="(c): runs of each response, alternated")
     args = parser.parse_args()
+    if args.responses:
+        await bench_responses(args.writes, args.repeats)
+        return
 
     with tempfile.TemporaryDirectory() as tmp, EmbeddedNats(Path(tmp)) as server:
         nc = await nats.connect(server.url)
         js = nc.jetstream()
         await ensure_stream(js)
-        app, base = start_app(server.url, Path(tmp) / "app", factory=None)  # as deployed
+        app, base = start_app(server.url, Path(tmp) / "app", factory=args.app)  # as deployed unless --app
         try:
             await bench_replay(nc, js, base, args.records)
             await bench_fanout(nc, js, base, args.clients, args.rate, args.seconds, app.pid, server.proc.pid)

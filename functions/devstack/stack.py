@@ -128,7 +128,7 @@ def main(args) -> int:
     import uvicorn
 
     from functions.devstack.nats_embedded import EmbeddedNats
-    from functions.stream.app import quiet_gc
+    from functions.stream.serving import quiet_gc
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     data_dir = Path(args.data_dir).resolve()
@@ -150,7 +150,7 @@ def main(args) -> int:
             timeout_graceful_shutdown=5,  # open SSE streams must not hold the stop up
         )
         server = uvicorn.Server(config)
-        quiet_gc()  # many open streams: see functions.stream.app.quiet_gc
+        quiet_gc()  # many open streams: see functions.stream.serving.quiet_gc
         try:
             server.run()
         except KeyboardInterrupt:  # uvicorn re-raises the Ctrl-C it handled: the stop was clean

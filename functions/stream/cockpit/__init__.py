@@ -16,8 +16,9 @@ larger than the functions accept, and only as `application/cloudevents+json` or
 in binary mode (ce-* headers), so a cross-site form cannot post one. It answers
 202 with the task id (given, or derived from source + id exactly as
 `task_submitted` derives it, since the Knative Broker answers with no body), the
-Broker's own 4xx as `{"error", "field"}`, and 502 when the Broker is unreachable
-or failing. In the cluster set DOCKYARD_BROKER_URL to
+Broker's own 4xx as `{"error", "field"}`, and 503 (retry later) when the Broker
+is unreachable or failing. Errors are raised and answered by the stream app's
+exception handler (`functions.errors.answer_for`), like every other route's. In the cluster set DOCKYARD_BROKER_URL to
 `http://broker-ingress.knative-eventing.svc.cluster.local/dockyard/default`.
 
 The page: `static/app.js` (task list, routing, forms), `static/trace.js` (the
@@ -44,7 +45,7 @@ RELAYED_TYPES = (contract.EVENT_TASK_SUBMITTED, contract.EVENT_TASK_COMMAND)
 RELAY_TIMEOUT_SECONDS = 15.0
 
 
-def routes(settings: "Settings") -> list:
+def routes(settings: Settings) -> list:
     """Routes to append after the stream app's API routes; the static mount stays last."""
     from starlette.responses import JSONResponse
     from starlette.routing import Mount, Route
@@ -74,31 +75,28 @@ def task_id_of(event) -> str | None:
 
 
 def relay_to(broker_url: str):
-    """The endpoint that checks one CloudEvent and forwards it, structured, to the Broker."""
+    """The endpoint that checks one CloudEvent and forwards it, structured, to the Broker.
+
+    It raises; the stream app's exception handler answers by `functions.errors.answer_for`.
+    """
     from starlette.responses import JSONResponse
 
     async def relay(request):
-        from functions.core import cloudevent
-        from functions.core.settings import mask_url
-        from functions.errors import BadInput, answer_for
-
-        try:
-            event = await cloudevent.read_event(request)
-            if event["type"] not in RELAYED_TYPES:
-                raise BadInput(f"the cockpit relays only {' and '.join(RELAYED_TYPES)}, not {event['type']!r}", "type")
-        except BadInput as exc:
-            status, body = answer_for(exc)
-            return JSONResponse(body, status)
-
         import httpx
 
+        from functions.core import cloudevent
+        from functions.core.settings import mask_url
+        from functions.errors import BadInput, TransientError
+
+        event = await cloudevent.read_event(request)
+        if event["type"] not in RELAYED_TYPES:
+            raise BadInput(f"the cockpit relays only {' and '.join(RELAYED_TYPES)}, not {event['type']!r}", "type")
         body = json.dumps({**event.get_attributes(), "data": event.get_data()}).encode()
         try:
             async with httpx.AsyncClient(timeout=RELAY_TIMEOUT_SECONDS) as client:
                 answer = await client.post(broker_url, content=body, headers={"Content-Type": cloudevent.STRUCTURED})
         except httpx.HTTPError as exc:
-            where = mask_url(broker_url)
-            return JSONResponse({"error": f"the broker at {where} is unreachable ({exc or type(exc).__name__}); try again", "field": None}, 502)
+            raise TransientError(f"the broker at {mask_url(broker_url)} is unreachable ({exc or type(exc).__name__})") from exc
         if answer.is_success:
             return JSONResponse({"accepted": True, "task_id": task_id_of(event)}, 202)
         try:
@@ -106,9 +104,10 @@ def relay_to(broker_url: str):
         except ValueError:
             reply = None
         if 400 <= answer.status_code < 500 and isinstance(reply, dict) and "error" in reply:
-            return JSONResponse({"error": reply["error"], "field": reply.get("field")}, answer.status_code)
+            raise BadInput(reply["error"], reply.get("field"), answer.status_code)  # the Broker's refusal, as it is
         text = " ".join(answer.text.split())[:300] or answer.reason_phrase
-        status = answer.status_code if 400 <= answer.status_code < 500 else 502
-        return JSONResponse({"error": f"the broker answered {answer.status_code}: {text}", "field": None}, status)
+        if 400 <= answer.status_code < 500:
+            raise BadInput(f"the broker answered {answer.status_code}: {text}", None, answer.status_code)
+        raise TransientError(f"the broker answered {answer.status_code}: {text}")
 
     return relay

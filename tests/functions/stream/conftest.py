@@ -1,0 +1,24 @@
+"""The stream app served by uvicorn on a free port, against the real nats-server of tests/functions/conftest.py."""
+
+from __future__ import annotations
+
+import pytest
+
+from functions.stream.app import create_app
+from tests.functions.stream.support import AppServer, replace_settings
+
+
+@pytest.fixture
+async def serve(settings):
+    """`await serve(heartbeat_seconds=..., run_tracker=..., **settings_fields)` -> a started AppServer (stopped at teardown)."""
+    servers: list[AppServer] = []
+
+    async def start(heartbeat_seconds: float = 60, run_tracker: bool = False, **fields) -> AppServer:
+        app = create_app(replace_settings(settings, **fields), heartbeat_seconds=heartbeat_seconds, run_tracker=run_tracker)
+        server = await AppServer(app).start()
+        servers.append(server)
+        return server
+
+    yield start
+    for server in servers:
+        await server.stop()
