@@ -230,7 +230,7 @@ async def _stream_events(nc, task_id: str) -> list[dict]:
 
 async def test_commands_over_nats_status_message_cancel(tmp_path, agent_env, nats_server):
     turns = [{"tool_calls": [{"name": "plan", "args": {"todos": ["wait"], "objective": "wait"}}]}]
-    turns += [{"tool_calls": [{"name": "execute", "args": {"command": "sleep 0.5"}}]}] * 40
+    turns += [{"tool_calls": [{"name": "execute", "args": {"command": "echo ran >> ran.log; sleep 0.5"}}]}] * 40
     script = tmp_path / "long.yaml"
     script.write_text(yaml.safe_dump(turns))
     workspace = tmp_path / "ws"
@@ -240,7 +240,9 @@ async def test_commands_over_nats_status_message_cancel(tmp_path, agent_env, nat
     )
     nc = await nats.connect(nats_server.url)
 
-    async def tactical_status() -> dict | None:
+    async def running_tools() -> dict | None:
+        if not (workspace / "ran.log").exists():
+            return None  # no tool call yet: the commands below must find the agent at work
         try:
             status = await _request(nc, "cmds", {"op": "status"})
         except (nats.errors.NoRespondersError, nats.errors.TimeoutError):
@@ -248,7 +250,7 @@ async def test_commands_over_nats_status_message_cancel(tmp_path, agent_env, nat
         return status if status.get("phase") == "TACTICAL" else None
 
     try:
-        status = await eventually_async(tactical_status, "the agent to answer status in its TACTICAL phase")
+        status = await eventually_async(running_tools, "the agent to run tools and answer status in its TACTICAL phase")
         assert status["ok"] and status["todos"] == ["wait"]
         assert (await _request(nc, "cmds", {"op": "message", "text": "hurry up"}))["ok"]
         assert (workspace / ".dockyard" / "inbox.jsonl").read_text().count("hurry up") == 1
