@@ -1,7 +1,14 @@
-"""Real components for tests: a nats-server with JetStream, S3 over HTTP (moto)."""
+"""Real components for tests (a nats-server with JetStream, S3 over HTTP with moto) and one way to wait.
+
+Tests wait on state with `eventually`/`eventually_async`/`wait_for_port`, never with a
+sleep that decides which path runs. Everything here is safe under pytest-xdist: ports come
+from `free_port()`, files from `tmp_path`, and session fixtures run once per worker.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import inspect
 import os
 import shutil
 import socket
@@ -22,23 +29,29 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 EVENTUALLY_SECONDS = 30.0
 
 
-def eventually(predicate, what: str, timeout: float = EVENTUALLY_SECONDS, interval: float = 0.02):
-    """Poll `predicate()` until it returns something truthy and return that; else fail naming `what`."""
+def _timed_out(what: str, timeout: float, detail) -> AssertionError:
+    message = f"not within {timeout:g}s: {what}"
+    return AssertionError(f"{message}\n{detail()}" if detail else message)
+
+
+def eventually(predicate, what: str, timeout: float = EVENTUALLY_SECONDS, interval: float = 0.02, *, detail=None):
+    """Poll `predicate()` until it returns something truthy and return that; else fail naming `what`.
+
+    The predicate may raise (an assertion) to stop waiting at once, e.g. when the process that
+    should make it true has exited. `detail()`, if given, adds to the failure (say, a log).
+    """
     deadline = time.monotonic() + timeout
     while True:
         result = predicate()
         if result:
             return result
         if time.monotonic() > deadline:
-            raise AssertionError(f"not within {timeout:g}s: {what}")
+            raise _timed_out(what, timeout, detail)
         time.sleep(interval)
 
 
-async def eventually_async(predicate, what: str, timeout: float = EVENTUALLY_SECONDS, interval: float = 0.02):
+async def eventually_async(predicate, what: str, timeout: float = EVENTUALLY_SECONDS, interval: float = 0.02, *, detail=None):
     """`eventually` for async code: `predicate` may be a coroutine function or a plain one."""
-    import asyncio
-    import inspect
-
     deadline = time.monotonic() + timeout
     while True:
         result = predicate()
@@ -47,19 +60,30 @@ async def eventually_async(predicate, what: str, timeout: float = EVENTUALLY_SEC
         if result:
             return result
         if time.monotonic() > deadline:
-            raise AssertionError(f"not within {timeout:g}s: {what}")
+            raise _timed_out(what, timeout, detail)
         await asyncio.sleep(interval)
 
 
-def wait_for_port(port: int, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-                return
-        except OSError:
-            time.sleep(0.05)
-    raise TimeoutError(f"nothing listens on port {port} after {timeout}s")
+def port_open(port: int, host: str = "127.0.0.1") -> bool:
+    """Whether something accepts TCP connections on host:port right now."""
+    try:
+        with socket.create_connection((host, port), timeout=0.5):
+            return True
+    except OSError:
+        return False
+
+
+def wait_for_port(port: int, timeout: float = EVENTUALLY_SECONDS, host: str = "127.0.0.1") -> None:
+    eventually(lambda: port_open(port, host), f"something listening on {host}:{port}", timeout, interval=0.05)
+
+
+def process_alive(pid: int) -> bool:
+    """Whether `pid` runs; a zombie (exited, not reaped: PID 1 here may never reap) does not."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_bytes()
+    except FileNotFoundError:
+        return False
+    return stat[stat.rfind(b")") + 2 :].split()[0] not in (b"Z", b"X")
 
 
 def nats_server_binary() -> str:
@@ -87,8 +111,13 @@ class NatsServer:
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
-        wait_for_port(self.port)
+        eventually(self._listening, f"nats-server listening on {self.port}")
         return self
+
+    def _listening(self) -> bool:
+        if self.proc.poll() is not None:  # e.g. the port was taken meanwhile: say so now, not in 30 s
+            raise AssertionError(f"nats-server exited with {self.proc.returncode} (port {self.port})")
+        return port_open(self.port)
 
     def stop(self) -> None:
         if self.proc and self.proc.poll() is None:
@@ -141,10 +170,13 @@ def s3_store_url(s3_endpoint, tmp_path, monkeypatch):
     return f"s3://{bucket}/dockyard"
 
 
+def agent_environment(extra: dict[str, str] | None = None) -> dict[str, str]:
+    """Environment for agent and dev subprocesses: the repo on the path, no inherited DOCKYARD_ settings."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DOCKYARD_")}
+    env.update({"PYTHONPATH": str(REPO_ROOT), "PYTHONUNBUFFERED": "1", **(extra or {})})
+    return env
+
+
 @pytest.fixture
 def agent_env():
-    """Environment for agent subprocesses: the repo on the path, no inherited DOCKYARD_ settings."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("DOCKYARD_")}
-    env["PYTHONPATH"] = str(REPO_ROOT)
-    env["PYTHONUNBUFFERED"] = "1"
-    return env
+    return agent_environment()

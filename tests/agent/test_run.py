@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import signal
 import sqlite3
@@ -10,21 +11,37 @@ import sys
 import time
 from pathlib import Path
 
+import nats
 import pytest
 import yaml
 
 from agent import contract
+from agent.procs import live_group_members, signal_group
+from tests.conftest import eventually, eventually_async
 
 EXAMPLE_TASK = Path(__file__).resolve().parents[2] / "agent" / "examples" / "example_task.json"
 
-SLOW_TURNS = [
-    {"tool_calls": [{"name": "plan", "args": {"todos": ["count"], "objective": "count slowly"}}]},
-    {"tool_calls": [{"name": "execute", "args": {"command": "sleep 1; echo one >> calls.log"}}]},
-    {"tool_calls": [{"name": "execute", "args": {"command": "sleep 2; echo two >> calls.log"}}]},
-    {"tool_calls": [{"name": "execute", "args": {"command": "sleep 1; echo three >> calls.log"}}]},
-    {"content": "counted to three"},
-    {"tool_calls": [{"name": "finish", "args": {"summary": "counted"}}]},
-]
+# The second of three counted calls writes its shell's pid (the leader of its process group)
+# to `../two.pid`, next to the workspace, then waits; the test sees it is mid-call from that file.
+SECOND_CALL = "echo $$ > ../two.pid; {wait}; echo two >> calls.log"
+UNTIL_GATE = "until [ -e ../gate ]; do sleep 0.01; done"  # until the test creates `../gate`
+ONE_SECOND = "sleep 1"  # time for a wrong SIGTERM handler to cut the call; a right one waits it out
+
+
+def counting_turns(second_call_waits: str) -> list[dict]:
+    return [
+        {"tool_calls": [{"name": "plan", "args": {"todos": ["count"], "objective": "count to three"}}]},
+        {"tool_calls": [{"name": "execute", "args": {"command": "echo one >> calls.log"}}]},
+        {"tool_calls": [{"name": "execute", "args": {"command": SECOND_CALL.format(wait=second_call_waits)}}]},
+        {"tool_calls": [{"name": "execute", "args": {"command": "echo three >> calls.log"}}]},
+        {"content": "counted to three"},
+        {"tool_calls": [{"name": "finish", "args": {"summary": "counted"}}]},
+    ]
+
+
+def scripted(path: Path, turns: list[dict]) -> str:
+    path.write_text(yaml.safe_dump(turns))
+    return f"scripted:{path}"
 
 
 def agent_cmd(task_id: str, workspace: Path, task_file: Path, model: str, *extra: str) -> list[str]:
@@ -50,20 +67,21 @@ def trace_events(stdout: str) -> list[dict]:
     return [r for r in records if "type" in r]
 
 
-def wait_for(predicate, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
+def second_call_pid(workspace: Path) -> int | None:
+    """The pid of the running second call's shell, once it has written it whole."""
+    path = workspace.parent / "two.pid"
+    text = path.read_text() if path.exists() else ""
+    return int(text) if text.endswith("\n") else None
 
 
 @pytest.fixture
-def slow_script(tmp_path) -> Path:
-    path = tmp_path / "slow.yaml"
-    path.write_text(yaml.safe_dump(SLOW_TURNS))
-    return path
+def gated_script(tmp_path):
+    yield scripted(tmp_path / "gated.yaml", counting_turns(UNTIL_GATE))
+    for pid_file in tmp_path.rglob("two.pid"):  # a failed test must not leave a call waiting for its gate
+        pid = int(pid_file.read_text() or 0)
+        cmdline = Path(f"/proc/{pid}/cmdline")
+        if pid and cmdline.exists() and b"../gate" in cmdline.read_bytes():
+            signal_group(pid, signal.SIGKILL)
 
 
 def test_example_task_runs_without_nats_and_prints_its_trace(tmp_path, agent_env):
@@ -83,47 +101,52 @@ def test_example_task_runs_without_nats_and_prints_its_trace(tmp_path, agent_env
     assert again.returncode == 0 and "already ended" in again.stderr
 
 
-def test_sigkill_mid_tool_call_resumes_without_repeating_completed_calls(tmp_path, agent_env, slow_script):
-    # The reference: one uninterrupted run.
+def test_sigkill_mid_tool_call_resumes_without_repeating_completed_calls(tmp_path, agent_env, gated_script):
+    # The reference: one uninterrupted run (its gate open from the start), alongside the killed one.
     reference = tmp_path / "ref" / "ws"
-    done = subprocess.run(agent_cmd("slow", reference, EXAMPLE_TASK, f"scripted:{slow_script}"), env=agent_env, capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0, done.stderr
+    reference.parent.mkdir()
+    (reference.parent / "gate").touch()
+    uninterrupted = subprocess.Popen(agent_cmd("slow", reference, EXAMPLE_TASK, gated_script), env=agent_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
     workspace = tmp_path / "killed" / "ws"
     calls = workspace / "calls.log"
-    first = subprocess.Popen(agent_cmd("slow", workspace, EXAMPLE_TASK, f"scripted:{slow_script}"), env=agent_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    wait_for(lambda: calls.exists() and calls.read_text() == "one\n", 60, "the first call to complete")
-    time.sleep(0.7)  # now inside the second call's `sleep 2`
+    first = subprocess.Popen(agent_cmd("slow", workspace, EXAMPLE_TASK, gated_script), env=agent_env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    call = eventually(lambda: second_call_pid(workspace), "the second call to start")
+    assert calls.read_text() == "one\n"
     first.send_signal(signal.SIGKILL)
     first.wait(10)
-    time.sleep(2.5)  # the killed call must not finish behind our back
+    # The killed call must not finish behind our back: its processes die with the agent.
+    eventually(lambda: not live_group_members(call), "the second call's processes to die with the agent")
+    (workspace.parent / "gate").touch()
     assert calls.read_text() == "one\n"
 
-    second = subprocess.run(agent_cmd("slow", workspace, EXAMPLE_TASK, f"scripted:{slow_script}"), env=agent_env, capture_output=True, text=True, timeout=120)
+    second = subprocess.run(agent_cmd("slow", workspace, EXAMPLE_TASK, gated_script), env=agent_env, capture_output=True, text=True, timeout=120)
     assert second.returncode == 0, second.stderr
     assert calls.read_text() == "one\ntwo\nthree\n"
+    _, reference_err = uninterrupted.communicate(timeout=120)
+    assert uninterrupted.returncode == 0, reference_err
     assert workspace_files(workspace) == workspace_files(reference)
     events = trace_events(second.stdout)
     assert events[0]["type"] == "status" and events[0]["state"] == contract.STATE_RESUMED
     executed = [e["args"]["command"] for e in events if e["type"] == "tool" and e["stage"] == "start"]
-    assert executed == ["sleep 2; echo two >> calls.log", "sleep 1; echo three >> calls.log"]
+    assert executed == [SECOND_CALL.format(wait=UNTIL_GATE), "echo three >> calls.log"]
     with sqlite3.connect(workspace / contract.checkpoint_path("slow")) as db:
         assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
 
 
-def test_sigterm_stops_after_the_current_step_and_resumes(tmp_path, agent_env, slow_script):
-    workspace = tmp_path / "ws"
+def test_sigterm_stops_after_the_current_step_and_resumes(tmp_path, agent_env):
+    script = scripted(tmp_path / "timed.yaml", counting_turns(ONE_SECOND))
+    workspace = tmp_path / "run" / "ws"
     calls = workspace / "calls.log"
-    proc = subprocess.Popen(agent_cmd("term", workspace, EXAMPLE_TASK, f"scripted:{slow_script}"), env=agent_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    wait_for(lambda: calls.exists() and calls.read_text() == "one\n", 60, "the first call")
-    time.sleep(0.5)
+    proc = subprocess.Popen(agent_cmd("term", workspace, EXAMPLE_TASK, script), env=agent_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    eventually(lambda: second_call_pid(workspace), "the second call to start")
     proc.send_signal(signal.SIGTERM)
-    out, err = proc.communicate(timeout=30)
+    _, err = proc.communicate(timeout=60)
     assert proc.returncode == contract.EXIT_INTERRUPTED, err
     assert calls.read_text() == "one\ntwo\n"  # the running step was finished, not cut
     assert not (workspace / contract.RESULT_FILE).exists()
 
-    again = subprocess.run(agent_cmd("term", workspace, EXAMPLE_TASK, f"scripted:{slow_script}"), env=agent_env, capture_output=True, text=True, timeout=120)
+    again = subprocess.run(agent_cmd("term", workspace, EXAMPLE_TASK, script), env=agent_env, capture_output=True, text=True, timeout=120)
     assert again.returncode == 0, again.stderr
     assert calls.read_text() == "one\ntwo\nthree\n"
 
@@ -131,25 +154,27 @@ def test_sigterm_stops_after_the_current_step_and_resumes(tmp_path, agent_env, s
 def test_bad_configuration_exits_with_the_fatal_code(tmp_path, agent_env):
     bad_task = tmp_path / "task.json"
     bad_task.write_text('{"no_prompt": true}')
-    proc = subprocess.run(agent_cmd("bad", tmp_path / "ws", bad_task, "scripted:example"), env=agent_env, capture_output=True, text=True, timeout=60)
-    assert proc.returncode == contract.EXIT_FATAL
-    assert "prompt" in proc.stderr
+    cases = [  # (task id, task file, model, what stderr names); three independent processes at once
+        ("bad", bad_task, "scripted:example", "prompt"),
+        ("bad2", EXAMPLE_TASK, "nosuch:model", "not supported"),
+        ("Bad_Id", EXAMPLE_TASK, "scripted:example", "--task-id"),
+    ]
+    runs = [
+        (subprocess.Popen(agent_cmd(task_id, tmp_path / task_id / "ws", task, model), env=agent_env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True), named)
+        for task_id, task, model, named in cases
+    ]
+    for proc, named in runs:
+        _, err = proc.communicate(timeout=60)
+        assert proc.returncode == contract.EXIT_FATAL, err
+        assert named in err
 
-    proc = subprocess.run(agent_cmd("bad2", tmp_path / "ws2", EXAMPLE_TASK, "nosuch:model"), env=agent_env, capture_output=True, text=True, timeout=60)
-    assert proc.returncode == contract.EXIT_FATAL
-    assert "not supported" in proc.stderr
 
-    proc = subprocess.run(agent_cmd("Bad_Id", tmp_path / "ws3", EXAMPLE_TASK, "scripted:example"), env=agent_env, capture_output=True, text=True, timeout=60)
-    assert proc.returncode == contract.EXIT_FATAL
-    assert "--task-id" in proc.stderr
-
-
-def test_heartbeat_file_is_fresh_while_running(tmp_path, agent_env, slow_script):
+def test_heartbeat_file_is_fresh_while_running(tmp_path, agent_env, gated_script):
     workspace = tmp_path / "ws"
-    proc = subprocess.Popen(agent_cmd("hb", workspace, EXAMPLE_TASK, f"scripted:{slow_script}"), env=agent_env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(agent_cmd("hb", workspace, EXAMPLE_TASK, gated_script), env=agent_env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         heartbeat = workspace / contract.HEARTBEAT_FILE
-        wait_for(heartbeat.exists, 30, "the heartbeat file")
+        eventually(heartbeat.exists, "the heartbeat file")
         assert time.time() - heartbeat.stat().st_mtime < 10
     finally:
         proc.kill()
@@ -187,26 +212,25 @@ async def _request(nc, task_id: str, body: dict) -> dict:
 
 
 async def _stream_events(nc, task_id: str) -> list[dict]:
+    """Every event of the task in the stream, up to the last one stored."""
     js = nc.jetstream()
+    last = (await js.get_last_msg(contract.STREAM_NAME, contract.subject_events(task_id))).seq
     sub = await js.subscribe(contract.subject_events(task_id), ordered_consumer=True)
     found = []
-    while True:
-        try:
-            msg = await sub.next_msg(timeout=1)
-        except Exception:
-            break
-        found.append(json.loads(msg.data))
-    await sub.unsubscribe()
+    try:
+        while True:
+            msg = await sub.next_msg(timeout=10)
+            found.append(json.loads(msg.data))
+            if msg.metadata.sequence.stream >= last:
+                break
+    finally:
+        await sub.unsubscribe()
     return found
 
 
 async def test_commands_over_nats_status_message_cancel(tmp_path, agent_env, nats_server):
-    import asyncio
-
-    import nats
-
     turns = [{"tool_calls": [{"name": "plan", "args": {"todos": ["wait"], "objective": "wait"}}]}]
-    turns += [{"tool_calls": [{"name": "execute", "args": {"command": "sleep 0.5"}}]}] * 40
+    turns += [{"tool_calls": [{"name": "execute", "args": {"command": "echo ran >> ran.log; sleep 0.5"}}]}] * 40
     script = tmp_path / "long.yaml"
     script.write_text(yaml.safe_dump(turns))
     workspace = tmp_path / "ws"
@@ -215,17 +239,19 @@ async def test_commands_over_nats_status_message_cancel(tmp_path, agent_env, nat
         env=agent_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
     nc = await nats.connect(nats_server.url)
+
+    async def running_tools() -> dict | None:
+        if not (workspace / "ran.log").exists():
+            return None  # no tool call yet: the commands below must find the agent at work
+        try:
+            status = await _request(nc, "cmds", {"op": "status"})
+        except (nats.errors.NoRespondersError, nats.errors.TimeoutError):
+            return None  # not listening yet
+        return status if status.get("phase") == "TACTICAL" else None
+
     try:
-        status = None
-        for _ in range(100):
-            try:
-                status = await _request(nc, "cmds", {"op": "status"})
-                if status.get("phase") == "TACTICAL":
-                    break
-            except Exception:
-                pass
-            await asyncio.sleep(0.1)
-        assert status and status["ok"] and status["todos"] == ["wait"]
+        status = await eventually_async(running_tools, "the agent to run tools and answer status in its TACTICAL phase")
+        assert status["ok"] and status["todos"] == ["wait"]
         assert (await _request(nc, "cmds", {"op": "message", "text": "hurry up"}))["ok"]
         assert (workspace / ".dockyard" / "inbox.jsonl").read_text().count("hurry up") == 1
         bad = await _request(nc, "cmds", {"op": "dance"})

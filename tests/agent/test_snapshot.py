@@ -8,7 +8,6 @@ import os
 import sqlite3
 import tarfile
 import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -16,6 +15,7 @@ import pytest
 from agent import contract, restore, snapshot
 from agent.snapshot import LAST_SNAPSHOT_FILE, list_snapshots, prune_snapshots, take_snapshot, upload_final
 from agent.storage import StorageError, open_store
+from tests.conftest import eventually
 
 TASK = "t-snap"
 
@@ -88,8 +88,7 @@ def test_snapshot_while_writing_is_consistent_and_restorable(workspace, db, s3_s
     writer = Writer(db)
     writer.start()
     try:
-        while writer.committed < 4100:
-            time.sleep(0.005)
+        eventually(lambda: writer.committed >= 4100 or writer.error, "the writer to commit 100 rows")
         committed_before = writer.committed
         # Small steps with sleeps: the backup spans many steps while the writer keeps committing.
         result = take_snapshot(db, store, TASK, step_bytes=64 * 1024, sleep=0.002)

@@ -11,7 +11,6 @@ import sqlite3
 import subprocess
 import sys
 import tarfile
-import time
 from pathlib import Path
 
 import nats
@@ -20,6 +19,7 @@ import pytest
 from agent import contract
 from agent.snapshot import list_snapshots
 from agent.storage import open_store
+from tests.conftest import eventually, eventually_async
 
 TASK = "t-sidecar"
 RUN_MAIN = "import sys; from agent.snapshotter import main; sys.exit(main(sys.argv[1:]))"
@@ -45,6 +45,10 @@ class Sidecar:
 
     def stderr(self) -> str:
         return self.log.read_text()
+
+    def running(self) -> bool:
+        assert self.proc.poll() is None, f"the snapshotter exited with {self.proc.returncode}:\n{self.stderr()}"
+        return True
 
     def terminate(self, timeout: float = 20) -> int:
         self.proc.send_signal(signal.SIGTERM)
@@ -83,16 +87,16 @@ async def request(nc, subject: str, body: dict, timeout: float = 5.0) -> dict:
     return json.loads(msg.data)
 
 
-async def wait_for_reply(nc, subject: str, body: dict, deadline: float = 20.0) -> dict:
+async def wait_for_reply(nc, subject: str, body: dict) -> dict:
     """Ask until the snapshotter has subscribed and answers."""
-    end = time.monotonic() + deadline
-    while True:
+
+    async def reply() -> dict | None:
         try:
             return await request(nc, subject, body, timeout=0.5)
         except (nats.errors.TimeoutError, nats.errors.NoRespondersError):
-            if time.monotonic() > end:
-                raise
-            await asyncio.sleep(0.1)
+            return None
+
+    return await eventually_async(reply, f"an answer on {subject}")
 
 
 async def next_event(queue: asyncio.Queue, timeout: float = 10.0) -> dict:
@@ -196,17 +200,18 @@ async def test_works_without_nats_and_connects_when_it_appears(tmp_path, nats_se
     )
     sidecars.append(sidecar)
 
-    # Timer snapshots run while NATS is down; an unchanged database is uploaded once.
-    deadline = time.monotonic() + 15
-    while not list_snapshots(store, TASK):
-        assert time.monotonic() < deadline, sidecar.stderr()
-        time.sleep(0.1)
-    time.sleep(0.6)
-    assert len(list_snapshots(store, TASK)) == 1
+    # Timer snapshots run while NATS is down.
+    [first] = eventually(lambda: list_snapshots(store, TASK), "a timer snapshot", detail=sidecar.stderr)
 
     nats_server.start()
     nc = await nats.connect(nats_server.url)
     try:
+        # Connected, it answers. The database is unchanged: neither this snapshot nor any timer
+        # snapshot since the first uploaded it again.
+        reply = await wait_for_reply(nc, contract.subject_cmd(TASK), {"op": "snapshot"})
+        assert (reply["ok"], reply["key"], reply["uploaded"]) == (True, first, False)
+        assert list_snapshots(store, TASK) == [first]
+
         make_db(workspace / contract.checkpoint_path(TASK), rows=1)
         reply = await wait_for_reply(nc, contract.subject_cmd(TASK), {"op": "snapshot"})
         assert reply["ok"] is True and store.exists(reply["key"])
@@ -237,10 +242,7 @@ def test_a_broken_database_still_gets_the_final_archive(tmp_path, agent_env, sid
     store_url = (tmp_path / "store").as_uri()
     sidecar = Sidecar(agent_env, tmp_path, "--task-id", TASK, "--workspace", str(workspace), "--store", store_url)
     sidecars.append(sidecar)
-    deadline = time.monotonic() + 15
-    while "starting:" not in sidecar.stderr():
-        assert time.monotonic() < deadline and sidecar.proc.poll() is None, sidecar.stderr()
-        time.sleep(0.05)
+    eventually(lambda: sidecar.running() and "starting:" in sidecar.stderr(), "the snapshotter to start", detail=sidecar.stderr)
 
     assert sidecar.terminate() == contract.EXIT_RETRY
     store = open_store(store_url)

@@ -8,17 +8,10 @@ Without Chromium the browser tests skip, unless CI is set: there they fail.
 from __future__ import annotations
 
 import os
-import re
-import signal
-import subprocess
-import sys
-import time
-from pathlib import Path
 
-import httpx
 import pytest
 
-from tests.conftest import REPO_ROOT, free_port
+from tests.dev_process import DevServer
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = [
@@ -30,7 +23,6 @@ CHROMIUM_ARGS = [
     "--disable-component-update",
     "--disable-sync",
 ]
-START_TIMEOUT_SECONDS = 60.0
 
 
 def chromium() -> str:
@@ -40,65 +32,6 @@ def chromium() -> str:
     if os.environ.get("CI"):
         pytest.fail(message)
     pytest.skip(message)
-
-
-class DevServer:
-    """`dockyard dev` as a child process in its own process group, restartable on the same port and data dir."""
-
-    def __init__(self, data_dir: Path, env: dict[str, str] | None = None, port: int | None = None):
-        self.data_dir = data_dir
-        self.port = port or free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.env = {k: v for k, v in os.environ.items() if not k.startswith("DOCKYARD_")}
-        self.env.update({"PYTHONPATH": str(REPO_ROOT), "PYTHONUNBUFFERED": "1", **(env or {})})
-        self.log = data_dir / "dev-test.log"
-        self.proc: subprocess.Popen | None = None
-
-    def start(self) -> "DevServer":
-        self.data_dir.mkdir(parents=True, exist_ok=True)
-        offset = self.log.stat().st_size if self.log.exists() else 0
-        with open(self.log, "ab") as log:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "functions.cli", "dev", "--port", str(self.port), "--data-dir", str(self.data_dir)],
-                cwd=REPO_ROOT,
-                env=self.env,
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,  # dev and its embedded nats-server share a group: crash() kills both
-            )
-        deadline = time.monotonic() + START_TIMEOUT_SECONDS
-        while time.monotonic() < deadline:
-            assert self.proc.poll() is None, f"dev exited with {self.proc.returncode}:\n{self.log.read_text()[offset:]}"
-            try:
-                if httpx.get(f"{self.url}/healthz", timeout=1).status_code == 200:
-                    self.nats_url = self._nats_url(offset)
-                    return self
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.1)
-        raise AssertionError(f"dev did not answer on {self.url}:\n{self.log.read_text()[offset:]}")
-
-    def _nats_url(self, offset: int) -> str | None:
-        match = re.search(r"NATS\s+(nats://\S+)", self.log.read_text()[offset:])
-        return match.group(1) if match else None
-
-    def crash(self) -> None:
-        """SIGKILL for dev and its nats-server; the agents (own groups) get SIGTERM from the kernel."""
-        assert self.proc is not None
-        os.killpg(self.proc.pid, signal.SIGKILL)
-        self.proc.wait(10)
-
-    def stop(self) -> None:
-        """Ctrl-C, as a person stops it."""
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        self.proc.send_signal(signal.SIGINT)
-        try:
-            self.proc.wait(40)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait()
 
 
 @pytest.fixture(scope="module")

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import json
+import shlex
 import threading
 import uuid
 from pathlib import Path
 
 import httpx
+import pytest
 
 from agent import contract
 from functions.cli.sse_client import SSEParser
@@ -23,6 +25,10 @@ EXAMPLE_PROMPT = json.loads((REPO_ROOT / "agent/examples/example_task.json").rea
 ARTIFACTS = REPO_ROOT / "artifacts"
 TOKEN = "ghp_" + "Zq8rT2mW5xK9" * 3  # the shape of a GitHub token (ghp_ + 36), built so no token sits in the source
 END_TIMEOUT_MS = 45_000
+
+# One Chromium and one dev stack per module and worker: under xdist (--dist loadgroup) these
+# tests stay together on one worker instead of starting a browser on every worker.
+pytestmark = pytest.mark.xdist_group("cockpit")
 
 # Every element the trace renders for one SSE message, in document order, with a short label.
 TRACE_JS = """() => [...document.querySelectorAll('#tv-trace [data-id]')].map(el => ({
@@ -132,26 +138,30 @@ def test_submit_the_example_and_watch_it_to_the_end(page, dev):
 
 
 def test_the_page_survives_a_crash_of_the_server_without_gap_or_duplicate(page, make_dev, tmp_path):
+    gate = tmp_path / "gate"  # the second call waits for it: the crash comes mid-task, however slow the machine
     turns = [
-        {"content": "Plan.", "delay_seconds": 0.3, "tool_calls": [{"name": "plan", "args": {"todos": ["one", "two"], "objective": "Step one"}}]},
-        {"delay_seconds": 0.8, "tool_calls": [{"name": "execute", "args": {"command": "echo one > one.txt", "timeout_seconds": 30}}]},
-        {"delay_seconds": 0.8, "tool_calls": [{"name": "execute", "args": {"command": "cat one.txt", "timeout_seconds": 30}}]},
-        {"content": "Step one done.", "delay_seconds": 0.8},
-        {"delay_seconds": 0.8, "tool_calls": [{"name": "plan", "args": {"todos": ["two"], "objective": "Step two"}}]},
-        {"delay_seconds": 0.8, "tool_calls": [{"name": "execute", "args": {"command": "echo two", "timeout_seconds": 30}}]},
-        {"content": "Step two done.", "delay_seconds": 0.8},
-        {"delay_seconds": 0.5, "tool_calls": [{"name": "finish", "args": {"summary": "both steps done"}}]},
+        {"content": "Plan.", "tool_calls": [{"name": "plan", "args": {"todos": ["one", "two"], "objective": "Step one"}}]},
+        {"tool_calls": [{"name": "execute", "args": {"command": "echo one > one.txt", "timeout_seconds": 30}}]},
+        {"tool_calls": [{"name": "execute", "args": {"command": f"until [ -e {shlex.quote(str(gate))} ]; do sleep 0.02; done; cat one.txt", "timeout_seconds": 120}}]},
+        {"content": "Step one done."},
+        {"tool_calls": [{"name": "plan", "args": {"todos": ["two"], "objective": "Step two"}}]},
+        {"tool_calls": [{"name": "execute", "args": {"command": "echo two", "timeout_seconds": 30}}]},
+        {"content": "Step two done."},
+        {"tool_calls": [{"name": "finish", "args": {"summary": "both steps done"}}]},
     ]
-    model = scripted_model(tmp_path / "slow.json", turns)
+    model = scripted_model(tmp_path / "gated.json", turns)
     server = make_dev().start()
-    page.goto(server.url + "/")
-    task_id = submit_from_page(page, "Two slow steps", model)
-    page.wait_for_selector("#tv-trace details.tool .tool-result", state="attached")  # mid-task: the first tool call has finished
-    page.wait_for_selector("#tv-conn[data-state=live]")
-    before = [e["id"] for e in trace(page)]
+    try:
+        page.goto(server.url + "/")
+        task_id = submit_from_page(page, "Two steps", model)
+        page.wait_for_selector("#tv-trace details.tool .tool-result", state="attached")  # mid-task: the first tool call has finished
+        page.wait_for_selector("#tv-conn[data-state=live]")
+        before = [e["id"] for e in trace(page)]
 
-    server.crash()
-    page.wait_for_selector("#tv-conn[data-state=reconnecting]", timeout=10_000)
+        server.crash()
+        page.wait_for_selector("#tv-conn[data-state=reconnecting]", timeout=10_000)
+    finally:
+        gate.touch()  # the agent, told to stop by the crash, finishes the waiting call and exits
     server.start()  # same port, same data dir: the runtime resumes the task
     wait_until_ended(page)
     page.wait_for_selector("#tv-outcome[data-outcome=done]")

@@ -18,7 +18,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import time
 import uuid
 from pathlib import Path
 
@@ -27,26 +26,17 @@ import pytest
 from agent import contract
 from functions.core.settings import Settings
 from functions.core.task import parse_task
+from tests.conftest import eventually_async
+
+E2E_TIMEOUT = int(os.environ.get("DOCKYARD_E2E_TIMEOUT", "600"))
 
 pytestmark = [
     pytest.mark.e2e,
     pytest.mark.skipif(not os.environ.get("DOCKYARD_E2E_KUBECONFIG"), reason="set DOCKYARD_E2E_KUBECONFIG to run against a cluster"),
-    pytest.mark.timeout(int(os.environ.get("DOCKYARD_E2E_TIMEOUT", "600")) + 300),
+    pytest.mark.timeout(E2E_TIMEOUT + 300),
 ]
 
 EXAMPLE_TASK = Path(__file__).resolve().parents[2] / "agent" / "examples" / "example_task.json"
-
-
-async def wait_for(what: str, check, timeout: float, interval: float = 2.0):
-    """Poll `check()` (async) until it returns something truthy; fail after `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    last = None
-    while time.monotonic() < deadline:
-        last = await check()
-        if last:
-            return last
-        await asyncio.sleep(interval)
-    pytest.fail(f"timed out after {timeout:.0f}s waiting for {what} (last seen: {last!r})")
 
 
 @pytest.fixture
@@ -143,8 +133,8 @@ async def test_a_task_runs_to_completion_and_cancel_cleans_up(api_client, settin
         pvc = await asyncio.to_thread(core.read_namespaced_persistent_volume_claim, contract.pvc_name(task_id), ns)
         assert pvc.metadata.owner_references[0].uid == job.metadata.uid
 
-        await wait_for(f"a pod of Job {contract.job_name(task_id)} to run", pod_phase, 300)
-        job = await wait_for("the Job to finish", finished, int(os.environ.get("DOCKYARD_E2E_TIMEOUT", "600")), interval=5)
+        await eventually_async(pod_phase, f"a pod of Job {contract.job_name(task_id)} to run", timeout=300, interval=2)
+        job = await eventually_async(finished, "the Job to finish", timeout=E2E_TIMEOUT, interval=5)
         conditions = [c for c in job["status"]["conditions"] if c.get("status") == "True"]
         assert [c["type"] for c in conditions if c["type"] in ("Complete", "Failed")] == ["Complete"], f"the Job failed: {job['status']}"
     finally:
@@ -153,9 +143,10 @@ async def test_a_task_runs_to_completion_and_cancel_cleans_up(api_client, settin
         except Exception:  # noqa: BLE001 - cleanup; the assertions below report what is left
             pass
 
-    await wait_for("the Job to be deleted", lambda: gone(lambda: batch.read_namespaced_job(contract.job_name(task_id), ns)), 120)
-    await wait_for(
-        "the PVC to be garbage-collected with its Job",
+    await eventually_async(lambda: gone(lambda: batch.read_namespaced_job(contract.job_name(task_id), ns)), "the Job to be deleted", timeout=120, interval=2)
+    await eventually_async(
         lambda: gone(lambda: core.read_namespaced_persistent_volume_claim(contract.pvc_name(task_id), ns)),
-        180,
+        "the PVC to be garbage-collected with its Job",
+        timeout=180,
+        interval=2,
     )

@@ -36,15 +36,17 @@ import socket
 import subprocess
 import tempfile
 import threading
-import time
 from pathlib import Path
 
 import pytest
 import yaml
 
 from functions.core import egress
-from tests.conftest import free_port
+from tests.conftest import eventually, free_port, port_open
 from tests.manifests import KNATIVE_DIR, one, documents, pod_template
+
+# One Squid per module and worker: under xdist (--dist loadgroup) the module stays on one worker.
+pytestmark = pytest.mark.xdist_group("squid")
 
 MARKER = b"dockyard-egress-test-server"
 SERVER_ADDRESS = "127.0.0.5"
@@ -164,17 +166,10 @@ def _servers() -> tuple[_Server, _Server]:
     raise RuntimeError("no port free on both 127.0.0.5 and 127.0.0.1")
 
 
-def _wait_for_port(port: int, process: subprocess.Popen, log: Path, timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            pytest.fail(f"squid exited with {process.returncode}:\n{log.read_text() if log.exists() else ''}")
-        try:
-            socket.create_connection((CANARY_ADDRESS, port), timeout=0.5).close()
-            return
-        except OSError:
-            time.sleep(0.1)
-    pytest.fail(f"squid did not listen on {port} within {timeout}s:\n{log.read_text() if log.exists() else ''}")
+def _listening(port: int, process: subprocess.Popen, log: Path) -> bool:
+    if process.poll() is not None:
+        pytest.fail(f"squid exited with {process.returncode}:\n{log.read_text() if log.exists() else ''}")
+    return port_open(port, CANARY_ADDRESS)
 
 
 class Proxy:
@@ -212,13 +207,12 @@ class Proxy:
 
     def log_line(self, needle: str) -> str:
         """The access log line for the request that mentions `needle` (Squid writes it when the request ends)."""
-        deadline = time.monotonic() + 5
-        while time.monotonic() < deadline:
+
+        def line() -> str | None:
             lines = [line for line in self.access_log.read_text().splitlines() if needle in line]
-            if lines:
-                return lines[-1]
-            time.sleep(0.05)
-        raise AssertionError(f"no access log line for {needle}:\n{self.access_log.read_text()}")
+            return lines[-1] if lines else None
+
+        return eventually(line, f"an access log line for {needle}", detail=self.access_log.read_text)
 
 
 def _read_head(sock: socket.socket) -> bytes:
@@ -236,7 +230,7 @@ def proxy():
     binary = _require_squid()
     server, canary = _servers()
     for s in (server, canary):
-        threading.Thread(target=s.serve_forever, daemon=True).start()
+        threading.Thread(target=s.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()  # shutdown() waits one poll
     server_port = server.server_address[1]
     workdir = Path(tempfile.mkdtemp(prefix="dockyard-squid-"))
     port = free_port(CANARY_ADDRESS)
@@ -277,7 +271,7 @@ def proxy():
     output = (workdir / "squid.out").open("wb")
     process = subprocess.Popen([binary, "-N", "-f", str(workdir / "squid.conf")], stdout=output, stderr=subprocess.STDOUT, cwd=workdir)
     try:
-        _wait_for_port(port, process, cache_log)
+        eventually(lambda: _listening(port, process, cache_log), f"squid listening on {port}", detail=lambda: cache_log.read_text() if cache_log.exists() else "")
         yield Proxy(port, server_port, access_log, canary)
     finally:
         process.terminate()

@@ -105,13 +105,19 @@ def _handlers(container: dict) -> Iterator[tuple[str, dict]]:
 
 def check_baseline(pod: dict) -> list[Violation]:
     """`pod` is {metadata, spec}. The baseline profile: no known privilege escalation."""
-    metadata, spec = pod.get("metadata") or {}, pod["spec"]
-    pod_sc = spec.get("securityContext") or {}
     found: list[Violation] = []
 
     def bad(rule: str, where: str, detail: str) -> None:
         found.append(Violation(rule, where, detail))
 
+    _baseline_pod(pod.get("metadata") or {}, pod["spec"], bad)
+    for where, container in _containers(pod["spec"]):
+        _baseline_container(where, container, bad)
+    return found
+
+
+def _baseline_pod(metadata: dict, spec: dict, bad: Callable[[str, str, str], None]) -> None:
+    pod_sc = spec.get("securityContext") or {}
     if (pod_sc.get("windowsOptions") or {}).get("hostProcess"):
         bad(HOST_PROCESS, "spec.securityContext.windowsOptions.hostProcess", "must be unset or false")
     for field in ("hostNetwork", "hostPID", "hostIPC"):
@@ -132,30 +138,30 @@ def check_baseline(pod: dict) -> list[Violation]:
         if sysctl.get("name") not in SAFE_SYSCTLS:
             bad(SYSCTLS, f"spec.securityContext.sysctls[{i}]", f"{sysctl.get('name')} is not a safe sysctl")
 
-    for where, container in _containers(spec):
-        sc = container.get("securityContext") or {}
-        if (sc.get("windowsOptions") or {}).get("hostProcess"):
-            bad(HOST_PROCESS, f"{where}.securityContext.windowsOptions.hostProcess", "must be unset or false")
-        if sc.get("privileged"):
-            bad(PRIVILEGED, f"{where}.securityContext.privileged", "must be unset or false")
-        extra = set((sc.get("capabilities") or {}).get("add") or []) - BASELINE_CAPABILITIES
-        if extra:
-            bad(CAPABILITIES_BASELINE, f"{where}.securityContext.capabilities.add", f"{sorted(extra)} are not allowed")
-        for j, port in enumerate(container.get("ports") or []):
-            if port.get("hostPort"):
-                bad(HOST_PORTS, f"{where}.ports[{j}].hostPort", "must be unset or 0")
-        for name, handler in _handlers(container):
-            for kind in ("httpGet", "tcpSocket"):
-                if (handler.get(kind) or {}).get("host"):
-                    bad(HOST_PROBES, f"{where}.{name}.{kind}.host", "must be unset or empty")
-        if (sc.get("appArmorProfile") or {}).get("type") not in (None, *APPARMOR_TYPES):
-            bad(APPARMOR, f"{where}.securityContext.appArmorProfile.type", f"must be one of {sorted(APPARMOR_TYPES)}")
-        _check_selinux(sc.get("seLinuxOptions"), f"{where}.securityContext.seLinuxOptions", bad)
-        if sc.get("procMount") not in (None, "Default"):
-            bad(PROC_MOUNT, f"{where}.securityContext.procMount", "must be unset or Default")
-        if (sc.get("seccompProfile") or {}).get("type") == "Unconfined":
-            bad(SECCOMP_BASELINE, f"{where}.securityContext.seccompProfile.type", "must not be Unconfined")
-    return found
+
+def _baseline_container(where: str, container: dict, bad: Callable[[str, str, str], None]) -> None:
+    sc = container.get("securityContext") or {}
+    if (sc.get("windowsOptions") or {}).get("hostProcess"):
+        bad(HOST_PROCESS, f"{where}.securityContext.windowsOptions.hostProcess", "must be unset or false")
+    if sc.get("privileged"):
+        bad(PRIVILEGED, f"{where}.securityContext.privileged", "must be unset or false")
+    extra = set((sc.get("capabilities") or {}).get("add") or []) - BASELINE_CAPABILITIES
+    if extra:
+        bad(CAPABILITIES_BASELINE, f"{where}.securityContext.capabilities.add", f"{sorted(extra)} are not allowed")
+    for j, port in enumerate(container.get("ports") or []):
+        if port.get("hostPort"):
+            bad(HOST_PORTS, f"{where}.ports[{j}].hostPort", "must be unset or 0")
+    for name, handler in _handlers(container):
+        for kind in ("httpGet", "tcpSocket"):
+            if (handler.get(kind) or {}).get("host"):
+                bad(HOST_PROBES, f"{where}.{name}.{kind}.host", "must be unset or empty")
+    if (sc.get("appArmorProfile") or {}).get("type") not in (None, *APPARMOR_TYPES):
+        bad(APPARMOR, f"{where}.securityContext.appArmorProfile.type", f"must be one of {sorted(APPARMOR_TYPES)}")
+    _check_selinux(sc.get("seLinuxOptions"), f"{where}.securityContext.seLinuxOptions", bad)
+    if sc.get("procMount") not in (None, "Default"):
+        bad(PROC_MOUNT, f"{where}.securityContext.procMount", "must be unset or Default")
+    if (sc.get("seccompProfile") or {}).get("type") == "Unconfined":
+        bad(SECCOMP_BASELINE, f"{where}.securityContext.seccompProfile.type", "must not be Unconfined")
 
 
 def _check_selinux(options: dict | None, where: str, bad: Callable[[str, str, str], None]) -> None:
@@ -176,7 +182,6 @@ def check_restricted(pod: dict) -> list[Violation]:
     def bad(rule: str, where: str, detail: str) -> None:
         found.append(Violation(rule, where, detail))
 
-    windows = (spec.get("os") or {}).get("name") == "windows"
     for i, volume in enumerate(spec.get("volumes") or []):
         kinds = set(volume) - {"name"}
         if not kinds <= RESTRICTED_VOLUME_TYPES:
@@ -189,28 +194,34 @@ def check_restricted(pod: dict) -> list[Violation]:
     if pod_seccomp is not None and pod_seccomp not in SECCOMP_TYPES:
         bad(SECCOMP_RESTRICTED, "spec.securityContext.seccompProfile.type", f"must be one of {sorted(SECCOMP_TYPES)}")
 
+    windows = (spec.get("os") or {}).get("name") == "windows"
     for where, container in _containers(spec):
-        sc = container.get("securityContext") or {}
-        if not windows and sc.get("allowPrivilegeEscalation") is not False:
-            bad(PRIVILEGE_ESCALATION, f"{where}.securityContext.allowPrivilegeEscalation", "must be false")
-        non_root = sc.get("runAsNonRoot", pod_sc.get("runAsNonRoot"))
-        if non_root is not True:
-            bad(RUN_AS_NON_ROOT, f"{where}.securityContext.runAsNonRoot", "must be true here or on the pod")
-        if sc.get("runAsUser") == 0:
-            bad(RUN_AS_USER, f"{where}.securityContext.runAsUser", "must not be 0")
-        if not windows:
-            seccomp = (sc.get("seccompProfile") or {}).get("type", pod_seccomp)
-            if seccomp not in SECCOMP_TYPES:
-                bad(SECCOMP_RESTRICTED, f"{where}.securityContext.seccompProfile.type",
-                    f"must be one of {sorted(SECCOMP_TYPES)} here or on the pod")  # fmt: skip
-            capabilities = sc.get("capabilities") or {}
-            if "ALL" not in (capabilities.get("drop") or []):
-                bad(CAPABILITIES_RESTRICTED, f"{where}.securityContext.capabilities.drop", "must include ALL")
-            added = set(capabilities.get("add") or []) - {"NET_BIND_SERVICE"}
-            if added:
-                bad(CAPABILITIES_RESTRICTED, f"{where}.securityContext.capabilities.add",
-                    f"only NET_BIND_SERVICE may be added, not {sorted(added)}")  # fmt: skip
+        _restricted_container(where, container, pod_sc, windows, bad)
     return found
+
+
+def _restricted_container(where: str, container: dict, pod_sc: dict, windows: bool, bad: Callable[[str, str, str], None]) -> None:
+    sc = container.get("securityContext") or {}
+    if not windows and sc.get("allowPrivilegeEscalation") is not False:
+        bad(PRIVILEGE_ESCALATION, f"{where}.securityContext.allowPrivilegeEscalation", "must be false")
+    non_root = sc.get("runAsNonRoot", pod_sc.get("runAsNonRoot"))
+    if non_root is not True:
+        bad(RUN_AS_NON_ROOT, f"{where}.securityContext.runAsNonRoot", "must be true here or on the pod")
+    if sc.get("runAsUser") == 0:
+        bad(RUN_AS_USER, f"{where}.securityContext.runAsUser", "must not be 0")
+    if windows:
+        return
+    seccomp = (sc.get("seccompProfile") or {}).get("type", (pod_sc.get("seccompProfile") or {}).get("type"))
+    if seccomp not in SECCOMP_TYPES:
+        bad(SECCOMP_RESTRICTED, f"{where}.securityContext.seccompProfile.type",
+            f"must be one of {sorted(SECCOMP_TYPES)} here or on the pod")  # fmt: skip
+    capabilities = sc.get("capabilities") or {}
+    if "ALL" not in (capabilities.get("drop") or []):
+        bad(CAPABILITIES_RESTRICTED, f"{where}.securityContext.capabilities.drop", "must include ALL")
+    added = set(capabilities.get("add") or []) - {"NET_BIND_SERVICE"}
+    if added:
+        bad(CAPABILITIES_RESTRICTED, f"{where}.securityContext.capabilities.add",
+            f"only NET_BIND_SERVICE may be added, not {sorted(added)}")  # fmt: skip
 
 
 def check(pod: dict, level: str = RESTRICTED) -> list[Violation]:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import time
 
 import pytest
 
@@ -17,6 +16,7 @@ from functions.stream import app as stream
 from functions.core.bus import now_iso
 from functions.core.registry import new_record
 from functions.core.tracker import DURABLE, Tracker, apply_event
+from tests.conftest import eventually_async
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -65,18 +65,15 @@ async def publish(js, task_id: str, type_: str, **fields) -> int:
     return (await js.publish(contract.subject_events(task_id), json.dumps(body).encode())).seq
 
 
-async def acked_through(js, seq: int, durable: str = DURABLE, timeout: float = 10) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
+async def acked_through(js, seq: int, durable: str = DURABLE) -> None:
+    async def acked() -> bool:
         try:
             info = await js.consumer_info(contract.STREAM_NAME, durable)
-            if info.ack_floor.stream_seq >= seq:
-                return
-        except Exception:  # not created yet
-            pass
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"tracker {durable} did not acknowledge sequence {seq}")
-        await asyncio.sleep(0.05)
+        except Exception:  # not created yet, or JetStream not back yet
+            return False
+        return info.ack_floor.stream_seq >= seq
+
+    await eventually_async(acked, f"tracker {durable} to acknowledge sequence {seq}")
 
 
 async def register(registry, task_id: str) -> None:
@@ -158,16 +155,15 @@ async def test_tracker_survives_a_nats_restart(bus, nats_server):
         seq = await publish(bus.js, task, contract.EV_STATUS, state=contract.STATE_STARTED)
         await acked_through(bus.js, seq)
         await asyncio.to_thread(nats_server.restart)
-        deadline = time.monotonic() + 20
-        while True:  # publish once JetStream is back
+
+        async def published() -> int | None:  # once JetStream is back
             try:
-                last = await publish(bus.js, task, contract.EV_STATUS, state=contract.STATE_FINISHED, outcome="done")
-                break
+                return await publish(bus.js, task, contract.EV_STATUS, state=contract.STATE_FINISHED, outcome="done")
             except Exception:
-                if time.monotonic() > deadline:
-                    raise
-                await asyncio.sleep(0.1)
-        await acked_through(bus.js, last, timeout=20)
+                return None
+
+        last = await eventually_async(published, "a publish after the restart", interval=0.1)
+        await acked_through(bus.js, last)
     finally:
         await tracker.stop()
     r = await bus.registry.get(task)

@@ -1,6 +1,6 @@
 """`dockyard dev` and `dockyard demo` end to end: the real agent, the real functions, a real nats-server.
 
-The stack runs as a child process (`python -m functions.cli dev`) exactly as a user starts it;
+The stack runs as a child process (tests/dev_process.py) exactly as a user starts it;
 tests talk to it over HTTP only, and reach into its data dir only to find an agent's pid.
 """
 
@@ -13,7 +13,6 @@ import signal
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import httpx
@@ -25,57 +24,8 @@ from functions.cli import main as cli
 from functions.cli.demo import EXAMPLE_MODEL, EXAMPLE_TASK
 from functions.devstack.nats_embedded import EmbeddedNats
 from functions.cli.sse_client import follow
-from tests.conftest import free_port
-
-REPO_ROOT = Path(__file__).resolve().parents[3]
-
-
-class DevStack:
-    """`dockyard dev` in a child process on a free port."""
-
-    def __init__(self, data_dir: Path, env: dict):
-        self.data_dir = data_dir
-        self.env = env
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log = data_dir / "dev-test.log"
-        self.proc: subprocess.Popen | None = None
-
-    def start(self) -> "DevStack":
-        self.data_dir.mkdir(parents=True, exist_ok=True)
-        with open(self.log, "ab") as log:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "functions.cli", "dev", "--port", str(self.port), "--data-dir", str(self.data_dir)],
-                cwd=REPO_ROOT,
-                env=self.env,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-            )
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            assert self.proc.poll() is None, f"dev exited with {self.proc.returncode}:\n{self.log.read_text()}"
-            try:
-                if httpx.get(f"{self.url}/healthz", timeout=1).status_code == 200:
-                    return self
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.1)
-        raise AssertionError(f"dev did not come up:\n{self.log.read_text()}")
-
-    def stop(self) -> int:
-        """Ctrl-C, as a user stops it."""
-        if self.proc is None or self.proc.poll() is not None:
-            return self.proc.returncode if self.proc else 0
-        self.proc.send_signal(signal.SIGINT)
-        try:
-            return self.proc.wait(40)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-            raise AssertionError(f"dev did not stop on SIGINT:\n{self.log.read_text()}")
-
-    def supervisor_state(self, task_id: str) -> dict:
-        return json.loads((self.data_dir / "tasks" / task_id / "supervisor.json").read_text())
+from tests.conftest import REPO_ROOT, eventually, free_port, process_alive
+from tests.dev_process import DevServer
 
 
 def example_task() -> dict:
@@ -101,22 +51,22 @@ def statuses(messages) -> list[dict]:
     return [m.data for m in messages if m.event == contract.EV_STATUS]
 
 
-def wait_record(url: str, task_id: str, timeout: float = 30.0) -> dict:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+def wait_record(url: str, task_id: str) -> dict:
+    """The task's record once job_finished has recorded the end."""
+
+    def finished() -> dict | None:
         record = httpx.get(f"{url}/api/tasks/{task_id}", timeout=5).json()
-        if record.get("finished_uids"):
-            return record
-        time.sleep(0.2)
-    raise AssertionError(f"job_finished never recorded task {task_id}: {record}")
+        return record if record.get("finished_uids") else None
+
+    return eventually(finished, f"job_finished to record task {task_id}")
 
 
 @pytest.fixture
-def stack(tmp_path, agent_env):
-    stacks: list[DevStack] = []
+def stack(tmp_path):
+    stacks: list[DevServer] = []
 
-    def make() -> DevStack:
-        stacks.append(DevStack(tmp_path / "data", agent_env).start())
+    def make() -> DevServer:
+        stacks.append(DevServer(tmp_path / "data").start())
         return stacks[-1]
 
     yield make
@@ -271,16 +221,8 @@ def test_embedded_nats_dies_with_its_parent(tmp_path, agent_env):
         parent.wait()
     finally:
         parent.kill()
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return
-        if Path(f"/proc/{pid}/stat").read_text().split(")")[1].split()[0] == "Z":
-            return  # exited; waiting for init to reap it
-        time.sleep(0.05)
-    raise AssertionError("nats-server outlived its parent")
+    # Gone, or a zombie waiting for init to reap it: exited either way.
+    eventually(lambda: not process_alive(pid), "nats-server to die with its parent", timeout=10)
 
 
 def test_embedded_nats_reports_a_taken_port(tmp_path):
