@@ -279,7 +279,7 @@ async def main() -> None:
           f"   ({pooled_p99(many) * 1000:.1f} ms vs {one['p99'] * 1000:.1f} ms)")
     print(f"p99 latency, with a stalled client vs without:      {pooled_p99(stalled) / pooled_p99(many):.2f}x   (target <= 1.2)"
           f"   ({pooled_p99(stalled) * 1000:.1f} ms vs {pooled_p99(many) * 1000:.1f} ms)")
-    print("    run by run:                                    " + ", ".join(f"{s['p99'] / m['p99']:.2f}x" for m, s in zip(many, stalled)))
+    print("    run by run:                                    " + ", ".join(f"{s['p99'] / m['p99']:.2f}x" for m, s in zip(many, stalled, strict=True)))
     print(f"per-client rate, with a stalled client vs without:  {median(stalled, 'per_client') / median(many, 'per_client'):.2f}x")
 
 if __name__ == "__main__":

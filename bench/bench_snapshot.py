@@ -150,7 +150,7 @@ def open_bench_store(args, work: Path):
         except OSError:
             if time.monotonic() > deadline:
                 server.kill()
-                raise RuntimeError("moto server did not start")
+                raise RuntimeError("moto server did not start") from None
             time.sleep(0.1)
     endpoint = f"http://127.0.0.1:{port}"
     os.environ.setdefault("AWS_ACCESS_KEY_ID", "bench")

@@ -83,8 +83,8 @@ async def measure(bus, settings, make_runtime, tasks: int, run: str) -> tuple[li
     for i in range(tasks):
         e = event(i, f"{run}-base")
         task = parse_task(e.get_data(), source=e["source"], event_id=e["id"])
-        launch += await timed([lambda: baseline_runtime.launch(task)])
-        handle += await timed([lambda: task_submitted.handle(event(i, f"{run}-fn"), ctx)])
+        launch += await timed([lambda task=task: baseline_runtime.launch(task)])
+        handle += await timed([lambda i=i: task_submitted.handle(event(i, f"{run}-fn"), ctx)])
     return launch, handle
 
 

@@ -131,7 +131,7 @@ def format_tasks(records: list[dict]) -> str:
     rows = [[("" if r.get(c) is None else str(r.get(c))) for c in columns] for r in records]
     header = [c.upper().replace("_", " ") for c in ("task", *columns[1:])]
     widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(header)]
-    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in [header, *rows])
+    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in [header, *rows])
 
 
 def _run_tasks(args) -> int:

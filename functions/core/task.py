@@ -95,42 +95,58 @@ def parse_task(data: object, *, source: str, event_id: str, policy: LimitsPolicy
     policy = policy or LimitsPolicy()
     if not isinstance(data, dict):
         raise BadInput("event data must be a JSON object with at least 'prompt'", "data")
+    return Task(  # fields checked in this order: the first fault is the one reported
+        prompt=_prompt(data.get("prompt")),
+        task_id=_task_id(data.get("task_id"), source, event_id),
+        repo=_repo(data.get("repo")),
+        model=_model(data.get("model")),
+        limits=_limits(data.get("limits"), policy),
+    )
 
-    prompt = data.get("prompt")
+
+def _prompt(prompt: object) -> str:
     if not isinstance(prompt, str) or not prompt.strip():
         raise BadInput("prompt is required: a non-empty string describing the task", "prompt")
     if len(prompt.encode()) > MAX_PROMPT_BYTES:
         raise BadInput(f"prompt is larger than {MAX_PROMPT_BYTES} bytes; shorten it or put details in the repo", "prompt", 413)
+    return prompt
 
-    task_id = data.get("task_id")
+
+def _task_id(task_id: object, source: str, event_id: str) -> str:
     if task_id is None:
-        task_id = contract.derive_task_id(source, event_id)
-    elif not contract.is_valid_task_id(task_id):
+        return contract.derive_task_id(source, event_id)
+    if not contract.is_valid_task_id(task_id):
         raise BadInput(
             f"task_id must be 1-{contract.TASK_ID_MAX} characters of lowercase letters, digits and '-', "
             "starting and ending with a letter or digit (a DNS-1123 label); omit it to have one derived",
             "task_id",
         )
+    return task_id
 
-    repo = data.get("repo")
-    if repo is not None:
-        if isinstance(repo, str):
-            repo = {"url": repo}
-        if not isinstance(repo, dict) or not isinstance(repo.get("url"), str):
-            raise BadInput("repo must be an object {url, ref?}", "repo")
-        scheme = urlparse(repo["url"]).scheme
-        if scheme not in REPO_SCHEMES and not repo["url"].startswith("git@"):
-            raise BadInput(f"repo.url scheme must be one of {', '.join(REPO_SCHEMES)}", "repo.url")
-        ref = repo.get("ref")
-        if ref is not None and (not isinstance(ref, str) or not ref or ref.startswith("-")):
-            raise BadInput("repo.ref must be a branch, tag or commit name", "repo.ref")
-        repo = {"url": repo["url"], **({"ref": ref} if ref else {})}
 
-    model = data.get("model")
+def _repo(repo: object) -> dict | None:
+    if repo is None:
+        return None
+    if isinstance(repo, str):
+        repo = {"url": repo}
+    if not isinstance(repo, dict) or not isinstance(repo.get("url"), str):
+        raise BadInput("repo must be an object {url, ref?}", "repo")
+    scheme = urlparse(repo["url"]).scheme
+    if scheme not in REPO_SCHEMES and not repo["url"].startswith("git@"):
+        raise BadInput(f"repo.url scheme must be one of {', '.join(REPO_SCHEMES)}", "repo.url")
+    ref = repo.get("ref")
+    if ref is not None and (not isinstance(ref, str) or not ref or ref.startswith("-")):
+        raise BadInput("repo.ref must be a branch, tag or commit name", "repo.ref")
+    return {"url": repo["url"], **({"ref": ref} if ref else {})}
+
+
+def _model(model: object) -> str | None:
     if model is not None and (not isinstance(model, str) or ":" not in model):
         raise BadInput("model must look like 'provider:model' (e.g. 'openai:gpt-4o' or 'scripted:/path/turns.yaml')", "model")
+    return model
 
-    limits = data.get("limits")
+
+def _limits(limits: object, policy: LimitsPolicy) -> Limits:
     if limits is None:
         limits = {}
     if not isinstance(limits, dict):
@@ -142,11 +158,4 @@ def parse_task(data: object, *, source: str, event_id: str, policy: LimitsPolicy
         raise BadInput("limits.storage must be a string like '5Gi'", "limits.storage")
     if _storage_gi(storage) > policy.max_storage_gi:
         raise BadInput(f"limits.storage must be at most {policy.max_storage_gi}Gi", "limits.storage")
-
-    return Task(
-        task_id=task_id,
-        prompt=prompt,
-        repo=repo,
-        model=model,
-        limits=Limits(deadline_seconds=deadline, retries=retries, storage=storage),
-    )
+    return Limits(deadline_seconds=deadline, retries=retries, storage=storage)

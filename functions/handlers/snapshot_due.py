@@ -106,7 +106,7 @@ async def handle(event: CloudEvent, ctx: "Context") -> dict:
     active = [r for r in records if r.get("state") not in contract.TERMINAL_STATES]
     finished_jobs = await asyncio.gather(*(ctx.runtime.finished_job(r["task_id"]) for r in active))
     reconciled = []
-    for record, job in zip(active, finished_jobs):
+    for record, job in zip(active, finished_jobs, strict=True):
         if job is not None:
             await record_finished_job(job, ctx)
             reconciled.append(record["task_id"])
@@ -118,7 +118,7 @@ async def handle(event: CloudEvent, ctx: "Context") -> dict:
 
     summary = {"asked": len(active), "expired": expired, "reconciled": reconciled}
     for kind in ("snapshotted", "no_reply", "stale"):
-        summary[kind] = [r["task_id"] for r, outcome in zip(active, results) if outcome == kind]
+        summary[kind] = [r["task_id"] for r, outcome in zip(active, results, strict=True) if outcome == kind]
     log.info(
         "snapshot due: asked %d, snapshotted %d, no reply %d, stale %d, expired %d, reconciled %d",
         summary["asked"],

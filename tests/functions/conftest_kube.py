@@ -1,6 +1,6 @@
 """Fixtures for code that talks to Kubernetes: the emulator on a free port and a real client for it.
 
-Import them into a test module: `from conftest_kube import kube, kube_client  # noqa: F401`.
+tests/functions/runtime/conftest.py imports them, which registers them for the tests beside it.
 """
 
 from __future__ import annotations

@@ -154,16 +154,8 @@ class TaskSupervisor:
             if stopped_by == "deadline":
                 return self._finish_deadline()
 
-            if code == contract.EXIT_DONE:
-                # The agent stops itself at a budget or its own deadline with exit 0 too.
-                outcome = policy.folders.read_result(state.task_id).get("outcome")
-                if outcome not in (contract.OUTCOME_DONE, contract.OUTCOME_BUDGET, contract.OUTCOME_DEADLINE):
-                    outcome = contract.OUTCOME_DONE
-                return self._finish(outcome, REASON_COMPLETE, "Reached expected number of succeeded pods")
-            if code in contract.NO_RETRY_EXIT_CODES:
-                outcome = contract.OUTCOME_CANCELLED if code == contract.EXIT_CANCELLED else contract.OUTCOME_FAILED
-                message = f"Container agent failed with exit code {code} matching FailJob rule"
-                return self._finish(outcome, REASON_FAILURE_POLICY, message)
+            if self._finished_by_exit(code):
+                return
 
             state.failures += 1
             if state.failures > limits.retries:
@@ -181,6 +173,21 @@ class TaskSupervisor:
             )
             log.info("task %s: attempt %d exited %s, retrying in %.1fs", state.task_id, state.attempts, code, delay)
             await sleep_unless(policy.clock, self.interrupt, min(delay, max(self._deadline_left(), 0)))
+
+    def _finished_by_exit(self, code: int) -> bool:
+        """Finish the task if the agent's exit code ends it (success, or a FailJob code), as the Job would."""
+        if code == contract.EXIT_DONE:
+            # The agent stops itself at a budget or its own deadline with exit 0 too.
+            outcome = self.policy.folders.read_result(self.state.task_id).get("outcome")
+            if outcome not in (contract.OUTCOME_DONE, contract.OUTCOME_BUDGET, contract.OUTCOME_DEADLINE):
+                outcome = contract.OUTCOME_DONE
+            self._finish(outcome, REASON_COMPLETE, "Reached expected number of succeeded pods")
+            return True
+        if code in contract.NO_RETRY_EXIT_CODES:
+            outcome = contract.OUTCOME_CANCELLED if code == contract.EXIT_CANCELLED else contract.OUTCOME_FAILED
+            self._finish(outcome, REASON_FAILURE_POLICY, f"Container agent failed with exit code {code} matching FailJob rule")
+            return True
+        return False
 
     async def _one_attempt(self) -> tuple[int, str | None]:
         """Run restore, then the agent. Returns (exit code, what stopped it early if anything)."""

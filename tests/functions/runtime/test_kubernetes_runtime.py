@@ -9,7 +9,7 @@ import asyncio
 import json
 
 import pytest
-from conftest_kube import api_client_for, kube, kube_client  # noqa: F401
+from conftest_kube import api_client_for
 from kube_emulator import JOBS, PVCS, job_condition, parse_selector, selector_matches
 
 from agent import contract
