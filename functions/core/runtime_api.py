@@ -14,8 +14,9 @@ from functions.core.task import Task
 
 class Runtime(Protocol):
     async def launch(self, task: Task) -> bool:
-        """Start the task. Returns True if this call created it, False if it already existed
-        with the same spec. Raises LaunchConflict for the same id with another spec."""
+        """Start the task. Returns True if this call completed its launch, False if it already existed
+        with the same spec (of concurrent deliveries exactly one answers True). Raises LaunchConflict
+        for the same id with another spec."""
 
     async def cancel(self, task_id: str) -> None:
         """Stop the task's agent and its job. Raises TaskNotFound."""

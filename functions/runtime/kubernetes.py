@@ -78,7 +78,9 @@ class KubernetesRuntime:
     # --- the Runtime protocol ------------------------------------------------
 
     async def launch(self, task: Task) -> bool:
-        """True if this call created the Job or completed a half-done launch (created the PVC)."""
+        """True if this call completed the launch: it created the workspace PVC, the last step (of a Job it
+        created, or of an existing one whose launch was cut short). Of concurrent deliveries exactly one
+        creates the PVC, so exactly one answers True."""
         ns, name = self.settings.namespace, contract.job_name(task.task_id)
         try:
             job = await self._call(
@@ -97,7 +99,7 @@ class KubernetesRuntime:
                 ns, pvc, field_validation="Strict", expect=(409,),
             )  # fmt: skip
         except _Answer:
-            return created  # the PVC is there: created by an earlier delivery
+            return False  # the PVC is there: an earlier or a concurrent delivery completed the launch
         if created:
             log.info("launched task %s: Job %s/%s (uid %s) and its workspace", task.task_id, ns, name, uid)
         else:
