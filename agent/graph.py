@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Annotated, Callable, Protocol, TypedDict
 
@@ -176,107 +177,131 @@ def _truncate(value: object, limit: int = 500) -> object:
 
 
 def build_graph(deps: Deps, checkpointer=None):
-    def ask_model(phase: str, prompt: str, messages: list[BaseMessage], tools: list[dict], turn: int) -> AIMessage:
-        if deps.waiting is None:
-            return deps.model.invoke(phase, [SystemMessage(content=prompt), *messages], tools, turn)
-        with deps.waiting(600):
-            return deps.model.invoke(phase, [SystemMessage(content=prompt), *messages], tools, turn)
-
-    def strategic(state: AgentState) -> AgentState:
-        news = deps.inbox.read_from(state["inbox_seen"])
-        added: list[BaseMessage] = [HumanMessage(content=f"Message from a human: {text}") for text in news]
-        update: AgentState = {"inbox_seen": state["inbox_seen"] + len(news)}
-        if state["strategic_rounds"] >= deps.budgets.max_strategic_rounds:
-            summary = f"stopped: the budget of {deps.budgets.max_strategic_rounds} strategic rounds is spent"
-            return {**update, "strategic": added, "outcome": contract.OUTCOME_BUDGET, "summary": summary}
-
-        history = [*state["strategic"], *added]
-        reply = ask_model(contract.PHASE_STRATEGIC, STRATEGIC_PROMPT, history, CONTROL_TOOLS, state["model_turns"])
-        added.append(reply)
-        update.update(model_turns=state["model_turns"] + 1, strategic_rounds=state["strategic_rounds"] + 1)
-        control = next((c for c in reply.tool_calls if c["name"] in ("plan", "finish")), None)
-        for call in reply.tool_calls:
-            answer = "ok" if call is control else "ignored: call exactly one of plan or finish"
-            added.append(ToolMessage(content=answer, tool_call_id=call["id"]))
-        if control is None:
-            added.append(HumanMessage(content="Call plan(todos, objective) or finish(summary)."))
-            return {**update, "strategic": added}
-        args = control["args"] or {}
-        if control["name"] == "finish":
-            return {**update, "strategic": added, "outcome": contract.OUTCOME_DONE, "summary": str(args.get("summary", ""))}
-        todos = [str(t) for t in args.get("todos") or []]
-        objective = str(args.get("objective") or (todos[0] if todos else ""))
-        if todos != state["todos"]:
-            deps.reporter.event(contract.EV_TODO, todos=todos)
-        deps.reporter.event(contract.EV_PHASE, phase=contract.PHASE_TACTICAL, objective=objective)
-        return {
-            **update,
-            "strategic": added,
-            "todos": todos,
-            "objective": objective,
-            "phase": contract.PHASE_TACTICAL,
-            "tactical": {"reset": [HumanMessage(content=f"Objective: {objective}\nTodo list: {json.dumps(todos)}")]},
-            "tactical_calls": 0,
-        }
-
-    def tactical(state: AgentState) -> AgentState:
-        reply = ask_model(contract.PHASE_TACTICAL, TACTICAL_PROMPT, state["tactical"], deps.tools.schemas(), state["model_turns"])
-        update: AgentState = {"tactical": [reply], "model_turns": state["model_turns"] + 1}
-        if reply.tool_calls:
-            return update
-        return {**update, **_report(state, str(reply.content) or "(no report)")}
-
-    def act(state: AgentState) -> AgentState:
-        call = _next_pending_call(state["tactical"])
-        deps.reporter.event(contract.EV_TOOL, name=call["name"], args=_truncate(call["args"]), call_id=call["id"], stage="start")
-        started = time.monotonic()
-        result = deps.tools.call(call["name"], call["args"] or {})
-        deps.reporter.event(
-            contract.EV_TOOL,
-            name=call["name"],
-            call_id=call["id"],
-            stage="end",
-            ok=result.ok,
-            result=_truncate(result.output, 2000),
-            seconds=round(time.monotonic() - started, 3),
-        )
-        answer = ToolMessage(content=result.output, tool_call_id=call["id"], status="success" if result.ok else "error")
-        calls = state["tactical_calls"] + 1
-        update: AgentState = {"tactical": [answer], "tactical_calls": calls, "tool_calls": state["tool_calls"] + 1}
-        if calls >= deps.budgets.max_tool_calls:
-            report = f"stopped: the budget of {deps.budgets.max_tool_calls} tool calls for this objective is spent"
-            return {**update, **_report(state, report)}
-        return update
-
-    def _report(state: AgentState, text: str) -> AgentState:
-        deps.reporter.event(contract.EV_PHASE, phase=contract.PHASE_STRATEGIC, report=_truncate(text))
-        return {
-            "phase": contract.PHASE_STRATEGIC,
-            "strategic": [HumanMessage(content=f"Report from the tactical phase: {text}")],
-        }
-
-    def after_strategic(state: AgentState) -> str:
-        if state.get("outcome"):
-            return END
-        return "tactical" if state["phase"] == contract.PHASE_TACTICAL else "strategic"
-
-    def after_tactical(state: AgentState) -> str:
-        return "act" if state["phase"] == contract.PHASE_TACTICAL else "strategic"
-
-    def after_act(state: AgentState) -> str:
-        if state["phase"] == contract.PHASE_STRATEGIC:
-            return "strategic"
-        return "act" if _next_pending_call(state["tactical"]) else "tactical"
-
+    """The whole state machine: three nodes bound to `deps`, and the routes between them."""
     graph = StateGraph(AgentState)
-    graph.add_node("strategic", strategic)
-    graph.add_node("tactical", tactical)
-    graph.add_node("act", act)
+    graph.add_node("strategic", partial(_strategic, deps))
+    graph.add_node("tactical", partial(_tactical, deps))
+    graph.add_node("act", partial(_act, deps))
     graph.add_edge(START, "strategic")
-    graph.add_conditional_edges("strategic", after_strategic, ["strategic", "tactical", END])
-    graph.add_conditional_edges("tactical", after_tactical, ["act", "strategic"])
-    graph.add_conditional_edges("act", after_act, ["act", "tactical", "strategic"])
+    graph.add_conditional_edges("strategic", _after_strategic, ["strategic", "tactical", END])
+    graph.add_conditional_edges("tactical", _after_tactical, ["act", "strategic"])
+    graph.add_conditional_edges("act", _after_act, ["act", "tactical", "strategic"])
     return graph.compile(checkpointer=checkpointer)
+
+
+# --- nodes ---------------------------------------------------------------------
+def _strategic(deps: Deps, state: AgentState) -> AgentState:
+    """One strategic round: take new human messages, then plan the next objective or finish."""
+    news = deps.inbox.read_from(state["inbox_seen"])
+    added: list[BaseMessage] = [HumanMessage(content=f"Message from a human: {text}") for text in news]
+    update: AgentState = {"inbox_seen": state["inbox_seen"] + len(news)}
+    if state["strategic_rounds"] >= deps.budgets.max_strategic_rounds:
+        summary = f"stopped: the budget of {deps.budgets.max_strategic_rounds} strategic rounds is spent"
+        return {**update, "strategic": added, "outcome": contract.OUTCOME_BUDGET, "summary": summary}
+
+    history = [*state["strategic"], *added]
+    reply = _ask_model(deps, contract.PHASE_STRATEGIC, STRATEGIC_PROMPT, history, CONTROL_TOOLS, state["model_turns"])
+    added.append(reply)
+    update.update(model_turns=state["model_turns"] + 1, strategic_rounds=state["strategic_rounds"] + 1)
+    control = _control_call(reply)
+    for call in reply.tool_calls:  # every call needs an answer before the next model turn
+        answer = "ok" if call is control else "ignored: call exactly one of plan or finish"
+        added.append(ToolMessage(content=answer, tool_call_id=call["id"]))
+    if control is None:
+        added.append(HumanMessage(content="Call plan(todos, objective) or finish(summary)."))
+        return {**update, "strategic": added}
+    args = control["args"] or {}
+    if control["name"] == "finish":
+        return {**update, "strategic": added, "outcome": contract.OUTCOME_DONE, "summary": str(args.get("summary", ""))}
+    return {**update, "strategic": added, **_plan(deps, state, args)}
+
+
+def _control_call(reply: AIMessage) -> dict | None:
+    """The first plan or finish call of a strategic reply; any other call is ignored."""
+    return next((c for c in reply.tool_calls if c["name"] in ("plan", "finish")), None)
+
+
+def _plan(deps: Deps, state: AgentState, args: dict) -> AgentState:
+    """Hand the next objective to a fresh tactical phase; the todo list is reported only when it changed."""
+    todos = [str(t) for t in args.get("todos") or []]
+    objective = str(args.get("objective") or (todos[0] if todos else ""))
+    if todos != state["todos"]:
+        deps.reporter.event(contract.EV_TODO, todos=todos)
+    deps.reporter.event(contract.EV_PHASE, phase=contract.PHASE_TACTICAL, objective=objective)
+    return {
+        "todos": todos,
+        "objective": objective,
+        "phase": contract.PHASE_TACTICAL,
+        "tactical": {"reset": [HumanMessage(content=f"Objective: {objective}\nTodo list: {json.dumps(todos)}")]},
+        "tactical_calls": 0,
+    }
+
+
+def _tactical(deps: Deps, state: AgentState) -> AgentState:
+    """One tactical model turn; an answer without a tool call is the report back to STRATEGIC."""
+    reply = _ask_model(deps, contract.PHASE_TACTICAL, TACTICAL_PROMPT, state["tactical"], deps.tools.schemas(), state["model_turns"])
+    update: AgentState = {"tactical": [reply], "model_turns": state["model_turns"] + 1}
+    if reply.tool_calls:
+        return update
+    return {**update, **_report(deps, str(reply.content) or "(no report)")}
+
+
+def _act(deps: Deps, state: AgentState) -> AgentState:
+    """Run exactly one pending tool call (the invariant that makes a crash repeat at most this call)."""
+    call = _next_pending_call(state["tactical"])
+    deps.reporter.event(contract.EV_TOOL, name=call["name"], args=_truncate(call["args"]), call_id=call["id"], stage="start")
+    started = time.monotonic()
+    result = deps.tools.call(call["name"], call["args"] or {})
+    deps.reporter.event(
+        contract.EV_TOOL,
+        name=call["name"],
+        call_id=call["id"],
+        stage="end",
+        ok=result.ok,
+        result=_truncate(result.output, 2000),
+        seconds=round(time.monotonic() - started, 3),
+    )
+    answer = ToolMessage(content=result.output, tool_call_id=call["id"], status="success" if result.ok else "error")
+    calls = state["tactical_calls"] + 1
+    update: AgentState = {"tactical": [answer], "tactical_calls": calls, "tool_calls": state["tool_calls"] + 1}
+    if calls >= deps.budgets.max_tool_calls:
+        report = f"stopped: the budget of {deps.budgets.max_tool_calls} tool calls for this objective is spent"
+        return {**update, **_report(deps, report)}
+    return update
+
+
+def _ask_model(deps: Deps, phase: str, prompt: str, messages: list[BaseMessage], tools: list[dict], turn: int) -> AIMessage:
+    """A model turn; inside `deps.waiting` (when given) so a long call keeps the heartbeat alive."""
+    if deps.waiting is None:
+        return deps.model.invoke(phase, [SystemMessage(content=prompt), *messages], tools, turn)
+    with deps.waiting(600):
+        return deps.model.invoke(phase, [SystemMessage(content=prompt), *messages], tools, turn)
+
+
+def _report(deps: Deps, text: str) -> AgentState:
+    """Back to STRATEGIC with the tactical phase's report as a user message."""
+    deps.reporter.event(contract.EV_PHASE, phase=contract.PHASE_STRATEGIC, report=_truncate(text))
+    return {
+        "phase": contract.PHASE_STRATEGIC,
+        "strategic": [HumanMessage(content=f"Report from the tactical phase: {text}")],
+    }
+
+
+# --- routes --------------------------------------------------------------------
+def _after_strategic(state: AgentState) -> str:
+    if state.get("outcome"):
+        return END
+    return "tactical" if state["phase"] == contract.PHASE_TACTICAL else "strategic"
+
+
+def _after_tactical(state: AgentState) -> str:
+    return "act" if state["phase"] == contract.PHASE_TACTICAL else "strategic"
+
+
+def _after_act(state: AgentState) -> str:
+    if state["phase"] == contract.PHASE_STRATEGIC:
+        return "strategic"
+    return "act" if _next_pending_call(state["tactical"]) else "tactical"
 
 
 def _next_pending_call(messages: list[BaseMessage]) -> dict | None:

@@ -92,7 +92,7 @@ class Redactor:
         if path is not None:
             root = Path(path)
             if root.is_dir():
-                for dirpath, dirnames, filenames in os.walk(root, onerror=lambda e: None):
+                for dirpath, _dirnames, filenames in os.walk(root, onerror=lambda e: None):
                     # Kubernetes secret volumes hold ..data symlinks and timestamped dirs;
                     # walking them is harmless (duplicates collapse in a set).
                     for name in filenames:

@@ -21,6 +21,8 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Generator
+from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -120,6 +122,16 @@ def clone_repo(repo: dict, workspace: Path, env: dict) -> None:
     os.replace(staging, target)
 
 
+def _load_model(spec: str, secrets_dir: Path):
+    """The model for `spec`; a configuration that cannot work is fatal (no retry)."""
+    from agent.models import ModelConfigError, load_model
+
+    try:
+        return load_model(spec, secrets_dir=secrets_dir)
+    except ModelConfigError as exc:
+        raise FatalError(str(exc)) from None
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     try:
@@ -198,10 +210,9 @@ class Run:
 
     # --- the run ---------------------------------------------------------------
     def execute(self) -> int:
-        from agent.checkpoint import open_saver, prune
+        from agent.checkpoint import open_saver
         from agent.graph import Budgets, Deps, Inbox, build_graph, initial_state
         from agent.heartbeat import Heartbeat
-        from agent.models import ModelConfigError, load_model
         from agent.tools import WorkTools
 
         args = self.args
@@ -210,11 +221,7 @@ class Run:
         deadline_seconds = int(args.deadline_seconds or (task.get("limits") or {}).get("deadline_seconds") or 3600)
         home = Path(args.home)
         home.mkdir(parents=True, exist_ok=True)
-        secrets = Path(args.secrets_dir)
-        try:
-            model = load_model(model_spec, secrets_dir=secrets)
-        except ModelConfigError as exc:
-            raise FatalError(str(exc)) from None
+        model = _load_model(model_spec, Path(args.secrets_dir))
 
         proxy_env = {k: v for k, v in os.environ.items() if k.lower() in ("http_proxy", "https_proxy", "no_proxy")}
         tools = WorkTools(self.workspace, home, proxy_env=proxy_env)
@@ -241,47 +248,74 @@ class Run:
         signal.signal(signal.SIGINT, self._on_sigterm)
 
         if resumed:
-            values = snapshot.values
-            self.control.phase, self.control.todos = values.get("phase", self.control.phase), tuple(values.get("todos", ()))
-            log.info("resuming task %s from its checkpoint (%d model turns, %d tool calls done)", self.task_id, values.get("model_turns", 0), values.get("tool_calls", 0))
-            self.telemetry.event(contract.EV_STATUS, state=contract.STATE_RESUMED, phase=self.control.phase, model_turns=values.get("model_turns", 0), tool_calls=values.get("tool_calls", 0))
+            self._announce_resume(snapshot.values)
         else:
-            repo = task.get("repo")
-            if repo:
-                self._clone(repo, tools)
-            log.info("starting task %s with model %s", self.task_id, model_spec)
-            self.telemetry.event(contract.EV_STATUS, state=contract.STATE_STARTED, model=model_spec)
-            self.telemetry.event(contract.EV_PHASE, phase=contract.PHASE_STRATEGIC)
+            self._announce_start(task, model_spec, tools)
 
         stream_input = None if resumed else initial_state(task["prompt"])
-        outcome: str | None = None
-        try:
-            for update in graph.stream(stream_input, config, durability="sync", stream_mode="updates"):
-                heartbeat.beat()
-                self.control.step += 1
-                for node_update in update.values():
-                    if isinstance(node_update, dict):
-                        self.control.phase = node_update.get("phase", self.control.phase)
-                        self.control.todos = tuple(node_update.get("todos", self.control.todos))
-                if self.control.step % PRUNE_EVERY_STEPS == 0:
-                    prune(saver, self.task_id, keep=args.keep_checkpoints)
-                if self.control.stop_reason:
-                    break
-                if time.time() - started_at > deadline_seconds:
-                    outcome = contract.OUTCOME_DEADLINE
-                    break
-        except ModelConfigError as exc:
-            raise FatalError(str(exc)) from None
-        finally:
-            heartbeat.stop()
+        updates = graph.stream(stream_input, config, durability="sync", stream_mode="updates")
+        outcome = self._drive(updates, heartbeat, saver, started_at, deadline_seconds)
 
         if self.control.stop_reason == "sigterm":
             log.info("stopped by SIGTERM after step %d; the next start resumes from the checkpoint", self.control.step)
             self.telemetry.event(contract.EV_STATUS, state=contract.STATE_INTERRUPTED, reason="SIGTERM")
             return contract.EXIT_INTERRUPTED
+        return self._finish(graph.get_state(config).values, saver, outcome, deadline_seconds)
 
-        values = graph.get_state(config).values
-        prune(saver, self.task_id, keep=args.keep_checkpoints)
+    def _announce_resume(self, values: dict) -> None:
+        """Take phase and todos from the checkpoint, so status commands answer right before the first step."""
+        self.control.phase, self.control.todos = values.get("phase", self.control.phase), tuple(values.get("todos", ()))
+        log.info("resuming task %s from its checkpoint (%d model turns, %d tool calls done)", self.task_id, values.get("model_turns", 0), values.get("tool_calls", 0))
+        self.telemetry.event(contract.EV_STATUS, state=contract.STATE_RESUMED, phase=self.control.phase, model_turns=values.get("model_turns", 0), tool_calls=values.get("tool_calls", 0))
+
+    def _announce_start(self, task: dict, model_spec: str, tools) -> None:
+        """A fresh start: clone the task's repository (if any) before the first phase is announced."""
+        repo = task.get("repo")
+        if repo:
+            self._clone(repo, tools)
+        log.info("starting task %s with model %s", self.task_id, model_spec)
+        self.telemetry.event(contract.EV_STATUS, state=contract.STATE_STARTED, model=model_spec)
+        self.telemetry.event(contract.EV_PHASE, phase=contract.PHASE_STRATEGIC)
+
+    def _drive(self, updates: Generator[dict, None, None], heartbeat, saver, started_at: float, deadline_seconds: int) -> str | None:
+        """Run the graph step by step; stop between steps on a stop request or at the deadline.
+
+        Returns OUTCOME_DEADLINE when the deadline stopped it, else None (the
+        outcome is then in the state, or in `control.stop_reason`).
+        """
+        from agent.checkpoint import prune
+        from agent.models import ModelConfigError
+
+        try:
+            with closing(updates):  # a stop ends the stream here, before the heartbeat stops
+                for update in updates:
+                    heartbeat.beat()
+                    self.control.step += 1
+                    self._track(update)
+                    if self.control.step % PRUNE_EVERY_STEPS == 0:
+                        prune(saver, self.task_id, keep=self.args.keep_checkpoints)
+                    if self.control.stop_reason:
+                        return None
+                    if time.time() - started_at > deadline_seconds:
+                        return contract.OUTCOME_DEADLINE
+        except ModelConfigError as exc:
+            raise FatalError(str(exc)) from None
+        finally:
+            heartbeat.stop()
+        return None
+
+    def _track(self, update: dict) -> None:
+        """Mirror a step's phase and todos into `control`, for status commands from the telemetry thread."""
+        for node_update in update.values():
+            if isinstance(node_update, dict):
+                self.control.phase = node_update.get("phase", self.control.phase)
+                self.control.todos = tuple(node_update.get("todos", self.control.todos))
+
+    def _finish(self, values: dict, saver, outcome: str | None, deadline_seconds: int) -> int:
+        """Write the result file and report it; the exit code follows from the outcome."""
+        from agent.checkpoint import prune
+
+        prune(saver, self.task_id, keep=self.args.keep_checkpoints)
         if self.control.stop_reason == "cancel":
             outcome, summary = contract.OUTCOME_CANCELLED, "cancelled by command"
         elif outcome == contract.OUTCOME_DEADLINE:

@@ -227,8 +227,17 @@ class WorkTools:
             raise ToolError("read_file: argument 'path' must not be empty")
         target = self.ws.resolve(path)
         shown = self.ws.display(target)
+        fd = self._open_for_read(path, target, shown)
         try:
-            fd = os.open(target, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+            data = self._read_regular(fd, shown)
+        finally:
+            os.close(fd)
+        return ToolResult(True, self._as_text(data, shown))
+
+    def _open_for_read(self, path: str, target: Path, shown: str) -> int:
+        """Open without following a final symlink (swapped in after `resolve`) and without blocking on a FIFO."""
+        try:
+            return os.open(target, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
         except FileNotFoundError:
             raise ToolError(f"file not found: {shown}") from None
         except IsADirectoryError:
@@ -237,36 +246,41 @@ class WorkTools:
             if exc.errno == errno.ELOOP:
                 raise self.ws.outside(path) from None
             raise ToolError(f"cannot open {shown}: {exc.strerror or exc}") from None
-        try:
-            st = os.fstat(fd)
-            if stat.S_ISDIR(st.st_mode):
-                raise ToolError(f"{shown} is a directory: use list_dir")
-            if not stat.S_ISREG(st.st_mode):
-                raise ToolError(f"{shown} is not a regular file")
-            if st.st_size > self.read_cap:
-                raise ToolError(
-                    f"{shown} is {st.st_size} bytes, over the {self.read_cap}-byte read limit: "
-                    f"use execute with head, tail, sed -n or grep to read parts of it"
-                )
-            chunks = []
-            remaining = self.read_cap + 1
-            while remaining > 0:
-                chunk = os.read(fd, min(remaining, 1 << 20))
-                if not chunk:
-                    break
-                chunks.append(chunk)
-                remaining -= len(chunk)
-            data = b"".join(chunks)
-        finally:
-            os.close(fd)
+
+    def _read_regular(self, fd: int, shown: str) -> bytes:
+        """The content of a regular file, refused when over `read_cap` (checked on the open file, not the path)."""
+        st = os.fstat(fd)
+        if stat.S_ISDIR(st.st_mode):
+            raise ToolError(f"{shown} is a directory: use list_dir")
+        if not stat.S_ISREG(st.st_mode):
+            raise ToolError(f"{shown} is not a regular file")
+        if st.st_size > self.read_cap:
+            raise ToolError(
+                f"{shown} is {st.st_size} bytes, over the {self.read_cap}-byte read limit: "
+                f"use execute with head, tail, sed -n or grep to read parts of it"
+            )
+        chunks = []
+        remaining = self.read_cap + 1  # one byte more: a file that grew past the cap is noticed
+        while remaining > 0:
+            chunk = os.read(fd, min(remaining, 1 << 20))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            remaining -= len(chunk)
+        data = b"".join(chunks)
         if len(data) > self.read_cap:
             raise ToolError(f"{shown} is over the {self.read_cap}-byte read limit: use execute with head/sed/grep")
+        return data
+
+    @staticmethod
+    def _as_text(data: bytes, shown: str) -> str:
+        """UTF-8 text, or a message pointing the model to tools for binary and other encodings."""
         if b"\x00" in data:
             raise ToolError(
                 f"{shown} is a binary file ({len(data)} bytes) and is not shown: use execute (file, xxd, od) to inspect it"
             )
         try:
-            return ToolResult(True, data.decode("utf-8"))
+            return data.decode("utf-8")
         except UnicodeDecodeError as exc:
             raise ToolError(
                 f"{shown} is not valid UTF-8 text (bad byte at offset {exc.start}): "

@@ -366,65 +366,96 @@ class Telemetry:
 
     async def _session(self, nc) -> bool | None:
         """Publish on one connection. True: closing and done. False: the connection was lost. None: setup failed."""
-        publisher = self._publisher
-        try:
-            await publisher.attach(nc)
-            await self._commands.attach(nc)
-        except Exception as exc:
-            self.last_error = f"session setup: {type(exc).__name__}: {exc}"
-            publisher.detach()
-            self._commands.detach()
-            await self._close_nc(nc, CLOSE_TIMEOUT)
+        if not await self._attach(nc):
             return None
         if self._ever_connected:
             self.reconnects += 1
         self._connected = True
         self._ever_connected = True
         try:
-            while True:
-                if nc.is_closed:
-                    self.last_error = f"connection lost: {nc.last_error!r}"
-                    return False
-                now = time.monotonic()
-                if publisher.resend_at is not None and now >= publisher.resend_at:
-                    await publisher.resend()  # first: it restarts the ack clock of what it sends
-                    continue
-                oldest = publisher.oldest_sent_at()
-                if oldest is not None and now - oldest > self.ack_timeout:
-                    self.last_error = "ack timeout"
-                    return False  # reconnect; everything unacked is resent in order
-                await self._send_queued(nc)
-                if nc.is_closed:
-                    continue
-                if self._closing:
-                    if not self._q and not publisher.inflight:
-                        return True
-                    if time.monotonic() >= self._close_deadline:
-                        self._spill_to_stdout()
-                        return True
-                if publisher.resend_at is not None:
-                    await self._wait(min(_TICK, max(0.0, publisher.resend_at - time.monotonic())))
-                elif publisher.inflight and (publisher.room <= 0 if self._q else self._closing):
-                    publisher.wake_on_ack = True  # the window is full, or closing waits for the last acks
-                    await self._wait(_TICK)
-                    publisher.wake_on_ack = False
-                elif not self._q:
-                    self._idle = True
-                    if not self._q:  # else a record slipped in between the check and the flag
-                        await self._wait(_TICK)
-                    self._idle = False
-                else:
-                    await asyncio.sleep(0)  # let acks and commands in between batches
+            return await self._publish_loop(nc)
         except Exception as exc:
             self.last_error = f"session: {type(exc).__name__}: {exc}"
             return False
         finally:
-            self._connected = False
-            self._down_since = time.monotonic()
-            publisher.detach()
+            await self._end_session(nc)
+
+    async def _attach(self, nc) -> bool:
+        """Attach the publisher (it schedules the resend of what is unacked) and the command server; on failure close `nc`."""
+        try:
+            await self._publisher.attach(nc)
+            await self._commands.attach(nc)
+        except Exception as exc:
+            self.last_error = f"session setup: {type(exc).__name__}: {exc}"
+            self._publisher.detach()
             self._commands.detach()
-            remaining = self._close_deadline - time.monotonic() if self._closing else CLOSE_TIMEOUT
-            await self._close_nc(nc, max(0.1, min(CLOSE_TIMEOUT, remaining)))
+            await self._close_nc(nc, CLOSE_TIMEOUT)
+            return False
+        return True
+
+    async def _publish_loop(self, nc) -> bool:
+        """Send in order until closing is done (True) or the connection is lost or stalls (False).
+
+        Resends come before new records, so the stream sees one order; what is
+        unacked when this returns False stays with the publisher for the next
+        connection.
+        """
+        publisher = self._publisher
+        while True:
+            if nc.is_closed:
+                self.last_error = f"connection lost: {nc.last_error!r}"
+                return False
+            now = time.monotonic()
+            if publisher.resend_at is not None and now >= publisher.resend_at:
+                await publisher.resend()  # first: it restarts the ack clock of what it sends
+                continue
+            oldest = publisher.oldest_sent_at()
+            if oldest is not None and now - oldest > self.ack_timeout:
+                self.last_error = "ack timeout"
+                return False  # reconnect; everything unacked is resent in order
+            await self._send_queued(nc)
+            if nc.is_closed:
+                continue
+            if self._close_complete():
+                return True
+            await self._wait_for_work()
+
+    def _close_complete(self) -> bool:
+        """While closing: True once everything is acked, or at the close deadline after the rest went to stdout."""
+        if not self._closing:
+            return False
+        if not self._q and not self._publisher.inflight:
+            return True
+        if time.monotonic() >= self._close_deadline:
+            self._spill_to_stdout()
+            return True
+        return False
+
+    async def _wait_for_work(self) -> None:
+        """Sleep until the next resend, an ack that frees the window (or, closing, the last acks), or a new record."""
+        publisher = self._publisher
+        if publisher.resend_at is not None:
+            await self._wait(min(_TICK, max(0.0, publisher.resend_at - time.monotonic())))
+        elif publisher.inflight and (publisher.room <= 0 if self._q else self._closing):
+            publisher.wake_on_ack = True  # the window is full, or closing waits for the last acks
+            await self._wait(_TICK)
+            publisher.wake_on_ack = False
+        elif not self._q:
+            self._idle = True
+            if not self._q:  # else a record slipped in between the check and the flag
+                await self._wait(_TICK)
+            self._idle = False
+        else:
+            await asyncio.sleep(0)  # let acks and commands in between batches
+
+    async def _end_session(self, nc) -> None:
+        """Mark the connection down (the hold time starts now), detach, and close `nc` within the close deadline."""
+        self._connected = False
+        self._down_since = time.monotonic()
+        self._publisher.detach()
+        self._commands.detach()
+        remaining = self._close_deadline - time.monotonic() if self._closing else CLOSE_TIMEOUT
+        await self._close_nc(nc, max(0.1, min(CLOSE_TIMEOUT, remaining)))
 
     async def _send_queued(self, nc) -> None:
         """Encode and publish queued records while the window has room (one batch at most)."""
