@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
 import httpx
@@ -111,6 +112,56 @@ def _retry_after(value: str | None) -> float:
         return 1.0
 
 
+@asynccontextmanager
+async def _http_client(client: httpx.AsyncClient | None, read_timeout: float) -> AsyncIterator[httpx.AsyncClient]:
+    """The caller's client, left open; or one of our own, closed when following ends."""
+    if client is not None:
+        yield client
+        return
+    own = httpx.AsyncClient(timeout=httpx.Timeout(10.0, read=read_timeout))
+    try:
+        yield own
+    finally:
+        await own.aclose()
+
+
+def _request_headers(headers: dict[str, str] | None, last_id: int | None) -> dict[str, str]:
+    """The caller's headers, plus Last-Event-ID once an id was yielded: the server resumes right after it."""
+    request_headers = {"Accept": "text/event-stream", **(headers or {})}
+    if last_id is not None:
+        request_headers["Last-Event-ID"] = str(last_id)
+    return request_headers
+
+
+async def _check_status(response: httpx.Response) -> None:
+    """Raise unless the stream is on: SSEError for a 4xx but 429 (reconnecting cannot help), HTTPStatusError otherwise (retried)."""
+    status = response.status_code
+    if 400 <= status < 500 and status != 429:
+        body = await response.aread()
+        try:
+            detail = json.loads(body)
+        except ValueError:
+            detail = body.decode(errors="replace")
+        raise SSEError(status, detail)
+    if status != 200:
+        raise httpx.HTTPStatusError(f"HTTP {status}", request=response.request, response=response)
+
+
+def _wait_asked(exc: Exception) -> float:
+    """The least wait a failed attempt asks for: a 429's Retry-After; none for other failures."""
+    if isinstance(exc, httpx.HTTPStatusError) and exc.response.status_code == 429:
+        return _retry_after(exc.response.headers.get("retry-after"))
+    return 0.0
+
+
+def _delay(failures: int, backoff: float, max_backoff: float, retry_ms: int | None, at_least: float) -> float:
+    """The wait before the next attempt: exponential backoff, but no less than the server asked for."""
+    delay = min(max_backoff, backoff * (2 ** max(failures - 1, 0)))
+    if retry_ms is not None:  # the server asked for at least this much (`retry:`)
+        delay = max(delay, retry_ms / 1000)
+    return max(delay, at_least)
+
+
 async def follow(
     url: str,
     after: int | None = None,
@@ -122,6 +173,7 @@ async def follow(
     read_timeout: float = 60.0,
     headers: dict[str, str] | None = None,
     client: httpx.AsyncClient | None = None,
+    sleep: Callable[[float], Awaitable[object]] = asyncio.sleep,
 ) -> AsyncIterator[SSEMessage]:
     """Yield the messages of the SSE stream at `url`, starting after sequence `after`.
 
@@ -131,37 +183,18 @@ async def follow(
     its Retry-After; 5xx and connection errors are retried with exponential backoff. With
     `reconnect=False` the generator ends when the connection ends. `read_timeout`
     should exceed the server's heartbeat interval: silence longer than that counts
-    as a dropped connection.
+    as a dropped connection. `sleep` waits between attempts (tests record the waits).
     """
-    own_client = client is None
-    if own_client:
-        client = httpx.AsyncClient(timeout=httpx.Timeout(10.0, read=read_timeout))
     last_id = after
     failures = 0
-    try:
+    async with _http_client(client, read_timeout) as http:
         while True:
-            request_headers = {"Accept": "text/event-stream", **(headers or {})}
-            if last_id is not None:
-                request_headers["Last-Event-ID"] = str(last_id)
             progressed = False
             parser = SSEParser()
             wait_at_least = 0.0
             try:
-                async with client.stream("GET", url, headers=request_headers) as response:
-                    if response.status_code == 429:
-                        wait_at_least = _retry_after(response.headers.get("retry-after"))
-                        raise httpx.HTTPStatusError("HTTP 429", request=response.request, response=response)
-                    if 400 <= response.status_code < 500:
-                        body = await response.aread()
-                        try:
-                            detail = json.loads(body)
-                        except ValueError:
-                            detail = body.decode(errors="replace")
-                        raise SSEError(response.status_code, detail)
-                    if response.status_code != 200:
-                        raise httpx.HTTPStatusError(
-                            f"HTTP {response.status_code}", request=response.request, response=response
-                        )
+                async with http.stream("GET", url, headers=_request_headers(headers, last_id)) as response:
+                    await _check_status(response)
                     async for chunk in response.aiter_bytes():
                         for message in parser.feed(chunk):
                             if message.id is not None:
@@ -172,18 +205,11 @@ async def follow(
                             yield message
                             if message.event == END_EVENT:
                                 return
-            except (httpx.TransportError, httpx.HTTPStatusError):
-                pass
+            except (httpx.TransportError, httpx.HTTPStatusError) as exc:
+                wait_at_least = _wait_asked(exc)
             if not reconnect:
                 return
             failures = 0 if progressed else failures + 1
             if max_retries is not None and failures > max_retries:
                 raise ConnectionError(f"gave up on {url} after {max_retries} retries without progress")
-            delay = min(max_backoff, backoff * (2 ** max(failures - 1, 0)))
-            if parser.retry_ms is not None:  # the server asked for at least this much
-                delay = max(delay, parser.retry_ms / 1000)
-            delay = max(delay, wait_at_least)
-            await asyncio.sleep(delay)
-    finally:
-        if own_client:
-            await client.aclose()
+            await sleep(_delay(failures, backoff, max_backoff, parser.retry_ms, wait_at_least))

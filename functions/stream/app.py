@@ -109,6 +109,31 @@ def resume_after(request: Request) -> int | None:
     return None
 
 
+async def last_event_of(connection, task_id: str):
+    """The task's last status event, or None; a 404 if nothing was published for the task and it is not registered.
+
+    An unknown task gets an answer at once, not a stream that waits for nothing.
+    """
+    last_event = await last_message(connection.js, contract.subject_events(task_id))
+    if (
+        last_event is None
+        and await last_message(connection.js, contract.subject_logs(task_id)) is None
+        and await connection.registry.get(task_id) is None
+    ):
+        raise BadInput(f"no task {task_id!r}: nothing was published for it and it is not registered", "task_id", 404)
+    return last_event
+
+
+def terminal_seq(last_event) -> int | None:
+    """The sequence of the task's last status event if it is terminal: a client resuming at or after it gets `end` at once."""
+    if last_event is None:
+        return None
+    try:
+        return last_event.seq if is_terminal(json.loads(last_event.data or b"")) else None
+    except ValueError:
+        return None
+
+
 def cors_middleware(settings: Settings) -> list:
     """CORS for `cors_origins` (none by default: same origin only); EventSource resumes with Last-Event-ID."""
     if not settings.cors_origins:
@@ -151,25 +176,13 @@ def create_app(
         release = cap.admit(request.client.host if request.client else "unknown")
         try:
             connection = await bus.connect(settings)
-            last_event = await last_message(connection.js, contract.subject_events(task_id))
-            if (
-                last_event is None
-                and await last_message(connection.js, contract.subject_logs(task_id)) is None
-                and await connection.registry.get(task_id) is None
-            ):
-                raise BadInput(f"no task {task_id!r}: nothing was published for it and it is not registered", "task_id", 404)
+            last_event = await last_event_of(connection, task_id)
         except BaseException:
             release()
             raise
-        finished_at = None
-        if last_event is not None:
-            try:
-                finished_at = last_event.seq if is_terminal(json.loads(last_event.data or b"")) else None
-            except ValueError:
-                pass
         chunks = trace(
             connection.js, feeds, task_id, after,
-            finished_at=finished_at, only=only, buffer_bytes=settings.stream_client_buffer_bytes,
+            finished_at=terminal_seq(last_event), only=only, buffer_bytes=settings.stream_client_buffer_bytes,
         )  # fmt: skip
         return EventStream(
             chunks,

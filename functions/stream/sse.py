@@ -64,6 +64,7 @@ END_EVENT = "end"  # SSE event name sent after the terminal status event
 DEFAULT_HEARTBEAT_SECONDS = 15.0  # an SSE comment at least this often keeps proxies from closing the stream
 MAX_SECONDS_JITTER = 0.1  # responses end between 90% and 100% of max_seconds: reconnects spread out
 SOCKET_SEND_BUFFER_BYTES = 256 * 1024  # the kernel's send buffer per stream (Linux autotunes it up to 4 MiB)
+CLEAN_ENDS = ("done", "max-duration", "shutdown")  # why a response may end at a frame boundary (not "stalled", "disconnected")
 
 
 # --- framing ----------------------------------------------------------------------
@@ -141,85 +142,125 @@ class EventStream:
                 self.on_close()
 
     async def _stream(self, scope, receive, send) -> None:
-        lock = asyncio.Lock()  # anyio.Lock yields to the loop on every acquire: slow with many clients
-        last_write = time.monotonic()
-        write_since: float | None = None  # when the write in progress started
-        reason: str | None = None
-
-        async def write(body: bytes, more: bool = True) -> None:
-            # No timeout scope per write (asyncio.timeout costs ~3.6 us, most of a write):
-            # watch_sends() looks at write_since instead.
-            nonlocal last_write, write_since
-            write_since = time.monotonic()
-            await send({"type": "http.response.body", "body": body, "more_body": more})
-            last_write = time.monotonic()
-            write_since = None
-
-        def finish(why: str) -> None:
-            nonlocal reason
-            if reason is None:
-                reason = why
-            group.cancel_scope.cancel()
-
-        async def pump() -> None:
-            async with aclosing(self.chunks) as chunks:
-                async for chunk in chunks:
-                    async with lock:
-                        await write(chunk)
-            finish("done")
-
-        async def beat() -> None:
-            while True:
-                await anyio.sleep(max(0.0, last_write + self.heartbeat - time.monotonic()))
-                if time.monotonic() - last_write >= self.heartbeat:
-                    async with lock:
-                        await write(b":\n\n")
-
-        async def watch_sends() -> None:
-            """A write still in progress `send_timeout` after it started means a stalled client."""
-            while True:
-                since, now = write_since, time.monotonic()
-                if since is not None and now - since >= self.send_timeout:
-                    finish("stalled")
-                    return
-                await anyio.sleep(self.send_timeout if since is None else since + self.send_timeout - now)
-
-        async def watch_client() -> None:
-            while (await receive())["type"] != "http.disconnect":
-                pass
-            finish("disconnected")
-
-        async def watch_clock() -> None:
-            limit = self.max_seconds * (1 - MAX_SECONDS_JITTER * random.random())
-            with anyio.move_on_after(limit):
-                await self.closing.wait()
-            finish("shutdown" if self.closing.is_set() else "max-duration")
-
+        sending = _Sending(self, send)
         transport = scope.get(TRANSPORT_KEY)
         bound_send_buffer(transport)
         await send({"type": "http.response.start", "status": 200, "headers": self.headers})
-        async with anyio.create_task_group() as group:
-            group.start_soon(pump)
-            if self.heartbeat > 0:
-                group.start_soon(beat)
-            group.start_soon(watch_sends)
-            group.start_soon(watch_client)
-            group.start_soon(watch_clock)
-
-        if reason in ("done", "max-duration", "shutdown"):
-            tail = b"" if reason == "done" else comment(f"{reason}: resume with Last-Event-ID")
-            try:
-                async with asyncio.timeout(self.send_timeout):  # one write, outside watch_sends()
-                    await write(tail, more=False)
-                return
-            except TimeoutError:
-                reason = "stalled"
+        reason = await sending.run(receive)
+        if reason in CLEAN_ENDS and not await sending.end(reason):
+            reason = "stalled"
         if reason == "stalled":
-            client = scope.get("client")
-            log.info("client %s took no bytes for %gs: dropped", client[0] if client else "?", self.send_timeout)
-            if transport is not None:
-                reset(transport)
-                await anyio.lowlevel.checkpoint()  # let the server see the connection lost before this returns
+            await self._drop(scope.get("client"), transport)
+
+    async def _drop(self, client, transport) -> None:
+        """A stalled client: reset its connection, not close it gracefully, so no bytes wait for a peer that never reads."""
+        log.info("client %s took no bytes for %gs: dropped", client[0] if client else "?", self.send_timeout)
+        if transport is not None:
+            reset(transport)
+            await anyio.lowlevel.checkpoint()  # let the server see the connection lost before this returns
+
+
+class _Sending:
+    """The send loop of one EventStream response, and the state its tasks share.
+
+    One task pumps the chunks, one writes heartbeats when idle, and three
+    watch for an end: a stalled write, the client leaving, the clock or a
+    shutdown. They share the write lock, the time of the last write, the start
+    of the write in progress, and `reason`: why the response ends, as the
+    first of them to end it said.
+    """
+
+    __slots__ = ("stream", "send", "lock", "last_write", "write_since", "reason", "group")
+
+    def __init__(self, stream: EventStream, send):
+        self.stream = stream
+        self.send = send
+        self.lock = asyncio.Lock()  # anyio.Lock yields to the loop on every acquire: slow with many clients
+        self.last_write = time.monotonic()
+        self.write_since: float | None = None  # when the write in progress started
+        self.reason: str | None = None
+        self.group: anyio.abc.TaskGroup | None = None
+
+    async def run(self, receive) -> str | None:
+        """Run the send loop until the first reason to end it; return that reason."""
+        async with anyio.create_task_group() as self.group:
+            self.group.start_soon(self.pump)
+            if self.stream.heartbeat > 0:
+                self.group.start_soon(self.beat)
+            self.group.start_soon(self.watch_sends)
+            self.group.start_soon(self.watch_client, receive)
+            self.group.start_soon(self.watch_clock)
+        return self.reason
+
+    async def write(self, body: bytes, more: bool = True) -> None:
+        """One body write, noted while in progress (for watch_sends) and when done (for beat)."""
+        # No timeout scope per write (asyncio.timeout costs ~3.6 us, most of a write):
+        # watch_sends() looks at write_since instead.
+        self.write_since = time.monotonic()
+        await self.send({"type": "http.response.body", "body": body, "more_body": more})
+        self.last_write = time.monotonic()
+        self.write_since = None
+
+    def finish(self, why: str) -> None:
+        """End the send loop; the first reason given is the one kept."""
+        if self.reason is None:
+            self.reason = why
+        self.group.cancel_scope.cancel()
+
+    async def pump(self) -> None:
+        """Write the chunks as they come; the response is done when they end."""
+        lock, write = self.lock, self.write  # locals: this is the loop of every write
+        async with aclosing(self.stream.chunks) as chunks:
+            async for chunk in chunks:
+                async with lock:
+                    await write(chunk)
+        self.finish("done")
+
+    async def beat(self) -> None:
+        """A comment after `heartbeat` seconds without a write: proxies keep an idle stream open."""
+        heartbeat = self.stream.heartbeat
+        while True:
+            await anyio.sleep(max(0.0, self.last_write + heartbeat - time.monotonic()))
+            if time.monotonic() - self.last_write >= heartbeat:
+                async with self.lock:
+                    await self.write(b":\n\n")
+
+    async def watch_sends(self) -> None:
+        """A write still in progress `send_timeout` after it started means a stalled client."""
+        send_timeout = self.stream.send_timeout
+        while True:
+            since, now = self.write_since, time.monotonic()
+            if since is not None and now - since >= send_timeout:
+                self.finish("stalled")
+                return
+            await anyio.sleep(send_timeout if since is None else since + send_timeout - now)
+
+    async def watch_client(self, receive) -> None:
+        """The client went away: nothing more to send."""
+        while (await receive())["type"] != "http.disconnect":
+            pass
+        self.finish("disconnected")
+
+    async def watch_clock(self) -> None:
+        """End at the response's max duration (jittered: reconnects spread out), or at once on shutdown."""
+        stream = self.stream
+        limit = stream.max_seconds * (1 - MAX_SECONDS_JITTER * random.random())
+        with anyio.move_on_after(limit):
+            await stream.closing.wait()
+        self.finish("shutdown" if stream.closing.is_set() else "max-duration")
+
+    async def end(self, reason: str) -> bool:
+        """The last write of a clean end, with a comment saying why unless the chunks ended; False if it stalled.
+
+        The send loop is over, so watch_sends() no longer watches: this one write has its own timeout.
+        """
+        tail = b"" if reason == "done" else comment(f"{reason}: resume with Last-Event-ID")
+        try:
+            async with asyncio.timeout(self.stream.send_timeout):
+                await self.write(tail, more=False)
+        except TimeoutError:
+            return False
+        return True
 
 
 def bound_send_buffer(transport) -> None:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator
 from contextlib import aclosing
+from dataclasses import dataclass
 
 from agent import contract
 from functions.stream import consumers
@@ -65,6 +66,30 @@ async def catch_up(js, task_id: str, position: int, feed: Feed, only: Filter, bu
             await consumers.release(js, sub)
 
 
+@dataclass(slots=True)
+class _Client:
+    """Where one client of a trace is: its position (see the invariants), and whether it is live or its trace ended."""
+
+    task_id: str
+    position: int
+    live: bool = False  # it has had everything the feed held: falling behind now cuts it
+    ended: bool = False  # `end` is sent: the trace is over
+
+    async def catch_up(self, js, feed: Feed, only: Filter, buffer_bytes: int) -> AsyncIterator[bytes]:
+        """Its chunks from a consumer of its own, until it may join the feed or its trace ends."""
+        async with aclosing(catch_up(js, self.task_id, self.position, feed, only, buffer_bytes)) as chunks:
+            async for chunk, self.position, self.ended in chunks:
+                if chunk:
+                    yield chunk
+                if self.ended:
+                    return
+
+    def take(self, feed: Feed, only: Filter) -> bytes:
+        """Its next chunk from the feed (maybe empty), with `end` after the terminal event."""
+        chunk, self.position, self.ended = feed.take(self.position, only)
+        return chunk + end_frame(self.task_id, self.position) if self.ended else chunk
+
+
 async def trace(
     js,
     feeds: Feeds,
@@ -83,34 +108,27 @@ async def trace(
     if finished_at is not None and after is not None and after >= finished_at:
         yield end_frame(task_id, finished_at)
         return
-    position = after or 0
-    live = False
+    client = _Client(task_id, after or 0)
     try:
         async with feeds.follow(js, task_id) as feed:
-            while True:
+            while not client.ended:
                 changed = feed.changed
-                if position < feed.join_point(buffer_bytes):
-                    if live:  # overflow: the client resumes and catches up on a consumer of its own
-                        log.info("a client of task %s fell behind the live tail at %d: its response ends", task_id, position)
+                if client.position < feed.join_point(buffer_bytes):
+                    if client.live:  # overflow: the client resumes and catches up on a consumer of its own
+                        log.info("a client of task %s fell behind the live tail at %d: its response ends", task_id, client.position)
                         yield comment("fell behind the live tail: resume with Last-Event-ID")
                         return
-                    async with aclosing(catch_up(js, task_id, position, feed, only, buffer_bytes)) as chunks:
-                        async for chunk, position, ended in chunks:
-                            if chunk:
-                                yield chunk
-                            if ended:
-                                return
+                    async with aclosing(client.catch_up(js, feed, only, buffer_bytes)) as chunks:
+                        async for chunk in chunks:
+                            yield chunk
                     continue
-                chunk, position, ended = feed.take(position, only)
-                if ended:
-                    yield chunk + end_frame(task_id, position)
-                    return
+                chunk = client.take(feed, only)
                 if chunk:
                     yield chunk
-                elif position >= feed.last:
+                elif client.position >= feed.last:
                     if feed.failed:
                         return  # the client reconnects and resumes from its Last-Event-ID
-                    live = True
+                    client.live = True
                     await feed.wait(changed)
     except Exception as exc:  # NATS trouble after the response started: end it, the client resumes
-        log.warning("stream of task %s ended after %d: %s", task_id, position, exc or type(exc).__name__)
+        log.warning("stream of task %s ended after %d: %s", task_id, client.position, exc or type(exc).__name__)

@@ -7,7 +7,6 @@ connection on purpose, so reconnection with Last-Event-ID is seen end to end.
 from __future__ import annotations
 
 import asyncio
-from types import SimpleNamespace
 
 import pytest
 import uvicorn
@@ -16,7 +15,6 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, StreamingResponse
 from starlette.routing import Route
 
-from functions.cli import sse_client
 from functions.cli.sse_client import SSEError, SSEMessage, SSEParser, follow
 from tests.conftest import eventually_async, free_port
 
@@ -106,54 +104,49 @@ class FlakyServer:
         await self.task
 
 
+class Waits(list):
+    """The waits `follow` takes between attempts, recorded instead of slept: pass `sleep=waits.sleep`."""
+
+    async def sleep(self, seconds: float) -> None:
+        self.append(seconds)
+        await asyncio.sleep(0)
+
+
 @pytest.fixture
-def waits(monkeypatch) -> list[float]:
-    """The waits `follow` takes between attempts, recorded instead of slept.
-
-    `follow` has no sleep parameter, so its module's `asyncio` is replaced by one whose only
-    member, `sleep`, records the delay and yields once.
-    """
-    waited: list[float] = []
-    real_sleep = asyncio.sleep
-
-    async def sleep(seconds: float) -> None:
-        waited.append(seconds)
-        await real_sleep(0)
-
-    monkeypatch.setattr(sse_client, "asyncio", SimpleNamespace(sleep=sleep))
-    return waited
+def waits() -> Waits:
+    return Waits()
 
 
 async def test_follow_reconnects_with_last_event_id_and_yields_each_id_once(waits):
     async with FlakyServer(total=10, per_connection=3) as server:
         url = f"http://127.0.0.1:{server.port}/events/t"
-        messages = [m async for m in follow(url, backoff=0.01)]
+        messages = [m async for m in follow(url, backoff=0.01, sleep=waits.sleep)]
         assert [m.id for m in messages] == list(range(1, 11)) + [None]
         assert messages[-1].event == "end"
         assert server.last_event_ids[:3] == [None, "3", "3"]  # the 503 was retried with the same id
         assert waits == [0.01] * 4  # one failure (the 503) between progress: never more than the first backoff
 
-        resumed = [m async for m in follow(url, after=8, backoff=0.01)]
+        resumed = [m async for m in follow(url, after=8, backoff=0.01, sleep=waits.sleep)]
         assert [m.id for m in resumed] == [9, 10, None]
 
 
 async def test_follow_raises_at_once_on_4xx_and_gives_up_after_max_retries(waits):
     async with FlakyServer(total=1, per_connection=1) as server:
         with pytest.raises(SSEError) as refused:
-            [m async for m in follow(f"http://127.0.0.1:{server.port}/events/refused")]
+            [m async for m in follow(f"http://127.0.0.1:{server.port}/events/refused", sleep=waits.sleep)]
         assert refused.value.status == 404 and refused.value.body["field"] == "task_id"
         assert waits == []
 
     dead = f"http://127.0.0.1:{free_port()}/events/t"
     with pytest.raises(ConnectionError):
-        [m async for m in follow(dead, max_retries=2, backoff=0.01)]
+        [m async for m in follow(dead, max_retries=2, backoff=0.01, sleep=waits.sleep)]
     assert waits == [0.01, 0.02]  # exponential, then given up
-    assert [m async for m in follow(dead, reconnect=False)] == []
+    assert [m async for m in follow(dead, reconnect=False, sleep=waits.sleep)] == []
 
 
 async def test_follow_waits_out_a_429_and_then_streams(waits):
     async with FlakyServer(total=2, per_connection=5) as server:
-        messages = [m async for m in follow(f"http://127.0.0.1:{server.port}/events/capped", backoff=0.01)]
+        messages = [m async for m in follow(f"http://127.0.0.1:{server.port}/events/capped", backoff=0.01, sleep=waits.sleep)]
         assert [m.id for m in messages] == [1, 2, None]
         assert waits == [0.3, 0.02]  # Retry-After honoured over the backoff; then the 503, second failure
         assert server.last_event_ids[0] == "429"
