@@ -106,6 +106,8 @@ class Tracker:
                         await self._handle(msg)
                     delay = 0.2
                 except Exception as exc:  # NATS away, consumer or stream gone: subscribe again
+                    if being_cancelled():
+                        raise  # nats-py turned our cancellation into its own error: stop, do not retry
                     log.warning("tracker: %s; retrying in %.1fs", exc or type(exc).__name__, delay)
                     if sub is not None:
                         await _quietly(sub.unsubscribe())
@@ -161,3 +163,9 @@ async def _quietly(awaitable) -> None:
         await awaitable
     except Exception:
         pass
+
+
+def being_cancelled() -> bool:
+    """Whether someone asked the running task to stop (a library may have swallowed the CancelledError)."""
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0

@@ -23,6 +23,7 @@ from collections.abc import Awaitable, Callable
 from contextlib import contextmanager
 
 from functions.core import bus
+from functions.core.tracker import being_cancelled
 from functions.errors import Unavailable
 
 log = logging.getLogger(__name__)
@@ -79,6 +80,8 @@ async def connect_with_backoff(settings, *, connect=bus.connect, sleep: Callable
         try:
             return await connect(settings)
         except Unavailable as exc:
+            if being_cancelled():
+                raise  # a stop while connecting, reported as NATS trouble: stop, do not wait on
             log.warning("tracker waits for NATS: %s", exc)
             await sleep(delay)
             delay = min(delay * 2, TRACKER_MAX_DELAY_SECONDS)

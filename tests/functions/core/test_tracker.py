@@ -168,3 +168,35 @@ async def test_tracker_survives_a_nats_restart(bus, nats_server):
         await tracker.stop()
     r = await bus.registry.get(task)
     assert (r["state"], r["outcome"], r["attempts"]) == ("finished", "done", 1)
+
+
+async def test_a_cancel_that_nats_py_turns_into_its_own_error_still_stops_the_tracker():
+    """nats-py may catch the CancelledError inside a fetch and raise its own error instead; the
+    tracker's retry loop must not take that for NATS trouble and go on (a stop would hang)."""
+    import nats.errors
+
+    from functions.core.tracker import Tracker
+
+    fetching = asyncio.Event()
+
+    class SwallowingSubscription:
+        async def fetch(self, batch, timeout):
+            fetching.set()
+            try:
+                await asyncio.sleep(3600)
+            except asyncio.CancelledError:
+                raise nats.errors.ConnectionClosedError() from None
+
+        async def unsubscribe(self):
+            pass
+
+    class Js:
+        async def pull_subscribe(self, *args, **kwargs):
+            return SwallowingSubscription()
+
+    tracker = Tracker(Js(), registry=None)
+    task = tracker.start()
+    await asyncio.wait_for(fetching.wait(), 30)
+    task.cancel()
+    await asyncio.wait_for(asyncio.gather(task, return_exceptions=True), 30)
+    assert task.done()
