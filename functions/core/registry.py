@@ -69,8 +69,9 @@ def new_record(task_id: str, *, task: dict | None, spec_hash: str | None, now: s
 
 
 class TaskRegistry:
-    def __init__(self, kv):
+    def __init__(self, kv, js):
         self.kv = kv
+        self.js = js
 
     @classmethod
     async def open(cls, js) -> "TaskRegistry":
@@ -78,21 +79,21 @@ class TaskRegistry:
         from nats.js.errors import BadRequestError, BucketNotFoundError
 
         try:
-            return cls(await js.key_value(contract.KV_BUCKET))
+            return cls(await js.key_value(contract.KV_BUCKET), js)
         except BucketNotFoundError:
             pass
         try:
             kv = await js.create_key_value(bucket=contract.KV_BUCKET, history=1, description="dockyard tasks")
         except BadRequestError:
             kv = await js.key_value(contract.KV_BUCKET)
-        return cls(kv)
+        return cls(kv, js)
 
     async def _entry(self, task_id: str):
-        from nats.js.errors import KeyNotFoundError
+        from nats.js.errors import KeyDeletedError, KeyNotFoundError
 
         try:
             return await self.kv.get(task_id)
-        except KeyNotFoundError:  # also raised for deleted and purged keys
+        except (KeyNotFoundError, KeyDeletedError):  # never written, or deleted or purged
             return None
 
     async def get(self, task_id: str) -> TaskRecord | None:
@@ -136,17 +137,17 @@ class TaskRegistry:
         await self.kv.delete(task_id)
 
     async def list(self) -> list[TaskRecord]:
-        """Every task's record (one watch of the bucket, latest value per key)."""
-        watcher = await self.kv.watchall(ignore_deletes=True)
-        records = []
-        try:
-            async for entry in watcher:
-                if entry is None:  # marks the end of the current values
-                    break
-                if entry.value:
-                    records.append(json.loads(entry.value))
-        finally:
-            await watcher.stop()
+        """Every task's record: the keys from the bucket's stream (its per-subject state), then each read.
+
+        Not `kv.watchall()`: nats-py's watcher can end its initial replay early
+        (nats-io/nats.py#842) and so leave existing records out of a listing,
+        which was seen here under load."""
+        import asyncio
+
+        prefix = f"$KV.{contract.KV_BUCKET}."
+        info = await self.js.stream_info(f"KV_{contract.KV_BUCKET}", subjects_filter=f"{prefix}>")
+        task_ids = [subject[len(prefix) :] for subject in (info.state.subjects or {})]
+        records = [r for r in await asyncio.gather(*(self.get(t) for t in task_ids)) if r is not None]
         return sorted(records, key=lambda r: (r.get("created_at") or "", r.get("task_id") or ""))
 
 
