@@ -10,38 +10,15 @@ import time
 
 import nats
 import pytest
-from nats.js.api import DeliverPolicy
 
 from agent import contract
 from agent.redact import REPLACEMENT, Redactor
 from agent.telemetry import Telemetry
 from tests.conftest import eventually, free_port
+from tests.agent.agent_stream import read_stream
 
 TASK = "t-telemetry"
 TS_RE = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
-
-
-def read_stream(url: str, expected: int | None = None, quiet: float = 0.5) -> list[tuple[str, dict, dict]]:
-    """Every message of stream AGENT in stream order: (subject, body, headers)."""
-
-    async def main():
-        nc = await nats.connect(url)
-        try:
-            js = nc.jetstream()
-            sub = await js.subscribe(">", stream=contract.STREAM_NAME, ordered_consumer=True,
-                                     deliver_policy=DeliverPolicy.ALL)
-            out = []
-            while expected is None or len(out) < expected:
-                try:
-                    msg = await sub.next_msg(timeout=quiet)
-                except nats.errors.TimeoutError:
-                    break
-                out.append((msg.subject, json.loads(msg.data), dict(msg.headers or {})))
-            return out
-        finally:
-            await nc.close()
-
-    return asyncio.run(main())
 
 
 def request(url: str, subject: str, payload: bytes, timeout: float = 1.0):

@@ -10,7 +10,6 @@ in order.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import socket
 import threading
@@ -18,12 +17,13 @@ import time
 
 import nats
 import pytest
-from nats.js.api import DeliverPolicy, StreamConfig
+from nats.js.api import StreamConfig
 
 from agent import contract
 from agent.telemetry import Telemetry
 from functions.core.bus import ensure_stream
 from tests.conftest import eventually
+from tests.agent.agent_stream import read_stream
 
 TASK = "t-acks"
 
@@ -111,27 +111,6 @@ def link(nats_server):
     proxy.close()
 
 
-def stream_messages(url: str) -> list[tuple[dict, dict]]:
-    """(body, headers) of every message in stream AGENT, in order."""
-
-    async def main():
-        nc = await nats.connect(url)
-        try:
-            sub = await nc.jetstream().subscribe(">", stream=contract.STREAM_NAME, ordered_consumer=True,
-                                                 deliver_policy=DeliverPolicy.ALL)
-            out = []
-            while True:
-                try:
-                    msg = await sub.next_msg(timeout=0.5)
-                except nats.errors.TimeoutError:
-                    return out
-                out.append((json.loads(msg.data), dict(msg.headers or {})))
-        finally:
-            await nc.close()
-
-    return asyncio.run(main())
-
-
 def stored_count(url: str) -> int:
     async def main():
         nc = await nats.connect(url)
@@ -157,7 +136,7 @@ def test_stored_but_unacknowledged_records_are_resent_and_deduplicated(nats_serv
     eventually(lambda: tel.published == total, "all records acknowledged after the reconnect")
     tel.close()
 
-    messages = stream_messages(nats_server.url)
+    messages = [(body, headers) for _, body, headers in read_stream(nats_server.url)]
     assert [body["step"] for body, _ in messages] == list(range(total))  # once each, in order
     assert len({headers["Nats-Msg-Id"] for _, headers in messages}) == total
     assert tel.resent >= total and tel.reconnects >= 1 and tel.written_stdout == 0 and tel.failed == 0
@@ -175,7 +154,7 @@ def test_ack_timeout_drops_the_connection_and_resends(nats_server, link):
         log.warning("n %d", i)
     eventually(lambda: link.accepted > connections, "a new connection after the ack timeout")
     tel.close()
-    numbers = [int(body["msg"].split()[1]) for body, _ in stream_messages(nats_server.url)]
+    numbers = [int(body["msg"].split()[1]) for body, _ in [(body, headers) for _, body, headers in read_stream(nats_server.url)]]
     assert numbers == list(range(200))
     assert tel.published == 200 and tel.resent > 0 and tel.reconnects >= 1
 

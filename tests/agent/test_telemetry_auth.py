@@ -23,7 +23,6 @@ from pathlib import Path
 import nats
 import nkeys
 import pytest
-from nats.js.api import DeliverPolicy
 
 from agent import contract
 from agent.redact import REPLACEMENT, Redactor
@@ -31,6 +30,7 @@ from agent.run import main as run_main
 from agent.telemetry import CredentialsError, NatsAuth, Telemetry
 from agent.telemetry.connection import public_url
 from tests.conftest import NatsServer, eventually, nats_server_binary, wait_for_port
+from tests.agent.agent_stream import read_stream
 
 TASK = "t-auth"
 EXAMPLE_TASK = Path(__file__).resolve().parents[2] / "agent" / "examples" / "example_task.json"
@@ -147,27 +147,6 @@ def jwt_server(server_factory, tmp_path):
 
 # --- helpers ------------------------------------------------------------------
 
-def read_stream(url: str, **connect) -> list[tuple[str, dict]]:
-    """Every message of stream AGENT in order: (subject, body)."""
-
-    async def main():
-        nc = await nats.connect(url, **connect)
-        try:
-            sub = await nc.jetstream().subscribe(">", stream=contract.STREAM_NAME, ordered_consumer=True,
-                                                 deliver_policy=DeliverPolicy.ALL)
-            out = []
-            while True:
-                try:
-                    msg = await sub.next_msg(timeout=0.5)
-                except nats.errors.TimeoutError:
-                    return out
-                out.append((msg.subject, json.loads(msg.data)))
-        finally:
-            await nc.close()
-
-    return asyncio.run(main())
-
-
 def request(url: str, subject: str, body: dict, **connect) -> dict | None:
     async def main():
         nc = await nats.connect(url, **connect)
@@ -211,7 +190,7 @@ def publish_and_command(url: str, auth: NatsAuth) -> None:
                       "an answer on the command subject") == {"ok": True, "op": "status"}
     tel.close()
     assert tel.published == 20 and tel.written_stdout == 0 and tel.last_error is None
-    assert [body["step"] for _, body in read_stream(url, **opts)] == list(range(20))
+    assert [body["step"] for _, body, _ in read_stream(url, **opts)] == list(range(20))
 
 
 # --- the three ways to authenticate ------------------------------------------
@@ -305,10 +284,10 @@ def test_agent_run_publishes_its_trace_with_a_creds_file(jwt_server, tmp_path, a
     assert proc.returncode == 0, proc.stderr
     assert not [line for line in proc.stdout.splitlines() if line.startswith("{")]  # all of it went to NATS
     messages = read_stream(server.url, user_credentials=str(creds))
-    events = [body for subject, body in messages if subject == contract.subject_events(TASK)]
+    events = [body for subject, body, _ in messages if subject == contract.subject_events(TASK)]
     assert (events[0]["type"], events[0]["state"]) == ("status", contract.STATE_STARTED)
     assert (events[-1]["type"], events[-1]["state"]) == ("status", contract.STATE_FINISHED)
-    assert any(subject == contract.subject_logs(TASK) for subject, _ in messages)
+    assert any(subject == contract.subject_logs(TASK) for subject, _, _ in messages)
     raw = json.dumps(messages)
     assert len(secret_lines) == 2 and not any(line in raw for line in secret_lines)
 
