@@ -1,4 +1,4 @@
-"""Entry points of the four CloudEvent functions, and the Context every handler gets.
+"""Entry points of the four CloudEvent functions, and the wiring of their process (settings, runtime, bus).
 
 In a container (one Knative Service per function):
 
@@ -40,6 +40,7 @@ if TYPE_CHECKING:
     from functions.core.runtime_api import Runtime
 
 log = logging.getLogger(__name__)
+
 
 async def _job_event_to_job_finished(event: dict) -> None:
     """Where a standalone process's local runtime sends finished Jobs: straight to job_finished."""
