@@ -17,6 +17,7 @@ from agent import contract
 from functions.errors import RegistryConflict
 
 UPDATE_ATTEMPTS = 50
+ROUND_KEY_PREFIX = "_round."  # keys of `claim_round`: never a task id, so `list` leaves them out
 
 
 class TaskRecord(TypedDict):
@@ -133,6 +134,27 @@ class TaskRegistry:
                 await asyncio.sleep(random.uniform(0, 0.002 * (attempt + 1)))
         raise RegistryConflict(f"task {task_id}: registry entry kept changing; {UPDATE_ATTEMPTS} updates lost the race")
 
+    async def claim_round(self, name: str, now: float, min_interval: float) -> bool:
+        """True when the caller may run the periodic round `name` now: none was claimed in the last
+        `min_interval` seconds. The time is one key of this bucket, set by compare-and-set, so of
+        concurrent callers (any process, any function instance) exactly one wins a window."""
+        from nats.js.errors import KeyWrongLastSequenceError
+
+        key = ROUND_KEY_PREFIX + name
+        entry = await self._entry(key)
+        last = _claimed_at(entry)
+        if last is not None and abs(now - last) < min_interval:
+            return False  # (a claim up to a window ahead counts too: callers' clocks and reads interleave)
+        value = json.dumps({"at": now}).encode()
+        try:
+            if entry is None:
+                await self.kv.create(key, value)
+            else:
+                await self.kv.update(key, value, last=entry.revision)
+        except KeyWrongLastSequenceError:
+            return False  # another caller claimed it in between
+        return True
+
     async def delete(self, task_id: str) -> None:
         await self.kv.delete(task_id)
 
@@ -146,9 +168,18 @@ class TaskRegistry:
 
         prefix = f"$KV.{contract.KV_BUCKET}."
         info = await self.js.stream_info(f"KV_{contract.KV_BUCKET}", subjects_filter=f"{prefix}>")
-        task_ids = [subject[len(prefix) :] for subject in (info.state.subjects or {})]
+        keys = [subject[len(prefix) :] for subject in (info.state.subjects or {})]
+        task_ids = [key for key in keys if contract.is_valid_task_id(key)]
         records = [r for r in await asyncio.gather(*(self.get(t) for t in task_ids)) if r is not None]
         return sorted(records, key=lambda r: (r.get("created_at") or "", r.get("task_id") or ""))
+
+
+def _claimed_at(entry) -> float | None:
+    try:
+        at = json.loads(entry.value)["at"] if entry is not None and entry.value else None
+    except (ValueError, TypeError, KeyError):
+        return None
+    return float(at) if isinstance(at, (int, float)) else None
 
 
 def _encode(record: TaskRecord) -> bytes:

@@ -18,6 +18,10 @@ class Runtime(Protocol):
         with the same spec (of concurrent deliveries exactly one answers True). Raises LaunchConflict
         for the same id with another spec."""
 
+    async def job_uid(self, task_id: str) -> str | None:
+        """The uid of the task's Job as the runtime knows it (running or finished); None when there is none.
+        `task_submitted` records it after the launch: `job_finished` acts only on that Job."""
+
     async def cancel(self, task_id: str) -> None:
         """Stop the task's agent and its job. Raises TaskNotFound."""
 

@@ -146,6 +146,9 @@ class Settings(BaseSettings):
         contract.STREAM_MAX_AGE_SECONDS, "how long the JetStream stream keeps a task's messages", "functions, stream", ge=1)
     snapshot_stale_seconds: float = _setting(
         900, "a running task whose last good snapshot is older is reported stale", "snapshot_due", ge=1)
+    snapshot_min_interval_seconds: float = _setting(
+        240, "snapshot rounds closer together are skipped (a burst of pings costs one round; 0: no window); "
+        "a little under the PingSource period (5 min)", "snapshot_due", ge=0)
     snapshot_timeout_seconds: float = _setting(10, "how long snapshot_due waits for each agent's reply", "snapshot_due", ge=0.01)
     cancel_timeout_seconds: float = _setting(
         10, "how long an agent has to acknowledge a cancel before the runtime stops it", "task_command", ge=0.01)

@@ -191,6 +191,14 @@ def ping_from_manifests(path: str | Path = EVENTING_DIR) -> PingSchedule:
 
 
 # --- delivery ------------------------------------------------------------------
+PLATFORM_TYPE_PREFIX = "dev.knative."
+
+
+def is_platform_type(event_type: object) -> bool:
+    """Types only Knative's own sources send (ApiServerSource, PingSource): refused at the ingress."""
+    return isinstance(event_type, str) and event_type.lower().startswith(PLATFORM_TYPE_PREFIX)
+
+
 def local_targets(handlers: Mapping[str, edge.Handler], get_context) -> dict[str, Target]:
     """In-process targets: each handler run through the same error mapping as its HTTP endpoint."""
 
@@ -297,6 +305,13 @@ class Broker:
 
         try:
             event = await read_event(request)
+            if is_platform_type(event["type"]):
+                raise BadInput(
+                    f"CloudEvent type {event['type']!r} is the platform's own (dev.knative.*): "
+                    "its sources deliver it inside this process, never through the ingress",
+                    "ce-type",
+                    403,
+                )
             if not self.routes_for(event):
                 known = sorted({r.event_type for r in self.routes if r.event_type})
                 raise BadInput(f"no Trigger for CloudEvent type {event['type']!r}; known types: {', '.join(known)}", "ce-type")

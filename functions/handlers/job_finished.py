@@ -1,7 +1,14 @@
 """dev.knative.apiserver.resource.update (data: a Job) -> the task's terminal status.
 
-Only Jobs labelled managed-by dockyard with a `Complete` or `Failed` condition
-whose status is "True" count; every other update is answered 200 and ignored.
+The event is a hint to look, never the truth: anyone who reaches the Broker
+can forge one. From its data only the task id (label) and the Job uid are
+taken; the Job itself, its conditions and its termination message, are read
+from the runtime (`runtime.finished_job`: the Kubernetes API, or the local
+runtime). The task's end is recorded only when the runtime has a finished Job
+for the task, its uid is the event's, and it is the Job recorded at launch
+(the record's `job_uid`). Anything else is answered 200 "ignored" (so the
+Broker does not retry) and changes nothing. Only Jobs labelled managed-by
+dockyard with a `Complete` or `Failed` condition whose status is "True" count.
 
 Idempotent per Job UID: the UID goes into the record's `finished_uids` after
 the terminal event is published (with the UID as JetStream message id, so a
@@ -17,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 from typing import TYPE_CHECKING
 
 from cloudevents.http import CloudEvent
@@ -29,6 +37,8 @@ from functions.errors import BadInput, StoreUnavailable
 
 if TYPE_CHECKING:
     from functions.handlers.context import Context
+
+log = logging.getLogger(__name__)
 
 FINISHED_CONDITIONS = ("Complete", "Failed")
 
@@ -89,28 +99,67 @@ def _outcome(condition: dict, result: dict | None, record: TaskRecord) -> str:
     return contract.OUTCOME_FAILED
 
 
-async def handle(event: CloudEvent, ctx: "Context") -> dict:
-    require_type(event, contract.EVENT_JOB_UPDATE)
-    return await record_finished_job(data_object(event), ctx)
+def _job_uid(job: dict) -> str | None:
+    metadata = job.get("metadata") if isinstance(job.get("metadata"), dict) else {}
+    uid = metadata.get("uid")
+    return uid if isinstance(uid, str) and uid else None
 
 
-async def record_finished_job(job: dict, ctx: "Context") -> dict:
-    """Everything `handle` does with the Job; `snapshot_due` calls it for Jobs whose event was missed."""
+def launched_here(job: dict, record: TaskRecord | None) -> bool:
+    """The runtime's Job is the one recorded at launch (a record without a uid takes the runtime's word)."""
+    recorded = (record or {}).get("job_uid")
+    return recorded is None or recorded == _job_uid(job)
+
+
+def _hint(job: dict) -> tuple[str, str] | dict:
+    """(task id, Job uid) named by the event's data; or the answer for an event to ignore."""
     metadata = job.get("metadata")
     if not isinstance(metadata, dict):
         raise BadInput("event data must be a Kubernetes object with metadata", "data.metadata")
     labels = metadata.get("labels") if isinstance(metadata.get("labels"), dict) else {}
     if labels.get(contract.LABEL_MANAGED_BY) != contract.MANAGED_BY:
         return {"status": "ignored", "reason": "not a dockyard job"}
-    condition = finished_condition(job)
-    if condition is None:
+    if finished_condition(job) is None:
         return {"status": "ignored", "reason": "job not finished"}
     task_id = labels.get(contract.LABEL_TASK_ID)
     if not contract.is_valid_task_id(task_id):
         raise BadInput(f"label {contract.LABEL_TASK_ID} must hold a task id", "data.metadata.labels")
-    uid = metadata.get("uid")
-    if not isinstance(uid, str) or not uid:
+    uid = _job_uid(job)
+    if uid is None:
         raise BadInput("the Job has no metadata.uid", "data.metadata.uid")
+    return task_id, uid
+
+
+async def handle(event: CloudEvent, ctx: "Context") -> dict:
+    require_type(event, contract.EVENT_JOB_UPDATE)
+    hint = _hint(data_object(event))
+    if isinstance(hint, dict):
+        return hint
+    task_id, uid = hint
+    job = await ctx.runtime.finished_job(task_id)
+    if job is None:
+        return _ignored(task_id, uid, "the runtime has no finished Job for this task")
+    if _job_uid(job) != uid:
+        return _ignored(task_id, uid, "the event's Job uid is not the uid of the task's Job")
+    if not launched_here(job, await ctx.registry.get(task_id)):
+        return _ignored(task_id, uid, "the Job is not the one launched for this task")
+    return await record_finished_job(job, ctx)
+
+
+def _ignored(task_id: str, uid: str, reason: str) -> dict:
+    log.warning("job-finished event for task %s (Job uid %s) ignored: %s", task_id, uid, reason)
+    return {"task_id": task_id, "status": "ignored", "reason": reason}
+
+
+async def record_finished_job(job: dict, ctx: "Context") -> dict:
+    """Record the end of a finished Job read from the runtime (never one taken from an event):
+    `handle` calls it once the event's hint is confirmed, `snapshot_due` for Jobs whose event was missed."""
+    hint = _hint(job)
+    if isinstance(hint, dict):
+        return hint
+    task_id, uid = hint
+    metadata = job["metadata"]
+    condition = finished_condition(job) or {"type": "Failed"}  # _hint checked that there is one
 
     record = await ctx.registry.get(task_id)
     if record is None:

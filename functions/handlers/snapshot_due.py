@@ -8,6 +8,10 @@ has passed, and records tasks whose Job has finished although no job-finished
 event arrived (the ApiServerSource was down, or the event was dead-lettered):
 the runtime is the truth, the event only the fast path. The answer is a
 summary, also logged.
+
+A ping is idempotent within `snapshot_min_interval_seconds`: the round is
+claimed in NATS (`TaskRegistry.claim_round`), so a burst of pings at any
+number of instances costs one round; the others answer 200 "skipped".
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ from agent import contract
 from functions.core.bus import now_iso
 from functions.errors import NoReply
 from functions.core.cloudevent import require_type
-from functions.handlers.job_finished import record_finished_job
+from functions.handlers.job_finished import launched_here, record_finished_job
 
 if TYPE_CHECKING:
     from functions.core.registry import TaskRecord
@@ -94,9 +98,16 @@ async def _snapshot(ctx: "Context", record: "TaskRecord", now: datetime) -> str:
     return "no_reply"
 
 
+ROUND = "snapshot-due"
+
+
 async def handle(event: CloudEvent, ctx: "Context") -> dict:
     require_type(event, contract.EVENT_PING)
     now = datetime.now(timezone.utc)
+    window = ctx.settings.snapshot_min_interval_seconds
+    if window > 0 and not await ctx.registry.claim_round(ROUND, now.timestamp(), window):
+        log.info("snapshot due: skipped, a round ran less than %gs ago", window)
+        return {"status": "skipped", "reason": f"a snapshot round ran less than {window:g}s ago", "asked": 0}
     records = await ctx.registry.list()
 
     expired = [r["task_id"] for r in records if _expired(r, now)]
@@ -107,7 +118,7 @@ async def handle(event: CloudEvent, ctx: "Context") -> dict:
     finished_jobs = await asyncio.gather(*(ctx.runtime.finished_job(r["task_id"]) for r in active))
     reconciled = []
     for record, job in zip(active, finished_jobs, strict=True):
-        if job is not None:
+        if job is not None and launched_here(job, record):
             await record_finished_job(job, ctx)
             reconciled.append(record["task_id"])
     active = [r for r in active if r["task_id"] not in reconciled]

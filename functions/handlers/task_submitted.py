@@ -6,7 +6,9 @@ Order matters for at-least-once delivery:
 2. that delivery publishes the `queued` status event, before the launch: the
    tracker applies events in stream order, so `queued` must precede the
    agent's own `started`;
-3. the runtime launches (idempotent: a redelivery completes a half-done launch).
+3. the runtime launches (idempotent: a redelivery completes a half-done launch);
+4. the Job's uid is recorded (`job_uid`): `job_finished` acts only on that Job.
+   A crash before this step leaves `job_uid` empty; the redelivery records it.
 A redelivery with the same spec is answered 200 "already submitted" (and a
 finished task is not launched again); the same id with another spec is a 409.
 """
@@ -20,7 +22,7 @@ from cloudevents.http import CloudEvent
 from agent import contract
 from functions.core.bus import now_iso
 from functions.core.cloudevent import require_type
-from functions.core.registry import new_record
+from functions.core.registry import TaskRecord, new_record
 from functions.errors import LaunchConflict
 from functions.core.task import parse_task
 
@@ -48,4 +50,18 @@ async def handle(event: CloudEvent, ctx: "Context") -> dict:
     if created:
         await ctx.bus.publish_event(task.task_id, contract.EV_STATUS, state=contract.STATE_QUEUED)
     await ctx.runtime.launch(task)
+    await _record_job_uid(ctx, task.task_id)
     return {"task_id": task.task_id, "status": "submitted" if created else "already submitted"}
+
+
+async def _record_job_uid(ctx: "Context", task_id: str) -> None:
+    uid = await ctx.runtime.job_uid(task_id)
+    if uid is None:
+        return  # gone already (cancelled, or expired): nothing to bind
+
+    def bind(current: TaskRecord) -> TaskRecord | None:
+        if current.get("job_uid") == uid:
+            return None
+        return {**current, "job_uid": uid, "updated_at": now_iso()}
+
+    await ctx.registry.update(task_id, bind)

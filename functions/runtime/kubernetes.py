@@ -117,6 +117,14 @@ class KubernetesRuntime:
         )
         return job if finished else None
 
+    async def job_uid(self, task_id: str) -> str | None:
+        try:
+            job = await self._read_job(task_id)
+        except TaskNotFound:
+            return None
+        uid = (job.get("metadata") or {}).get("uid")
+        return uid if isinstance(uid, str) and uid else None
+
     async def cancel(self, task_id: str) -> None:
         """Delete the Job; Background propagation deletes its pods (SIGTERM, grace period: the
         snapshotter's final upload) and, through its ownerReference, the workspace PVC."""

@@ -39,6 +39,7 @@ class MemoryRuntime:
         self.specs: dict[str, str] = {}
         self.created = 0  # launches that created a task
         self.finished_jobs: dict[str, dict] = {}  # Jobs that finished, as the ApiServerSource would send them
+        self.uids: dict[str, str] = {}  # each launched task's Job uid
 
     async def launch(self, task: Task) -> bool:
         await asyncio.sleep(0)  # let concurrent deliveries interleave here
@@ -48,6 +49,7 @@ class MemoryRuntime:
             return False
         self.specs[task.task_id] = task.spec_hash
         self.tasks[task.task_id] = MemoryTask(task.task_id)
+        self.uids[task.task_id] = f"uid-{task.task_id}-{uuid.uuid4().hex[:8]}"
         self.created += 1
         return True
 
@@ -60,6 +62,9 @@ class MemoryRuntime:
     async def finished_job(self, task_id: str) -> dict | None:
         return self.finished_jobs.get(task_id)
 
+    async def job_uid(self, task_id: str) -> str | None:
+        return self.uids.get(task_id)
+
 
 @pytest.fixture
 def settings(nats_server, tmp_path):
@@ -70,6 +75,7 @@ def settings(nats_server, tmp_path):
         cancel_timeout_seconds=0.3,
         command_timeout_seconds=0.3,
         snapshot_stale_seconds=900,
+        snapshot_min_interval_seconds=0,  # every ping a round; tests of the window set it
     )
 
 

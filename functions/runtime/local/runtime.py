@@ -126,6 +126,10 @@ class LocalRuntime:
             return None
         return job_object(state, self.folders.load_task(task_id))
 
+    async def job_uid(self, task_id: str) -> str | None:
+        state = self._current(task_id) if contract.is_valid_task_id(task_id) else None
+        return state.uid if state is not None else None
+
     async def cancel(self, task_id: str) -> None:
         """Stop the agent (SIGTERM, grace, SIGKILL); the task finishes with outcome cancelled."""
         async with self._lock:

@@ -225,6 +225,27 @@ async def test_ingress_answers(tmp_path, sleeps):
     assert len(submitted.seen) == 1
 
 
+@pytest.mark.parametrize("mode", ["binary", "structured"])
+@pytest.mark.parametrize("type_", [contract.EVENT_JOB_UPDATE, contract.EVENT_PING, "DEV.Knative.sources.ping", "dev.knative.other"])
+async def test_ingress_refuses_platform_types_from_outside(tmp_path, sleeps, type_, mode):
+    jobs, pings = Function(200), Function(200)
+    broker = make_broker(tmp_path, sleeps, job_finished=jobs, snapshot_due=pings)
+    data = {"metadata": {"uid": "made-up", "labels": contract.agent_labels("victim")}}
+    if mode == "binary":
+        response = await ingress(broker, {**BINARY, "ce-type": type_}, json.dumps(data).encode())
+    else:
+        event = {"specversion": "1.0", "id": "e1", "source": "test", "type": type_, "data": data}
+        response = await ingress(broker, {"content-type": "application/cloudevents+json"}, json.dumps(event).encode())
+    assert response.status_code == 403 and response.json()["field"] == "ce-type"
+    assert jobs.seen == [] and pings.seen == []
+    assert not broker.dead_letter_path.exists()
+    # The platform's own path, inside the process, still delivers (the local runtime's job events, the ping timer).
+    await broker.emit({"specversion": "1.0", "id": "u1-finished", "source": contract.EVENT_SOURCE_LOCAL_RUNTIME,
+                       "type": contract.EVENT_JOB_UPDATE, "data": data})  # fmt: skip
+    await PingTimer(broker, ping_from_manifests(EVENTING_DIR)).tick()
+    assert jobs.seen == ["u1-finished"] and len(pings.seen) == 1
+
+
 async def test_ingress_503_when_retries_are_exhausted(tmp_path, sleeps):
     broker = make_broker(tmp_path, sleeps, task_submitted=Function(*[503] * 6))
     response = await ingress(broker, {**BINARY, "ce-type": contract.EVENT_TASK_SUBMITTED}, b'{"prompt": "x"}')

@@ -208,6 +208,12 @@ def job(task_id: str, uid: str, condition: str | None, *, managed: bool = True, 
     }
 
 
+def finish_job(runtime, task_id: str, condition: str, **kw) -> dict:
+    """The task's Job, finished as the runtime reports it (its uid is the one of the launch)."""
+    runtime.finished_jobs[task_id] = job(task_id, runtime.uids.get(task_id) or f"uid-{task_id}", condition, **kw)
+    return runtime.finished_jobs[task_id]
+
+
 @pytest.fixture
 def store(settings):
     return open_store(settings.store)
@@ -231,20 +237,22 @@ async def test_job_finished_ignores_other_and_unfinished_jobs(post, bus, events)
     assert [e["state"] for e in await events("t1")] == [contract.STATE_QUEUED]
 
 
-async def test_job_complete_with_final_snapshot(post, bus, events, store, settings):
+async def test_job_complete_with_final_snapshot(post, bus, runtime, events, store, settings):
     await submitted(post, "t1")
     store.put_bytes(contract.checkpoint_key("t1"), b"db")
     store.put_bytes(contract.final_archive_key("t1"), b"tar")
     store.put_bytes(contract.final_result_key("t1"), json.dumps({"outcome": "done", "summary": "fixed it"}).encode())
 
-    data = job("t1", "uid-1", "Complete", reason="CompletionsReached", terminationMessage="bye")
+    uid = runtime.uids["t1"]
+    assert (await bus.registry.get("t1"))["job_uid"] == uid  # recorded at launch
+    data = finish_job(runtime, "t1", "Complete", reason="CompletionsReached", terminationMessage="bye")
     response = await post("job_finished", contract.EVENT_JOB_UPDATE, data)
     assert response.status_code == 200, response.text
     assert response.json()["outcome"] == "done" and response.json()["final_snapshot_missing"] is False
 
     record = await bus.registry.get("t1")
     assert record["state"] == contract.STATE_FINISHED and record["outcome"] == "done"
-    assert record["finished_uids"] == ["uid-1"] and record["job_uid"] == "uid-1"
+    assert record["finished_uids"] == [uid] and record["job_uid"] == uid
     assert record["retention_seconds"] == settings.ttl_succeeded_seconds
     assert record["termination_message"] == "bye"
     assert contract.final_result_key("t1") in record["snapshot_keys"]
@@ -258,9 +266,9 @@ async def test_job_complete_with_final_snapshot(post, bus, events, store, settin
     assert finished[0]["final_snapshot_missing"] is False
 
 
-async def test_job_failed_without_snapshot(post, bus, events, settings):
+async def test_job_failed_without_snapshot(post, bus, runtime, events, settings):
     await submitted(post, "t2")
-    response = await post("job_finished", contract.EVENT_JOB_UPDATE, job("t2", "uid-2", "Failed", reason="BackoffLimitExceeded"))
+    response = await post("job_finished", contract.EVENT_JOB_UPDATE, finish_job(runtime, "t2", "Failed", reason="BackoffLimitExceeded"))
     assert response.status_code == 200
     record = await bus.registry.get("t2")
     assert record["outcome"] == contract.OUTCOME_FAILED and record["reason"] == "BackoffLimitExceeded"
@@ -270,20 +278,20 @@ async def test_job_failed_without_snapshot(post, bus, events, settings):
     assert finished["final_snapshot_missing"] is True and finished["outcome"] == "failed"
 
 
-async def test_job_failed_outcome_from_result_and_deadline(post, bus, store):
+async def test_job_failed_outcome_from_result_and_deadline(post, bus, runtime, store):
     await submitted(post, "t3")
     store.put_bytes(contract.final_archive_key("t3"), b"tar")
     store.put_bytes(contract.final_result_key("t3"), json.dumps({"outcome": "budget_exhausted"}).encode())
-    await post("job_finished", contract.EVENT_JOB_UPDATE, job("t3", "u3", "Failed"))
+    await post("job_finished", contract.EVENT_JOB_UPDATE, finish_job(runtime, "t3", "Failed"))
     assert (await bus.registry.get("t3"))["outcome"] == contract.OUTCOME_BUDGET
 
     await submitted(post, "t4")
-    await post("job_finished", contract.EVENT_JOB_UPDATE, job("t4", "u4", "Failed", reason="DeadlineExceeded"))
+    await post("job_finished", contract.EVENT_JOB_UPDATE, finish_job(runtime, "t4", "Failed", reason="DeadlineExceeded"))
     assert (await bus.registry.get("t4"))["outcome"] == contract.OUTCOME_DEADLINE
 
 
-async def test_job_of_an_unknown_task_rebuilds_its_record(post, bus):
-    data = job("lost", "u9", "Complete")
+async def test_job_of_an_unknown_task_rebuilds_its_record(post, bus, runtime):
+    data = finish_job(runtime, "lost", "Complete")
     data["metadata"]["annotations"] = {contract.ANNOTATION_TASK: json.dumps({"task_id": "lost", "prompt": "p"})}
     response = await post("job_finished", contract.EVENT_JOB_UPDATE, data)
     assert response.status_code == 200
@@ -344,12 +352,12 @@ async def test_snapshot_due_records_a_finished_job_whose_event_never_came(post, 
     await submitted(post, "missed")
     await submitted(post, "running")
     store.put_bytes(contract.final_result_key("missed"), json.dumps({"outcome": "done", "summary": "ok"}).encode())
-    runtime.finished_jobs["missed"] = job("missed", "uid-m", "Complete", reason="CompletionsReached")
+    finish_job(runtime, "missed", "Complete", reason="CompletionsReached")
     response = await post("snapshot_due", contract.EVENT_PING, None)
     assert response.status_code == 200, response.text
     assert response.json()["reconciled"] == ["missed"] and response.json()["asked"] == 1
     record = await bus.registry.get("missed")
-    assert (record["state"], record["outcome"], record["finished_uids"]) == ("finished", "done", ["uid-m"])
+    assert (record["state"], record["outcome"], record["finished_uids"]) == ("finished", "done", [runtime.uids["missed"]])
     assert [e["state"] for e in await events("missed")][-1] == contract.STATE_FINISHED
     assert (await bus.registry.get("running"))["state"] == contract.STATE_QUEUED
 

@@ -218,7 +218,9 @@ async def test_a_kueue_job_waits_suspended(kube, kube_client):
 
 async def test_finished_job_is_the_job_once_it_has_a_finished_condition(kube, runtime):
     assert await runtime.finished_job("t1") is None  # no Job at all
+    assert await runtime.job_uid("t1") is None and await runtime.job_uid("Not_An_Id") is None
     await runtime.launch(make_task())
+    assert await runtime.job_uid("t1") == kube.get(JOBS, NS, "agent-t1")["metadata"]["uid"]  # known while it runs
     await kube.set_job_status(NS, "agent-t1", active=1, ready=1)
     assert await runtime.finished_job("t1") is None
     await kube.set_job_status(NS, "agent-t1", active=0, failed=4, conditions=[job_condition("Failed", reason="BackoffLimitExceeded")])

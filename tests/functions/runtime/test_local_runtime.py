@@ -42,8 +42,9 @@ async def test_job_event_is_an_apiserversource_resource_event(tmp_path, stand_in
     runtime = runtime_for(tmp_path, stand_in, sink, clock)
     task = make_task("exit:0", task_id="shape")
     try:
-        assert await runtime.finished_job("shape") is None
+        assert await runtime.finished_job("shape") is None and await runtime.job_uid("shape") is None
         await runtime.launch(task)
+        launched_uid = await runtime.job_uid("shape")
         await wait_finished(runtime, sink, "shape")
         finished_job = await runtime.finished_job("shape")
     finally:
@@ -60,7 +61,7 @@ async def test_job_event_is_an_apiserversource_resource_event(tmp_path, stand_in
     assert meta["labels"] == contract.agent_labels("shape")
     assert json.loads(meta["annotations"][contract.ANNOTATION_TASK]) == task.to_dict()
     state = json.loads(runtime.folder("shape").state_file.read_text())
-    assert meta["uid"] == state["uid"] and state["event_sent"] is True
+    assert meta["uid"] == state["uid"] == launched_uid and state["event_sent"] is True
     # The times are the clock's: the task finished at the moment it started, on a clock that stood still.
     assert event["data"]["status"]["completionTime"] == event["data"]["status"]["startTime"] == event["time"]
     assert event["time"] == "2025-06-15T15:06:40Z"  # FakeClock's start, 1,750,000,000
