@@ -174,7 +174,7 @@ class Settings(BaseSettings):
     token: str = _setting(
         "", "API token the `dockyard` CLI sends (after `--token`); none: `<data dir>/api-token`, the dev token", "CLI")
     trusted_proxies: CommaList = _setting(
-        (), "comma-separated proxy addresses whose X-Forwarded-For is believed (the per-address cap); none: the peer",
+        (), "comma-separated proxy addresses or CIDR ranges whose X-Forwarded-For is believed (the per-address cap); none: the peer",
         _STREAM)
     broker_url: str = _setting(
         "", "where the cockpit's relay posts events (the Broker's address); none: `/` of its own origin (dev)",

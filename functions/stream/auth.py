@@ -222,12 +222,29 @@ class HostGuard:
         await self.app(scope, receive, send)
 
 
+def _trusted(address: str, trusted: tuple[str, ...]) -> bool:
+    """`address` is one of `trusted` (addresses or CIDR ranges such as 10.42.0.0/16)."""
+    if address in trusted:
+        return True
+    try:
+        ip = ipaddress.ip_address(address.strip("[]"))
+    except ValueError:
+        return False
+    for entry in trusted:
+        try:
+            if ip in ipaddress.ip_network(entry, strict=False):
+                return True
+        except ValueError:
+            continue
+    return False
+
+
 def client_address(peer: str | None, forwarded_for: str | None, trusted: tuple[str, ...]) -> str:
     """The client's address: the peer, unless the peer is a trusted proxy; then the rightmost untrusted X-Forwarded-For entry."""
     address = peer or "unknown"
-    if not forwarded_for or address not in trusted:
+    if not forwarded_for or not _trusted(address, trusted):
         return address
     for hop in reversed([h.strip() for h in forwarded_for.split(",") if h.strip()]):
-        if hop not in trusted:
+        if not _trusted(hop, trusted):
             return hop[:64]
     return address

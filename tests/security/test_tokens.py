@@ -17,7 +17,7 @@ import pytest
 
 from agent import contract
 from functions.stream.auth import client_address, new_token, token_line
-from tests.conftest import eventually
+from tests.conftest import REPO_ROOT, eventually
 from tests.dev_process import DevServer
 
 pytestmark = pytest.mark.xdist_group("security-tokens")  # one dev stack per module, on one worker
@@ -170,3 +170,25 @@ def test_x_forwarded_for_is_read_only_from_a_configured_proxy():
     assert client_address("10.0.0.5", "6.6.6.6, 198.51.100.7", trusted) == "198.51.100.7"
     assert client_address("10.0.0.5", "6.6.6.6, 198.51.100.7, 10.0.0.5", trusted) == "198.51.100.7"
     assert client_address("10.0.0.5", None, trusted) == "10.0.0.5"
+    ranges = ("127.0.0.1", "10.42.0.0/16")  # queue-proxy, and the gateway's pods
+    assert client_address("127.0.0.1", "198.51.100.7, 10.42.3.4", ranges) == "198.51.100.7"
+    assert client_address("10.43.0.1", "6.6.6.6", ranges) == "10.43.0.1"
+
+
+def test_in_the_cluster_only_the_stream_is_exposed_and_it_needs_its_tokens_file():
+    import yaml
+
+    services = [
+        d for path in (*(REPO_ROOT / "knative").glob("*.yaml"), *(REPO_ROOT / "eventing").glob("*.yaml")) if path.name != "kustomization.yaml"
+        for d in yaml.safe_load_all(path.read_text()) if d and d.get("kind") == "Service" and d["apiVersion"].startswith("serving.knative.dev")
+    ]  # fmt: skip
+    public = {s["metadata"]["name"] for s in services if (s["metadata"].get("labels") or {}).get("networking.knative.dev/visibility") != "cluster-local"}
+    assert public == {"stream"}
+    (stream,) = [s for s in services if s["metadata"]["name"] == "stream"]
+    pod = stream["spec"]["template"]["spec"]
+    env = {e["name"]: e.get("value") for e in pod["containers"][0]["env"]}
+    assert "FORWARDED_ALLOW_IPS" not in env  # uvicorn's proxy headers are off; DOCKYARD_TRUSTED_PROXIES decides
+    tokens_file = env["DOCKYARD_API_TOKENS_FILE"]
+    (mount,) = [m for m in pod["containers"][0]["volumeMounts"] if tokens_file.startswith(m["mountPath"] + "/")]
+    (volume,) = [v for v in pod["volumes"] if v["name"] == mount["name"]]
+    assert mount["readOnly"] and volume["secret"]["secretName"] == "dockyard-api-tokens" and not volume["secret"].get("optional")
