@@ -58,7 +58,7 @@ WARMUP = b'"msg": "warmup"'
 
 async def one_client(host: str, port: int, path: str, hist: Counter, results: list, ready: asyncio.Event, waiting: list) -> None:
     reader, writer = await asyncio.open_connection(host, port)
-    writer.write(f"GET {path} HTTP/1.1\r\nHost: bench\r\nAccept: text/event-stream\r\n\r\n".encode())
+    writer.write(f"GET {path} HTTP/1.1\r\nHost: bench\r\nAccept: text/event-stream\r\nAuthorization: Bearer {BENCH_TOKEN}\r\n\r\n".encode())
     head = await reader.readuntil(b"\r\n\r\n")
     if b" 200 " not in head.split(b"\r\n", 1)[0]:
         raise RuntimeError(head.decode(errors="replace"))
@@ -124,14 +124,23 @@ def cpu_seconds(pid: int | None = None) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+BENCH_TOKEN = "dy_bench-token"  # the app's tokens file (start_app) holds its hash
+BENCH_AUTH = {"Authorization": f"Bearer {BENCH_TOKEN}"}
+
+
 def start_app(nats_url: str, data_dir: Path, factory: str | None) -> tuple[subprocess.Popen, str]:
     """The stream app as deployed (`python -m functions.stream`), or uvicorn on another app factory."""
     import httpx
 
+    from functions.stream.auth import token_line
+
+    data_dir.mkdir(parents=True, exist_ok=True)
+    (data_dir / "api-tokens").write_text(token_line("bench", "read", BENCH_TOKEN) + "\n")
+
     port = free_port()
     pythonpath = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
     env = {**os.environ, "DOCKYARD_NATS_URL": nats_url, "DOCKYARD_DATA_DIR": str(data_dir), "PYTHONPATH": pythonpath,
-           "DOCKYARD_STREAM_MAX_PER_IP": "0"}  # fmt: skip
+           "DOCKYARD_STREAM_MAX_PER_IP": "0", "DOCKYARD_API_TOKENS_FILE": str(data_dir / "api-tokens")}  # fmt: skip
     if factory is None:
         command = [sys.executable, "-m", "functions.stream", "--host", "127.0.0.1", "--port", str(port), "--no-tracker"]
     else:
@@ -179,7 +188,7 @@ async def run(name: str, nc, js, base: str, task_id: str, clients: int, procs: i
         stuck = socket.socket()
         stuck.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
         stuck.connect(("127.0.0.1", int(base.rsplit(":", 1)[1])))
-        stuck.sendall(f"GET /api/stream/{task_id}?after={after} HTTP/1.1\r\nHost: bench\r\n\r\n".encode())
+        stuck.sendall(f"GET /api/stream/{task_id}?after={after} HTTP/1.1\r\nHost: bench\r\nAuthorization: Bearer {BENCH_TOKEN}\r\n\r\n".encode())
     await asyncio.sleep(0.5)
     await nc.publish(subject, b'{"msg": "warmup"}')
     for child in children:

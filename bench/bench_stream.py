@@ -41,7 +41,7 @@ sys.path.insert(0, str(ROOT))
 
 import httpx  # noqa: E402
 import nats  # noqa: E402
-from bench_fanout import start_app  # noqa: E402  (this folder is on sys.path when run as a script)
+from bench_fanout import BENCH_AUTH, start_app  # noqa: E402  (this folder is on sys.path when run as a script)
 from nats.js.api import ConsumerConfig, DeliverPolicy  # noqa: E402
 from nats.js.errors import NotFoundError  # noqa: E402
 
@@ -101,7 +101,7 @@ async def sse_replay(base: str, task_id: str, n: int) -> float:
 
     start = time.perf_counter()
     count = 0
-    async for _message in follow(f"{base}/api/stream/{task_id}"):
+    async for _message in follow(f"{base}/api/stream/{task_id}", headers=BENCH_AUTH):
         count += 1
         if count == n:
             break
@@ -112,7 +112,7 @@ async def warm_up(js, base: str) -> None:
     """One short stream first: the app imports nats-py on first use."""
     finished = {"type": contract.EV_STATUS, "task_id": "bench-warmup", "state": contract.STATE_FINISHED}
     await js.publish(contract.subject_events("bench-warmup"), json.dumps(finished).encode())
-    async with httpx.AsyncClient(timeout=30) as client:
+    async with httpx.AsyncClient(timeout=30, headers=BENCH_AUTH) as client:
         await client.get(f"{base}/api/stream/bench-warmup")
 
 
@@ -131,7 +131,7 @@ async def bench_replay(nc, js, base: str, n: int) -> None:
 async def follower(base: str, task_id: str, after: int, latencies: list[float], ready: asyncio.Event, counts: list[int], index: int):
     from functions.cli.sse_client import follow
 
-    async for message in follow(f"{base}/api/stream/{task_id}", after=after, read_timeout=30):
+    async for message in follow(f"{base}/api/stream/{task_id}", after=after, read_timeout=30, headers=BENCH_AUTH):
         received = time.time()
         if message.event == "end":
             return

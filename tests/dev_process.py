@@ -1,7 +1,7 @@
 """`dockyard dev` as a child process, exactly as a user starts it (`python -m functions.cli dev`).
 
 Tests talk to it over HTTP only and reach into its data dir only to read a task's
-`supervisor.json`. It runs in its own process group (dev and its embedded nats-server),
+`supervisor.json` and its dev token (`token`, `headers`). It runs in its own process group (dev and its embedded nats-server),
 so `crash()` kills both at once while the agents, in groups of their own, get SIGTERM
 from the kernel. It restarts on the same port and data dir; every start appends to one log.
 """
@@ -52,6 +52,15 @@ class DevServer:
         match = re.search(r"NATS\s+(nats://\S+)", self.output())
         self.nats_url = match.group(1) if match else None
         return self
+
+    @property
+    def token(self) -> str:
+        """The dev token, created on the first start in `<data dir>/api-token`."""
+        return (self.data_dir / "api-token").read_text().strip()
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.token}"}
 
     def output(self) -> str:
         """What this start of dev printed."""

@@ -8,10 +8,12 @@ from __future__ import annotations
 import asyncio
 import json
 import sys
+from pathlib import Path
 
 from agent import contract
 
 DEFAULT_URL = "http://127.0.0.1:8080"
+DEFAULT_DATA_DIR = Path(".dockyard")
 EXIT_OK, EXIT_FAILED, EXIT_BAD_INPUT = 0, 1, 2
 
 
@@ -26,6 +28,26 @@ class CommandError(Exception):
 # --- talking to a running stack -------------------------------------------------
 
 
+def resolve_token(given: str | None, data_dir: Path | None) -> str | None:
+    """The API token to send: `--token`, else DOCKYARD_TOKEN (Settings.token), else `<data dir>/api-token` (dockyard dev's)."""
+    if given:
+        return given.strip()
+    from functions.core.settings import Settings
+
+    from_env = Settings.from_env().token
+    if from_env:
+        return from_env.strip()
+    path = Path(data_dir if data_dir is not None else DEFAULT_DATA_DIR) / "api-token"
+    try:
+        return path.read_text().strip() or None
+    except OSError:
+        return None
+
+
+def auth_headers(token: str | None) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"} if token else {}
+
+
 def _error_text(response) -> str:
     try:
         body = response.json()
@@ -37,7 +59,7 @@ def _error_text(response) -> str:
     return f"HTTP {response.status_code}: {response.text.strip()[:300] or response.reason_phrase}"
 
 
-def post_event(url: str, type: str, data: dict) -> tuple[dict, dict]:
+def post_event(url: str, type: str, data: dict, token: str | None = None) -> tuple[dict, dict]:
     """POST a structured-mode CloudEvent to the broker ingress. Returns (event attributes, JSON answer)."""
     import httpx
     from cloudevents.conversion import to_structured
@@ -46,7 +68,7 @@ def post_event(url: str, type: str, data: dict) -> tuple[dict, dict]:
     event = CloudEvent({"type": type, "source": contract.EVENT_SOURCE_CLI}, data)
     headers, body = to_structured(event)
     try:
-        response = httpx.post(url.rstrip("/") + "/", headers=headers, content=body, timeout=30)
+        response = httpx.post(url.rstrip("/") + "/", headers={**headers, **auth_headers(token)}, content=body, timeout=30)
     except httpx.HTTPError as exc:
         raise CommandError(f"cannot reach {url}: {exc}; is `dockyard dev` running?") from None
     if response.status_code >= 300:
@@ -58,11 +80,11 @@ def post_event(url: str, type: str, data: dict) -> tuple[dict, dict]:
     return {"id": event["id"], "source": event["source"]}, answer if isinstance(answer, dict) else {}
 
 
-def get_json(url: str, path: str):
+def get_json(url: str, path: str, token: str | None = None):
     import httpx
 
     try:
-        response = httpx.get(url.rstrip("/") + path, timeout=10)
+        response = httpx.get(url.rstrip("/") + path, headers=auth_headers(token), timeout=10)
     except httpx.HTTPError as exc:
         raise CommandError(f"cannot reach {url}: {exc}; is `dockyard dev` running?") from None
     if response.status_code >= 300:
@@ -70,16 +92,16 @@ def get_json(url: str, path: str):
     return response.json()
 
 
-def submit_task(url: str, data: dict) -> str:
+def submit_task(url: str, data: dict, token: str | None = None) -> str:
     """Submit and return the task id: as answered, else as given, else derived like the function derives it."""
-    attrs, answer = post_event(url, contract.EVENT_TASK_SUBMITTED, data)
+    attrs, answer = post_event(url, contract.EVENT_TASK_SUBMITTED, data, token)
     # The local broker answers {"results": {function: answer}}; Knative's answers 202 with no body.
     answers = [answer, *(r for r in (answer.get("results") or {}).values() if isinstance(r, dict))]
     answered = next((a["task_id"] for a in answers if isinstance(a.get("task_id"), str)), None)
     return answered or data.get("task_id") or contract.derive_task_id(attrs["source"], attrs["id"])
 
 
-async def print_trace(url: str, task_id: str, *, after: int | None, follow: bool, idle: float, raw: bool = False, out=None):
+async def print_trace(url: str, task_id: str, *, after: int | None, follow: bool, idle: float, raw: bool = False, out=None, token: str | None = None):
     """Print the trace; returns the last status event seen (None if none).
 
     With `follow` it runs until the `end` event, reconnecting with Last-Event-ID
@@ -90,7 +112,7 @@ async def print_trace(url: str, task_id: str, *, after: int | None, follow: bool
 
     out = out or sys.stdout
     stream_url = f"{url.rstrip('/')}/api/stream/{task_id}"
-    messages = sse_follow(stream_url, after, max_retries=None if follow else 3)
+    messages = sse_follow(stream_url, after, max_retries=None if follow else 3, headers=auth_headers(token))
     last_status = None
     wait = max(idle, 5.0)  # the first message may wait for the connection
     try:

@@ -48,12 +48,12 @@ def _stop(proc: subprocess.Popen) -> None:
         proc.wait()
 
 
-def _wait_recorded(url: str, task_id: str, timeout: float = 30.0) -> dict:
+def _wait_recorded(url: str, task_id: str, token: str | None, timeout: float = 30.0) -> dict:
     """The task's record once job_finished has handled the Job (it publishes after the agent's own end)."""
     deadline = time.monotonic() + timeout
     record: dict = {}
     while time.monotonic() < deadline:
-        record = client.get_json(url, f"/api/tasks/{task_id}")
+        record = client.get_json(url, f"/api/tasks/{task_id}", token)
         if record.get("finished_uids"):
             return record
         time.sleep(0.2)
@@ -88,12 +88,13 @@ def run(args) -> int:
         )
     try:
         _wait_healthy(url, proc, log_file)
+        token = (data_dir / "api-token").read_text().strip()  # the dev token, written before the server answers
         task = json.loads(EXAMPLE_TASK.read_text())
         task["model"] = EXAMPLE_MODEL
-        task_id = client.submit_task(url, task)
+        task_id = client.submit_task(url, task, token)
         print(f"submitted the example task as {task_id} (model {EXAMPLE_MODEL})", flush=True)
-        asyncio.run(client.print_trace(url, task_id, after=None, follow=True, idle=0))
-        record = _wait_recorded(url, task_id)
+        asyncio.run(client.print_trace(url, task_id, after=None, follow=True, idle=0, token=token))
+        record = _wait_recorded(url, task_id, token)
         outcome = record.get("outcome") or "unknown"
         print(f"outcome: {outcome}", flush=True)
         if record.get("final_snapshot_missing") or not record.get("finished_uids"):

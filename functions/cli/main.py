@@ -7,6 +7,7 @@
     dockyard cancel     stop a task
     dockyard message    tell a running agent something
     dockyard demo       start the stack, run the bundled example task, stop
+    dockyard token      make an API token (`create --name N --scope read|write`)
 
 Each subcommand is one `_register_*` function in `COMMANDS` that adds its
 parser and sets `run`; a new subcommand is one more function in that list.
@@ -34,6 +35,7 @@ from functions.cli.client import (
     get_json,
     post_event,
     print_trace,
+    resolve_token,
     submit_task,
 )
 from functions.errors import SettingsError
@@ -43,6 +45,12 @@ from functions.errors import SettingsError
 
 def _add_url(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--url", default=DEFAULT_URL, help=f"where `dockyard dev` (or the ingress) listens (default {DEFAULT_URL})")
+    parser.add_argument("--token", help="API token (default: $DOCKYARD_TOKEN, else the dev token in <data dir>/api-token)")
+    parser.add_argument("--data-dir", type=Path, default=Path(".dockyard"), help="`dockyard dev`'s data dir, for its token (default ./.dockyard)")
+
+
+def _token(args) -> str | None:
+    return resolve_token(args.token, args.data_dir)
 
 
 def _register_dev(sub) -> None:
@@ -89,11 +97,12 @@ def _run_submit(args) -> int:
     limits = {k: v for k, v in (("deadline_seconds", args.deadline), ("retries", args.retries)) if v is not None}
     if limits:
         data["limits"] = limits
-    task_id = submit_task(args.url, data)
+    token = _token(args)
+    task_id = submit_task(args.url, data, token)
     print(task_id, flush=True)
     if not args.follow:
         return EXIT_OK
-    status = asyncio.run(print_trace(args.url, task_id, after=None, follow=True, idle=0))
+    status = asyncio.run(print_trace(args.url, task_id, after=None, follow=True, idle=0, token=token))
     return EXIT_OK if (status or {}).get("outcome") == contract.OUTCOME_DONE else EXIT_FAILED
 
 
@@ -115,7 +124,7 @@ def _register_logs(sub) -> None:
 
 
 def _run_logs(args) -> int:
-    asyncio.run(print_trace(args.url, args.task_id, after=args.after, follow=args.follow, idle=args.idle, raw=args.json))
+    asyncio.run(print_trace(args.url, args.task_id, after=args.after, follow=args.follow, idle=args.idle, raw=args.json, token=_token(args)))
     return EXIT_OK
 
 
@@ -135,7 +144,7 @@ def format_tasks(records: list[dict]) -> str:
 
 
 def _run_tasks(args) -> int:
-    records = get_json(args.url, "/api/tasks")
+    records = get_json(args.url, "/api/tasks", _token(args))
     print(json.dumps(records, indent=2) if args.json else (format_tasks(records) if records else "no tasks"))
     return EXIT_OK
 
@@ -156,7 +165,7 @@ def _register_message(sub) -> None:
 
 
 def _command(args, data: dict) -> int:
-    _, answer = post_event(args.url, contract.EVENT_TASK_COMMAND, data)
+    _, answer = post_event(args.url, contract.EVENT_TASK_COMMAND, data, _token(args))
     answer = (answer.get("results") or {}).get("task_command") or answer
     print(f"{data['op']} {args.task_id}: {answer.get('status') or 'sent'}")
     return EXIT_OK
@@ -180,6 +189,33 @@ def _run_demo(args) -> int:
     return demo.run(args)
 
 
+def _register_token(sub) -> None:
+    p = sub.add_parser(
+        "token",
+        help="make API tokens",
+        description="`dockyard token create --name N --scope read|write`: print a new token and its tokens-file line "
+        "(add the line to DOCKYARD_API_TOKENS_FILE, or to the Secret it is mounted from).",
+    )
+    actions = p.add_subparsers(dest="action", metavar="ACTION", required=True)
+    create = actions.add_parser("create", help="print a new token and the line for the tokens file")
+    create.add_argument("--name", required=True, help="a one-word name for the token (who holds it)")
+    create.add_argument("--scope", required=True, choices=("read", "write"), help="read: streams and task lists; write: also submit, cancel, message")
+    create.set_defaults(run=_run_token_create)
+
+
+def _run_token_create(args) -> int:
+    from functions.stream.auth import new_token, token_line
+
+    token = new_token()
+    try:
+        line = token_line(args.name, args.scope, token)
+    except ValueError as exc:
+        raise CommandError(str(exc), EXIT_BAD_INPUT) from None
+    print(f"token: {token}")
+    print(f"tokens-file line: {line}")
+    return EXIT_OK
+
+
 def _register_manifests(sub) -> None:
     from functions.cli.manifests import add_parser
 
@@ -194,6 +230,7 @@ COMMANDS: list[Callable] = [
     _register_cancel,
     _register_message,
     _register_demo,
+    _register_token,
     _register_manifests,
 ]
 

@@ -171,6 +171,14 @@ class Settings(BaseSettings):
         (), "comma-separated origins allowed to read the API from a browser (an external cockpit); none: same origin only",
         _STREAM)
     known_secrets_file: str = _setting("", "a file of exact secret values, one per line, redacted from everything served", _STREAM)
+    api_tokens_file: str = _setting(
+        "", "API tokens, hashed: one line per token, `name scope sha256hex`, scope read or write (`dockyard token create`); "
+        "none: every API request is refused (`dockyard dev`: `<data dir>/api-tokens`)", "stream, `dockyard dev`")
+    token: str = _setting(
+        "", "API token the `dockyard` CLI sends (after `--token`); none: `<data dir>/api-token`, the dev token", "CLI")
+    trusted_proxies: CommaList = _setting(
+        (), "comma-separated proxy addresses or CIDR ranges whose X-Forwarded-For is believed (the per-address cap); none: the peer",
+        _STREAM)
     broker_url: str = _setting(
         "", "where the cockpit's relay posts events (the Broker's address); none: `/` of its own origin (dev)",
         "stream (cockpit relay)", url=_HTTP_SCHEMES)
@@ -267,7 +275,7 @@ class Settings(BaseSettings):
     def _home(cls, value: Path) -> Path:
         return value.expanduser()
 
-    @field_validator("cors_origins", "no_proxy", mode="before")
+    @field_validator("cors_origins", "no_proxy", "trusted_proxies", mode="before")
     @classmethod
     def _split(cls, value: Any) -> Any:
         if isinstance(value, str):
@@ -360,7 +368,7 @@ class Settings(BaseSettings):
         return cls.model_fields[name].default
 
     def describe(self) -> str:
-        """One `name = value` line per setting, URL passwords masked (secrets themselves are never settings)."""
+        """One `name = value` line per setting, URL passwords and the CLI's token masked (no other secret is a setting)."""
         lines = []
         for name, field in type(self).model_fields.items():
             value = getattr(self, name)
@@ -368,6 +376,8 @@ class Settings(BaseSettings):
                 value = mask_url(value)
             elif isinstance(value, tuple):
                 value = ",".join(value)
+            elif name == "token" and value:  # the CLI's API token: the one secret that is a setting
+                value = "***"
             lines.append(f"{name} = {value}")
         return "\n".join(lines)
 

@@ -35,6 +35,8 @@ def dev_settings(data_dir: Path, nats_url: str, store: str | None = None, base_e
     env[Settings.variable("data_dir")] = str(Path(data_dir).resolve())
     env[Settings.variable("nats_url")] = nats_url
     env[Settings.variable("runtime")] = "local"
+    if not env.get(Settings.variable("api_tokens_file")):
+        env[Settings.variable("api_tokens_file")] = str(Path(data_dir).resolve() / "api-tokens")
     if store:
         env[Settings.variable("store")] = store
     return Settings.from_env(env)
@@ -46,16 +48,22 @@ def create_dev_app(
     agent_cmd: Sequence[str] | None = None,
     default_model: str | None = None,
     runtime_options: dict[str, Any] | None = None,
+    hosts: frozenset[str] | None = None,
 ):
     """One Starlette app: broker ingress at POST /, the stream app for everything else.
+
+    Every request passes `HostGuard` (Host must be one of `hosts`, None: any; a foreign
+    Origin on a POST is refused) and `TokenAuth` (functions/stream/auth.py) first.
 
     Its lifespan connects NATS, starts the runtime (resuming unfinished tasks), the
     tracker and the ping timer, and stops them in reverse order."""
     from starlette.applications import Starlette
+    from starlette.middleware import Middleware
     from starlette.routing import Mount, Route
 
     from functions.core import bus
     from functions.stream import app as stream
+    from functions.stream.auth import HostGuard, TokenAuth, Tokens
     from functions.devstack.broker import Broker, PingTimer, local_targets, ping_from_manifests
     from functions.handlers import HANDLERS
     from functions.handlers.context import Context
@@ -100,6 +108,10 @@ def create_dev_app(
             Route("/", broker.ingress, methods=["POST"]),
             Mount("", app=stream_app),
         ],
+        middleware=[
+            Middleware(HostGuard, hosts=hosts),
+            Middleware(TokenAuth, tokens=Tokens(settings.api_tokens_file or None)),
+        ],
         lifespan=lifespan,
     )
     app.state.runtime = runtime
@@ -113,6 +125,7 @@ def banner(url: str, settings, nats_url: str, embedded: bool) -> str:
     return "\n".join(
         [
             f"dockyard dev on {url}",
+            f"  token     {Path(settings.data_dir) / 'api-token'} (the CLI reads it from there)",
             f"  data dir  {settings.data_dir}",
             f"  store     {mask_url(settings.store)}",
             f"  NATS      {mask_url(nats_url)}{' (embedded)' if embedded else ''}",
@@ -128,6 +141,7 @@ def main(args) -> int:
     import uvicorn
 
     from functions.devstack.nats_embedded import EmbeddedNats
+    from functions.stream.auth import ensure_dev_token, own_hosts
     from functions.stream.serving import quiet_gc
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
@@ -137,15 +151,18 @@ def main(args) -> int:
     try:
         nats_url = args.nats or nats.url
         settings = dev_settings(data_dir, nats_url, args.store)
-        app = create_dev_app(settings, default_model=args.model)
+        token = ensure_dev_token(data_dir, Path(settings.api_tokens_file))
+        app = create_dev_app(settings, default_model=args.model, hosts=own_hosts(args.host, args.port))
         url = f"http://{args.host}:{args.port}"
         print(banner(url, settings, nats_url, embedded=nats is not None), flush=True)
+        print(f"  cockpit   {url}/?token={token}", flush=True)
         config = uvicorn.Config(
             app,
             host=args.host,
             port=args.port,
             log_level="warning",
             access_log=False,
+            proxy_headers=False,  # X-Forwarded-For is believed only from DOCKYARD_TRUSTED_PROXIES
             lifespan="on",
             timeout_graceful_shutdown=5,  # open SSE streams must not hold the stop up
         )

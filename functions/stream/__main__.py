@@ -28,7 +28,7 @@ def main(argv: list[str] | None = None) -> int:
     print(settings.describe(), file=sys.stderr, flush=True)
     app = create_app(settings, run_tracker=not args.no_tracker)
     quiet_gc()
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning", access_log=False)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning", access_log=False, proxy_headers=False)  # X-Forwarded-For: DOCKYARD_TRUSTED_PROXIES
     return 0
 
 

@@ -3,9 +3,12 @@
     GET /api/stream/{task_id}   the trace (functions/stream/trace.py), as SSE (functions/stream/sse.py)
     GET /api/tasks[/{task_id}]  task records, newest first, redacted
     GET /healthz                liveness
+    POST /api/session           trade a token for an HttpOnly cookie (functions/stream/auth.py)
     /cockpit-config.json, /     the cockpit (functions/stream/cockpit/)
 
 Invariants (docs/stream.md explains the choices):
+- Every route but /healthz and the cockpit's page and assets needs an API token
+  (functions/stream/auth.py): read for GET, write for POST; 401/403 JSON otherwise.
 - Every error becomes an answer by the one rule, `functions.errors.answer_for`,
   in one exception handler; a 429 (the per-address cap) carries Retry-After.
 - Nothing leaves unredacted: trace messages are redacted where they are read
@@ -26,6 +29,7 @@ import json
 from contextlib import asynccontextmanager
 
 from starlette.applications import Starlette
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
@@ -35,6 +39,7 @@ from functions.core import bus
 from functions.core.settings import Settings
 from functions.errors import BadInput, DockyardError, answer_for
 from functions.stream import cockpit, serving
+from functions.stream.auth import TokenAuth, Tokens, client_address
 from functions.stream.consumers import is_terminal, last_message
 from functions.stream.feed import Feeds
 from functions.stream.filters import Filter
@@ -138,7 +143,6 @@ def cors_middleware(settings: Settings) -> list:
     """CORS for `cors_origins` (none by default: same origin only); EventSource resumes with Last-Event-ID."""
     if not settings.cors_origins:
         return []
-    from starlette.middleware import Middleware
     from starlette.middleware.cors import CORSMiddleware
 
     return [
@@ -173,7 +177,8 @@ def create_app(
         task_id = task_id_of(request)
         after = resume_after(request)
         only = Filter.from_query(request.query_params.get("types"), request.query_params.get("level"))
-        release = cap.admit(request.client.host if request.client else "unknown")
+        peer = request.client.host if request.client else None
+        release = cap.admit(client_address(peer, request.headers.get("x-forwarded-for"), settings.trusted_proxies))
         try:
             connection = await bus.connect(settings)
             last_event = await last_event_of(connection, task_id)
@@ -233,7 +238,7 @@ def create_app(
             Route("/healthz", healthz),
             *cockpit.routes(settings),
         ],
-        middleware=cors_middleware(settings),
+        middleware=[*cors_middleware(settings), Middleware(TokenAuth, tokens=Tokens(settings.api_tokens_file or None))],
         exception_handlers=EXCEPTION_HANDLERS,
         lifespan=lifespan,
     )

@@ -5,9 +5,12 @@ release is idempotent), so the count of an address is the number of its
 streams open right now. A request over the cap gets 429 `{"error", "field":
 "client"}` with `Retry-After` (the app's exception handler adds the header).
 
-Deployment caveat: the address is what the server reports. Behind
-queue-proxy and an ingress gateway, uvicorn's FORWARDED_ALLOW_IPS must list
-those proxies, or every client counts as the gateway and the cap is global.
+The address is the peer's, unless the peer is one of DOCKYARD_TRUSTED_PROXIES:
+then the rightmost X-Forwarded-For entry that is not a trusted proxy
+(functions/stream/auth.py `client_address`). uvicorn's own proxy-header
+rewriting is off, so a client cannot pick its address by sending the header.
+Behind queue-proxy and an ingress gateway, list them, or every client counts
+as the gateway and the cap is global.
 """
 
 from __future__ import annotations

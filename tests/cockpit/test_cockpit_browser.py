@@ -45,11 +45,17 @@ def trace(page) -> list[dict]:
     return page.evaluate(TRACE_JS)
 
 
-def stream_ids(url: str, task_id: str) -> list[int]:
+def cockpit(server, fragment: str = "") -> str:
+    """The cockpit's URL with the dev token, as `dockyard dev` prints it (the page trades it for a cookie)."""
+    return f"{server.url}/?token={server.token}{fragment}"
+
+
+def stream_ids(server, task_id: str) -> list[int]:
     """The ids of every message of the task, as the server streams them from the start."""
     parser = SSEParser()
     ids: list[int] = []
-    with httpx.stream("GET", f"{url}/api/stream/{task_id}?after=0", timeout=httpx.Timeout(10, read=30)) as response:
+    url = server.url
+    with httpx.stream("GET", f"{url}/api/stream/{task_id}?after=0", headers=server.headers, timeout=httpx.Timeout(10, read=30)) as response:
         response.raise_for_status()
         for chunk in response.iter_bytes():
             for message in parser.feed(chunk):
@@ -76,9 +82,10 @@ def submit_from_page(page, prompt: str, model: str) -> str:
     return task_id
 
 
-def submit_over_http(url: str, data: dict) -> str:
+def submit_over_http(server, data: dict) -> str:
     event = {"specversion": "1.0", "type": contract.EVENT_TASK_SUBMITTED, "source": "tests/cockpit", "id": str(uuid.uuid4()), "data": data}
-    answer = httpx.post(f"{url}/", content=json.dumps(event), headers={"Content-Type": "application/cloudevents+json"}, timeout=30)
+    headers = {"Content-Type": "application/cloudevents+json", **server.headers}
+    answer = httpx.post(f"{server.url}/", content=json.dumps(event), headers=headers, timeout=30)
     assert answer.status_code == 202, answer.text
     return answer.json()["results"]["task_submitted"]["task_id"]
 
@@ -95,7 +102,7 @@ def first(entries: list[dict], type_: str, label: str) -> int:
 
 
 def test_submit_the_example_and_watch_it_to_the_end(page, dev):
-    page.goto(dev.url + "/")
+    page.goto(cockpit(dev))
     task_id = submit_from_page(page, EXAMPLE_PROMPT, "scripted:example")
     wait_until_ended(page)
     page.wait_for_selector("#tv-outcome[data-outcome=done]")
@@ -110,7 +117,7 @@ def test_submit_the_example_and_watch_it_to_the_end(page, dev):
     ]
     assert order == sorted(order), entries
     ids = [e["id"] for e in entries]
-    assert ids == sorted(set(ids)) == stream_ids(dev.url, task_id)
+    assert ids == sorted(set(ids)) == stream_ids(dev, task_id)
     assert page.text_content("#tv-title") == task_id
     assert "write test_fizzbuzz.py" in page.text_content("#tv-todo")
 
@@ -152,7 +159,7 @@ def test_the_page_survives_a_crash_of_the_server_without_gap_or_duplicate(page, 
     model = scripted_model(tmp_path / "gated.json", turns)
     server = make_dev().start()
     try:
-        page.goto(server.url + "/")
+        page.goto(cockpit(server))
         task_id = submit_from_page(page, "Two steps", model)
         page.wait_for_selector("#tv-trace details.tool .tool-result", state="attached")  # mid-task: the first tool call has finished
         page.wait_for_selector("#tv-conn[data-state=live]")
@@ -168,7 +175,7 @@ def test_the_page_survives_a_crash_of_the_server_without_gap_or_duplicate(page, 
 
     entries = trace(page)
     ids = [e["id"] for e in entries]
-    expected = stream_ids(server.url, task_id)
+    expected = stream_ids(server, task_id)
     assert expected == sorted(set(expected))  # the stream: strictly increasing
     assert len(ids) == len(set(ids)), f"a message is shown twice: {ids}"
     assert sorted(ids) == expected, f"page {ids} != stream {expected}"
@@ -186,7 +193,7 @@ def test_a_secret_printed_by_the_agent_is_redacted_in_the_page(page, dev, tmp_pa
         {"content": "Printed."},
         {"tool_calls": [{"name": "finish", "args": {"summary": "printed the token"}}]},
     ]
-    page.goto(dev.url + "/")
+    page.goto(cockpit(dev))
     submit_from_page(page, "Print a token", scripted_model(tmp_path / "secret.json", turns))
     wait_until_ended(page)
     execute = page.locator("#tv-trace details.tool", has=page.locator(".tool-name", has_text="execute")).first
@@ -215,13 +222,13 @@ def test_a_secret_that_reaches_nats_unredacted_is_redacted_before_the_page(page,
         {"content": "Waited.", "delay_seconds": 0.5},
         {"tool_calls": [{"name": "finish", "args": {"summary": "waited"}}]},
     ]
-    task_id = submit_over_http(dev.url, {"prompt": "Wait a little", "model": scripted_model(tmp_path / "wait.json", turns)})
+    task_id = submit_over_http(dev, {"prompt": "Wait a little", "model": scripted_model(tmp_path / "wait.json", turns)})
     assert dev.nats_url, "dev printed no NATS URL"
     # nats-py needs an event loop of its own: Playwright's sync API holds this thread's.
     publisher = threading.Thread(target=asyncio.run, args=(_publish_raw(dev.nats_url, task_id),))
     publisher.start()
     publisher.join(15)
-    page.goto(f"{dev.url}/#/tasks/{task_id}")
+    page.goto(cockpit(dev, f"#/tasks/{task_id}"))
     page.select_option("#tv-level", "0")
     wait_until_ended(page)
     assert page.locator("#tv-trace .ev-log .logger", has_text="intruder").count() == 1
@@ -230,13 +237,13 @@ def test_a_secret_that_reaches_nats_unredacted_is_redacted_before_the_page(page,
 
 
 def test_a_deep_link_opens_the_task_view_and_commands_answer(page, dev):
-    task_id = submit_over_http(dev.url, {"prompt": EXAMPLE_PROMPT, "model": "scripted:example"})
-    page.goto(f"{dev.url}/#/tasks/{task_id}")
-    assert page.is_visible("#task-view")
+    task_id = submit_over_http(dev, {"prompt": EXAMPLE_PROMPT, "model": "scripted:example"})
+    page.goto(cockpit(dev, f"#/tasks/{task_id}"))
+    page.wait_for_selector("#task-view")  # once the page has traded its token for the cookie
     assert page.text_content("#tv-title") == task_id
     wait_until_ended(page)
     page.wait_for_selector("#tv-outcome[data-outcome=done]")
-    assert [e["id"] for e in trace(page)] == stream_ids(dev.url, task_id)
+    assert [e["id"] for e in trace(page)] == stream_ids(dev, task_id)
 
     # Commands go to the broker ingress; its answers (also 4xx) show next to the buttons.
     page.click("#tv-cancel")
@@ -248,7 +255,7 @@ def test_a_deep_link_opens_the_task_view_and_commands_answer(page, dev):
     assert "(field: task_id)" in result.inner_text() and "error" in result.get_attribute("class")
 
     # Another task's link, then back to the list.
-    page.goto(f"{dev.url}/#/tasks/no-such-task")
+    page.goto(f"{dev.url}/#/tasks/no-such-task")  # the session cookie is set: no token needed any more
     page.wait_for_selector("#tv-conn[data-state=error]")
     assert "no task 'no-such-task'" in page.text_content("#tv-error")
     page.click("a.brand")
@@ -256,8 +263,26 @@ def test_a_deep_link_opens_the_task_view_and_commands_answer(page, dev):
     page.wait_for_selector(f"#task-list a[data-task-id='{task_id}']")
 
 
+def test_the_token_in_the_url_becomes_an_httponly_cookie_and_leaves_the_address_bar(page, dev):
+    task_id = submit_over_http(dev, {"prompt": EXAMPLE_PROMPT, "model": "scripted:example"})
+    page.goto(cockpit(dev, f"#/tasks/{task_id}"))
+    page.wait_for_selector("#tv-conn[data-state=ended]", timeout=END_TIMEOUT_MS)
+    assert page.url == f"{dev.url}/#/tasks/{task_id}"  # no token in the address bar (nor in history: replaceState)
+    assert page.evaluate("document.cookie") == ""  # HttpOnly: no script on the page reads it
+    (cookie,) = [c for c in page.context.cookies() if c["name"] == "dockyard_token"]
+    assert cookie["httpOnly"] and cookie["sameSite"] == "Strict" and cookie["value"] == dev.token
+    page.reload()  # the cookie alone authenticates the page, its EventSource included
+    page.wait_for_selector("#tv-conn[data-state=ended]", timeout=END_TIMEOUT_MS)
+
+
+def test_without_a_token_the_page_shows_the_401_and_nothing_else(page, dev):
+    page.goto(f"{dev.url}/")
+    page.wait_for_selector("text=no API token: open the cockpit URL")
+    assert page.context.cookies() == []
+
+
 def test_a_refused_submission_shows_the_error_and_the_field(page, dev):
-    page.goto(dev.url + "/")
+    page.goto(cockpit(dev))
     page.fill("#submit-form textarea[name=prompt]", "Do it")
     page.fill("#submit-form input[name=model]", "no-provider")
     page.click("#submit-form button[type=submit]")
@@ -274,19 +299,19 @@ def test_through_the_relay_when_the_broker_is_elsewhere(page, make_dev):
     server.env["DOCKYARD_BROKER_URL"] = f"http://127.0.0.1:{server.port}/"  # dev's own ingress stands in for the Broker
     server.start()
     assert httpx.get(f"{server.url}/cockpit-config.json").json() == {"ingress": "/api/events"}
-    page.goto(server.url + "/")
+    page.goto(cockpit(server))
     with page.expect_request("**/api/events") as posted:
         task_id = submit_from_page(page, EXAMPLE_PROMPT, "scripted:example")
     assert posted.value.method == "POST"
     wait_until_ended(page)
     page.wait_for_selector("#tv-outcome[data-outcome=done]")
-    assert httpx.get(f"{server.url}/api/tasks/{task_id}").json()["task_id"] == task_id
+    assert httpx.get(f"{server.url}/api/tasks/{task_id}", headers=server.headers).json()["task_id"] == task_id
 
     # Only what a person may send passes: not, say, a forged "Job finished" event.
     forged = {"specversion": "1.0", "type": contract.EVENT_JOB_UPDATE, "source": "tests/cockpit", "id": "1", "data": {}}
-    answer = httpx.post(f"{server.url}/api/events", json=forged, headers={"Content-Type": "application/cloudevents+json"})
+    answer = httpx.post(f"{server.url}/api/events", json=forged, headers={"Content-Type": "application/cloudevents+json", **server.headers})
     assert (answer.status_code, answer.json()["field"]) == (400, "type")
     # The Broker's own refusals come back as they are.
     empty = {**forged, "type": contract.EVENT_TASK_SUBMITTED, "data": {"prompt": ""}}
-    answer = httpx.post(f"{server.url}/api/events", json=empty, headers={"Content-Type": "application/cloudevents+json"})
+    answer = httpx.post(f"{server.url}/api/events", json=empty, headers={"Content-Type": "application/cloudevents+json", **server.headers})
     assert (answer.status_code, answer.json()["field"]) == (400, "prompt")

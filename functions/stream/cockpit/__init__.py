@@ -10,6 +10,9 @@ from `GET /cockpit-config.json`, which this module serves:
                                                             each event to that URL (the Broker's
                                                             in-cluster address, which no browser reaches)
 
+Every route but the page and its assets needs an API token (functions/stream/auth.py);
+the relay needs a write token, and passes it on to the Broker URL.
+
 The relay is not an open door into the Broker: it accepts one CloudEvent per
 request, of the two types a person may send (task submitted, task command), no
 larger than the functions accept, and only as `application/cloudevents+json` or
@@ -74,6 +77,18 @@ def task_id_of(event) -> str | None:
     return None
 
 
+def forwarded_headers(request) -> dict[str, str]:
+    """What the relay sends on: the structured content type, and the caller's token as a Bearer header.
+
+    The Broker in the cluster ignores the header (it is cluster-local); a `dockyard dev` standing in
+    for the Broker checks it like any request."""
+    from functions.core import cloudevent
+    from functions.stream.auth import presented_token
+
+    token = presented_token({k.lower(): v for k, v in request.headers.items()})
+    return {"Content-Type": cloudevent.STRUCTURED, **({"Authorization": f"Bearer {token}"} if token else {})}
+
+
 def relay_to(broker_url: str):
     """The endpoint that checks one CloudEvent and forwards it, structured, to the Broker.
 
@@ -94,7 +109,7 @@ def relay_to(broker_url: str):
         body = json.dumps({**event.get_attributes(), "data": event.get_data()}).encode()
         try:
             async with httpx.AsyncClient(timeout=RELAY_TIMEOUT_SECONDS) as client:
-                answer = await client.post(broker_url, content=body, headers={"Content-Type": cloudevent.STRUCTURED})
+                answer = await client.post(broker_url, content=body, headers=forwarded_headers(request))
         except httpx.HTTPError as exc:
             raise TransientError(f"the broker at {mask_url(broker_url)} is unreachable ({exc or type(exc).__name__})") from exc
         if answer.is_success:

@@ -120,6 +120,36 @@ def test_submit_refused_prints_the_error_and_field(server, capsys):
     assert "task_id must be 1-40 characters" in err and "(field: task_id)" in err
 
 
+def test_the_token_comes_from_the_flag_then_the_environment_then_the_data_dir(server, tmp_path, monkeypatch):
+    def sent() -> str | None:
+        return server.requests[-1]["headers"].get("Authorization")
+
+    (tmp_path / "api-token").write_text("dy_from-file\n")
+    monkeypatch.delenv("DOCKYARD_TOKEN", raising=False)
+    assert cli.main(["tasks", "--url", server.url, "--data-dir", str(tmp_path)]) == 0
+    assert sent() == "Bearer dy_from-file"
+    monkeypatch.setenv("DOCKYARD_TOKEN", "dy_from-env")
+    assert cli.main(["submit", "x", "--url", server.url, "--data-dir", str(tmp_path)]) == 0
+    assert sent() == "Bearer dy_from-env"
+    assert cli.main(["cancel", "t-1", "--url", server.url, "--token", "dy_from-flag"]) == 0
+    assert sent() == "Bearer dy_from-flag"
+    monkeypatch.delenv("DOCKYARD_TOKEN")
+    assert cli.main(["tasks", "--url", server.url, "--data-dir", str(tmp_path / "none")]) == 0
+    assert sent() is None
+
+
+def test_token_create_prints_a_token_and_its_hashed_line(capsys):
+    from functions.stream.auth import parse_tokens
+
+    assert cli.main(["token", "create", "--name", "ci", "--scope", "read"]) == 0
+    out = capsys.readouterr().out
+    token = out.split("token: ", 1)[1].split()[0]
+    line = out.split("tokens-file line: ", 1)[1].strip()
+    (grant,) = parse_tokens(line).values()
+    assert (grant.name, grant.scope) == ("ci", "read") and token not in line
+    assert cli.main(["token", "create", "--name", "two words", "--scope", "read"]) == 2
+
+
 def test_submit_to_nothing_says_what_to_do(capsys):
     assert cli.main(["submit", "x", "--url", "http://127.0.0.1:9"]) == 1
     assert "dockyard dev" in capsys.readouterr().err

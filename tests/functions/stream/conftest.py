@@ -5,7 +5,13 @@ from __future__ import annotations
 import pytest
 
 from functions.stream.app import create_app
-from tests.functions.stream.support import AppServer, replace_settings
+from tests.functions.stream.support import AppServer, replace_settings, write_tokens_file
+
+
+@pytest.fixture
+def settings(settings, tmp_path):
+    """The functions' test settings, with the tokens file of `support.WRITE_TOKEN` and `support.READ_TOKEN`."""
+    return replace_settings(settings, api_tokens_file=write_tokens_file(tmp_path / "api-tokens"))
 
 
 @pytest.fixture

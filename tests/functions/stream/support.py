@@ -14,7 +14,19 @@ import uvicorn
 from agent import contract
 from functions.cli.sse_client import SSEMessage, SSEParser, follow
 from functions.core.bus import now_iso
+from functions.stream.auth import token_line
 from tests.conftest import eventually_async, free_port
+
+# The API tokens of the stream tests (the `settings` fixture of conftest.py writes their tokens file).
+WRITE_TOKEN, READ_TOKEN = "dy_test-write-token", "dy_test-read-token"
+AUTH = {"Authorization": f"Bearer {WRITE_TOKEN}"}
+READ_AUTH = {"Authorization": f"Bearer {READ_TOKEN}"}
+
+
+def write_tokens_file(path) -> str:
+    """A tokens file with the write token `tests` and the read token `reader`; its path."""
+    path.write_text(f"{token_line('tests', 'write', WRITE_TOKEN)}\n{token_line('reader', 'read', READ_TOKEN)}\n")
+    return str(path)
 
 
 class AppServer:
@@ -103,10 +115,12 @@ async def consumer_count(js) -> int:
 
 async def collect(url: str, after: int | None = None, **kwargs) -> list[SSEMessage]:
     """Every message of a followed task through `end` (follow() resumes by itself after a cut)."""
+    kwargs.setdefault("headers", AUTH)
     return [m async for m in follow(url, after, backoff=0.05, **kwargs)]
 
 
 async def collect_into(url: str, into: list, after: int | None = None, **kwargs) -> None:
+    kwargs.setdefault("headers", AUTH)
     async for message in follow(url, after, backoff=0.05, **kwargs):
         into.append(message)
 
@@ -114,7 +128,7 @@ async def collect_into(url: str, into: list, after: int | None = None, **kwargs)
 async def raw_body(url: str, **headers) -> str:
     """The whole response body (the server ends it after `end`)."""
     async with httpx.AsyncClient(timeout=20) as client:
-        response = await client.get(url, headers=headers)
+        response = await client.get(url, headers={**AUTH, **headers})
     assert response.status_code == 200, response.text
     return response.text
 
@@ -131,7 +145,7 @@ class OpenStream:
     """
 
     def __init__(self, client: httpx.AsyncClient, url: str):
-        self._cm = client.stream("GET", url)
+        self._cm = client.stream("GET", url, headers=AUTH)
         self.response: httpx.Response | None = None
         self._lines = None
 
@@ -154,7 +168,7 @@ class RawClient:
         self.sock = socket.socket()
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)  # before connect: sets the window
         self.sock.connect(("127.0.0.1", port))
-        extra = "".join(f"{k}: {v}\r\n" for k, v in (headers or {}).items())
+        extra = "".join(f"{k}: {v}\r\n" for k, v in {**AUTH, **(headers or {})}.items())
         self.sock.sendall(f"GET {path} HTTP/1.1\r\nHost: test\r\nAccept: text/event-stream\r\n{extra}\r\n".encode())
         self.sock.setblocking(False)
         self.raw = b""

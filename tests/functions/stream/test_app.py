@@ -25,6 +25,7 @@ from functions.core.registry import new_record
 from functions.stream.app import create_app
 from tests.conftest import eventually_async
 from tests.functions.stream.support import (
+    AUTH,
     AppServer,
     collect,
     collect_into,
@@ -72,7 +73,7 @@ async def test_frames_are_exact_in_stream_order_with_event_names(bus, serve):
     expected.append(f"id: {seq}\nevent: status\ndata: {raw.decode()}\n\n")
     expected.append(f'event: end\ndata: {{"task_id":"{task}","last_id":{seq}}}\n\n')
 
-    async with httpx.AsyncClient(timeout=10) as client:
+    async with httpx.AsyncClient(headers=AUTH, timeout=10) as client:
         response = await client.get(f"{server.url}/api/stream/{task}")  # returns once the server closes
     assert response.status_code == 200
     assert response.headers["content-type"].startswith("text/event-stream")
@@ -109,7 +110,7 @@ async def test_resume_after_the_terminal_event_ends_at_once(bus, serve):
     task = "t-done"
     await publish(bus.js, task, log_record(task, "work"))
     last = await publish(bus.js, task, finished(task))
-    async with httpx.AsyncClient(timeout=5) as client:
+    async with httpx.AsyncClient(headers=AUTH, timeout=5) as client:
         response = await client.get(f"{server.url}/api/stream/{task}", headers={"Last-Event-ID": str(last)})
     assert response.text == f'event: end\ndata: {{"task_id":"{task}","last_id":{last}}}\n\n'
 
@@ -153,7 +154,7 @@ async def test_a_follower_resumes_across_an_app_restart(bus, serve):
 async def test_registered_task_without_messages_streams_heartbeats(bus, serve):
     server = await serve(heartbeat_seconds=0.2)
     await bus.registry.create("t-quiet", new_record("t-quiet", task=None, spec_hash=None, now=now_iso()))
-    async with httpx.AsyncClient(timeout=5) as client:
+    async with httpx.AsyncClient(headers=AUTH, timeout=5) as client:
         async with client.stream("GET", f"{server.url}/api/stream/t-quiet") as response:
             assert response.status_code == 200
             started = time.monotonic()
@@ -171,7 +172,7 @@ async def test_registered_task_without_messages_streams_heartbeats(bus, serve):
 
 async def test_unknown_task_is_404_and_bad_input_is_400(bus, serve):
     server = await serve()
-    async with httpx.AsyncClient(base_url=server.url, timeout=5) as client:
+    async with httpx.AsyncClient(headers=AUTH, base_url=server.url, timeout=5) as client:
         response = await client.get("/api/stream/t-nobody")
         assert response.status_code == 404
         assert response.json()["field"] == "task_id" and "t-nobody" in response.json()["error"]
@@ -193,7 +194,7 @@ async def test_nats_down_is_503(settings, nats_server):
     nats_server.stop()
     server = await AppServer(create_app(settings)).start()
     try:
-        async with httpx.AsyncClient(base_url=server.url, timeout=10) as client:
+        async with httpx.AsyncClient(headers=AUTH, base_url=server.url, timeout=10) as client:
             assert (await client.get("/healthz")).status_code == 200
             response = await client.get("/api/stream/t-any")
             assert response.status_code == 503 and "error" in response.json()
@@ -212,7 +213,7 @@ async def test_a_bug_is_a_500_in_the_same_shape(serve, monkeypatch):
         raise KeyError("a bug")
 
     monkeypatch.setattr("functions.core.bus.connect", broken)
-    async with httpx.AsyncClient(base_url=server.url, timeout=5) as client:
+    async with httpx.AsyncClient(headers=AUTH, base_url=server.url, timeout=5) as client:
         response = await client.get("/api/tasks")
     assert response.status_code == 500
     assert response.json() == {"error": "internal error: KeyError", "field": None}
@@ -226,7 +227,7 @@ async def test_tasks_are_listed_newest_first(bus, serve):
     for i, task_id in enumerate(["t-old", "t-mid", "t-new"]):
         record = new_record(task_id, task={"prompt": f"p{i}"}, spec_hash=f"h{i}", now=f"2030-01-01T00:00:0{i}.000Z")
         await bus.registry.create(task_id, record)
-    async with httpx.AsyncClient(base_url=server.url, timeout=5) as client:
+    async with httpx.AsyncClient(headers=AUTH, base_url=server.url, timeout=5) as client:
         assert (await client.get("/healthz")).json()["status"] == "ok"
         listed = (await client.get("/api/tasks")).json()
         assert [r["task_id"] for r in listed] == ["t-new", "t-mid", "t-old"]
@@ -243,7 +244,7 @@ async def test_cors_lets_configured_origins_read_and_resume(bus, serve):
     await publish(bus.js, task, finished(task))
     plain = await serve()
     server = await serve(cors_origins=("https://cockpit.example",))
-    async with httpx.AsyncClient(timeout=5) as client:
+    async with httpx.AsyncClient(headers=AUTH, timeout=5) as client:
         response = await client.get(f"{server.url}/api/stream/{task}", headers={"Origin": "https://cockpit.example"})
         assert response.status_code == 200 and response.text.endswith("\n\n")
         assert response.headers["access-control-allow-origin"] == "https://cockpit.example"

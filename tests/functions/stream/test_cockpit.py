@@ -19,7 +19,7 @@ from starlette.routing import Route
 from agent import contract
 from functions.stream.app import create_app
 from tests.conftest import free_port
-from tests.functions.stream.support import AppServer, replace_settings
+from tests.functions.stream.support import AUTH, AppServer, replace_settings
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -47,7 +47,7 @@ async def broker():
 
 async def relay_client(settings, broker_url: str) -> httpx.AsyncClient:
     app = create_app(replace_settings(settings, broker_url=broker_url))
-    return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://stream")
+    return httpx.AsyncClient(headers=AUTH, transport=httpx.ASGITransport(app=app), base_url="http://stream")
 
 
 async def test_the_relay_forwards_what_a_person_may_send_and_refuses_the_rest(settings, broker):

@@ -18,6 +18,7 @@ from functions.cli.sse_client import SSEMessage
 from functions.stream import consumers, feed
 from tests.conftest import eventually_async
 from tests.functions.stream.support import (
+    AUTH,
     OpenStream,
     collect_into,
     consumer_count,
@@ -46,7 +47,7 @@ async def test_consumers_are_shared_per_task_and_released_after_disconnect(bus, 
         return await consumer_count(bus.js) == n
 
     url = f"{server.url}/api/stream/{task}"
-    async with httpx.AsyncClient(timeout=30) as one, httpx.AsyncClient(timeout=30) as two:
+    async with httpx.AsyncClient(headers=AUTH, timeout=30) as one, httpx.AsyncClient(headers=AUTH, timeout=30) as two:
         streams = [await OpenStream(one, url).first_message(), await OpenStream(two, url).first_message()]
         # Both caught up from history on consumers of their own, released since, and now share one.
         await eventually_async(lambda: server.feed(task) is not None and server.feed(task).waiting == 2, "both clients wait on the feed")

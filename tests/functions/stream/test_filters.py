@@ -15,6 +15,7 @@ from functions.stream import feed
 from functions.stream.filters import LEVELS, Filter, log_level
 from tests.conftest import eventually_async
 from tests.functions.stream.support import (
+    AUTH,
     collect,
     collect_into,
     ev,
@@ -85,7 +86,7 @@ async def test_filters_send_only_what_was_asked_and_resume_exactly(bus, serve, m
             resumed = await collect(f"{url}?{query}", after=after)
             assert [m.id for m in resumed] == [s for s in expected if s > after] + [None], (query, after)
 
-    async with httpx.AsyncClient(base_url=server.url, timeout=5) as client:
+    async with httpx.AsyncClient(headers=AUTH, base_url=server.url, timeout=5) as client:
         for query, field in (("types=phse", "types"), ("types=", "types"), ("level=loud", "level")):
             response = await client.get(f"/api/stream/{task}?{query}")
             assert (response.status_code, response.json()["field"]) == (400, field), query

@@ -10,7 +10,7 @@ from starlette.routing import Route
 
 from functions.stream import internals
 from functions.stream.app import create_app
-from tests.functions.stream.support import AppServer
+from tests.functions.stream.support import AUTH, AppServer
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -34,7 +34,7 @@ async def test_under_uvicorn_the_transport_is_the_connection_of_the_request():
     app = Starlette(routes=[Route("/", lambda request: JSONResponse({}))])
     server = await AppServer(Probe()).start()
     try:
-        async with httpx.AsyncClient(timeout=10) as client:
+        async with httpx.AsyncClient(headers=AUTH, timeout=10) as client:
             assert (await client.get(server.url)).status_code == 200
     finally:
         await server.stop()
@@ -73,7 +73,7 @@ async def test_the_stream_app_mounted_in_another_app_finds_no_transport(settings
     parent = Starlette(routes=[Mount("", app=stream_app)])
     server = await AppServer(parent).start()
     try:
-        async with httpx.AsyncClient(timeout=10) as client:
+        async with httpx.AsyncClient(headers=AUTH, timeout=10) as client:
             assert (await client.get(f"{server.url}/peek")).status_code == 200
     finally:
         await server.stop()

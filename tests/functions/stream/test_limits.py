@@ -8,7 +8,7 @@ import pytest
 from functions.stream import limits
 from functions.stream.limits import AddressCap, TooManyStreams
 from tests.conftest import eventually_async
-from tests.functions.stream.support import OpenStream, log_record, publish
+from tests.functions.stream.support import AUTH, OpenStream, log_record, publish
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -33,7 +33,7 @@ async def test_streams_per_address_are_capped_with_429_and_retry_after(bus, serv
     task = "t-cap"
     await publish(bus.js, task, log_record(task, "hi"))
     url = f"{server.url}/api/stream/{task}"
-    async with httpx.AsyncClient(timeout=30) as client:
+    async with httpx.AsyncClient(headers=AUTH, timeout=30) as client:
         held = [await OpenStream(client, url).first_message() for _ in range(2)]
         refused = await client.get(url)
         assert refused.status_code == 429

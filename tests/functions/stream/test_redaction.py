@@ -22,6 +22,7 @@ from functions.core.registry import new_record
 from functions.stream import redaction
 from tests.conftest import eventually_async
 from tests.functions.stream.support import (
+    AUTH,
     collect,
     collect_into,
     ev,
@@ -98,7 +99,7 @@ async def test_secrets_never_reach_a_client_live_replayed_or_in_task_records(bus
         assert messages[2].data["msg"] == f"{REPLACEMENT} and {REPLACEMENT}"
         assert messages[3].data["msg"] == f"key: {REPLACEMENT}"  # the cut block went, the closing quote stayed
         assert "git clone https://bob:[REDACTED]@git.example.com" in messages[4].data["text"]
-    async with httpx.AsyncClient(base_url=server.url, timeout=5) as client:
+    async with httpx.AsyncClient(headers=AUTH, base_url=server.url, timeout=5) as client:
         listed = (await client.get("/api/tasks")).text
         one = (await client.get(f"/api/tasks/{task}")).text
     for body in (listed, one):

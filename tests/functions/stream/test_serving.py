@@ -20,6 +20,7 @@ from functions.errors import Unavailable
 from functions.stream import serving
 from tests.conftest import REPO_ROOT, eventually_async, free_port, wait_for_port
 from tests.functions.stream.support import (
+    write_tokens_file,
     collect_into,
     ev,
     finished,
@@ -74,7 +75,8 @@ class AppProcess:
         self.command = self.COMMANDS[how](free_port())
         self.port = int(self.command[self.command.index("--port") + 1])
         self.url = f"http://127.0.0.1:{self.port}"
-        self.env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "DOCKYARD_NATS_URL": nats_url, "DOCKYARD_DATA_DIR": str(data_dir), **env}
+        self.env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "DOCKYARD_NATS_URL": nats_url, "DOCKYARD_DATA_DIR": str(data_dir),
+                    "DOCKYARD_API_TOKENS_FILE": write_tokens_file(log_file.parent / "api-tokens"), **env}
         self.log_file = log_file
         self.proc: subprocess.Popen | None = None
 

@@ -19,6 +19,7 @@ from functions.cli.sse_client import SSEMessage
 from functions.stream.sse import comment, end_frame, frame
 from tests.conftest import eventually_async
 from tests.functions.stream.support import (
+    AUTH,
     RawClient,
     collect,
     collect_into,
@@ -135,7 +136,7 @@ async def test_a_response_ends_cleanly_after_the_max_duration_and_the_client_res
     async def record(request) -> None:
         requests.append(request.headers.get("last-event-id"))
 
-    client = httpx.AsyncClient(timeout=httpx.Timeout(10, read=5), event_hooks={"request": [record]})
+    client = httpx.AsyncClient(headers=AUTH, timeout=httpx.Timeout(10, read=5), event_hooks={"request": [record]})
     received: list[SSEMessage] = []
     follower = asyncio.create_task(collect_into(url, received, client=client))
     while len(requests) < 3:  # live messages until the follower was cut twice and resumed

@@ -7,6 +7,24 @@ export const EVENT_SOURCE = "dockyard/cockpit";
 
 let configPromise = null;
 
+// The token flow (as Jupyter's): `dockyard dev` prints the cockpit URL with ?token=. The page trades
+// it once for an HttpOnly, SameSite=Strict cookie (POST api/session) and drops it from the address
+// bar and history; the cookie then authenticates every request, EventSource included.
+export async function signIn() {
+  const params = new URLSearchParams(location.search);
+  const token = params.get("token");
+  if (!token) return false;
+  params.delete("token");
+  const query = params.toString();
+  history.replaceState(history.state, "", `${location.pathname}${query ? `?${query}` : ""}${location.hash}`);
+  try {
+    const response = await fetch("api/session", { method: "POST", cache: "no-store", headers: { Authorization: `Bearer ${token}` } });
+    return response.ok;
+  } catch {
+    return false;
+  }
+}
+
 // {ingress}: "/" under `dockyard dev`, "/api/events" (a relay) in the cluster.
 export function config() {
   configPromise ??= fetch("cockpit-config.json", { cache: "no-store" })

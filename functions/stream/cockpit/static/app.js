@@ -3,7 +3,7 @@
 // Routes: #/ (the list) and #/tasks/<id> (a task).
 
 import { age, h, isTaskId, oneLine, text } from "./dom.js";
-import { ApiError, command, config, getJSON, submitTask, submittedTaskId } from "./api.js";
+import { ApiError, command, config, getJSON, signIn, submitTask, submittedTaskId } from "./api.js";
 import { TaskView } from "./trace.js";
 
 const POLL_VISIBLE_MS = 3000;
@@ -43,7 +43,7 @@ async function poll() {
       setServer("ok", "connected");
       renderList();
     } catch (exc) {
-      setServer("down", exc instanceof ApiError && exc.status ? `server error ${exc.status}` : "server unreachable");
+      setServer("down", serverProblem(exc));
     } finally {
       polling = false;
     }
@@ -54,6 +54,12 @@ async function poll() {
 document.addEventListener("visibilitychange", () => {
   if (!document.hidden) poll(); // back in view: fresh at once
 });
+
+function serverProblem(exc) {
+  if (!(exc instanceof ApiError) || !exc.status) return "server unreachable";
+  if (exc.status === 401) return "no API token: open the cockpit URL `dockyard dev` printed (…/?token=…)";
+  return `server error ${exc.status}`;
+}
 
 function setServer(state, label) {
   ui.serverState.dataset.state = state;
@@ -220,6 +226,7 @@ try {
 }
 ui.trace.dataset.min = ui.level.value;
 
+await signIn(); // ?token= -> the session cookie, before the first API request
 config(); // fetched once, early
 route();
 poll();
