@@ -53,8 +53,9 @@ def structured(type_: str, data, n: int = 0) -> str:
 
 
 # --- dockyard dev over HTTP ------------------------------------------------------
-async def _forge_at_the_ingress(url: str, task_id: str, uid: str) -> list[httpx.Response]:
-    async with httpx.AsyncClient(timeout=30) as http:
+async def _forge_at_the_ingress(url: str, task_id: str, uid: str, auth: dict) -> list[httpx.Response]:
+    """Forged platform events, sent with a valid write token: even a token holder cannot post them."""
+    async with httpx.AsyncClient(timeout=30, headers=auth) as http:
         updates = [
             http.post(f"{url}/", content=structured(contract.EVENT_JOB_UPDATE, forged_job(task_id, u)), headers=STRUCTURED)
             for u in ("made-up-uid", uid)
@@ -74,21 +75,21 @@ def dev(tmp_path):
 
 def test_forged_platform_events_at_the_dev_ingress_are_refused(dev):
     task = {**json.loads(EXAMPLE_TASK.read_text()), "model": EXAMPLE_MODEL, "task_id": "victim"}
-    task_id = client.submit_task(dev.url, task)
+    task_id = client.submit_task(dev.url, task, dev.token)
 
     def started() -> dict | None:
-        record = httpx.get(f"{dev.url}/api/tasks/{task_id}", timeout=5).json()
+        record = httpx.get(f"{dev.url}/api/tasks/{task_id}", headers=dev.headers, timeout=5).json()
         return record if record.get("state") != contract.STATE_QUEUED else None
 
     eventually(started, "the victim task to start")
     uid = dev.supervisor_state(task_id)["uid"]
-    answers = asyncio.run(_forge_at_the_ingress(dev.url, task_id, uid))
+    answers = asyncio.run(_forge_at_the_ingress(dev.url, task_id, uid, dev.headers))
     assert [a.status_code for a in answers] == [403] * 33, [a.text for a in answers]
     assert {a.json()["field"] for a in answers} == {"ce-type"}
 
     # The victim runs to its own end; what is recorded is the runtime's word, not the attacker's.
     def recorded() -> dict | None:
-        record = httpx.get(f"{dev.url}/api/tasks/{task_id}", timeout=5).json()
+        record = httpx.get(f"{dev.url}/api/tasks/{task_id}", headers=dev.headers, timeout=5).json()
         return record if record.get("finished_uids") else None
 
     record = eventually(recorded, "job_finished to record the victim's real end")
