@@ -276,3 +276,12 @@ async def test_commands_over_nats_status_message_cancel(tmp_path, agent_env, nat
             proc.kill()
         proc.wait()
         await nc.close()
+
+
+def test_the_agent_refuses_a_file_repository_unless_allowed(tmp_path, agent_env):
+    """A task that reached the agent without the functions' check still cannot clone a local path."""
+    from agent.run import FatalError, clone_repo
+
+    with pytest.raises(FatalError, match="allow-file-repos"):
+        clone_repo({"url": (tmp_path / "origin").as_uri()}, tmp_path, agent_env)
+    assert not (tmp_path / contract.REPO_DIR).exists()
