@@ -124,11 +124,11 @@ def script_path(name: str, scripts_dir: Path) -> Path:
             f"scripted model {name!r} is not a bare name: name a file in the scripts directory {scripts_dir} "
             "(e.g. scripted:example), never a path")
     candidates = [name] if "." in name else [name, f"{name}.yaml", f"{name}.yml", f"{name}.json"]
-    if name == "example":
-        candidates.append("example_turns.yaml")  # the bundled demo's file
     for candidate in candidates:
         if (scripts_dir / candidate).is_file():
             return scripts_dir / candidate
+    if name == "example":  # the bundled demo works whatever the scripts directory
+        return EXAMPLES_DIR / "example_turns.yaml"
     raise ModelConfigError(f"scripted model {name!r}: no file {' or '.join(candidates)} in the scripts directory {scripts_dir}")
 
 

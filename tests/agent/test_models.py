@@ -126,3 +126,9 @@ def test_a_scripted_model_given_as_a_path_is_a_config_error(tmp_path, name):
 def test_a_missing_script_names_the_scripts_dir(tmp_path):
     with pytest.raises(ModelConfigError, match="no file missing or missing.yaml"):
         load_model("scripted:missing", secrets_dir=tmp_path, scripts_dir=tmp_path)
+
+
+def test_the_example_works_with_any_scripts_dir(tmp_path):
+    from agent.models import EXAMPLES_DIR
+
+    assert load_model("scripted:example", secrets_dir=tmp_path, scripts_dir=tmp_path).source == str(EXAMPLES_DIR / "example_turns.yaml")
