@@ -146,7 +146,7 @@ class Settings(BaseSettings):
         "task_submitted, local runtime")
     scripts_dir: str = _setting(
         "", "directory of `scripted:NAME` model scripts (a task names a file in it, never a path)",
-        "agents (scripted models)", shown="the bundled `agent/examples/`")
+        "local runtime (its agents; a Job's agent uses its image's bundled examples)", shown="the bundled `agent/examples/`")
 
     # --- functions ------------------------------------------------------------------
     stream_max_age_seconds: float = _setting(
