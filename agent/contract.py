@@ -19,11 +19,27 @@ DISTRIBUTION = "dockyard"
 
 # --- task ids ---------------------------------------------------------------
 TASK_ID_MAX = 40
-TASK_ID_PATTERN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+TASK_ID_PATTERN = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")  # used with fullmatch: `$` would allow a trailing "\n"
 
 
 def is_valid_task_id(value: object) -> bool:
-    return isinstance(value, str) and 1 <= len(value) <= TASK_ID_MAX and bool(TASK_ID_PATTERN.match(value))
+    return isinstance(value, str) and 1 <= len(value) <= TASK_ID_MAX and bool(TASK_ID_PATTERN.fullmatch(value))
+
+
+# Any C0 control (NUL, CR, LF, ESC, ...), DEL or C1 control: never part of an identifier, URL or ref.
+CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+# A scripted model is named by a bare file name in the scripts directory, never a path.
+SCRIPT_NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*(\.(yaml|yml|json))?")
+SCRIPTED_PROVIDER = "scripted"
+
+
+def has_control_chars(value: str) -> bool:
+    return bool(CONTROL_CHARS.search(value))
+
+
+def is_valid_script_name(name: str) -> bool:
+    """`example`, `gated`, `turns.yaml`: no path separator, no '..', no control character."""
+    return len(name) <= 100 and bool(SCRIPT_NAME_PATTERN.fullmatch(name))
 
 
 def derive_task_id(source: str, event_id: str) -> str:

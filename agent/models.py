@@ -1,8 +1,10 @@
 """Chat models behind one call: `invoke(phase, messages, tools, turn) -> AIMessage`.
 
-- `scripted:PATH` replays a YAML/JSON list of turns. It picks turn number
-  `turn`, the count of model turns already in the graph state, so a resumed
-  run continues with the right turn. `scripted:example` is the bundled demo.
+- `scripted:NAME` replays a YAML/JSON list of turns from the file NAME (or
+  NAME.yaml, NAME.yml, NAME.json) in the scripts directory: a bare name, never
+  a path (a task must not make the agent read a file of its choosing). It picks
+  turn number `turn`, the count of model turns already in the graph state, so a
+  resumed run continues with the right turn. `scripted:example` is the bundled demo.
 - `provider:model` (openai, anthropic, ollama, vllm, openai-compatible) goes
   through LangChain's `init_chat_model` (optional extras). Keys are read from
   files in the secrets directory, never from the environment.
@@ -17,6 +19,8 @@ from pathlib import Path
 from typing import Protocol
 
 from langchain_core.messages import AIMessage, BaseMessage
+
+from agent import contract
 
 EXAMPLES_DIR = Path(__file__).parent / "examples"
 OPENAI_COMPATIBLE = {"ollama": "http://ollama:11434/v1", "vllm": "http://vllm:8000/v1", "openai-compatible": None}
@@ -113,13 +117,29 @@ def _read_secret(secrets_dir: Path, *names: str) -> str | None:
     return None
 
 
-def load_model(spec: str, *, secrets_dir: Path, timeout_seconds: float = 300) -> Model:
+def script_path(name: str, scripts_dir: Path) -> Path:
+    """The file of `scripted:NAME` in `scripts_dir`; a name that is a path is a ModelConfigError."""
+    if not contract.is_valid_script_name(name):
+        raise ModelConfigError(
+            f"scripted model {name!r} is not a bare name: name a file in the scripts directory {scripts_dir} "
+            "(e.g. scripted:example), never a path")
+    candidates = [name] if "." in name else [name, f"{name}.yaml", f"{name}.yml", f"{name}.json"]
+    for candidate in candidates:
+        if (scripts_dir / candidate).is_file():
+            return scripts_dir / candidate
+    if name == "example":  # the bundled demo works whatever the scripts directory
+        return EXAMPLES_DIR / "example_turns.yaml"
+    raise ModelConfigError(f"scripted model {name!r}: no file {' or '.join(candidates)} in the scripts directory {scripts_dir}")
+
+
+def load_model(spec: str, *, secrets_dir: Path, scripts_dir: Path = EXAMPLES_DIR, timeout_seconds: float = 300) -> Model:
     provider, sep, name = spec.partition(":")
     if not sep or not name:
         raise ModelConfigError(f"model {spec!r} must look like 'provider:model', e.g. 'scripted:example' or 'openai:gpt-4o'")
-    if provider == "scripted":
-        path = EXAMPLES_DIR / "example_turns.yaml" if name == "example" else Path(name)
-        return ScriptedModel.load(path)
+    if contract.has_control_chars(spec):
+        raise ModelConfigError("the model spec contains control characters")
+    if provider == contract.SCRIPTED_PROVIDER:
+        return ScriptedModel.load(script_path(name, scripts_dir))
 
     try:
         from langchain.chat_models import init_chat_model

@@ -25,6 +25,7 @@ from collections.abc import Generator
 from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from agent import contract
 from agent.cli import UsageError, add_nats_arguments, check_common, env_default, nats_auth, task_parser
@@ -56,6 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_nats_arguments(parser, "telemetry and commands; none: trace to stdout")
     parser.add_argument("--home", default=env_default("HOME_DIR", contract.HOME_DIR), help="writable home for tools (PYTHONUSERBASE under it) [DOCKYARD_HOME_DIR]")
     parser.add_argument("--secrets-dir", default=env_default("SECRETS_DIR", contract.SECRETS_DIR), help="directory of secret files [DOCKYARD_SECRETS_DIR]")
+    parser.add_argument("--scripts-dir", default=env_default("SCRIPTS_DIR"), help="directory of scripted:NAME model scripts; default the bundled examples [DOCKYARD_SCRIPTS_DIR]")
+    allow_file = env_default("ALLOW_FILE_REPOS", "").strip().lower() in ("1", "true", "yes")
+    parser.add_argument("--allow-file-repos", action="store_true", default=allow_file, help="clone file:// repositories (one machine only) [DOCKYARD_ALLOW_FILE_REPOS]")
     parser.add_argument("--max-strategic-rounds", type=int, default=env_default("MAX_STRATEGIC_ROUNDS", "30"), help="budget [DOCKYARD_MAX_STRATEGIC_ROUNDS]")
     parser.add_argument("--max-tool-calls", type=int, default=env_default("MAX_TOOL_CALLS", "40"), help="budget per tactical phase [DOCKYARD_MAX_TOOL_CALLS]")
     parser.add_argument("--deadline-seconds", type=int, default=env_default("DEADLINE_SECONDS"), help="overall deadline; default from the task's limits [DOCKYARD_DEADLINE_SECONDS]")
@@ -108,7 +112,11 @@ def write_result(workspace: Path, result: dict) -> None:
     os.replace(tmp, path)
 
 
-def clone_repo(repo: dict, workspace: Path, env: dict) -> None:
+def clone_repo(repo: dict, workspace: Path, env: dict, *, allow_file: bool = False) -> None:
+    """Clone over https or ssh only (git's GIT_ALLOW_PROTOCOL, submodules included); file:// when `allow_file`."""
+    if urlsplit(repo["url"]).scheme == "file" and not allow_file:
+        raise FatalError(f"repository {repo['url']!r}: file:// repositories are disabled (dockyard dev --allow-file-repos)")
+    env = {**env, "GIT_ALLOW_PROTOCOL": "https:ssh" + (":file" if allow_file else "")}
     target = workspace / contract.REPO_DIR
     if target.exists():
         return
@@ -122,12 +130,12 @@ def clone_repo(repo: dict, workspace: Path, env: dict) -> None:
     os.replace(staging, target)
 
 
-def _load_model(spec: str, secrets_dir: Path):
+def _load_model(spec: str, secrets_dir: Path, scripts_dir: str | None):
     """The model for `spec`; a configuration that cannot work is fatal (no retry)."""
-    from agent.models import ModelConfigError, load_model
+    from agent.models import EXAMPLES_DIR, ModelConfigError, load_model
 
     try:
-        return load_model(spec, secrets_dir=secrets_dir)
+        return load_model(spec, secrets_dir=secrets_dir, scripts_dir=Path(scripts_dir) if scripts_dir else EXAMPLES_DIR)
     except ModelConfigError as exc:
         raise FatalError(str(exc)) from None
 
@@ -221,7 +229,7 @@ class Run:
         deadline_seconds = int(args.deadline_seconds or (task.get("limits") or {}).get("deadline_seconds") or 3600)
         home = Path(args.home)
         home.mkdir(parents=True, exist_ok=True)
-        model = _load_model(model_spec, Path(args.secrets_dir))
+        model = _load_model(model_spec, Path(args.secrets_dir), args.scripts_dir)
 
         proxy_env = {k: v for k, v in os.environ.items() if k.lower() in ("http_proxy", "https_proxy", "no_proxy")}
         tools = WorkTools(self.workspace, home, proxy_env=proxy_env)
@@ -351,6 +359,6 @@ class Run:
     def _clone(self, repo: dict, tools) -> None:
         log.info("cloning %s", repo.get("url"))
         try:
-            clone_repo(repo, self.workspace, tools.environment())
+            clone_repo(repo, self.workspace, tools.environment(), allow_file=self.args.allow_file_repos)
         except subprocess.CalledProcessError as exc:
             raise RuntimeError(f"git clone of {repo.get('url')} failed: {exc.stderr.strip()[:500]}") from None

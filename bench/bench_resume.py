@@ -30,7 +30,7 @@ def start(workspace: Path, script: Path) -> subprocess.Popen:
     env["PYTHONPATH"] = str(ROOT)
     command = [
         sys.executable, "-m", "agent", "run", "--task-id", "bench", "--workspace", str(workspace),
-        "--task-file", str(ROOT / "agent/examples/example_task.json"), "--model", f"scripted:{script}",
+        "--task-file", str(ROOT / "agent/examples/example_task.json"), "--model", f"scripted:{script.name}", "--scripts-dir", str(script.parent),
         "--home", str(workspace.parent / "home"), "--secrets-dir", str(workspace.parent / "none"),
     ]
     return subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)

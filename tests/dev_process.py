@@ -25,8 +25,9 @@ STOP_SECONDS = 40.0
 
 
 class DevServer:
-    def __init__(self, data_dir: Path, env: dict[str, str] | None = None, port: int | None = None):
+    def __init__(self, data_dir: Path, env: dict[str, str] | None = None, port: int | None = None, args: tuple[str, ...] = ()):
         self.data_dir = data_dir
+        self.args = tuple(args)  # more flags of `dockyard dev`, e.g. --allow-file-repos
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.env = agent_environment(env)
@@ -40,7 +41,7 @@ class DevServer:
         self._offset = self.log.stat().st_size if self.log.exists() else 0
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "functions.cli", "dev", "--port", str(self.port), "--data-dir", str(self.data_dir)],
+                [sys.executable, "-m", "functions.cli", "dev", "--port", str(self.port), "--data-dir", str(self.data_dir), *self.args],
                 cwd=REPO_ROOT,
                 env=self.env,
                 stdin=subprocess.DEVNULL,

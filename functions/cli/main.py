@@ -38,6 +38,7 @@ from functions.cli.client import (
     resolve_token,
     submit_task,
 )
+from functions.cli.render import terminal_safe
 from functions.errors import SettingsError
 
 # --- subcommands -----------------------------------------------------------------
@@ -61,12 +62,18 @@ def _register_dev(sub) -> None:
     p.add_argument("--nats", help="use this NATS server instead of starting an embedded one")
     p.add_argument("--store", help="object store URL (default file://<data-dir>/store)")
     p.add_argument("--model", help="model for tasks that name none (the agent's default otherwise)")
+    p.add_argument(
+        "--allow-file-repos", action="store_true",
+        help="accept file:// repositories (tasks then read any repository this user can read; off by default)")
     p.set_defaults(run=_run_dev)
 
 
 def _run_dev(args) -> int:
+    from functions.core.settings import Settings
     from functions.devstack import stack as dev
 
+    if args.allow_file_repos:  # a setting like any other: the dev stack and its agents read it from the environment
+        os.environ[Settings.variable("allow_file_repos")] = "true"
     return dev.main(args)
 
 
@@ -145,7 +152,7 @@ def format_tasks(records: list[dict]) -> str:
 
 def _run_tasks(args) -> int:
     records = get_json(args.url, "/api/tasks", _token(args))
-    print(json.dumps(records, indent=2) if args.json else (format_tasks(records) if records else "no tasks"))
+    print(json.dumps(records, indent=2) if args.json else terminal_safe(format_tasks(records) if records else "no tasks"))
     return EXIT_OK
 
 
@@ -247,8 +254,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.run(args)
-    except CommandError as exc:
-        print(f"dockyard {args.command}: {exc}", file=sys.stderr)
+    except CommandError as exc:  # may quote the server's answer: no raw control characters
+        print(terminal_safe(f"dockyard {args.command}: {exc}"), file=sys.stderr)
         return exc.code
     except SettingsError as exc:  # a DOCKYARD_* variable is wrong (`dockyard dev`): the message names it
         print(f"dockyard {args.command}: {exc}", file=sys.stderr)

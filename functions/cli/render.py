@@ -8,15 +8,29 @@ shown as compact JSON rather than dropped: a newer agent never goes silent.
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
 from agent import contract
 
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
 WIDTH = 100  # a tool result or summary is cut to about this many characters on its line
 
 
 def render(event: str, data: dict[str, Any]) -> str | None:
-    """Text for one SSE message (`event` is its SSE event name), or None to print nothing."""
+    """Text for one SSE message (`event` is its SSE event name), or None to print nothing.
+    Safe for a terminal: every control character but newline and tab is removed (agent output
+    could otherwise move the cursor, rewrite lines or set the window title with ESC sequences)."""
+    text = _render(event, data)
+    return None if text is None else terminal_safe(text)
+
+
+def terminal_safe(text: str) -> str:
+    """`text` without C0 controls (except newline and tab), DEL and C1 controls (ESC, CSI, OSC...)."""
+    return _CONTROL.sub("", text)
+
+
+def _render(event: str, data: dict[str, Any]) -> str | None:
     if event == "log":
         return _log(data)
     if event == "end":

@@ -21,6 +21,7 @@ STRUCTURED = "application/cloudevents+json"
 BATCH = "application/cloudevents-batch+json"
 REQUIRED = ("specversion", "id", "source", "type")
 MAX_BODY_BYTES = 256 * 1024
+MAX_JSON_DEPTH = 32  # nesting of objects and arrays; a task needs 3
 
 
 def _is_json_type(content_type: str | None) -> bool:
@@ -31,11 +32,40 @@ def _is_json_type(content_type: str | None) -> bool:
     return media in ("application/json", "text/json") or media.endswith("+json")
 
 
+def _json_depth_exceeds(raw: bytes | str, limit: int) -> bool:
+    """True when arrays/objects nest deeper than `limit`, counted before parsing (brackets inside
+    strings skipped), so deep input never reaches the recursive parser."""
+    text = raw.decode("utf-8", "replace") if isinstance(raw, bytes) else raw
+    depth, in_string, escaped = 0, False, False
+    for char in text:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif char == "\\":
+                escaped = True
+            elif char == '"':
+                in_string = False
+        elif char == '"':
+            in_string = True
+        elif char in "[{":
+            depth += 1
+            if depth > limit:
+                return True
+        elif char in "]}":
+            depth -= 1
+    return False
+
+
 def _decode_json(raw: bytes | str, field: str) -> object:
+    """Decoded JSON, or BadInput naming `field`: invalid, or nested deeper than MAX_JSON_DEPTH."""
+    if _json_depth_exceeds(raw, MAX_JSON_DEPTH):
+        raise BadInput(f"JSON nested deeper than {MAX_JSON_DEPTH} levels; send a flatter object", field)
     try:
         return json.loads(raw)
     except (ValueError, UnicodeDecodeError) as exc:
         raise BadInput(f"event data is not valid JSON ({exc}); send a JSON object", field) from None
+    except RecursionError:
+        raise BadInput("JSON nested too deeply; send a flatter object", field) from None
 
 
 def parse(headers: Mapping[str, str], body: bytes) -> CloudEvent:

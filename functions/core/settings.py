@@ -141,6 +141,13 @@ class Settings(BaseSettings):
     default_storage: str = _setting(_LIMITS.default_storage, "workspace size of a task that sets none", "task_submitted")
     max_storage_gi: int = _setting(_LIMITS.max_storage_gi, "the largest workspace a task may ask for, in Gi", "task_submitted", ge=1)
 
+    allow_file_repos: bool = _setting(
+        False, "accept `file://` repositories (one machine only: `dockyard dev --allow-file-repos`; never with `kubernetes`)",
+        "task_submitted, local runtime")
+    scripts_dir: str = _setting(
+        "", "directory of `scripted:NAME` model scripts (a task names a file in it, never a path)",
+        "local runtime (its agents; a Job's agent uses its image's bundled examples)", shown="the bundled `agent/examples/`")
+
     # --- functions ------------------------------------------------------------------
     stream_max_age_seconds: float = _setting(
         contract.STREAM_MAX_AGE_SECONDS, "how long the JetStream stream keeps a task's messages", "functions, stream", ge=1)
@@ -327,6 +334,10 @@ class Settings(BaseSettings):
             raise SettingsError(
                 f"{var('default_retries')}={self.default_retries} is above {var('max_retries')}={self.max_retries}",
                 var("default_retries"))
+        if self.allow_file_repos and self.runtime == "kubernetes":
+            raise SettingsError(
+                f"{var('allow_file_repos')}=true: file:// repositories are for one machine (`dockyard dev`), "
+                "never with the kubernetes runtime", var("allow_file_repos"))
         try:  # the storage rule lives with the task's validation: apply it to the default
             parse_task({"prompt": "-"}, source="settings", event_id="-", policy=self.limits)
         except BadInput as exc:

@@ -15,7 +15,7 @@ from agent import contract
 from functions.errors import BadInput
 
 MAX_PROMPT_BYTES = 64 * 1024
-REPO_SCHEMES = ("https", "ssh", "file")
+REPO_SCHEMES = ("https", "ssh", "file")  # file: only with allow_file_repos
 
 
 @dataclass(frozen=True)
@@ -90,15 +90,18 @@ def _int_field(limits: dict, name: str, default: int, maximum: int, minimum: int
     return value
 
 
-def parse_task(data: object, *, source: str, event_id: str, policy: LimitsPolicy | None = None) -> Task:
-    """Validate the data of a task.submitted event; derive the id from the event when absent."""
+def parse_task(
+    data: object, *, source: str, event_id: str, policy: LimitsPolicy | None = None, allow_file_repos: bool = False
+) -> Task:
+    """Validate the data of a task.submitted event; derive the id from the event when absent.
+    `file://` repositories are refused unless `allow_file_repos` (`dockyard dev --allow-file-repos`)."""
     policy = policy or LimitsPolicy()
     if not isinstance(data, dict):
         raise BadInput("event data must be a JSON object with at least 'prompt'", "data")
     return Task(  # fields checked in this order: the first fault is the one reported
         prompt=_prompt(data.get("prompt")),
         task_id=_task_id(data.get("task_id"), source, event_id),
-        repo=_repo(data.get("repo")),
+        repo=_repo(data.get("repo"), allow_file_repos),
         model=_model(data.get("model")),
         limits=_limits(data.get("limits"), policy),
     )
@@ -112,9 +115,17 @@ def _prompt(prompt: object) -> str:
     return prompt
 
 
+def _no_control(value: str, name: str) -> str:
+    if contract.has_control_chars(value):
+        raise BadInput(f"{name} must not contain control characters (NUL, newline, ESC, ...)", name)
+    return value
+
+
 def _task_id(task_id: object, source: str, event_id: str) -> str:
     if task_id is None:
         return contract.derive_task_id(source, event_id)
+    if isinstance(task_id, str):
+        _no_control(task_id, "task_id")
     if not contract.is_valid_task_id(task_id):
         raise BadInput(
             f"task_id must be 1-{contract.TASK_ID_MAX} characters of lowercase letters, digits and '-', "
@@ -124,25 +135,40 @@ def _task_id(task_id: object, source: str, event_id: str) -> str:
     return task_id
 
 
-def _repo(repo: object) -> dict | None:
+def _repo(repo: object, allow_file_repos: bool = False) -> dict | None:
     if repo is None:
         return None
     if isinstance(repo, str):
         repo = {"url": repo}
     if not isinstance(repo, dict) or not isinstance(repo.get("url"), str):
         raise BadInput("repo must be an object {url, ref?}", "repo")
-    scheme = urlparse(repo["url"]).scheme
-    if scheme not in REPO_SCHEMES and not repo["url"].startswith("git@"):
+    url = _no_control(repo["url"], "repo.url")
+    scheme = urlparse(url).scheme
+    if scheme not in REPO_SCHEMES and not url.startswith("git@"):
         raise BadInput(f"repo.url scheme must be one of {', '.join(REPO_SCHEMES)}", "repo.url")
+    if scheme == "file" and not allow_file_repos:
+        raise BadInput(
+            "repo.url: file:// repositories are disabled; clone over https or ssh "
+            "(on one machine, start `dockyard dev --allow-file-repos`)", "repo.url", 400)
     ref = repo.get("ref")
     if ref is not None and (not isinstance(ref, str) or not ref or ref.startswith("-")):
         raise BadInput("repo.ref must be a branch, tag or commit name", "repo.ref")
-    return {"url": repo["url"], **({"ref": ref} if ref else {})}
+    if ref:
+        _no_control(ref, "repo.ref")
+    return {"url": url, **({"ref": ref} if ref else {})}
 
 
 def _model(model: object) -> str | None:
-    if model is not None and (not isinstance(model, str) or ":" not in model):
-        raise BadInput("model must look like 'provider:model' (e.g. 'openai:gpt-4o' or 'scripted:/path/turns.yaml')", "model")
+    if model is None:
+        return None
+    if not isinstance(model, str) or ":" not in model:
+        raise BadInput("model must look like 'provider:model' (e.g. 'openai:gpt-4o' or 'scripted:example')", "model")
+    _no_control(model, "model")
+    provider, _, name = model.partition(":")
+    if provider == contract.SCRIPTED_PROVIDER and not contract.is_valid_script_name(name):
+        raise BadInput(
+            "model: a scripted model is named by a file in the scripts directory (DOCKYARD_SCRIPTS_DIR), "
+            "e.g. 'scripted:example' or 'scripted:turns.yaml', never by a path", "model")
     return model
 
 

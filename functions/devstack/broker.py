@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import re
 import time
 from dataclasses import dataclass, field
@@ -42,6 +43,10 @@ log = logging.getLogger(__name__)
 
 EVENTING_DIR = Path(__file__).resolve().parents[2] / "eventing"
 DEAD_LETTER_FILE = "dead-letter.jsonl"
+DEAD_LETTER_DROPPED_FILE = "dead-letter.dropped"  # how many dead letters were dropped to keep the file small
+DEAD_LETTER_MAX_COUNT = 200
+DEAD_LETTER_MAX_BYTES = 1024 * 1024
+DEAD_LETTER_MAX_RECORD_BYTES = 8 * 1024  # a larger event keeps its attributes, not its data
 
 Target = Callable[[CloudEvent], Awaitable[Answer]]
 
@@ -222,6 +227,59 @@ class DeliveryResult:
 Sleep = Callable[[float], Awaitable[None]]
 
 
+class DeadLetterFile:
+    """The dead-letter file: JSON lines, at most `max_count` records and `max_bytes` bytes; the oldest
+    are dropped first and counted in `<name>.dropped`. A record over `max_record_bytes` keeps the
+    event's attributes and the size of its data, not the data (a flood of large bad requests costs
+    a bounded amount of disk)."""
+
+    def __init__(self, path: Path, *, max_count: int = DEAD_LETTER_MAX_COUNT, max_bytes: int = DEAD_LETTER_MAX_BYTES,
+                 max_record_bytes: int = DEAD_LETTER_MAX_RECORD_BYTES):
+        self.path = path
+        self.dropped_path = path.with_name(DEAD_LETTER_DROPPED_FILE)
+        self.max_count, self.max_bytes, self.max_record_bytes = max_count, max_bytes, max_record_bytes
+
+    @property
+    def dropped(self) -> int:
+        """How many records were dropped since the file was started."""
+        try:
+            return int(self.dropped_path.read_text().strip() or 0)
+        except (OSError, ValueError):
+            return 0
+
+    def append(self, record: dict) -> None:
+        line = self._line(record)
+        lines = self._lines() + [line]
+        size, dropped = sum(len(x) for x in lines), 0
+        while len(lines) > self.max_count or (size > self.max_bytes and len(lines) > 1):
+            size -= len(lines.pop(0))
+            dropped += 1
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp.write_bytes(b"".join(lines))
+        os.replace(tmp, self.path)
+        if dropped:
+            total = self.dropped + dropped
+            self.dropped_path.write_text(f"{total}\n")
+            log.warning("dead letters: dropped the %d oldest (%d in all) to keep %s under %d records and %d bytes",
+                        dropped, total, self.path, self.max_count, self.max_bytes)
+
+    def _line(self, record: dict) -> bytes:
+        line = (json.dumps(record, default=str) + "\n").encode()
+        if len(line) <= self.max_record_bytes:
+            return line
+        event = {k: v for k, v in record["event"].items() if k != "data"}
+        event = {k: (v[:200] if isinstance(v, str) else v) for k, v in event.items()}
+        slim = {**record, "error": str(record.get("error"))[:1000], "event": {**event, "data_omitted_bytes": len(line)}}
+        return (json.dumps(slim, default=str) + "\n").encode()
+
+    def _lines(self) -> list[bytes]:
+        try:
+            return self.path.read_bytes().splitlines(keepends=True)
+        except FileNotFoundError:
+            return []
+
+
 class Broker:
     """Delivers events to the targets their Triggers name. `sleep` waits out the backoff
     (tests pass one that records the delays instead of waiting)."""
@@ -233,6 +291,7 @@ class Broker:
         self.routes = routes
         self.targets = dict(targets)
         self.dead_letter_path = Path(dead_letter_path)
+        self.dead_letters = DeadLetterFile(self.dead_letter_path)
         self._sleep = sleep
 
     @classmethod
@@ -291,9 +350,7 @@ class Broker:
             "error": body.get("error") if isinstance(body, dict) else body,
             "event": {**event.get_attributes(), "data": event.get_data()},
         }
-        self.dead_letter_path.parent.mkdir(parents=True, exist_ok=True)
-        with self.dead_letter_path.open("a") as f:
-            f.write(json.dumps(record, default=str) + "\n")
+        self.dead_letters.append(record)
         log.error(
             "dead letter: event %s (%s) to %s failed with %d after %d attempt(s): %s; see %s",
             event["id"], event["type"], route.service, status, attempts, record["error"], self.dead_letter_path,

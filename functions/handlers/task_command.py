@@ -30,11 +30,15 @@ MAX_TEXT_BYTES = 16 * 1024
 
 def _parse(data: dict) -> tuple[str, str, str | None]:
     task_id = data.get("task_id")
+    for name in ("task_id", "op"):
+        value = data.get(name)
+        if isinstance(value, str) and contract.has_control_chars(value):
+            raise BadInput(f"{name} must not contain control characters (NUL, newline, ESC, ...)", name)
     if not contract.is_valid_task_id(task_id):
         raise BadInput("task_id is required: the id of the task to command (a DNS-1123 label)", "task_id")
     op = data.get("op")
     if op not in OPS:
-        raise BadInput(f"op must be one of {', '.join(OPS)}, got {op!r}", "op")
+        raise BadInput(f"op must be one of {', '.join(OPS)}", "op")
     text = data.get("text")
     if op == "message":
         if not isinstance(text, str) or not text.strip():

@@ -32,7 +32,8 @@ if TYPE_CHECKING:
 
 async def handle(event: CloudEvent, ctx: "Context") -> dict:
     require_type(event, contract.EVENT_TASK_SUBMITTED)
-    task = parse_task(event.get_data(), source=event["source"], event_id=event["id"], policy=ctx.settings.limits)
+    task = parse_task(event.get_data(), source=event["source"], event_id=event["id"], policy=ctx.settings.limits,
+                      allow_file_repos=ctx.settings.allow_file_repos)
 
     record = new_record(task.task_id, task=task.to_dict(), spec_hash=task.spec_hash, now=now_iso())
     created = await ctx.registry.create(task.task_id, record)

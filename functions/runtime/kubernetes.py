@@ -29,7 +29,7 @@ from agent import contract
 from functions.core import factory
 from functions.core.settings import Settings
 from functions.errors import ApiRejected, ApiUnavailable, LaunchConflict, TaskNotFound
-from functions.errors import SettingsError
+from functions.errors import BadInput, SettingsError
 from functions.core.task import Task
 
 log = logging.getLogger("dockyard.runtime.kubernetes")
@@ -81,6 +81,8 @@ class KubernetesRuntime:
         """True if this call completed the launch: it created the workspace PVC, the last step (of a Job it
         created, or of an existing one whose launch was cut short). Of concurrent deliveries exactly one
         creates the PVC, so exactly one answers True."""
+        if task.repo and task.repo["url"].lower().startswith("file:"):
+            raise BadInput("repo.url: file:// repositories are never cloned in the cluster; use https or ssh", "repo.url")
         ns, name = self.settings.namespace, contract.job_name(task.task_id)
         try:
             job = await self._call(

@@ -145,7 +145,8 @@ def test_prune_keeps_the_newest_checkpoints_and_resume_still_works(tmp_path):
     "spec, message",
     [
         ("nocolon", "provider:model"),
-        ("scripted:/does/not/exist.yaml", "cannot be read"),
+        ("scripted:/does/not/exist.yaml", "not a bare name"),
+        ("scripted:does-not-exist", "no file"),
         ("madeup:model", "not supported"),
     ],
 )

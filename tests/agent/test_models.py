@@ -87,3 +87,48 @@ def test_rejected_credentials_are_a_config_error(tmp_path, openai_server):
     model = load_model("openai:local-model", secrets_dir=secrets(tmp_path, openai_server))
     with pytest.raises(ModelConfigError, match="rejected the credentials"):
         model.invoke("STRATEGIC", [HumanMessage(content="x")], CONTROL_TOOLS, 0)
+
+
+# --- scripted models: a bare name in the scripts directory, never a path ---------------
+
+TURNS = [{"tool_calls": [{"name": "finish", "args": {"summary": "done"}}]}]
+
+
+def test_scripted_models_are_looked_up_by_name_in_the_scripts_dir(tmp_path):
+    from agent.models import EXAMPLES_DIR, ScriptedModel
+
+    scripts = tmp_path / "scripts"
+    scripts.mkdir()
+    (scripts / "gated.yaml").write_text(json.dumps(TURNS))
+    (scripts / "other.json").write_text(json.dumps(TURNS))
+    for spec, source in [("scripted:gated", "gated.yaml"), ("scripted:gated.yaml", "gated.yaml"), ("scripted:other", "other.json")]:
+        model = load_model(spec, secrets_dir=tmp_path, scripts_dir=scripts)
+        assert isinstance(model, ScriptedModel) and model.source == str(scripts / source)
+    example = load_model("scripted:example", secrets_dir=tmp_path)  # the bundled demo, by default
+    assert example.source == str(EXAMPLES_DIR / "example_turns.yaml")
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["/etc/passwd", "../victim/ws/repo/turns.yaml", "../../t-a/ws/repo/turns.yaml", "sub/turns.yaml", "..", "turns.yaml\n", "x\x00"],
+)
+def test_a_scripted_model_given_as_a_path_is_a_config_error(tmp_path, name):
+    """The model spec comes from the task: a path would let a task run commands from a file of its choosing."""
+    scripts = tmp_path / "scripts"
+    scripts.mkdir()
+    victim = tmp_path / "victim" / "ws" / "repo"
+    victim.mkdir(parents=True)
+    (victim / "turns.yaml").write_text(json.dumps(TURNS))
+    with pytest.raises(ModelConfigError):
+        load_model(f"scripted:{name}", secrets_dir=tmp_path, scripts_dir=scripts)
+
+
+def test_a_missing_script_names_the_scripts_dir(tmp_path):
+    with pytest.raises(ModelConfigError, match="no file missing or missing.yaml"):
+        load_model("scripted:missing", secrets_dir=tmp_path, scripts_dir=tmp_path)
+
+
+def test_the_example_works_with_any_scripts_dir(tmp_path):
+    from agent.models import EXAMPLES_DIR
+
+    assert load_model("scripted:example", secrets_dir=tmp_path, scripts_dir=tmp_path).source == str(EXAMPLES_DIR / "example_turns.yaml")

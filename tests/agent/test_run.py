@@ -45,6 +45,11 @@ def scripted(path: Path, turns: list[dict]) -> str:
 
 
 def agent_cmd(task_id: str, workspace: Path, task_file: Path, model: str, *extra: str) -> list[str]:
+    """The agent's command line; a model `scripted:<path>` runs as `scripted:<name>` with
+    `--scripts-dir <its folder>` (the agent takes bare names only)."""
+    if model.startswith("scripted:/"):
+        script = Path(model.removeprefix("scripted:"))
+        model, extra = f"scripted:{script.name}", ("--scripts-dir", str(script.parent), *extra)
     return [
         sys.executable, "-m", "agent", "run", "--task-id", task_id, "--workspace", str(workspace),
         "--task-file", str(task_file), "--model", model, "--home", str(workspace.parent / "home"),
@@ -199,7 +204,7 @@ def test_repo_is_cloned_before_the_first_phase(tmp_path, agent_env):
         {"tool_calls": [{"name": "finish", "args": {"summary": "read it"}}]},
     ]))
     workspace = tmp_path / "ws"
-    proc = subprocess.run(agent_cmd("clone", workspace, task, f"scripted:{script}"), env=agent_env, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(agent_cmd("clone", workspace, task, f"scripted:{script}", "--allow-file-repos"), env=agent_env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert (workspace / "repo" / "README.md").read_text() == "hello\n"
     tool_end = [e for e in trace_events(proc.stdout) if e["type"] == "tool" and e["stage"] == "end"]
@@ -271,3 +276,12 @@ async def test_commands_over_nats_status_message_cancel(tmp_path, agent_env, nat
             proc.kill()
         proc.wait()
         await nc.close()
+
+
+def test_the_agent_refuses_a_file_repository_unless_allowed(tmp_path, agent_env):
+    """A task that reached the agent without the functions' check still cannot clone a local path."""
+    from agent.run import FatalError, clone_repo
+
+    with pytest.raises(FatalError, match="allow-file-repos"):
+        clone_repo({"url": (tmp_path / "origin").as_uri()}, tmp_path, agent_env)
+    assert not (tmp_path / contract.REPO_DIR).exists()

@@ -59,18 +59,25 @@ def page(browser):
 
 
 @pytest.fixture(scope="module")
-def dev(tmp_path_factory):
+def scripts_dir(tmp_path_factory):
+    """The dev stacks' DOCKYARD_SCRIPTS_DIR: a test's `scripted:NAME` model is a file here."""
+    return tmp_path_factory.mktemp("scripts")
+
+
+@pytest.fixture(scope="module")
+def dev(tmp_path_factory, scripts_dir):
     """One dev stack shared by the tests that only add tasks to it."""
-    server = DevServer(tmp_path_factory.mktemp("cockpit-dev")).start()
+    server = DevServer(tmp_path_factory.mktemp("cockpit-dev"), env={"DOCKYARD_SCRIPTS_DIR": str(scripts_dir)}).start()
     yield server
     server.stop()
 
 
 @pytest.fixture
-def make_dev(tmp_path):
+def make_dev(tmp_path, scripts_dir):
     servers: list[DevServer] = []
 
     def make(**kwargs) -> DevServer:
+        kwargs["env"] = {"DOCKYARD_SCRIPTS_DIR": str(scripts_dir), **(kwargs.get("env") or {})}
         servers.append(DevServer(tmp_path / "data", **kwargs))
         return servers[-1]
 

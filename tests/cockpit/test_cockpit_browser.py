@@ -67,8 +67,9 @@ def stream_ids(server, task_id: str) -> list[int]:
 
 
 def scripted_model(path: Path, turns: list[dict]) -> str:
+    """`scripted:NAME` for a script written to `path`, a file in the dev stack's scripts dir."""
     path.write_text(json.dumps(turns))  # JSON is YAML: the scripted model reads either
-    return f"scripted:{path}"
+    return f"scripted:{path.name}"
 
 
 def submit_from_page(page, prompt: str, model: str) -> str:
@@ -144,7 +145,7 @@ def test_submit_the_example_and_watch_it_to_the_end(page, dev):
     page.screenshot(path=str(ARTIFACTS / "cockpit-task-phone.png"), full_page=True)
 
 
-def test_the_page_survives_a_crash_of_the_server_without_gap_or_duplicate(page, make_dev, tmp_path):
+def test_the_page_survives_a_crash_of_the_server_without_gap_or_duplicate(page, make_dev, tmp_path, scripts_dir):
     gate = tmp_path / "gate"  # the second call waits for it: the crash comes mid-task, however slow the machine
     turns = [
         {"content": "Plan.", "tool_calls": [{"name": "plan", "args": {"todos": ["one", "two"], "objective": "Step one"}}]},
@@ -156,7 +157,7 @@ def test_the_page_survives_a_crash_of_the_server_without_gap_or_duplicate(page, 
         {"content": "Step two done."},
         {"tool_calls": [{"name": "finish", "args": {"summary": "both steps done"}}]},
     ]
-    model = scripted_model(tmp_path / "gated.json", turns)
+    model = scripted_model(scripts_dir / "gated.json", turns)
     server = make_dev().start()
     try:
         page.goto(cockpit(server))
@@ -186,7 +187,7 @@ def test_the_page_survives_a_crash_of_the_server_without_gap_or_duplicate(page, 
     assert "resumed" in labels, labels  # the agent went on from its checkpoint after the crash
 
 
-def test_a_secret_printed_by_the_agent_is_redacted_in_the_page(page, dev, tmp_path):
+def test_a_secret_printed_by_the_agent_is_redacted_in_the_page(page, dev, tmp_path, scripts_dir):
     turns = [
         {"content": "Plan.", "tool_calls": [{"name": "plan", "args": {"todos": ["print it"], "objective": "Print the token"}}]},
         {"tool_calls": [{"name": "execute", "args": {"command": f"echo {TOKEN}", "timeout_seconds": 30}}]},
@@ -194,7 +195,7 @@ def test_a_secret_printed_by_the_agent_is_redacted_in_the_page(page, dev, tmp_pa
         {"tool_calls": [{"name": "finish", "args": {"summary": "printed the token"}}]},
     ]
     page.goto(cockpit(dev))
-    submit_from_page(page, "Print a token", scripted_model(tmp_path / "secret.json", turns))
+    submit_from_page(page, "Print a token", scripted_model(scripts_dir / "secret.json", turns))
     wait_until_ended(page)
     execute = page.locator("#tv-trace details.tool", has=page.locator(".tool-name", has_text="execute")).first
     execute.locator("summary").click()
@@ -215,14 +216,14 @@ async def _publish_raw(nats_url: str, task_id: str) -> None:
         await nc.close()
 
 
-def test_a_secret_that_reaches_nats_unredacted_is_redacted_before_the_page(page, dev, tmp_path):
+def test_a_secret_that_reaches_nats_unredacted_is_redacted_before_the_page(page, dev, tmp_path, scripts_dir):
     """The agent redacts what it publishes; the stream must redact again (anything can publish on NATS)."""
     turns = [
         {"content": "Plan.", "delay_seconds": 1.5, "tool_calls": [{"name": "plan", "args": {"todos": ["wait"], "objective": "Wait"}}]},
         {"content": "Waited.", "delay_seconds": 0.5},
         {"tool_calls": [{"name": "finish", "args": {"summary": "waited"}}]},
     ]
-    task_id = submit_over_http(dev, {"prompt": "Wait a little", "model": scripted_model(tmp_path / "wait.json", turns)})
+    task_id = submit_over_http(dev, {"prompt": "Wait a little", "model": scripted_model(scripts_dir / "wait.json", turns)})
     assert dev.nats_url, "dev printed no NATS URL"
     # nats-py needs an event loop of its own: Playwright's sync API holds this thread's.
     publisher = threading.Thread(target=asyncio.run, args=(_publish_raw(dev.nats_url, task_id),))

@@ -45,6 +45,8 @@ class AgentCommand:
     default_model: str | None = None
     secrets_dir: str | None = None
     snapshot_interval: float | None = None
+    scripts_dir: str | None = None  # where `scripted:NAME` is looked up; None: the agent's bundled examples
+    allow_file_repos: bool = False
 
     def line(self, task: Task, command: str, folder: TaskFolder) -> list[str]:
         """The command line of one container, the flags as the pod's containers get them."""
@@ -66,6 +68,10 @@ class AgentCommand:
             argv += ["--nats", self.nats_url]
         if self.secrets_dir:
             argv += ["--secrets-dir", self.secrets_dir]
+        if self.scripts_dir:
+            argv += ["--scripts-dir", str(Path(self.scripts_dir).absolute())]
+        if self.allow_file_repos:
+            argv.append("--allow-file-repos")
         return argv
 
 

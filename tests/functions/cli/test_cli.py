@@ -282,6 +282,23 @@ def test_render(event, data, text):
     assert render.render(event, data) == text
 
 
+@pytest.mark.parametrize(
+    "event, data",
+    [
+        ("log", {"ts": "2030-01-01T00:00:00Z", "level": "INFO", "logger": "x", "msg": "a\x1b]0;pwned\x07b\x1b[2Jc\x9b1md"}),
+        ("log", {"msg": "ok", "exc": "Traceback\n  \x1b[31mred\x1b[0m\rover\x00"}),
+        ("tool", {"type": "tool", "stage": "end", "ok": True, "result": "\x1b[1A\x1b[2Kfake line"}),
+        ("status", {"type": "status", "state": "started", "model": "x\x1b[8m"}),
+        ("status", {"type": "status", "state": "\x1b[5mblink"}),
+        ("mystery", {"type": "\x1b[31mmystery", "text": "\x1b"}),
+    ],
+)
+def test_render_strips_control_characters_for_the_terminal(event, data):
+    """`dockyard logs` prints agent output: ESC (CSI, OSC), C1, CR and NUL never reach the terminal."""
+    text = render.render(event, data)
+    assert not any(ord(c) < 32 and c not in "\n\t" or 0x7F <= ord(c) <= 0x9F for c in text), repr(text)
+
+
 def test_render_cuts_long_results():
     line = render.render("tool", {"type": "tool", "stage": "end", "ok": True, "result": "x" * 500})
     assert len(line) < 130 and line.endswith("...")

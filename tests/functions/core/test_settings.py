@@ -201,3 +201,11 @@ def test_the_module_prints_the_table_and_checks_the_environment(agent_env):
     bad = run_module(env={**agent_env, "DOCKYARD_MAX_RETRIES": "lots"})
     assert bad.returncode == 3
     assert bad.stderr.startswith("settings: DOCKYARD_MAX_RETRIES='lots':") and "Traceback" not in bad.stderr
+
+
+def test_file_repositories_are_never_allowed_with_the_kubernetes_runtime():
+    assert Settings.from_env({"DOCKYARD_ALLOW_FILE_REPOS": "true"}).allow_file_repos is True  # local runtime: dev may
+    assert Settings.from_env({}).allow_file_repos is False
+    with pytest.raises(SettingsError) as raised:
+        Settings.from_env({"DOCKYARD_ALLOW_FILE_REPOS": "true", "DOCKYARD_RUNTIME": "kubernetes"})
+    assert raised.value.field == "DOCKYARD_ALLOW_FILE_REPOS"

@@ -95,3 +95,64 @@ def test_policy_bounds_limits():
     assert parse({"prompt": "x"}, policy=policy).limits.deadline_seconds == 30
     with pytest.raises(BadInput):
         parse({"prompt": "x", "limits": {"deadline_seconds": 61}}, policy=policy)
+
+
+CONTROL = ["\x00", "\n", "\r", "\x1b", "\x07", "\x7f", "\x85", "\x9b"]  # NUL, LF, CR, ESC, BEL, DEL, C1 NEL and CSI
+
+
+@pytest.mark.parametrize("char", CONTROL)
+@pytest.mark.parametrize(
+    "data, field",
+    [
+        ({"task_id": "x{c}"}, "task_id"),
+        ({"model": "openai:gpt-4o{c}"}, "model"),
+        ({"model": "scripted:ex{c}ample"}, "model"),
+        ({"repo": {"url": "https://example.com/r{c}.git"}}, "repo.url"),
+        ({"repo": "https://example.com/r.git{c}"}, "repo.url"),
+        ({"repo": {"url": "https://example.com/r.git", "ref": "main{c}"}}, "repo.ref"),
+    ],
+)
+def test_control_characters_in_identifiers_are_refused(data, field, char):
+    filled = {key: (value.replace("{c}", char) if isinstance(value, str)
+                    else {k: v.replace("{c}", char) for k, v in value.items()}) for key, value in data.items()}
+    with pytest.raises(BadInput) as caught:
+        parse({"prompt": "x", **filled})
+    assert (caught.value.field, caught.value.status) == (field, 400)
+
+
+def test_a_task_id_with_a_trailing_newline_is_not_valid():
+    """`$` matches before a final newline: the check is a fullmatch."""
+    assert not contract.is_valid_task_id("x\n")
+    assert contract.is_valid_task_id("x")
+
+
+@pytest.mark.parametrize(
+    "model",
+    ["scripted:/tmp/turns.yaml", "scripted:../../t-a/ws/repo/turns.yaml", "scripted:sub/turns.yaml", "scripted:..",
+     "scripted:.hidden", "scripted:~/turns.yaml", "scripted:turns.py", "scripted:" + "a" * 101],
+)
+def test_a_scripted_model_is_a_bare_name_never_a_path(model):
+    with pytest.raises(BadInput) as caught:
+        parse({"prompt": "x", "model": model})
+    assert caught.value.field == "model"
+
+
+@pytest.mark.parametrize("model", ["scripted:example", "scripted:gated", "scripted:turns.yaml", "scripted:t_1.json", "openai:gpt-4o"])
+def test_bare_script_names_and_providers_are_accepted(model):
+    assert parse({"prompt": "x", "model": model}).model == model
+
+
+@pytest.mark.parametrize("url", ["file:///srv/evilrepo", "FILE:///srv/evilrepo", "file://localhost/srv/evilrepo"])
+def test_file_repositories_only_when_allowed(url):
+    with pytest.raises(BadInput) as caught:
+        parse({"prompt": "x", "repo": {"url": url}})
+    assert (caught.value.field, caught.value.status) == ("repo.url", 400)
+    assert "--allow-file-repos" in caught.value.message
+    assert parse({"prompt": "x", "repo": {"url": url}}, allow_file_repos=True).repo == {"url": url}
+
+
+@pytest.mark.parametrize("url", ["/srv/evilrepo", "ext::sh -c id", "http://example.com/r.git"])
+def test_local_paths_and_other_transports_are_refused_even_when_file_repos_are_allowed(url):
+    with pytest.raises(BadInput) as caught:
+        parse({"prompt": "x", "repo": {"url": url}}, allow_file_repos=True)
+    assert caught.value.field == "repo.url"

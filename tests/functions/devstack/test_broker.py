@@ -309,3 +309,34 @@ async def test_emit_raises_when_delivery_failed(tmp_path, sleeps):
         await broker.emit(structured)
     await broker.emit(structured)  # the sender's retry
     assert jobs.seen == ["u1-finished"] * 7
+
+
+# --- the dead-letter file is bounded ------------------------------------------------------
+
+
+async def test_the_dead_letter_file_keeps_the_newest_within_its_caps_and_counts_the_dropped(tmp_path, sleeps):
+    from functions.devstack.broker import DeadLetterFile
+
+    broker = make_broker(tmp_path, sleeps, task_submitted=Function(*[400] * 30))
+    broker.dead_letters = DeadLetterFile(broker.dead_letter_path, max_count=10, max_bytes=6000, max_record_bytes=2000)
+    sent = [event(data={"prompt": "p" * (100 if n % 2 else 50_000), "n": n}) for n in range(30)]
+    for ev in sent:
+        await broker.deliver(ev)
+    letters = dead_letters(tmp_path)
+    assert broker.dead_letter_path.stat().st_size <= 6000 and len(letters) <= 10
+    assert [letter["event"]["id"] for letter in letters] == [ev["id"] for ev in sent[-len(letters):]]  # the newest, in order
+    assert broker.dead_letters.dropped == 30 - len(letters)
+    large, small = letters[-2], letters[-1]  # the large data is left out; its size is kept
+    assert "data" not in large["event"] and large["event"]["data_omitted_bytes"] > 50_000
+    assert small["event"]["data"]["n"] == 29
+
+
+async def test_forty_large_rejected_requests_cost_at_most_the_cap(tmp_path, sleeps):
+    """Finding 5: 40 rejected requests added 9.8 MB; now the file stays under its cap."""
+    from functions.devstack.broker import DEAD_LETTER_MAX_BYTES
+
+    broker = make_broker(tmp_path, sleeps, task_submitted=Function(*[413] * 40))
+    for n in range(40):
+        await broker.deliver(event(data={"prompt": "x" * 250_000, "n": n}))
+    assert broker.dead_letter_path.stat().st_size <= DEAD_LETTER_MAX_BYTES // 10
+    assert len(dead_letters(tmp_path)) == 40 and broker.dead_letters.dropped == 0

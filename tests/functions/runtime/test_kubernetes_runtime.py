@@ -308,3 +308,15 @@ async def test_no_kubernetes_configuration_is_a_settings_error(tmp_path, monkeyp
     monkeypatch.setenv("KUBECONFIG", str(tmp_path / "missing"))
     with pytest.raises(SettingsError, match="KUBECONFIG"):
         KubernetesRuntime(Settings())
+
+
+async def test_a_file_repository_is_never_launched_in_the_cluster(kube, runtime):
+    """Even a task parsed with file:// allowed (a misconfigured functions process) creates nothing."""
+    from functions.errors import BadInput
+
+    task = parse_task({"prompt": "x", "task_id": "t-file", "repo": {"url": "file:///srv/evilrepo"}},
+                      source="test", event_id="e1", allow_file_repos=True)
+    with pytest.raises(BadInput) as raised:
+        await runtime.launch(task)
+    assert (raised.value.field, raised.value.status) == ("repo.url", 400)
+    assert kube.get(JOBS, NS, "agent-t-file") is None and kube.get(PVCS, NS, "workspace-t-file") is None

@@ -138,7 +138,7 @@ def agent_command(task_id: str, workspace: Path, script: Path, nats_url: str) ->
     task_file.write_text(json.dumps({"prompt": "show the notes", "limits": {"deadline_seconds": 120}}))
     return [
         sys.executable, "-m", "agent", "run", "--task-id", task_id, "--workspace", str(workspace),
-        "--task-file", str(task_file), "--model", f"scripted:{script}", "--home", str(workspace.parent / "home"),
+        "--task-file", str(task_file), "--model", f"scripted:{script.name}", "--scripts-dir", str(script.parent), "--home", str(workspace.parent / "home"),
         "--secrets-dir", str(workspace.parent / "secrets"), "--nats", nats_url,
     ]  # fmt: skip
 
