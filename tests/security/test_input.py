@@ -33,12 +33,13 @@ def envelope(type_: str, data: object) -> dict:
     return {"specversion": "1.0", "id": str(uuid.uuid4()), "source": "tests/security", "type": type_, "data": data}
 
 
-def post(url: str, event: dict, **headers: str) -> httpx.Response:
-    return httpx.post(url + "/", content=json.dumps(event), headers={**STRUCTURED, **headers}, timeout=30)
+def post(server: DevServer, event: dict, **headers: str) -> httpx.Response:
+    """POST an event to the dev ingress with the dev token: these attacks come from a token holder's input."""
+    return httpx.post(server.url + "/", content=json.dumps(event), headers={**STRUCTURED, **server.headers, **headers}, timeout=30)
 
 
-def submit(url: str, data: dict, **headers: str) -> httpx.Response:
-    return post(url, envelope(contract.EVENT_TASK_SUBMITTED, data), **headers)
+def submit(server: DevServer, data: dict, **headers: str) -> httpx.Response:
+    return post(server, envelope(contract.EVENT_TASK_SUBMITTED, data), **headers)
 
 
 def refused(response: httpx.Response, field: str) -> None:
@@ -46,8 +47,8 @@ def refused(response: httpx.Response, field: str) -> None:
     assert response.json()["field"] == field, response.text
 
 
-def task_ids(url: str) -> set[str]:
-    return {record["task_id"] for record in httpx.get(f"{url}/api/tasks", timeout=10).json()}
+def task_ids(server: DevServer) -> set[str]:
+    return {record["task_id"] for record in httpx.get(f"{server.url}/api/tasks", headers=server.headers, timeout=10).json()}
 
 
 def launched(dev: DevServer) -> set[str]:
@@ -99,15 +100,15 @@ def test_a_script_cloned_by_one_task_cannot_be_the_model_of_another(dev, tmp_pat
     repo = evil_repo(tmp_path, marker)
     before = launched(dev)
 
-    refused(submit(dev.url, {"task_id": "evil-a", "prompt": "clone", "repo": {"url": repo.as_uri()}}), "repo.url")
+    refused(submit(dev, {"task_id": "evil-a", "prompt": "clone", "repo": {"url": repo.as_uri()}}), "repo.url")
     for model in (
         "scripted:../../evil-a/workspace/repo/turns.yaml",  # relative to B's workspace, as in the finding
         f"scripted:{repo / 'turns.yaml'}",
         "scripted:../scripts/finish.yaml",
     ):
-        refused(submit(dev.url, {"task_id": "evil-b", "prompt": "run", "model": model}), "model")
+        refused(submit(dev, {"task_id": "evil-b", "prompt": "run", "model": model}), "model")
 
-    assert launched(dev) == before and not {"evil-a", "evil-b"} & task_ids(dev.url)
+    assert launched(dev) == before and not {"evil-a", "evil-b"} & task_ids(dev)
     assert not marker.exists()
 
 
@@ -117,18 +118,18 @@ def test_with_file_repos_allowed_the_clone_works_and_the_script_still_cannot_run
     repo = evil_repo(tmp_path, marker)
     server = DevServer(tmp_path / "data", env={"DOCKYARD_SCRIPTS_DIR": str(scripts)}, args=("--allow-file-repos",)).start()
     try:
-        answer = submit(server.url, {"task_id": "evil-a", "prompt": "clone", "repo": {"url": repo.as_uri()}, "model": "scripted:finish"})
+        answer = submit(server, {"task_id": "evil-a", "prompt": "clone", "repo": {"url": repo.as_uri()}, "model": "scripted:finish"})
         assert answer.status_code == 202, answer.text
-        refused(submit(server.url, {"task_id": "evil-b", "prompt": "run", "model": "scripted:../../evil-a/workspace/repo/turns.yaml"}), "model")
+        refused(submit(server, {"task_id": "evil-b", "prompt": "run", "model": "scripted:../../evil-a/workspace/repo/turns.yaml"}), "model")
 
         def finished() -> dict | None:
-            record = httpx.get(f"{server.url}/api/tasks/evil-a", timeout=5).json()
+            record = httpx.get(f"{server.url}/api/tasks/evil-a", headers=server.headers, timeout=5).json()
             return record if record.get("state") in contract.TERMINAL_STATES else None
 
         record = eventually(finished, "task evil-a to finish", 120)
         assert record["outcome"] == contract.OUTCOME_DONE, record
         assert (server.data_dir / "tasks" / "evil-a" / "workspace" / "repo" / "turns.yaml").exists()
-        assert launched(server) == {"evil-a"} and "evil-b" not in task_ids(server.url)
+        assert launched(server) == {"evil-a"} and "evil-b" not in task_ids(server)
         assert not marker.exists()
     finally:
         server.stop()
@@ -150,14 +151,14 @@ def test_with_file_repos_allowed_the_clone_works_and_the_script_still_cannot_run
 )
 def test_control_characters_and_paths_in_a_submitted_task_are_a_400(dev, data, field):
     before = launched(dev)
-    refused(submit(dev.url, data), field)
+    refused(submit(dev, data), field)
     assert launched(dev) == before
 
 
 @pytest.mark.parametrize("op, field", [("cancel\n", "op"), ("cancel\x00", "op")])
 def test_control_characters_in_a_command_are_a_400(dev, op, field):
-    refused(post(dev.url, envelope(contract.EVENT_TASK_COMMAND, {"task_id": "any-task", "op": op})), field)
-    refused(post(dev.url, envelope(contract.EVENT_TASK_COMMAND, {"task_id": "any-task\n", "op": "cancel"})), "task_id")
+    refused(post(dev, envelope(contract.EVENT_TASK_COMMAND, {"task_id": "any-task", "op": op})), field)
+    refused(post(dev, envelope(contract.EVENT_TASK_COMMAND, {"task_id": "any-task\n", "op": "cancel"})), "task_id")
 
 
 @pytest.mark.parametrize("mode", ["structured", "binary"])
@@ -165,12 +166,12 @@ def test_json_nested_a_thousand_levels_is_a_400_not_a_500(dev, mode):
     nested = "[" * 1000 + "]" * 1000  # 2 KB
     if mode == "structured":
         body = '{"specversion":"1.0","id":"deep","source":"s","type":"%s","data":%s}' % (contract.EVENT_TASK_SUBMITTED, nested)
-        answer = httpx.post(dev.url + "/", content=body, headers=STRUCTURED, timeout=30)
+        answer = httpx.post(dev.url + "/", content=body, headers={**STRUCTURED, **dev.headers}, timeout=30)
         refused(answer, "body")
     else:
         headers = {"ce-specversion": "1.0", "ce-id": "deep", "ce-source": "s", "ce-type": contract.EVENT_TASK_SUBMITTED,
                    "content-type": "application/json"}
-        refused(httpx.post(dev.url + "/", content=nested, headers=headers, timeout=30), "data")
+        refused(httpx.post(dev.url + "/", content=nested, headers={**headers, **dev.headers}, timeout=30), "data")
     assert httpx.get(dev.url + "/healthz", timeout=5).status_code == 200
 
 
@@ -178,28 +179,28 @@ def test_forty_large_rejected_requests_do_not_grow_the_dead_letter_file_without_
     """Was: 40 rejected requests added 9.8 MB. Each is dead-lettered, without its data."""
     big = {"prompt": "x" * (200 * 1024)}  # under the ingress limit, over the prompt limit: the function answers 413
     for _ in range(40):
-        assert submit(dev.url, big).status_code == 413
+        assert submit(dev, big).status_code == 413
     path = dev.data_dir / DEAD_LETTER_FILE
     assert path.stat().st_size < DEAD_LETTER_MAX_BYTES // 10
     assert len(path.read_text().splitlines()) >= 40
 
 
 def test_dockyard_logs_prints_no_escape_sequences(dev):
-    answer = submit(dev.url, {"task_id": "escapes", "prompt": "print \x1b[31mcolours\x1b[0m", "model": "scripted:escapes"})
+    answer = submit(dev, {"task_id": "escapes", "prompt": "print \x1b[31mcolours\x1b[0m", "model": "scripted:escapes"})
     assert answer.status_code == 202, answer.text
 
     def done() -> bool:
-        record = httpx.get(f"{dev.url}/api/tasks/escapes", timeout=5).json()
+        record = httpx.get(f"{dev.url}/api/tasks/escapes", headers=dev.headers, timeout=5).json()
         return record.get("state") in contract.TERMINAL_STATES
 
     eventually(done, "task escapes to finish", 120)
     env = agent_environment()
-    proc = subprocess.run([sys.executable, "-m", "functions.cli", "logs", "escapes", "--url", dev.url],
+    proc = subprocess.run([sys.executable, "-m", "functions.cli", "logs", "escapes", "--url", dev.url, "--token", dev.token],
                           cwd=REPO_ROOT, env=env, capture_output=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     out = proc.stdout.decode()
     assert "finished" in out and "pwned" in out  # the text is there, the control characters are not
     assert not [c for c in out if (ord(c) < 32 and c not in "\n\t") or 0x7F <= ord(c) <= 0x9F], repr(out)
-    tasks = subprocess.run([sys.executable, "-m", "functions.cli", "tasks", "--url", dev.url],
+    tasks = subprocess.run([sys.executable, "-m", "functions.cli", "tasks", "--url", dev.url, "--token", dev.token],
                            cwd=REPO_ROOT, env=env, capture_output=True, timeout=60)
     assert b"\x1b" not in tasks.stdout
