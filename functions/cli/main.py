@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Callable
 
 from agent import contract
+from functions.cli import redaction
 from functions.cli.client import (
     DEFAULT_URL,
     EXIT_BAD_INPUT,
@@ -135,7 +136,7 @@ def format_tasks(records: list[dict]) -> str:
 
 
 def _run_tasks(args) -> int:
-    records = get_json(args.url, "/api/tasks")
+    records = redaction.redactor().redact_obj(get_json(args.url, "/api/tasks"))
     print(json.dumps(records, indent=2) if args.json else (format_tasks(records) if records else "no tasks"))
     return EXIT_OK
 

@@ -231,7 +231,7 @@ def create_app(
             Route("/api/tasks", list_tasks),
             Route("/api/tasks/{task_id}", get_task),
             Route("/healthz", healthz),
-            *cockpit.routes(settings),
+            *cockpit.routes(settings, redaction),
         ],
         middleware=cors_middleware(settings),
         exception_handlers=EXCEPTION_HANDLERS,
