@@ -6,12 +6,20 @@ Two kinds of secrets are removed from text:
   (`contract.SECRETS_DIR`) and of an optional file of extra secrets, one per
   line. Values shorter than `MIN_KNOWN_LENGTH` characters are ignored: a short
   value such as ``"1"`` or ``"true"`` would wreck ordinary text.
-* known formats (``patterns=True``): OpenAI keys (``sk-...``, ``sk-proj-...``),
-  Anthropic keys (``sk-ant-...``), GitHub tokens (``ghp_``, ``gho_``, ``ghu_``,
-  ``ghs_``, ``ghr_``, ``github_pat_``), AWS access key ids (``AKIA``/``ASIA`` +
-  16), bearer tokens (``Authorization: Bearer <token>``, ``bearer <token>``),
-  PEM private key blocks and the password of URLs with credentials
-  (``scheme://user:pass@host`` becomes ``scheme://user:[REDACTED]@host``).
+* known formats (``patterns=True``): OpenAI keys (``sk-proj-...`` and the
+  other prefixed kinds; a bare ``sk-`` with a random-looking body), Anthropic
+  keys (``sk-ant-...``), GitHub tokens (``ghp_``, ``gho_``, ``ghu_``, ``ghs_``,
+  ``ghr_``, ``github_pat_``), AWS access key ids (``AKIA``/``ASIA`` + 16), AWS
+  secret access keys next to their name (``aws_secret_access_key = ...``,
+  ``"SecretAccessKey": "..."``), bearer tokens, ``Authorization: Basic ...``,
+  PEM and PGP private key blocks and the password of URLs with credentials,
+  whatever it holds (``scheme://user:p/a@ss@host`` becomes
+  ``scheme://user:[REDACTED]@host``). None is anchored at a word boundary: a
+  key glued to other text (``token_sk-proj-...``, ``%3Dsk-...``, ``xAKIA...y``)
+  is still found.
+
+`Redactor.cut` redacts, then cuts: every text cut for a trace goes through it,
+since a secret cut in half is no longer recognisable.
 
 Both are single precompiled regular expressions (known values escaped and
 sorted longest first, so a value that contains another is removed whole), and

@@ -167,7 +167,7 @@ class Settings(BaseSettings):
     cors_origins: CommaList = _setting(
         (), "comma-separated origins allowed to read the API from a browser (an external cockpit); none: same origin only",
         _STREAM)
-    known_secrets_file: str = _setting("", "a file of exact secret values, one per line, redacted from everything served", _STREAM)
+    known_secrets_file: str = _setting("", "exact secret values redacted from everything served: a file (one per line) or a directory (one per file, e.g. a Secret volume)", _STREAM)
     broker_url: str = _setting(
         "", "where the cockpit's relay posts events (the Broker's address); none: `/` of its own origin (dev)",
         "stream (cockpit relay)", url=_HTTP_SCHEMES)
