@@ -41,7 +41,10 @@ MIN_KNOWN_LENGTH = 6
 # No `\b` anchors: a key glued to a word (`token_sk-proj-...`, `%3Dsk-proj-...`,
 # `xAKIA...y`) is still a key. The repetitions are open-ended, so a match that
 # starts early (inside text that happens to look like a prefix) runs on over the
-# whole key instead of stopping inside it.
+# whole key instead of stopping inside it. Without anchors a pattern is tried at
+# every position, so each part that may fail after a long scan is bounded or
+# possessive: redaction stays linear in the text (tests/agent/test_redact.py
+# times the worst inputs).
 _PATTERNS = [
     # PEM and PGP private keys: the whole block, also when it is cut (no END line yet).
     r"(?P<pem>-----BEGIN[A-Z0-9 ]*PRIVATE KEY(?: BLOCK)?-----"
@@ -51,19 +54,20 @@ _PATTERNS = [
     r"(?P<openai_pre>sk-(?:proj|svcacct|admin)-[A-Za-z0-9_\-]{16,})",
     # Bare sk-: a random body (upper and lower case letters and a digit), so that
     # "task-abcdefghijklmnopqrstuvwxyz" or "disk-usage-monitor-2024" stay readable.
-    r"(?P<openai>sk-(?=[A-Za-z0-9_\-]*[A-Z])(?=[A-Za-z0-9_\-]*[a-z])(?=[A-Za-z0-9_\-]*[0-9])[A-Za-z0-9_\-]{20,})",
+    r"(?P<openai>sk-(?=[A-Za-z0-9_\-]{0,200}[A-Z])(?=[A-Za-z0-9_\-]{0,200}[a-z])(?=[A-Za-z0-9_\-]{0,200}[0-9])[A-Za-z0-9_\-]{20,})",
     r"(?P<github>(?:gh[pousr]_[A-Za-z0-9]{30,}|github_pat_[A-Za-z0-9_]{30,}))",
     r"(?P<aws>(?:AKIA|ASIA)[A-Z0-9]{16,})",
     # AWS secret access keys in context: aws_secret_access_key = x, "SecretAccessKey": "x",
     # AWS_SECRET_ACCESS_KEY=x, --secret-access-key x. Keep the name, drop the value.
-    r"(?P<aws_secret_kw>(?i:secret[_\-]?access[_\-]?key)[\"']?\s*[:= ]\s*[\"']?)(?P<aws_secret>[A-Za-z0-9/+=]{16,})",
+    r"(?P<aws_secret_kw>(?i:secret[_\-]?access[_\-]?key)[\"']?(?:[ \t]*+[:=][ \t]*+|[ \t]++)[\"']?)(?P<aws_secret>[A-Za-z0-9/+=]{16,})",
     # "Authorization: Basic x" (also as JSON or a Python dict): keep the scheme.
-    r"(?P<basic_kw>(?i:authorization)[\"']?\s*[:=]\s*[\"']?(?i:basic)\s+)(?P<basic>[A-Za-z0-9+/\-_]{4,}=*)",
+    r"(?P<basic_kw>(?i:authorization)[\"']?[ \t]*+[:=][ \t]*+[\"']?(?i:basic)[ \t]++)(?P<basic>[A-Za-z0-9+/\-_]{4,}=*)",
     # "Authorization: Bearer x", "bearer x" (any case): keep the scheme word.
-    r"(?P<bearer_kw>(?i:bearer)\s+)(?P<bearer>[A-Za-z0-9\-._~+/]{8,}=*)",
+    r"(?P<bearer_kw>(?i:bearer)\s++)(?P<bearer>[A-Za-z0-9\-._~+/]{8,}=*)",
     # scheme://user:password@host: keep scheme and user, drop the password, whatever
-    # it holds (`/`, `@`, `:`): everything up to the last `@` before a space or a quote.
-    r"(?P<url_head>[A-Za-z][A-Za-z0-9+.\-]*://[^\s:/@'\"<>]*:)(?P<url_pass>[^\s\"<>]+)(?=@)",
+    # it holds (`/`, `@`, `:`): everything up to the last `@` before a space or a quote
+    # (at most 512 characters; a scheme of at most 32, a user of at most 256).
+    r"(?P<url_head>[A-Za-z][A-Za-z0-9+.\-]{0,31}://[^\s:/@'\"<>]{0,256}:)(?P<url_pass>[^\s\"<>]{1,512})(?=@)",
 ]
 _PATTERN_RE = re.compile("|".join(_PATTERNS), re.DOTALL)
 _KEEP_HEAD = {"bearer": "bearer_kw", "url_pass": "url_head", "aws_secret": "aws_secret_kw", "basic": "basic_kw"}

@@ -147,3 +147,32 @@ def test_cut_redacts_first():
     assert r.cut(text, 2000).startswith("x" * 1980 + R)
     assert r.cut("short " + known, 2000) == f"short {R}"
     assert r.cut("y" * 2001, 2000) == "y" * 2000 + "... [1 more chars]"
+
+
+N = 64 * 1024  # the longest string a trace record keeps (agent.telemetry.records.MAX_STRING)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "a://b:" * (N // 6),
+        "http://u:" + "x" * N,
+        "a" * N + "://",
+        "sk-" * (N // 3),
+        "sk-" + "a" * N,
+        "secret_access_key" + " " * N,
+        "secret_access_key:" * (N // 18),
+        "authorization:" + " " * N,
+        "bearer " * (N // 7),
+        "-----BEGIN RSA PRIVATE KEY-----" * (N // 31),
+        "AKIA" * (N // 4) + "ghp_" * (N // 4),
+    ],
+    ids=lambda t: repr(t[:20]),
+)
+def test_redaction_stays_linear_on_hostile_text(text):
+    """Unanchored patterns are tried at every position; the worst of these took 3.7-57 s before their scans were bounded."""
+    import time
+
+    started = time.perf_counter()
+    Redactor(["known-value-123456"]).redact(text)
+    assert time.perf_counter() - started < 1.0
