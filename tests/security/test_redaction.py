@@ -7,7 +7,8 @@ traces; a known secret across the 2,000-character cut of a real agent's tool
 result; known secrets in a task's prompt, summary and termination message in
 `/api/tasks` and `/api/tasks/{id}` (the known values read from a Kubernetes
 Secret volume, as knative/stream.yaml mounts them); the cockpit relay's answers;
-and what `dockyard logs` and `dockyard tasks` print.
+and what `dockyard logs` and `dockyard tasks` print; and on `dockyard dev`, a value of
+its agents' secrets directory in a prompt and a trace.
 """
 
 from __future__ import annotations
@@ -213,3 +214,31 @@ async def test_the_cli_prints_no_secret_even_from_a_server_that_does_not_know_it
             assert task in printed.getvalue() and leaks(printed.getvalue()) == []
     finally:
         cli_redaction._redaction.cache_clear()
+
+
+def test_dockyard_dev_hides_its_agents_secrets_in_task_records_and_traces(tmp_path):
+    """The finding as it was seen: on `dockyard dev`, /api/tasks showed a value of the agents' secrets directory."""
+    from functions.cli import client as cli_client
+    from functions.cli.demo import EXAMPLE_MODEL, EXAMPLE_TASK
+    from tests.conftest import eventually
+    from tests.dev_process import DevServer
+
+    data_dir = tmp_path / "data"
+    (data_dir / "secrets" / "model").mkdir(parents=True)
+    (data_dir / "secrets" / "model" / "api_key").write_text(KNOWN + "\n")
+    dev = DevServer(data_dir).start()
+    try:
+        task = {**json.loads(EXAMPLE_TASK.read_text()), "model": EXAMPLE_MODEL, "task_id": "sec-dev"}
+        task["prompt"] = f"{task['prompt']} (the key is {KNOWN})"
+        task_id = cli_client.submit_task(dev.url, task)
+        record = eventually(
+            lambda: (r := httpx.get(f"{dev.url}/api/tasks/{task_id}", timeout=5).json()).get("finished_uids") and r,
+            f"task {task_id} to finish",
+        )
+        listed = httpx.get(f"{dev.url}/api/tasks", timeout=5).text
+        trace = httpx.get(f"{dev.url}/api/stream/{task_id}", timeout=30).text
+    finally:
+        dev.stop()
+    assert record["task"]["prompt"].endswith(f"(the key is {REPLACEMENT})")
+    for body in (json.dumps(record), listed, trace):
+        assert leaks(body, [KNOWN]) == []
