@@ -29,6 +29,7 @@ from langchain_core.messages import AIMessage, BaseMessage, HumanMessage, System
 from langgraph.graph import END, START, StateGraph
 
 from agent import contract
+from agent.redact import Redactor
 
 STRATEGIC_PROMPT = """You are the strategic half of a coding agent working in a private workspace.
 Keep a short todo list. Each turn call exactly one control tool:
@@ -168,11 +169,16 @@ def initial_state(prompt: str) -> AgentState:
     }
 
 
-def _truncate(value: object, limit: int = 500) -> object:
-    if isinstance(value, str) and len(value) > limit:
-        return value[:limit] + f"... [{len(value) - limit} more chars]"
+_FORMATS_ONLY = Redactor()
+
+
+def _truncate(deps: Deps, value: object, limit: int = 500) -> object:
+    """`value` for a trace event: each string redacted first, then cut (a cut secret would pass)."""
+    redactor = getattr(deps.reporter, "redactor", None) or _FORMATS_ONLY
+    if isinstance(value, str):
+        return redactor.cut(value, limit)
     if isinstance(value, dict):
-        return {k: _truncate(v, limit) for k, v in value.items()}
+        return {k: _truncate(deps, v, limit) for k, v in value.items()}
     return value
 
 
@@ -249,7 +255,7 @@ def _tactical(deps: Deps, state: AgentState) -> AgentState:
 def _act(deps: Deps, state: AgentState) -> AgentState:
     """Run exactly one pending tool call (the invariant that makes a crash repeat at most this call)."""
     call = _next_pending_call(state["tactical"])
-    deps.reporter.event(contract.EV_TOOL, name=call["name"], args=_truncate(call["args"]), call_id=call["id"], stage="start")
+    deps.reporter.event(contract.EV_TOOL, name=call["name"], args=_truncate(deps, call["args"]), call_id=call["id"], stage="start")
     started = time.monotonic()
     result = deps.tools.call(call["name"], call["args"] or {})
     deps.reporter.event(
@@ -258,7 +264,7 @@ def _act(deps: Deps, state: AgentState) -> AgentState:
         call_id=call["id"],
         stage="end",
         ok=result.ok,
-        result=_truncate(result.output, 2000),
+        result=_truncate(deps, result.output, 2000),
         seconds=round(time.monotonic() - started, 3),
     )
     answer = ToolMessage(content=result.output, tool_call_id=call["id"], status="success" if result.ok else "error")
@@ -280,7 +286,7 @@ def _ask_model(deps: Deps, phase: str, prompt: str, messages: list[BaseMessage],
 
 def _report(deps: Deps, text: str) -> AgentState:
     """Back to STRATEGIC with the tactical phase's report as a user message."""
-    deps.reporter.event(contract.EV_PHASE, phase=contract.PHASE_STRATEGIC, report=_truncate(text))
+    deps.reporter.event(contract.EV_PHASE, phase=contract.PHASE_STRATEGIC, report=_truncate(deps, text))
     return {
         "phase": contract.PHASE_STRATEGIC,
         "strategic": [HumanMessage(content=f"Report from the tactical phase: {text}")],

@@ -6,12 +6,20 @@ Two kinds of secrets are removed from text:
   (`contract.SECRETS_DIR`) and of an optional file of extra secrets, one per
   line. Values shorter than `MIN_KNOWN_LENGTH` characters are ignored: a short
   value such as ``"1"`` or ``"true"`` would wreck ordinary text.
-* known formats (``patterns=True``): OpenAI keys (``sk-...``, ``sk-proj-...``),
-  Anthropic keys (``sk-ant-...``), GitHub tokens (``ghp_``, ``gho_``, ``ghu_``,
-  ``ghs_``, ``ghr_``, ``github_pat_``), AWS access key ids (``AKIA``/``ASIA`` +
-  16), bearer tokens (``Authorization: Bearer <token>``, ``bearer <token>``),
-  PEM private key blocks and the password of URLs with credentials
-  (``scheme://user:pass@host`` becomes ``scheme://user:[REDACTED]@host``).
+* known formats (``patterns=True``): OpenAI keys (``sk-proj-...`` and the
+  other prefixed kinds; a bare ``sk-`` with a random-looking body), Anthropic
+  keys (``sk-ant-...``), GitHub tokens (``ghp_``, ``gho_``, ``ghu_``, ``ghs_``,
+  ``ghr_``, ``github_pat_``), AWS access key ids (``AKIA``/``ASIA`` + 16), AWS
+  secret access keys next to their name (``aws_secret_access_key = ...``,
+  ``"SecretAccessKey": "..."``), bearer tokens, ``Authorization: Basic ...``,
+  PEM and PGP private key blocks and the password of URLs with credentials,
+  whatever it holds (``scheme://user:p/a@ss@host`` becomes
+  ``scheme://user:[REDACTED]@host``). None is anchored at a word boundary: a
+  key glued to other text (``token_sk-proj-...``, ``%3Dsk-...``, ``xAKIA...y``)
+  is still found.
+
+`Redactor.cut` redacts, then cuts: every text cut for a trace goes through it,
+since a secret cut in half is no longer recognisable.
 
 Both are single precompiled regular expressions (known values escaped and
 sorted longest first, so a value that contains another is removed whole), and
@@ -30,34 +38,49 @@ REPLACEMENT = "[REDACTED]"
 MIN_KNOWN_LENGTH = 6
 
 # Each alternative is a named group so that `_sub_pattern` knows what to keep.
+# No `\b` anchors: a key glued to a word (`token_sk-proj-...`, `%3Dsk-proj-...`,
+# `xAKIA...y`) is still a key. The repetitions are open-ended, so a match that
+# starts early (inside text that happens to look like a prefix) runs on over the
+# whole key instead of stopping inside it. Without anchors a pattern is tried at
+# every position, so each part that may fail after a long scan is bounded or
+# possessive: redaction stays linear in the text (tests/agent/test_redact.py
+# times the worst inputs).
 _PATTERNS = [
-    # PEM private keys: the whole block, also when it is cut (no END line yet).
-    r"(?P<pem>-----BEGIN[A-Z0-9 ]*PRIVATE KEY-----(?:.*?-----END[A-Z0-9 ]*PRIVATE KEY-----|[\s\S]*\Z))",
-    # Anthropic before OpenAI: both start with sk-.
-    r"(?P<anthropic>\bsk-ant-[A-Za-z0-9_\-]{16,})",
-    r"(?P<openai>\bsk-(?:proj-|svcacct-|admin-)?[A-Za-z0-9_\-]{20,})",
-    r"(?P<github>\b(?:gh[pousr]_[A-Za-z0-9]{30,}|github_pat_[A-Za-z0-9_]{30,}))",
-    r"(?P<aws>\b(?:AKIA|ASIA)[A-Z0-9]{16}\b)",
+    # PEM and PGP private keys: the whole block, also when it is cut (no END line yet).
+    r"(?P<pem>-----BEGIN[A-Z0-9 ]*PRIVATE KEY(?: BLOCK)?-----"
+    r"(?:.*?-----END[A-Z0-9 ]*PRIVATE KEY(?: BLOCK)?-----|[\s\S]*\Z))",
+    # Anthropic and the prefixed OpenAI keys: the prefix is distinctive enough.
+    r"(?P<anthropic>sk-ant-[A-Za-z0-9_\-]{16,})",
+    r"(?P<openai_pre>sk-(?:proj|svcacct|admin)-[A-Za-z0-9_\-]{16,})",
+    # Bare sk-: a random body (upper and lower case letters and a digit), so that
+    # "task-abcdefghijklmnopqrstuvwxyz" or "disk-usage-monitor-2024" stay readable.
+    r"(?P<openai>sk-(?=[A-Za-z0-9_\-]{0,200}[A-Z])(?=[A-Za-z0-9_\-]{0,200}[a-z])(?=[A-Za-z0-9_\-]{0,200}[0-9])[A-Za-z0-9_\-]{20,})",
+    r"(?P<github>(?:gh[pousr]_[A-Za-z0-9]{30,}|github_pat_[A-Za-z0-9_]{30,}))",
+    r"(?P<aws>(?:AKIA|ASIA)[A-Z0-9]{16,})",
+    # AWS secret access keys in context: aws_secret_access_key = x, "SecretAccessKey": "x",
+    # AWS_SECRET_ACCESS_KEY=x, --secret-access-key x. Keep the name, drop the value.
+    r"(?P<aws_secret_kw>(?i:secret[_\-]?access[_\-]?key)[\"']?(?:[ \t]*+[:=][ \t]*+|[ \t]++)[\"']?)(?P<aws_secret>[A-Za-z0-9/+=]{16,})",
+    # "Authorization: Basic x" (also as JSON or a Python dict): keep the scheme.
+    r"(?P<basic_kw>(?i:authorization)[\"']?[ \t]*+[:=][ \t]*+[\"']?(?i:basic)[ \t]++)(?P<basic>[A-Za-z0-9+/\-_]{4,}=*)",
     # "Authorization: Bearer x", "bearer x" (any case): keep the scheme word.
-    r"(?P<bearer_kw>(?i:\bbearer)\s+)(?P<bearer>[A-Za-z0-9\-._~+/]{8,}=*)",
-    # scheme://user:password@host: keep scheme and user, drop the password.
-    r"(?P<url_head>\b[A-Za-z][A-Za-z0-9+.\-]*://[^\s:/@'\"<>]*:)(?P<url_pass>[^\s/'\"<>]+)(?=@)",
+    r"(?P<bearer_kw>(?i:bearer)\s++)(?P<bearer>[A-Za-z0-9\-._~+/]{8,}=*)",
+    # scheme://user:password@host: keep scheme and user, drop the password, whatever
+    # it holds (`/`, `@`, `:`): everything up to the last `@` before a space or a quote
+    # (at most 512 characters; a scheme of at most 32, a user of at most 256).
+    r"(?P<url_head>[A-Za-z][A-Za-z0-9+.\-]{0,31}://[^\s:/@'\"<>]{0,256}:)(?P<url_pass>[^\s\"<>]{1,512})(?=@)",
 ]
 _PATTERN_RE = re.compile("|".join(_PATTERNS), re.DOTALL)
+_KEEP_HEAD = {"bearer": "bearer_kw", "url_pass": "url_head", "aws_secret": "aws_secret_kw", "basic": "basic_kw"}
 
 # Literal fragments of which at least one occurs in any text a pattern matches;
 # checked with `in` (C speed) before the regex runs.
 _CANDIDATES = ("PRIVATE KEY", "sk-", "ghp_", "gho_", "ghu_", "ghs_", "ghr_", "github_pat_", "AKIA", "ASIA", "://")
-_CANDIDATES_CI = ("bearer",)
+_CANDIDATES_CI = ("bearer", "authorization", "secret")
 
 
 def _sub_pattern(m: re.Match) -> str:
-    kind = m.lastgroup
-    if kind == "bearer":
-        return m.group("bearer_kw") + REPLACEMENT
-    if kind == "url_pass":
-        return m.group("url_head") + REPLACEMENT
-    return REPLACEMENT
+    head = _KEEP_HEAD.get(m.lastgroup)
+    return m.group(head) + REPLACEMENT if head else REPLACEMENT
 
 
 class Redactor:
@@ -125,6 +148,17 @@ class Redactor:
             for cand in _CANDIDATES_CI:
                 if cand in lowered:
                     return _PATTERN_RE.sub(_sub_pattern, text)
+        return text
+
+    def cut(self, text: str, limit: int) -> str:
+        """`text` redacted, then cut to `limit` characters with a note of how many were left out.
+
+        In this order: a secret cut in half is no longer recognisable, so a cut
+        before redaction would publish its first characters.
+        """
+        text = self.redact(text)
+        if len(text) > limit:
+            return text[:limit] + f"... [{len(text) - limit} more chars]"
         return text
 
     def redact_obj(self, obj: Any) -> Any:

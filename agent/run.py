@@ -361,4 +361,5 @@ class Run:
         try:
             clone_repo(repo, self.workspace, tools.environment(), allow_file=self.args.allow_file_repos)
         except subprocess.CalledProcessError as exc:
-            raise RuntimeError(f"git clone of {repo.get('url')} failed: {exc.stderr.strip()[:500]}") from None
+            # Redacted before it is cut: git may echo a URL with its password.
+            raise RuntimeError(f"git clone of {repo.get('url')} failed: {self.telemetry.redactor.cut(exc.stderr.strip(), 500)}") from None

@@ -107,7 +107,7 @@ async def print_trace(url: str, task_id: str, *, after: int | None, follow: bool
     With `follow` it runs until the `end` event, reconnecting with Last-Event-ID
     whenever the connection drops. Without it, it stops at `end` or once nothing
     new has arrived for `idle` seconds: "what exists so far"."""
-    from functions.cli import render
+    from functions.cli import redaction, render
     from functions.cli.sse_client import SSEError, follow as sse_follow
 
     out = out or sys.stdout
@@ -129,7 +129,7 @@ async def print_trace(url: str, task_id: str, *, after: int | None, follow: bool
             else:
                 line = render.render_message(message)
             if line is not None:
-                print(line, file=out, flush=True)
+                print(redaction.clean(line), file=out, flush=True)
             if message.event == "end":
                 break
     except SSEError as exc:

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Callable
 
 from agent import contract
+from functions.cli import redaction
 from functions.cli.client import (
     DEFAULT_URL,
     EXIT_BAD_INPUT,
@@ -151,7 +152,7 @@ def format_tasks(records: list[dict]) -> str:
 
 
 def _run_tasks(args) -> int:
-    records = get_json(args.url, "/api/tasks", _token(args))
+    records = redaction.redactor().redact_obj(get_json(args.url, "/api/tasks", _token(args)))
     print(json.dumps(records, indent=2) if args.json else terminal_safe(format_tasks(records) if records else "no tasks"))
     return EXIT_OK
 

@@ -177,7 +177,7 @@ class Settings(BaseSettings):
     cors_origins: CommaList = _setting(
         (), "comma-separated origins allowed to read the API from a browser (an external cockpit); none: same origin only",
         _STREAM)
-    known_secrets_file: str = _setting("", "a file of exact secret values, one per line, redacted from everything served", _STREAM)
+    known_secrets_file: str = _setting("", "exact secret values redacted from everything served: a file (one per line) or a directory (one per file, e.g. a Secret volume)", _STREAM)
     api_tokens_file: str = _setting(
         "", "API tokens, hashed: one line per token, `name scope sha256hex`, scope read or write (`dockyard token create`); "
         "none: every API request is refused (`dockyard dev`: `<data dir>/api-tokens`)", "stream, `dockyard dev`")

@@ -87,7 +87,9 @@ def create_dev_app(
         secrets_dir=str(secrets_dir),
         **(runtime_options or {}),
     )
-    stream_app = stream.create_app(settings, run_tracker=True)
+    # The stream redacts what the agents know as secrets (their secrets dir) unless told otherwise.
+    known = settings.known_secrets_file or str(secrets_dir)
+    stream_app = stream.create_app(settings.model_copy(update={"known_secrets_file": known}), run_tracker=True)
 
     @asynccontextmanager
     async def lifespan(app):

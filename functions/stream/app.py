@@ -236,7 +236,7 @@ def create_app(
             Route("/api/tasks", list_tasks),
             Route("/api/tasks/{task_id}", get_task),
             Route("/healthz", healthz),
-            *cockpit.routes(settings),
+            *cockpit.routes(settings, redaction),
         ],
         middleware=[*cors_middleware(settings), Middleware(TokenAuth, tokens=Tokens(settings.api_tokens_file or None))],
         exception_handlers=EXCEPTION_HANDLERS,

@@ -1,4 +1,4 @@
-"""Redaction in the stream: secret formats always, plus the known values of a file that may change.
+"""Redaction in the stream: secret formats always, plus the known values of a file or directory that may change.
 
 Invariant: nothing leaves the stream unredacted. Every message is redacted
 once, where it is read from NATS, with `Redaction.current()`; so is every task
@@ -23,9 +23,12 @@ SECRETS_CHECK_SECONDS = 1.0  # the known-secrets file is looked at (stat) at mos
 class Redaction:
     """The stream's `Redactor`: secret formats always, plus the known values in `path`.
 
-    The file is looked at no more than every SECRETS_CHECK_SECONDS and read
-    again when its modification time, size or inode changed; `current()` then
-    returns a new Redactor. A missing or unreadable file means formats only.
+    `path` is a file of values, one per line, or a directory (a Kubernetes
+    Secret volume) whose every file is one value, multi-line values included.
+    It is looked at no more than every SECRETS_CHECK_SECONDS and read again when
+    the modification time, size or inode of the file (of any file, in a
+    directory) changed; `current()` then returns a new Redactor. A missing or
+    unreadable path means formats only.
     """
 
     def __init__(self, path: str | os.PathLike | None):
@@ -43,19 +46,37 @@ class Redaction:
         return self._redactor
 
     def _reload_if_changed(self) -> None:
-        try:
-            st = os.stat(self.path)
-            stamp = (st.st_mtime_ns, st.st_size, st.st_ino)
-        except OSError:
-            stamp = None
+        stamp = _stamp(self.path)
         if stamp == self._stamp:
             return
         self._stamp = stamp
-        self._redactor = Redactor.from_secrets_dir(None, extra_file=self.path)
+        if os.path.isdir(self.path):
+            self._redactor = Redactor.from_secrets_dir(self.path)
+        else:
+            self._redactor = Redactor.from_secrets_dir(None, extra_file=self.path)
         if stamp is None:
             log.warning("known secrets file %s is missing: redacting secret formats only", self.path)
         else:
             log.info("known secrets file %s: %d values", self.path, self._redactor.known_count)
+
+
+def _stamp(path: str) -> tuple | None:
+    """What changes when the known secrets change: (mtime, size, inode) of the file, or of every file under the directory."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    if not os.path.isdir(path):
+        return (st.st_mtime_ns, st.st_size, st.st_ino)
+    stamps: list[tuple] = [(path, st.st_mtime_ns, st.st_ino)]
+    for dirpath, _dirnames, filenames in os.walk(path, onerror=lambda e: None):
+        for name in sorted(filenames):
+            try:
+                fst = os.stat(os.path.join(dirpath, name))  # follows the ..data links of a Secret volume
+            except OSError:
+                continue
+            stamps.append((dirpath, name, fst.st_mtime_ns, fst.st_size, fst.st_ino))
+    return tuple(sorted(stamps, key=repr))
 
 
 def redact_data(data: bytes, redactor: Redactor) -> tuple[bytes, object]:

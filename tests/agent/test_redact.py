@@ -35,6 +35,21 @@ R = REPLACEMENT
         ("git clone https://bob:hunter2secret@github.com/o/r.git", f"git clone https://bob:{R}@github.com/o/r.git"),
         ("postgres://:pw-only@db:5432/x and redis://u:p%40ss@cache/0", f"postgres://:{R}@db:5432/x and redis://u:{R}@cache/0"),
         ("https://user:p@ss@host/path", f"https://user:{R}@host/path"),
+        # issue 9, finding 6: glued to a word, PGP blocks, AWS secret keys in context, Basic, any URL password
+        ("token_sk-proj-" + "Ab3_-" * 6, f"token_{R}"),
+        ("https://x.example/cb?k%3Dsk-proj-" + "Zq9y" * 6, f"https://x.example/cb?k%3D{R}"),
+        ("xAKIAIOSFODNN7EXAMPLEy", f"x{R}y"),
+        ("id=ghp_" + "a1" * 18 + "_tail", f"id={R}_tail"),
+        ("-----BEGIN PGP PRIVATE KEY BLOCK-----\n\nlQOYBF\n=ab12\n-----END PGP PRIVATE KEY BLOCK-----\nok", f"{R}\nok"),
+        ("-----BEGIN PGP PRIVATE KEY BLOCK-----\nlQOYBFcut", R),
+        ("aws_secret_access_key = wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY", f"aws_secret_access_key = {R}"),
+        ('{"SecretAccessKey": "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY"}', f'{{"SecretAccessKey": "{R}"}}'),
+        ("AWS_SECRET_ACCESS_KEY=wJalrXUtnFEMI/K7MDENG+bPxRfiCYEXAMPLEKEY", f"AWS_SECRET_ACCESS_KEY={R}"),
+        ("--secret-access-key wJalrXUtnFEMI/K7MDENG+bPxRfiCY", f"--secret-access-key {R}"),
+        ("Authorization: Basic dXNlcjpwYXNzd29yZA==", f"Authorization: Basic {R}"),
+        ('headers={"authorization": "basic dXNlcjpwYXNz"}', f'headers={{"authorization": "basic {R}"}}'),
+        ("https://bob:pa/ss:w@rd@host/r.git", f"https://bob:{R}@host/r.git"),
+        ("ftp://u:a/b/c@files.example", f"ftp://u:{R}@files.example"),
     ],
 )
 def test_patterns(text, expected):
@@ -52,6 +67,9 @@ def test_patterns(text, expected):
         "bearer token is missing: bearer",
         "-----BEGIN PUBLIC KEY-----\nMIIB\n-----END PUBLIC KEY-----",
         "user@example.com wrote to git@github.com:o/r.git",
+        "the disk-usage-monitor-service-2024 and task-abcdefghijklmnopqrstuvwxyz0123 are fine",
+        "a basic setup; the secret is to wait; authorization failed",
+        "https://example.com:8443/path/to/x and more",
     ],
 )
 def test_ordinary_text_is_untouched(text):
@@ -118,3 +136,43 @@ def test_kubernetes_secret_volume_layout(tmp_path):
     (tmp_path / "..data").symlink_to(data.name)
     (tmp_path / "token").symlink_to("..data/token")
     assert Redactor.from_secrets_dir(tmp_path).redact("k8s-token-value-xyz") == R
+
+
+def test_cut_redacts_first():
+    """A secret across the cut: cutting first left its head, which no pattern or known value recognises."""
+    known = "Kn0wn-secret-value-25chrs"
+    r = Redactor([known])
+    text = "x" * 1980 + known + " tail"
+    assert known[:20] not in r.cut(text, 2000)
+    assert r.cut(text, 2000).startswith("x" * 1980 + R)
+    assert r.cut("short " + known, 2000) == f"short {R}"
+    assert r.cut("y" * 2001, 2000) == "y" * 2000 + "... [1 more chars]"
+
+
+N = 64 * 1024  # the longest string a trace record keeps (agent.telemetry.records.MAX_STRING)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "a://b:" * (N // 6),
+        "http://u:" + "x" * N,
+        "a" * N + "://",
+        "sk-" * (N // 3),
+        "sk-" + "a" * N,
+        "secret_access_key" + " " * N,
+        "secret_access_key:" * (N // 18),
+        "authorization:" + " " * N,
+        "bearer " * (N // 7),
+        "-----BEGIN RSA PRIVATE KEY-----" * (N // 31),
+        "AKIA" * (N // 4) + "ghp_" * (N // 4),
+    ],
+    ids=lambda t: repr(t[:20]),
+)
+def test_redaction_stays_linear_on_hostile_text(text):
+    """Unanchored patterns are tried at every position; the worst of these took 3.7-57 s before their scans were bounded."""
+    import time
+
+    started = time.perf_counter()
+    Redactor(["known-value-123456"]).redact(text)
+    assert time.perf_counter() - started < 1.0

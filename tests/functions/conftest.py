@@ -67,7 +67,13 @@ class MemoryRuntime:
 
 
 @pytest.fixture
-def settings(nats_server, tmp_path):
+def settings(base_settings):
+    return base_settings
+
+
+@pytest.fixture
+def base_settings(nats_server, tmp_path):
+    """The functions' test settings (a real nats-server); `settings` unless a folder overrides it."""
     return Settings(
         nats_url=nats_server.url,
         data_dir=tmp_path / "data",

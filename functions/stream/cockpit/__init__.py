@@ -41,6 +41,7 @@ from agent import contract
 
 if TYPE_CHECKING:
     from functions.core.settings import Settings
+    from functions.stream.redaction import Redaction
 
 STATIC_DIR = Path(__file__).parent / "static"
 RELAY_PATH = "/api/events"
@@ -48,8 +49,11 @@ RELAYED_TYPES = (contract.EVENT_TASK_SUBMITTED, contract.EVENT_TASK_COMMAND)
 RELAY_TIMEOUT_SECONDS = 15.0
 
 
-def routes(settings: Settings) -> list:
-    """Routes to append after the stream app's API routes; the static mount stays last."""
+def routes(settings: Settings, redaction: Redaction | None = None) -> list:
+    """Routes to append after the stream app's API routes; the static mount stays last.
+
+    The relay's answers go through `redaction` (the stream's), like everything else served.
+    """
     from starlette.responses import JSONResponse
     from starlette.routing import Mount, Route
     from starlette.staticfiles import StaticFiles
@@ -62,7 +66,7 @@ def routes(settings: Settings) -> list:
 
     extra = [Route("/cockpit-config.json", cockpit_config)]
     if broker_url:
-        extra.append(Route(RELAY_PATH, relay_to(broker_url), methods=["POST"]))
+        extra.append(Route(RELAY_PATH, relay_to(broker_url, redaction), methods=["POST"]))
     return [*extra, Mount("/", app=StaticFiles(directory=STATIC_DIR, html=True), name="cockpit")]
 
 
@@ -89,12 +93,20 @@ def forwarded_headers(request) -> dict[str, str]:
     return {"Content-Type": cloudevent.STRUCTURED, **({"Authorization": f"Bearer {token}"} if token else {})}
 
 
-def relay_to(broker_url: str):
+def relay_to(broker_url: str, redaction: Redaction | None = None):
     """The endpoint that checks one CloudEvent and forwards it, structured, to the Broker.
 
     It raises; the stream app's exception handler answers by `functions.errors.answer_for`.
+    What the Broker answered is redacted before it is cut and passed on.
     """
+    from agent.redact import Redactor
+
+    formats_only = Redactor()
+
     from starlette.responses import JSONResponse
+
+    def redact(text: str) -> str:
+        return (redaction.current() if redaction is not None else formats_only).redact(text)
 
     async def relay(request):
         import httpx
@@ -119,8 +131,8 @@ def relay_to(broker_url: str):
         except ValueError:
             reply = None
         if 400 <= answer.status_code < 500 and isinstance(reply, dict) and "error" in reply:
-            raise BadInput(reply["error"], reply.get("field"), answer.status_code)  # the Broker's refusal, as it is
-        text = " ".join(answer.text.split())[:300] or answer.reason_phrase
+            raise BadInput(redact(str(reply["error"])), reply.get("field"), answer.status_code)  # the Broker's refusal
+        text = redact(" ".join(answer.text.split()))[:300] or answer.reason_phrase
         if 400 <= answer.status_code < 500:
             raise BadInput(f"the broker answered {answer.status_code}: {text}", None, answer.status_code)
         raise TransientError(f"the broker answered {answer.status_code}: {text}")
