@@ -27,10 +27,6 @@ CONNECT_TIMEOUT_SECONDS = 3.0
 PUBLISH_TIMEOUT_SECONDS = 5.0
 
 
-def now_iso() -> str:
-    return contract.iso_utc()
-
-
 def _is_nats_error(exc: BaseException) -> bool:
     """nats-py's own errors (core and JetStream derive from `nats.errors.Error`): the bus is in trouble."""
     import nats.errors
@@ -96,7 +92,7 @@ class Bus:
 
         `msg_id` lets JetStream drop a duplicate published within its dedup window
         (a redelivered CloudEvent publishing the same fact again)."""
-        body = {"type": type, "task_id": task_id, "ts": now_iso(), **fields}
+        body = {"type": type, "task_id": task_id, "ts": contract.iso_utc(), **fields}
         headers = {"Nats-Msg-Id": msg_id} if msg_id else None
         try:
             ack = await self.js.publish(contract.subject_events(task_id), json.dumps(body).encode(), headers=headers)

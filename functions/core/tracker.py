@@ -21,7 +21,6 @@ import json
 import logging
 
 from agent import contract
-from functions.core.bus import now_iso
 from functions.core.registry import TaskRecord
 
 log = logging.getLogger(__name__)
@@ -59,7 +58,7 @@ def apply_event(record: TaskRecord, event: dict, seq: int, *, now: str | None = 
             updated["outcome"] = event.get("outcome") or record.get("outcome")
             if event.get("reason"):
                 updated["reason"] = event["reason"]
-    updated["updated_at"] = now or now_iso()
+    updated["updated_at"] = now or contract.iso_utc()
     return updated
 
 

@@ -30,7 +30,6 @@ from typing import TYPE_CHECKING
 from cloudevents.http import CloudEvent
 
 from agent import contract
-from functions.core.bus import now_iso
 from functions.core.cloudevent import data_object, require_type
 from functions.core.registry import TaskRecord, new_record
 from functions.errors import BadInput, StoreUnavailable
@@ -165,7 +164,7 @@ async def record_finished_job(job: dict, ctx: "Context") -> dict:
     if record is None:
         # The entry is gone (expired, or the registry was reset): rebuild it from the Job.
         task = _annotated_task(metadata)
-        await ctx.registry.create(task_id, new_record(task_id, task=task, spec_hash=None, now=now_iso()))
+        await ctx.registry.create(task_id, new_record(task_id, task=task, spec_hash=None, now=contract.iso_utc()))
         record = await ctx.registry.get(task_id) or {}
     if uid in (record.get("finished_uids") or []):
         return {"task_id": task_id, "status": "already handled"}
@@ -194,7 +193,7 @@ async def record_finished_job(job: dict, ctx: "Context") -> dict:
     def finish(current: TaskRecord) -> TaskRecord | None:
         if uid in (current.get("finished_uids") or []):
             return None
-        now = now_iso()
+        now = contract.iso_utc()
         return {
             **current,
             "state": contract.STATE_FINISHED,

@@ -24,7 +24,6 @@ from typing import TYPE_CHECKING
 from cloudevents.http import CloudEvent
 
 from agent import contract
-from functions.core.bus import now_iso
 from functions.errors import NoReply
 from functions.core.cloudevent import require_type
 from functions.handlers.job_finished import launched_here, record_finished_job
@@ -72,7 +71,7 @@ async def _snapshot(ctx: "Context", record: "TaskRecord", now: datetime) -> str:
             keys = list(current.get("snapshot_keys") or [])
             if isinstance(key, str) and key and key not in keys:
                 keys = [*keys, key][-MAX_SNAPSHOT_KEYS:]
-            at = now_iso()
+            at = contract.iso_utc()
             return {**current, "last_snapshot_at": at, "last_snapshot_key": key, "snapshot_keys": keys, "updated_at": at}
 
         await ctx.registry.update(task_id, remember)

@@ -14,7 +14,6 @@ from typing import TYPE_CHECKING
 from cloudevents.http import CloudEvent
 
 from agent import contract
-from functions.core.bus import now_iso
 from functions.errors import NoReply
 from functions.core.cloudevent import data_object, require_type
 from functions.errors import TaskNotFound
@@ -55,7 +54,7 @@ async def _record_cancelled(ctx: "Context", task_id: str) -> None:
     def finish(record: "TaskRecord") -> "TaskRecord | None":
         if record.get("state") in contract.TERMINAL_STATES:
             return None
-        return {**record, "state": contract.STATE_FINISHED, "outcome": contract.OUTCOME_CANCELLED, "reason": reason, "updated_at": now_iso()}
+        return {**record, "state": contract.STATE_FINISHED, "outcome": contract.OUTCOME_CANCELLED, "reason": reason, "updated_at": contract.iso_utc()}
 
     await ctx.registry.update(task_id, finish)
     await ctx.bus.publish_event(
@@ -81,7 +80,7 @@ async def handle(event: CloudEvent, ctx: "Context") -> dict:
     if op == "cancel":
         if finished:
             return {"task_id": task_id, "status": "already finished", "outcome": record.get("outcome")}
-        at = now_iso()
+        at = contract.iso_utc()
         await ctx.registry.update(task_id, lambda r: {**r, "cancel_requested_at": r.get("cancel_requested_at") or at})
         try:
             reply = await ctx.bus.request(subject, {"op": "cancel"}, timeout=ctx.settings.cancel_timeout_seconds)

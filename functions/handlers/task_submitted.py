@@ -20,7 +20,6 @@ from typing import TYPE_CHECKING
 from cloudevents.http import CloudEvent
 
 from agent import contract
-from functions.core.bus import now_iso
 from functions.core.cloudevent import require_type
 from functions.core.registry import TaskRecord, new_record
 from functions.errors import LaunchConflict
@@ -35,7 +34,7 @@ async def handle(event: CloudEvent, ctx: "Context") -> dict:
     task = parse_task(event.get_data(), source=event["source"], event_id=event["id"], policy=ctx.settings.limits,
                       allow_file_repos=ctx.settings.allow_file_repos)
 
-    record = new_record(task.task_id, task=task.to_dict(), spec_hash=task.spec_hash, now=now_iso())
+    record = new_record(task.task_id, task=task.to_dict(), spec_hash=task.spec_hash, now=contract.iso_utc())
     created = await ctx.registry.create(task.task_id, record)
     if not created:
         existing = await ctx.registry.get(task.task_id)
@@ -63,6 +62,6 @@ async def _record_job_uid(ctx: "Context", task_id: str) -> None:
     def bind(current: TaskRecord) -> TaskRecord | None:
         if current.get("job_uid") == uid:
             return None
-        return {**current, "job_uid": uid, "updated_at": now_iso()}
+        return {**current, "job_uid": uid, "updated_at": contract.iso_utc()}
 
     await ctx.registry.update(task_id, bind)

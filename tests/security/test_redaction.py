@@ -31,7 +31,6 @@ from starlette.routing import Route
 from agent import contract
 from agent.redact import REPLACEMENT
 from functions.cli import redaction as cli_redaction
-from functions.core.bus import now_iso
 from functions.core.registry import new_record
 from tests.conftest import eventually_async
 from tests.functions.stream.support import AUTH, WRITE_TOKEN, AppServer, ev, finished, log_record, messages_of, publish, raw_body
@@ -81,7 +80,7 @@ def known_dir(tmp_path) -> Path:
 async def test_glued_keys_and_the_formats_that_passed_reach_no_client(bus, serve, known_dir):
     server = await serve(known_secrets_file=str(known_dir))
     task = "t-sec-formats"
-    await bus.registry.create(task, new_record(task, task=None, spec_hash=None, now=now_iso()))
+    await bus.registry.create(task, new_record(task, task=None, spec_hash=None, now=contract.iso_utc()))
     url = f"{server.url}/api/stream/{task}"
     live = asyncio.create_task(raw_body(url))
     await eventually_async(lambda: (f := server.feed(task)) is not None and f.waiting == 1, "the live client waits")
@@ -114,7 +113,7 @@ async def test_a_known_secret_across_the_2000_character_cut_leaves_none_of_its_c
     """The agent knows the secret; the stream does not: only redaction before the cut holds it."""
     server = await serve()  # no known-secrets file: the agent's own redaction is what is tested
     task = "t-sec-cut"
-    await bus.registry.create(task, new_record(task, task=None, spec_hash=None, now=now_iso()))
+    await bus.registry.create(task, new_record(task, task=None, spec_hash=None, now=contract.iso_utc()))
     workspace = tmp_path / "ws"
     workspace.mkdir()
     secret_volume(tmp_path / "secrets", {"api_key": KNOWN})
@@ -143,7 +142,7 @@ async def test_a_known_secret_across_the_2000_character_cut_leaves_none_of_its_c
 async def test_task_records_show_no_known_secret_in_prompt_summary_or_termination_message(bus, serve, known_dir):
     server = await serve(known_secrets_file=str(known_dir))
     task = "t-sec-records"
-    record = new_record(task, task={"prompt": f"use {KNOWN} and {AWS_SECRET}", "model": "scripted:example"}, spec_hash="h", now=now_iso())
+    record = new_record(task, task={"prompt": f"use {KNOWN} and {AWS_SECRET}", "model": "scripted:example"}, spec_hash="h", now=contract.iso_utc())
     record["summary"] = f"done with {KNOWN}; {FINDING_6['AKIAIOSFODNN7EXAMPLE']}"
     record["termination_message"] = f"failed: {FINDING_6[URL_PASSWORD]} token_sk-proj-{'Ab3x' * 10}"
     await bus.registry.create(task, record)
@@ -195,7 +194,7 @@ async def test_the_cli_prints_no_secret_even_from_a_server_that_does_not_know_it
     monkeypatch.setenv("DOCKYARD_KNOWN_SECRETS_FILE", str(known_dir))
     cli_redaction._redaction.cache_clear()
     task = "t-sec-cli"
-    record = new_record(task, task={"prompt": f"use {KNOWN}"}, spec_hash="h", now=now_iso())
+    record = new_record(task, task={"prompt": f"use {KNOWN}"}, spec_hash="h", now=contract.iso_utc())
     record["termination_message"] = f"failed: {KNOWN}"
     await bus.registry.create(task, record)
     await publish(bus.js, task, log_record(task, f"the key is {KNOWN} and {FINDING_6[AWS_SECRET]}"))

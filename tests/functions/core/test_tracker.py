@@ -13,7 +13,6 @@ import pytest
 
 from agent import contract
 from functions.stream import app as stream
-from functions.core.bus import now_iso
 from functions.core.registry import new_record
 from functions.core.tracker import DURABLE, Tracker, apply_event
 from tests.conftest import eventually_async
@@ -61,7 +60,7 @@ def test_a_finished_record_never_moves_back():
 
 
 async def publish(js, task_id: str, type_: str, **fields) -> int:
-    body = {"type": type_, "task_id": task_id, "ts": now_iso(), **fields}
+    body = {"type": type_, "task_id": task_id, "ts": contract.iso_utc(), **fields}
     return (await js.publish(contract.subject_events(task_id), json.dumps(body).encode())).seq
 
 
@@ -77,7 +76,7 @@ async def acked_through(js, seq: int, durable: str = DURABLE) -> None:
 
 
 async def register(registry, task_id: str) -> None:
-    assert await registry.create(task_id, new_record(task_id, task=None, spec_hash=None, now=now_iso()))
+    assert await registry.create(task_id, new_record(task_id, task=None, spec_hash=None, now=contract.iso_utc()))
 
 
 async def test_tracker_follows_events_and_never_regresses(bus):

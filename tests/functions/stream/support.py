@@ -13,7 +13,6 @@ import uvicorn
 
 from agent import contract
 from functions.cli.sse_client import SSEMessage, SSEParser, follow
-from functions.core.bus import now_iso
 from functions.stream.auth import token_line
 from tests.conftest import eventually_async, free_port
 
@@ -75,11 +74,11 @@ def replace_settings(settings, **fields):
 
 
 def ev(task_id: str, type_: str, **fields) -> dict:
-    return {"type": type_, "task_id": task_id, "ts": now_iso(), **fields}
+    return {"type": type_, "task_id": task_id, "ts": contract.iso_utc(), **fields}
 
 
 def log_record(task_id: str, msg: str, level: str = "INFO") -> dict:
-    return {"ts": now_iso(), "level": level, "logger": "agent", "msg": msg, "task_id": task_id}
+    return {"ts": contract.iso_utc(), "level": level, "logger": "agent", "msg": msg, "task_id": task_id}
 
 
 def finished(task_id: str) -> dict:

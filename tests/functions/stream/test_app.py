@@ -20,7 +20,6 @@ import pytest
 
 from agent import contract
 from functions.cli.sse_client import SSEMessage
-from functions.core.bus import now_iso
 from functions.core.registry import new_record
 from functions.stream.app import create_app
 from tests.conftest import eventually_async
@@ -153,7 +152,7 @@ async def test_a_follower_resumes_across_an_app_restart(bus, serve):
 
 async def test_registered_task_without_messages_streams_heartbeats(bus, serve):
     server = await serve(heartbeat_seconds=0.2)
-    await bus.registry.create("t-quiet", new_record("t-quiet", task=None, spec_hash=None, now=now_iso()))
+    await bus.registry.create("t-quiet", new_record("t-quiet", task=None, spec_hash=None, now=contract.iso_utc()))
     async with httpx.AsyncClient(headers=AUTH, timeout=5) as client:
         async with client.stream("GET", f"{server.url}/api/stream/t-quiet") as response:
             assert response.status_code == 200

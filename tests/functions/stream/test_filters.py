@@ -8,7 +8,6 @@ import httpx
 import pytest
 
 from agent import contract
-from functions.core.bus import now_iso
 from functions.core.registry import new_record
 from functions.errors import BadInput
 from functions.stream import feed
@@ -68,7 +67,7 @@ async def test_filters_send_only_what_was_asked_and_resume_exactly(bus, serve, m
         "types=logs,tool&level=ERROR": lambda b: b.get("type") == "tool" or b.get("level") in ("ERROR", "CRITICAL"),
         "types=todo,logs&level=info": lambda b: b.get("type") == "todo" or ("type" not in b and b["level"] != "DEBUG"),
     }
-    await bus.registry.create(task, new_record(task, task=None, spec_hash=None, now=now_iso()))
+    await bus.registry.create(task, new_record(task, task=None, spec_hash=None, now=contract.iso_utc()))
     live = {query: [] for query in cases}
     followers = [asyncio.create_task(collect_into(f"{url}?{q}", into)) for q, into in live.items()]
     # Each filtered client starts with an empty stream (only heartbeats until something passes) on the shared feed.

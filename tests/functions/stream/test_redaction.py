@@ -17,7 +17,6 @@ import yaml
 from agent import contract
 from agent.redact import REPLACEMENT
 from functions.cli.sse_client import SSEMessage
-from functions.core.bus import now_iso
 from functions.core.registry import new_record
 from functions.stream import redaction
 from tests.conftest import eventually_async
@@ -75,7 +74,7 @@ async def test_secrets_never_reach_a_client_live_replayed_or_in_task_records(bus
     server = await serve(known_secrets_file=str(secrets_file))
     task = "t-redact"
     text = "\n".join(LEAKS.values())
-    record = new_record(task, task={"prompt": f"use {KNOWN}"}, spec_hash="h", now=now_iso())
+    record = new_record(task, task={"prompt": f"use {KNOWN}"}, spec_hash="h", now=contract.iso_utc())
     record["termination_message"] = f"failed: {LEAKS['ghp_' + 'a1B2' * 9]} {UNICODE_KNOWN}"
     await bus.registry.create(task, record)
     url = f"{server.url}/api/stream/{task}"
@@ -151,7 +150,7 @@ async def test_a_real_agent_run_leaks_no_secret_to_the_stream(bus, serve, secret
     """
     server = await serve(known_secrets_file=str(secrets_file))
     task = "t-agent-leak"
-    await bus.registry.create(task, new_record(task, task=None, spec_hash=None, now=now_iso()))
+    await bus.registry.create(task, new_record(task, task=None, spec_hash=None, now=contract.iso_utc()))
     workspace = tmp_path / "ws"
     workspace.mkdir()
     (tmp_path / "secrets").mkdir()

@@ -14,7 +14,6 @@ import pytest
 
 from agent import contract
 from functions.cli.sse_client import SSEMessage
-from functions.core.bus import now_iso
 from functions.core.registry import new_record
 from functions.errors import Unavailable
 from functions.stream import serving
@@ -156,7 +155,7 @@ async def test_the_tracker_waits_for_nats_with_a_capped_backoff_then_tracks(bus,
         delays.append(seconds)
 
     task = "t-tracked"
-    await bus.registry.create(task, new_record(task, task=None, spec_hash=None, now=now_iso()))
+    await bus.registry.create(task, new_record(task, task=None, spec_hash=None, now=contract.iso_utc()))
     tracker = asyncio.create_task(serving.run_tracker(settings, connect=connect, sleep=sleep))
     try:
         await publish(bus.js, task, ev(task, contract.EV_STATUS, state=contract.STATE_STARTED))
