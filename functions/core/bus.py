@@ -27,6 +27,13 @@ CONNECT_TIMEOUT_SECONDS = 3.0
 PUBLISH_TIMEOUT_SECONDS = 5.0
 
 
+def being_cancelled() -> bool:
+    """Whether someone asked the running task to stop. nats-py may turn a CancelledError into its own
+    error; a retry loop that catches those asks this first, so a stop is never taken for NATS trouble."""
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0
+
+
 def _is_nats_error(exc: BaseException) -> bool:
     """nats-py's own errors (core and JetStream derive from `nats.errors.Error`): the bus is in trouble."""
     import nats.errors

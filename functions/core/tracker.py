@@ -21,6 +21,7 @@ import json
 import logging
 
 from agent import contract
+from functions.core.bus import being_cancelled
 from functions.core.registry import TaskRecord
 
 log = logging.getLogger(__name__)
@@ -162,9 +163,3 @@ async def _quietly(awaitable) -> None:
         await awaitable
     except Exception:
         pass
-
-
-def being_cancelled() -> bool:
-    """Whether someone asked the running task to stop (a library may have swallowed the CancelledError)."""
-    task = asyncio.current_task()
-    return task is not None and task.cancelling() > 0

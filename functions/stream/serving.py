@@ -23,7 +23,7 @@ from collections.abc import Awaitable, Callable
 from contextlib import contextmanager
 
 from functions.core import bus
-from functions.core.tracker import being_cancelled
+from functions.core.bus import being_cancelled
 from functions.errors import Unavailable
 
 log = logging.getLogger(__name__)
