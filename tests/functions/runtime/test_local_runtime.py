@@ -11,7 +11,6 @@ import signal
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
 import pytest
 
@@ -268,6 +267,4 @@ def test_make_runtime_picks_the_implementation(tmp_path):
 
     runtime = make_runtime(Settings(data_dir=tmp_path, runtime="local"), emit_job_event=emit)
     assert isinstance(runtime, LocalRuntime) and runtime.store_url == (tmp_path / "store").as_uri()
-    if not (Path(__file__).parents[3] / "functions" / "runtime" / "kubernetes.py").exists():
-        with pytest.raises(ValueError, match="DOCKYARD_RUNTIME"):
-            make_runtime(Settings(data_dir=tmp_path, runtime="kubernetes"))
+    # runtime=kubernetes: test_kubernetes_runtime.py::test_make_runtime_reads_the_kubeconfig_and_the_job_settings_from_the_environment
