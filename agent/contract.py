@@ -121,6 +121,11 @@ def subject_logs(task_id: str) -> str:
     return f"logs.agent.{task_id}"
 
 
+def inbox_prefix(task_id: str) -> str:
+    """The reply inbox of a task's processes (`_INBOX.<id>.<nuid>...`): its credentials may subscribe there only."""
+    return f"_INBOX.{task_id}"
+
+
 # Event kinds published on events.agent.<id> (field "type" of the JSON body).
 EV_STATUS = "status"
 EV_PHASE = "phase"

@@ -167,6 +167,7 @@ class Snapshotter:
                 nc = await nats.connect(
                     servers=[s.nats_url],
                     name=f"snapshotter-{s.task_id}",
+                    inbox_prefix=contract.inbox_prefix(s.task_id),
                     connect_timeout=2,
                     allow_reconnect=True,
                     max_reconnect_attempts=-1,  # never give up, also on the first connect

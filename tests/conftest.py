@@ -93,25 +93,67 @@ def nats_server_binary() -> str:
     return found
 
 
+_RUNNING_NATS: dict[int, "NatsServer"] = {}
+
+
+def nats_options(url: str) -> dict:
+    """`nats.connect` options for `url`: the admin user of the test's nats-server on that port ({} if none)."""
+    from urllib.parse import urlsplit
+
+    server = _RUNNING_NATS.get(urlsplit(url if "://" in url else f"nats://{url}").port or 4222)
+    return server.connect_options if server is not None else {}
+
+
 class NatsServer:
-    """A nats-server child process with JetStream; restartable on the same port and store."""
+    """A nats-server child process with JetStream and authentication (operator mode: the trust chain
+    `functions.devstack.nats_auth` makes, as `dockyard dev` runs it); restartable on the same port and store.
+
+    Tests connect as a user of that chain: `creds("admin")` (no limits) by default, `creds("functions")`,
+    `creds("stream")`, ... or a task's own from `auth.issuer()`."""
 
     def __init__(self, store_dir: Path, port: int | None = None):
+        from functions.devstack.nats_auth import ensure
+
         self.port = port or free_port()
         self.store_dir = store_dir
+        self.auth = ensure(store_dir / "auth")
+        self.log_file = store_dir / "server.log"
         self.proc: subprocess.Popen | None = None
 
     @property
     def url(self) -> str:
         return f"nats://127.0.0.1:{self.port}"
 
+    def creds(self, user: str = "admin") -> str:
+        return str(self.auth.creds(user))
+
+    @property
+    def agent_auth(self):
+        """The admin user as the agent's processes take it (`agent.telemetry.NatsAuth`)."""
+        from agent.telemetry import NatsAuth
+
+        return NatsAuth.load(self.creds())
+
+    @property
+    def connect_options(self) -> dict:
+        """`nats.connect(server.url, **server.connect_options)`: the admin user."""
+        return {"user_credentials": self.creds()}
+
+    async def connect(self, **kw):
+        import nats
+
+        return await nats.connect(self.url, **{**self.connect_options, **kw})
+
     def start(self) -> "NatsServer":
-        self.proc = subprocess.Popen(
-            [nats_server_binary(), "-a", "127.0.0.1", "-p", str(self.port), "-js", "-sd", str(self.store_dir)],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
+        with open(self.log_file, "ab") as log:
+            self.proc = subprocess.Popen(
+                [nats_server_binary(), "-c", str(self.auth.server_conf), "-a", "127.0.0.1", "-p", str(self.port),
+                 "-js", "-sd", str(self.store_dir)],
+                stdout=subprocess.DEVNULL,
+                stderr=log,
+            )
         eventually(self._listening, f"nats-server listening on {self.port}")
+        _RUNNING_NATS[self.port] = self
         return self
 
     def _listening(self) -> bool:

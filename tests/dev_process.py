@@ -55,6 +55,11 @@ class DevServer:
         return self
 
     @property
+    def nats_connect_options(self) -> dict:
+        """`nats.connect(dev.nats_url, **dev.nats_connect_options)`: the embedded server's admin user."""
+        return {"user_credentials": str(self.data_dir / "nats-auth" / "creds" / "admin.creds")}
+
+    @property
     def token(self) -> str:
         """The dev token, created on the first start in `<data dir>/api-token`."""
         return (self.data_dir / "api-token").read_text().strip()

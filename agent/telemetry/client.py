@@ -359,7 +359,7 @@ class Telemetry:
 
         try:
             return await connect(url, self.auth, name=f"dockyard-agent-{self.task_id}", timeout=timeout,
-                                 on_closed=on_closed, on_error=on_error)
+                                 inbox_prefix=contract.inbox_prefix(self.task_id), on_closed=on_closed, on_error=on_error)
         except Exception as exc:  # refused, timed out, authorization violation, ...
             self.last_error = f"connect {public_url(url)}: {type(exc).__name__}: {exc}"
             return None

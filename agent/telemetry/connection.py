@@ -140,6 +140,7 @@ async def connect(
     *,
     name: str,
     timeout: float,
+    inbox_prefix: str = "_INBOX",
     on_closed: Callable[[], Awaitable[None]],
     on_error: Callable[[Exception], Awaitable[None]],
 ) -> Client:
@@ -150,6 +151,7 @@ async def connect(
         nats.connect(
             servers=[url],
             name=name,
+            inbox_prefix=inbox_prefix,  # a task's credentials may subscribe to its own inbox only
             allow_reconnect=False,  # see the module docstring: the caller reconnects, resends first
             max_reconnect_attempts=1,  # nats-py tries a server up to this + 1 times per connect()
             reconnect_time_wait=0,

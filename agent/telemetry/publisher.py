@@ -80,12 +80,15 @@ class AckedPublisher:
     # -- connection
 
     async def attach(self, nc: Client) -> None:
-        """Publish on `nc` from now on: subscribe the ack inbox, create the stream, schedule the resend."""
+        """Publish on `nc` from now on: subscribe the ack inbox, schedule the resend.
+
+        The stream is created only when a publish finds none (a 503 ack): a task's own
+        credentials allow no JetStream API call, and the platform creates the stream
+        before it launches a task."""
         self._prefix = nc.new_inbox() + "."
         self._plen = len(self._prefix)
         await nc.subscribe(self._prefix + "*", cb=self._on_ack_msg)
         self._nc = nc
-        await self.ensure_stream()
         self.resend_at = self._clock() if self.inflight else None
 
     def detach(self) -> None:
@@ -201,12 +204,12 @@ class AckedPublisher:
         if entry is None:
             return
         status = (headers or {}).get("Status")
-        self._on_error(f"publish error ack: {status or ''} {data[:200]!r}".replace("  ", " "))
         if status == "503":
-            # No responders: the stream is gone (create it again) or JetStream is not ready yet.
+            # No responders: no stream yet (or gone: create it), or JetStream is not ready yet.
             self.need_stream = True
             self._schedule_resend(0.1)
             return
+        self._on_error(f"publish error ack: {status or ''} {data[:200]!r}".replace("  ", " "))
         entry[5] += 1
         if entry[5] >= MAX_ERROR_ATTEMPTS:
             entry[4] = _GIVEN_UP

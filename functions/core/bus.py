@@ -44,15 +44,18 @@ def _is_nats_error(exc: BaseException) -> bool:
 class Bus:
     """A connected client: `nc` (core NATS), `js` (JetStream), `registry` (the task bucket)."""
 
-    def __init__(self, nc, js, registry: "TaskRegistry", url: str):
+    def __init__(self, nc, js, registry: "TaskRegistry", url: str, creds: str = ""):
         self.nc = nc
         self.js = js
         self.registry = registry
         self.url = url
+        self.creds = creds
 
     @classmethod
-    async def open(cls, url: str, *, stream_max_age_seconds: float = contract.STREAM_MAX_AGE_SECONDS) -> "Bus":
-        """Connect and make sure the stream and the bucket exist. Raises Unavailable."""
+    async def open(cls, url: str, *, creds: str = "", name: str = "dockyard-functions",
+                   stream_max_age_seconds: float = contract.STREAM_MAX_AGE_SECONDS) -> "Bus":
+        """Connect (as the user of the `.creds` file `creds`, if any) and make sure the stream and the
+        bucket exist. Raises Unavailable."""
         import nats
 
         from functions.core.registry import TaskRegistry
@@ -69,7 +72,8 @@ class Bus:
             nc = await asyncio.wait_for(
                 nats.connect(
                     url,
-                    name="dockyard-functions",
+                    name=name,
+                    **({"user_credentials": creds} if creds else {}),
                     connect_timeout=2,
                     reconnect_time_wait=0.5,
                     max_reconnect_attempts=-1,
@@ -92,7 +96,7 @@ class Bus:
             if isinstance(exc, Exception) and (_is_nats_error(exc) or isinstance(exc, asyncio.TimeoutError)):
                 raise Unavailable(f"JetStream at {where} is not usable: {describe(exc)}") from exc
             raise
-        return cls(nc, js, registry, url)
+        return cls(nc, js, registry, url, creds)
 
     async def publish_event(self, task_id: str, type: str, *, msg_id: str | None = None, **fields) -> int:
         """Publish `{"type","task_id","ts",...}` on events.agent.<id>; returns the stream sequence.
@@ -153,29 +157,39 @@ async def ensure_stream(js, max_age_seconds: float = contract.STREAM_MAX_AGE_SEC
         await js.stream_info(contract.STREAM_NAME)
 
 
-# --- the process-wide connection --------------------------------------------
-_bus: Bus | None = None
+# --- the process-wide connections: one per event loop and NATS user ---------------
+_buses: dict[tuple[str, str], Bus] = {}
 _bus_loop: asyncio.AbstractEventLoop | None = None
 _lock: asyncio.Lock | None = None
 
 
-async def connect(settings: "Settings") -> Bus:
-    """The process-wide Bus for this event loop, connected on first use."""
-    global _bus, _bus_loop, _lock
+async def connect(settings: "Settings", *, creds: str | None = None, name: str = "dockyard-functions") -> Bus:
+    """The process-wide Bus for this event loop and user (`creds`, by default `DOCKYARD_NATS_CREDS`),
+    connected on first use. In `dockyard dev` the functions, the stream and the tracker share one
+    process but each connects as its own user."""
+    from functions.core.settings import mask_url
+
+    global _buses, _bus_loop, _lock
+    creds = settings.nats_creds if creds is None else creds
+    key = (settings.nats_url, creds)
     loop = asyncio.get_running_loop()
     if _bus_loop is not loop:
-        _bus, _bus_loop, _lock = None, loop, asyncio.Lock()
-    if _bus is not None and not _bus.nc.is_closed and _bus.url == settings.nats_url:
-        return _bus
+        _buses, _bus_loop, _lock = {}, loop, asyncio.Lock()
+    found = _buses.get(key)
+    if found is not None and not found.nc.is_closed:
+        return found
     async with _lock:
-        if _bus is None or _bus.nc.is_closed or _bus.url != settings.nats_url:
-            _bus = await Bus.open(settings.nats_url, stream_max_age_seconds=settings.stream_max_age_seconds)
-            log.info("connected to NATS at %s", settings.nats_url)
-    return _bus
+        found = _buses.get(key)
+        if found is None or found.nc.is_closed:
+            found = _buses[key] = await Bus.open(settings.nats_url, creds=creds, name=name,
+                                                 stream_max_age_seconds=settings.stream_max_age_seconds)
+            log.info("connected to NATS at %s%s", mask_url(settings.nats_url), f" as {creds}" if creds else "")
+    return found
 
 
 async def disconnect() -> None:
-    global _bus
-    if _bus is not None:
-        await _bus.close()
-        _bus = None
+    """Close every process-wide connection of this event loop."""
+    buses = list(_buses.values())
+    _buses.clear()
+    for connected in buses:
+        await connected.close()

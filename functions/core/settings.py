@@ -30,7 +30,7 @@ import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Literal, Mapping
+from typing import TYPE_CHECKING, Annotated, Any, Literal, Mapping
 from urllib.parse import urlsplit, urlunsplit
 
 from pydantic import AfterValidator, Field, ValidationError, field_validator, model_validator
@@ -40,6 +40,9 @@ from pydantic_settings.sources.utils import parse_env_vars
 from agent import contract
 from functions.core.task import LimitsPolicy, parse_task
 from functions.errors import BadInput, SettingsError
+
+if TYPE_CHECKING:
+    from functions.core.nats_jwt import Issuer
 
 # The agent image's PATH (python:3.x-slim). The factory puts /home/agent/.local/bin in front so that
 # `pip install --user` works on a read-only root; an env PATH replaces the image's, hence the copy.
@@ -132,6 +135,19 @@ class Settings(BaseSettings):
         "agents, functions (S3 client)", url=_HTTP_SCHEMES)
     runtime: Literal["local", "kubernetes"] = _setting(
         "local", "where agents run: `local` (child processes) or `kubernetes` (Jobs)", _FUNCTIONS)
+
+    # --- NATS credentials (decentralized JWT: `dockyard nats-auth init`) ---------------
+    nats_creds: str = _setting(
+        "", "this process's NATS user: a `.creds` file (user JWT + nkey seed); none: no credentials, or those in the URL",
+        "functions, stream")
+    tracker_nats_creds: str = _setting(
+        "", "the registry tracker's NATS user, a `.creds` file", "stream (its tracker)", shown="`DOCKYARD_NATS_CREDS`")
+    nats_account: str = _setting(
+        "", "public key of the NATS account the tasks' users belong to (`account.pub`); with the signing key, "
+        "each task gets its own credentials", "functions (the launcher)")
+    nats_signing_key_file: str = _setting(
+        "", "seed file of a signing key of that account: the launcher mints each task's NATS users with it; "
+        "none: tasks get no NATS credentials", "functions (the launcher)")
 
     # --- a task's limits: defaults and maxima ---------------------------------------
     default_deadline_seconds: int = _setting(_LIMITS.default_deadline_seconds, "deadline of a task that sets none", "task_submitted", ge=1)
@@ -338,6 +354,9 @@ class Settings(BaseSettings):
             raise SettingsError(
                 f"{var('allow_file_repos')}=true: file:// repositories are for one machine (`dockyard dev`), "
                 "never with the kubernetes runtime", var("allow_file_repos"))
+        if bool(self.nats_account) != bool(self.nats_signing_key_file):
+            missing = "nats_signing_key_file" if self.nats_account else "nats_account"
+            raise SettingsError(f"{var(missing)}: set both {var('nats_account')} and {var('nats_signing_key_file')}, or neither", var(missing))
         try:  # the storage rule lives with the task's validation: apply it to the default
             parse_task({"prompt": "-"}, source="settings", event_id="-", policy=self.limits)
         except BadInput as exc:
@@ -362,6 +381,19 @@ class Settings(BaseSettings):
     @property
     def sidecar_resources(self) -> Resources:
         return Resources(*(getattr(self, f"sidecar_{part}") for part in _RESOURCE_PARTS))
+
+    def nats_issuer(self) -> "Issuer | None":
+        """What mints each task's NATS users, when `nats_account` and `nats_signing_key_file` are set.
+        Raises SettingsError naming the variable when the key cannot sign."""
+        if not self.nats_signing_key_file:
+            return None
+        from functions.core.nats_jwt import CredentialsSetupError, Issuer
+
+        try:
+            return Issuer.load(self.nats_account, self.nats_signing_key_file)
+        except CredentialsSetupError as exc:
+            var = type(self).variable("nats_signing_key_file")
+            raise SettingsError(f"{var}: {exc}", var) from None
 
     @classmethod
     def variable(cls, name: str) -> str:

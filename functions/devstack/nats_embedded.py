@@ -34,8 +34,9 @@ def nats_server_binary() -> str:
 class EmbeddedNats:
     """`with EmbeddedNats(data_dir) as nats: nats.url` — a JetStream server on 127.0.0.1."""
 
-    def __init__(self, data_dir: Path | str, port: int | None = None, host: str = "127.0.0.1"):
+    def __init__(self, data_dir: Path | str, port: int | None = None, host: str = "127.0.0.1", config: Path | None = None):
         self.data_dir = Path(data_dir)
+        self.config = config  # a configuration file (the trust chain: functions.devstack.nats_auth)
         self.host = host
         self.port = port
         self.proc: subprocess.Popen | None = None
@@ -63,6 +64,7 @@ class EmbeddedNats:
         # "-p -1" lets the server pick a free port and report it in a ports file: no race.
         argv = [
             nats_server_binary(),
+            *(["-c", str(self.config)] if self.config else []),
             "-a", self.host,
             "-p", str(self.port if self.port else -1),
             "-js", "-sd", str(self.store_dir),

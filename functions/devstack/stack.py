@@ -26,14 +26,21 @@ from typing import Any, Sequence
 from agent import contract
 
 
-def dev_settings(data_dir: Path, nats_url: str, store: str | None = None, base_env: dict | None = None):
+def dev_settings(data_dir: Path, nats_url: str, store: str | None = None, base_env: dict | None = None, nats_auth=None):
     """Settings as `Settings.from_env` reads them, with the command line's choices on top
-    (as variables, so that the store's default follows the data dir)."""
+    (as variables, so that the store's default follows the data dir). `nats_auth`: the
+    embedded server's trust chain (`nats_auth.NatsAuth`): the functions' user, the
+    tracker's, and the account signing key that mints each task's users."""
     from functions.core.settings import Settings
 
     env = dict(os.environ if base_env is None else base_env)
     env[Settings.variable("data_dir")] = str(Path(data_dir).resolve())
     env[Settings.variable("nats_url")] = nats_url
+    if nats_auth is not None:
+        env[Settings.variable("nats_creds")] = str(nats_auth.creds("functions"))
+        env[Settings.variable("tracker_nats_creds")] = str(nats_auth.creds("tracker"))
+        env[Settings.variable("nats_account")] = nats_auth.account
+        env[Settings.variable("nats_signing_key_file")] = str(nats_auth.signing_key_file)
     env[Settings.variable("runtime")] = "local"
     if not env.get(Settings.variable("api_tokens_file")):
         env[Settings.variable("api_tokens_file")] = str(Path(data_dir).resolve() / "api-tokens")
@@ -49,11 +56,14 @@ def create_dev_app(
     default_model: str | None = None,
     runtime_options: dict[str, Any] | None = None,
     hosts: frozenset[str] | None = None,
+    stream_creds: str = "",
 ):
     """One Starlette app: broker ingress at POST /, the stream app for everything else.
 
     Every request passes `HostGuard` (Host must be one of `hosts`, None: any; a foreign
     Origin on a POST is refused) and `TokenAuth` (functions/stream/auth.py) first.
+
+    The stream connects to NATS as `stream_creds`'s user (none: the functions' user).
 
     Its lifespan connects NATS, starts the runtime (resuming unfinished tasks), the
     tracker and the ping timer, and stops them in reverse order."""
@@ -89,7 +99,8 @@ def create_dev_app(
     )
     # The stream redacts what the agents know as secrets (their secrets dir) unless told otherwise.
     known = settings.known_secrets_file or str(secrets_dir)
-    stream_app = stream.create_app(settings.model_copy(update={"known_secrets_file": known}), run_tracker=True)
+    stream_app = stream.create_app(settings.model_copy(update={"known_secrets_file": known, "nats_creds": stream_creds or settings.nats_creds}),
+                                   run_tracker=True)
 
     @asynccontextmanager
     async def lifespan(app):
@@ -131,6 +142,7 @@ def banner(url: str, settings, nats_url: str, embedded: bool) -> str:
             f"  data dir  {settings.data_dir}",
             f"  store     {mask_url(settings.store)}",
             f"  NATS      {mask_url(nats_url)}{' (embedded)' if embedded else ''}",
+            *([f"  NATS auth {Path(settings.data_dir) / 'nats-auth'} (creds/admin.creds: the nats CLI's user)"] if embedded else []),
             f"  submit    dockyard submit 'your task' --url {url} --follow",
         ]
     )
@@ -142,6 +154,7 @@ def main(args) -> int:
 
     import uvicorn
 
+    from functions.devstack import nats_auth
     from functions.devstack.nats_embedded import EmbeddedNats
     from functions.stream.auth import ensure_dev_token, own_hosts
     from functions.stream.serving import quiet_gc
@@ -149,12 +162,15 @@ def main(args) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     data_dir = Path(args.data_dir).resolve()
     data_dir.mkdir(parents=True, exist_ok=True)
-    nats = None if args.nats else EmbeddedNats(data_dir).start()
+    # The embedded server demands credentials: one trust chain per data dir, made on first start.
+    auth = None if args.nats else nats_auth.ensure(data_dir / "nats-auth")
+    nats = None if args.nats else EmbeddedNats(data_dir, config=auth.server_conf).start()
     try:
         nats_url = args.nats or nats.url
-        settings = dev_settings(data_dir, nats_url, args.store)
+        settings = dev_settings(data_dir, nats_url, args.store, nats_auth=auth)
         token = ensure_dev_token(data_dir, Path(settings.api_tokens_file))
-        app = create_dev_app(settings, default_model=args.model, hosts=own_hosts(args.host, args.port))
+        app = create_dev_app(settings, default_model=args.model, hosts=own_hosts(args.host, args.port),
+                             stream_creds=str(auth.creds("stream")) if auth else "")
         url = f"http://{args.host}:{args.port}"
         print(banner(url, settings, nats_url, embedded=nats is not None), flush=True)
         print(f"  cockpit   {url}/?token={token}", flush=True)

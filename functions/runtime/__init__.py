@@ -22,6 +22,8 @@ def make_runtime(settings: "Settings", **kw: Any) -> "Runtime":
         kw.setdefault("ttl_failed_seconds", settings.ttl_failed_seconds)
         kw.setdefault("scripts_dir", settings.scripts_dir or None)
         kw.setdefault("allow_file_repos", settings.allow_file_repos)
+        kw.setdefault("issuer", settings.nats_issuer())
+        kw.setdefault("nats_creds", settings.nats_creds)
         return LocalRuntime(settings.data_dir, settings.nats_url, settings.store, **kw)
     if settings.runtime == "kubernetes":
         from functions.runtime.kubernetes import KubernetesRuntime

@@ -91,6 +91,9 @@ async def run_tracker(settings, *, connect=bus.connect, sleep: Callable[[float],
     """Connect (waiting for NATS as long as it takes), then track until cancelled."""
     from functions.core.tracker import Tracker
 
+    # The tracker connects as its own NATS user: it writes the registry, the stream only reads.
+    if settings.tracker_nats_creds:
+        settings = settings.model_copy(update={"nats_creds": settings.tracker_nats_creds})
     connection = await connect_with_backoff(settings, connect=connect, sleep=sleep)
     await Tracker(connection.js, connection.registry).run()
 

@@ -10,6 +10,7 @@ import nats.errors
 from nats.js.api import DeliverPolicy
 
 from agent import contract
+from tests.conftest import nats_options
 
 
 def read_stream(url: str, expected: int | None = None, quiet: float = 0.5, **connect) -> list[tuple[str, dict, dict]]:
@@ -17,7 +18,7 @@ def read_stream(url: str, expected: int | None = None, quiet: float = 0.5, **con
     `connect` goes to `nats.connect` (credentials)."""
 
     async def main():
-        nc = await nats.connect(url, **connect)
+        nc = await nats.connect(url, **(connect or nats_options(url)))
         try:
             sub = await nc.jetstream().subscribe(
                 ">", stream=contract.STREAM_NAME, ordered_consumer=True, deliver_policy=DeliverPolicy.ALL

@@ -243,7 +243,7 @@ async def test_commands_over_nats_status_message_cancel(tmp_path, agent_env, nat
         agent_cmd("cmds", workspace, EXAMPLE_TASK, f"scripted:{script}", "--nats", nats_server.url),
         env=agent_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
-    nc = await nats.connect(nats_server.url)
+    nc = await nats_server.connect()
 
     async def running_tools() -> dict | None:
         if not (workspace / "ran.log").exists():

@@ -108,7 +108,7 @@ async def test_snapshot_on_request_events_and_final_upload_to_s3(tmp_path, nats_
     workspace = tmp_path / "ws"
     make_db(workspace / contract.checkpoint_path(TASK), rows=200)
     store = open_store(s3_store_url)
-    nc = await nats.connect(nats_server.url)
+    nc = await nats_server.connect()
     events: asyncio.Queue = asyncio.Queue()
     await nc.subscribe(contract.subject_events(TASK), cb=events.put)
     sidecar = Sidecar(
@@ -165,7 +165,7 @@ async def test_no_checkpoint_yet_and_final_without_database(tmp_path, nats_serve
     workspace.mkdir()
     (workspace / "draft.txt").write_text("draft")
     store_url = (tmp_path / "store").as_uri()
-    nc = await nats.connect(nats_server.url)
+    nc = await nats_server.connect()
     events: asyncio.Queue = asyncio.Queue()
     await nc.subscribe(contract.subject_events(TASK), cb=events.put)
     env = dict(agent_env, DOCKYARD_TASK_ID=TASK, DOCKYARD_WORKSPACE=str(workspace), DOCKYARD_STORE=store_url)
@@ -204,7 +204,7 @@ async def test_works_without_nats_and_connects_when_it_appears(tmp_path, nats_se
     [first] = eventually(lambda: list_snapshots(store, TASK), "a timer snapshot", detail=sidecar.stderr)
 
     nats_server.start()
-    nc = await nats.connect(nats_server.url)
+    nc = await nats_server.connect()
     try:
         # Connected, it answers. The database is unchanged: neither this snapshot nor any timer
         # snapshot since the first uploaded it again.

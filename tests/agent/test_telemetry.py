@@ -14,7 +14,7 @@ import pytest
 from agent import contract
 from agent.redact import REPLACEMENT, Redactor
 from agent.telemetry import Telemetry
-from tests.conftest import eventually, free_port
+from tests.conftest import eventually, free_port, nats_options
 from tests.agent.agent_stream import read_stream
 
 TASK = "t-telemetry"
@@ -23,7 +23,7 @@ TS_RE = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
 
 def request(url: str, subject: str, payload: bytes, timeout: float = 1.0):
     async def main():
-        nc = await nats.connect(url)
+        nc = await nats.connect(url, **nats_options(url))
         try:
             return json.loads((await nc.request(subject, payload, timeout=timeout)).data)
         finally:
@@ -68,7 +68,7 @@ def keys_of(messages) -> list[tuple[str, str]]:
 
 
 def test_run_arrives_in_order(nats_server, task_logger):
-    tel = Telemetry(TASK, nats_server.url).start()
+    tel = Telemetry(TASK, nats_server.url, auth=nats_server.agent_auth).start()
     task_logger.addHandler(tel.log_handler(logging.DEBUG))
     expected = simulate_run(tel, task_logger, 300)
     tel.close()
@@ -86,7 +86,7 @@ def test_run_arrives_in_order(nats_server, task_logger):
     assert record["level"] == "INFO" and record["logger"] == task_logger.name and TS_RE.match(record["ts"])
 
     async def stream_config():
-        nc = await nats.connect(nats_server.url)
+        nc = await nats_server.connect()
         try:
             return (await nc.jetstream().stream_info(contract.STREAM_NAME)).config
         finally:
@@ -98,7 +98,7 @@ def test_run_arrives_in_order(nats_server, task_logger):
 
 
 def test_exception_is_logged_with_traceback(nats_server, task_logger):
-    tel = Telemetry(TASK, nats_server.url).start()
+    tel = Telemetry(TASK, nats_server.url, auth=nats_server.agent_auth).start()
     task_logger.addHandler(tel.log_handler())
     try:
         raise RuntimeError("boom")
@@ -112,7 +112,7 @@ def test_exception_is_logged_with_traceback(nats_server, task_logger):
 
 def test_existing_stream_with_other_config_is_fine(nats_server, task_logger):
     async def create():
-        nc = await nats.connect(nats_server.url)
+        nc = await nats_server.connect()
         try:
             await nc.jetstream().add_stream(name=contract.STREAM_NAME, subjects=list(contract.STREAM_SUBJECTS),
                                             max_age=3600)
@@ -120,7 +120,7 @@ def test_existing_stream_with_other_config_is_fine(nats_server, task_logger):
             await nc.close()
 
     asyncio.run(create())
-    tel = Telemetry(TASK, nats_server.url, stream_max_age_seconds=60).start()
+    tel = Telemetry(TASK, nats_server.url, auth=nats_server.agent_auth, stream_max_age_seconds=60).start()
     tel.event(contract.EV_STATUS, state=contract.STATE_STARTED, step=0)
     tel.close()
     assert [b["state"] for _, b, _ in read_stream(nats_server.url, 1)] == [contract.STATE_STARTED]
@@ -152,7 +152,7 @@ def test_no_nats_url_prints_live_and_in_order(capsys):
 
 
 def test_nats_restarted_mid_run(nats_server, task_logger):
-    tel = Telemetry(TASK, nats_server.url).start()
+    tel = Telemetry(TASK, nats_server.url, auth=nats_server.agent_auth).start()
     task_logger.addHandler(tel.log_handler(logging.DEBUG))
     expected = simulate_run(tel, task_logger, 50)
     eventually(lambda: tel.published == len(expected), "the first records acked")
@@ -182,7 +182,7 @@ def test_commands_reply_and_none_means_no_reply(nats_server):
             raise ValueError("nope")
         return {"ok": True, "op": request.get("op"), "token": "ghp_" + "x" * 36}
 
-    tel = Telemetry(TASK, nats_server.url)
+    tel = Telemetry(TASK, nats_server.url, auth=nats_server.agent_auth)
     tel.on_command(handle)  # before start
     tel.start()
     eventually(lambda: tel.connected, "connected")
@@ -206,7 +206,7 @@ def test_commands_reply_and_none_means_no_reply(nats_server):
 
 
 def test_on_command_after_start(nats_server):
-    tel = Telemetry(TASK, nats_server.url).start()
+    tel = Telemetry(TASK, nats_server.url, auth=nats_server.agent_auth).start()
     eventually(lambda: tel.connected, "connected")
     tel.on_command(lambda request: {"ok": True, "got": request["op"]})
 
@@ -223,7 +223,7 @@ def test_on_command_after_start(nats_server):
 def test_secrets_are_redacted_before_publishing(nats_server, task_logger, tmp_path):
     (tmp_path / "model").mkdir()
     (tmp_path / "model" / "api-key").write_text("s3cr3t-model-key-value\n")
-    tel = Telemetry(TASK, nats_server.url, Redactor.from_secrets_dir(tmp_path)).start()
+    tel = Telemetry(TASK, nats_server.url, auth=nats_server.agent_auth, redactor=Redactor.from_secrets_dir(tmp_path)).start()
     task_logger.addHandler(tel.log_handler())
     token = "ghp_" + "A1b2C3d4E5" * 3 + "F6g7H8"
     task_logger.info("calling model with key s3cr3t-model-key-value")
@@ -249,7 +249,7 @@ def test_buffer_full_drops_are_counted(capsys):
 
 
 def test_buffer_full_while_publishing(nats_server, task_logger):
-    tel = Telemetry(TASK, nats_server.url, buffer_size=100).start()
+    tel = Telemetry(TASK, nats_server.url, auth=nats_server.agent_auth, buffer_size=100).start()
     task_logger.addHandler(tel.log_handler())
     for i in range(5000):
         task_logger.info("burst %d", i)
@@ -263,7 +263,7 @@ def test_buffer_full_while_publishing(nats_server, task_logger):
 
 def test_restart_while_records_are_in_flight(nats_server, task_logger):
     """Unacked records at the moment NATS goes away are resent in order; dedup drops the stored ones."""
-    tel = Telemetry(TASK, nats_server.url)
+    tel = Telemetry(TASK, nats_server.url, auth=nats_server.agent_auth)
     task_logger.addHandler(tel.log_handler())
     total = 10_000
     for i in range(total):  # queued before start: the publisher keeps its ack window full while draining
@@ -278,7 +278,7 @@ def test_restart_while_records_are_in_flight(nats_server, task_logger):
 
 
 def test_long_outage_falls_back_to_stdout(nats_server, capsys):
-    tel = Telemetry(TASK, nats_server.url, hold_seconds=0.2).start()
+    tel = Telemetry(TASK, nats_server.url, auth=nats_server.agent_auth, hold_seconds=0.2).start()
     tel.event(contract.EV_STATUS, step=0)
     eventually(lambda: tel.published == 1, "the first record acked")
     nats_server.stop()
@@ -294,7 +294,7 @@ def test_long_outage_falls_back_to_stdout(nats_server, capsys):
 
 def test_rejected_record_is_given_up_and_the_rest_flows(nats_server, capsys):
     async def create():
-        nc = await nats.connect(nats_server.url)
+        nc = await nats_server.connect()
         try:
             await nc.jetstream().add_stream(name=contract.STREAM_NAME, subjects=list(contract.STREAM_SUBJECTS),
                                             max_msg_size=512)
@@ -302,7 +302,7 @@ def test_rejected_record_is_given_up_and_the_rest_flows(nats_server, capsys):
             await nc.close()
 
     asyncio.run(create())
-    tel = Telemetry(TASK, nats_server.url).start()
+    tel = Telemetry(TASK, nats_server.url, auth=nats_server.agent_auth).start()
     tel.event(contract.EV_TOOL, step=0)
     tel.event(contract.EV_TOOL, step=1, output="x" * 2000)  # rejected by the stream: too big
     tel.event(contract.EV_TOOL, step=2)
@@ -314,12 +314,12 @@ def test_rejected_record_is_given_up_and_the_rest_flows(nats_server, capsys):
 
 
 def test_stream_deleted_mid_run_is_recreated(nats_server):
-    tel = Telemetry(TASK, nats_server.url).start()
+    tel = Telemetry(TASK, nats_server.url, auth=nats_server.agent_auth).start()
     tel.event(contract.EV_TOOL, step=0)
     eventually(lambda: tel.published == 1, "the first record acked")
 
     async def delete():
-        nc = await nats.connect(nats_server.url)
+        nc = await nats_server.connect()
         try:
             await nc.jetstream().delete_stream(contract.STREAM_NAME)
         finally:

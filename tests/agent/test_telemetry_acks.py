@@ -22,7 +22,7 @@ from nats.js.api import StreamConfig
 from agent import contract
 from agent.telemetry import Telemetry
 from functions.core.bus import ensure_stream
-from tests.conftest import eventually
+from tests.conftest import eventually, nats_options
 from tests.agent.agent_stream import read_stream
 
 TASK = "t-acks"
@@ -113,7 +113,7 @@ def link(nats_server):
 
 def stored_count(url: str) -> int:
     async def main():
-        nc = await nats.connect(url)
+        nc = await nats.connect(url, **nats_options(url))
         try:
             return (await nc.jetstream().stream_info(contract.STREAM_NAME)).state.messages
         finally:
@@ -163,7 +163,7 @@ def test_the_agent_and_the_functions_create_the_same_stream(nats_server):
     """contract.AGENT_STREAM is the one definition: each side finds the other's stream identical."""
 
     async def functions_first():
-        nc = await nats.connect(nats_server.url)
+        nc = await nats_server.connect()
         try:
             js = nc.jetstream()
             await ensure_stream(js)
@@ -180,20 +180,20 @@ def test_the_agent_and_the_functions_create_the_same_stream(nats_server):
     assert sorted(config.subjects) == sorted(contract.AGENT_STREAM.subjects)
 
     async def recreate_by_the_agent():
-        nc = await nats.connect(nats_server.url)
+        nc = await nats_server.connect()
         try:
             await nc.jetstream().delete_stream(contract.STREAM_NAME)
         finally:
             await nc.close()
 
     asyncio.run(recreate_by_the_agent())
-    tel = Telemetry(TASK, nats_server.url).start()
+    tel = Telemetry(TASK, nats_server.url, auth=nats_server.agent_auth).start()
     tel.event(contract.EV_STATUS, step=0)
     tel.close()
     assert tel.published == 1 and tel.last_error is None
 
     async def then_functions():
-        nc = await nats.connect(nats_server.url)
+        nc = await nats_server.connect()
         try:
             js = nc.jetstream()
             await js.add_stream(StreamConfig(**contract.AGENT_STREAM.config()))  # identical: no 10058

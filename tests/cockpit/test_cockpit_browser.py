@@ -204,10 +204,10 @@ def test_a_secret_printed_by_the_agent_is_redacted_in_the_page(page, dev, tmp_pa
     assert TOKEN[4:] not in page.evaluate("document.body.innerText + document.body.textContent")
 
 
-async def _publish_raw(nats_url: str, task_id: str) -> None:
+async def _publish_raw(nats_url: str, task_id: str, options: dict) -> None:
     import nats
 
-    nc = await nats.connect(nats_url)
+    nc = await nats.connect(nats_url, **options)
     try:
         js = nc.jetstream()
         record = {"ts": "2030-01-01T00:00:00.000Z", "level": "WARNING", "logger": "intruder", "msg": f"token {TOKEN}", "task_id": task_id}
@@ -226,7 +226,7 @@ def test_a_secret_that_reaches_nats_unredacted_is_redacted_before_the_page(page,
     task_id = submit_over_http(dev, {"prompt": "Wait a little", "model": scripted_model(scripts_dir / "wait.json", turns)})
     assert dev.nats_url, "dev printed no NATS URL"
     # nats-py needs an event loop of its own: Playwright's sync API holds this thread's.
-    publisher = threading.Thread(target=asyncio.run, args=(_publish_raw(dev.nats_url, task_id),))
+    publisher = threading.Thread(target=asyncio.run, args=(_publish_raw(dev.nats_url, task_id, dev.nats_connect_options),))
     publisher.start()
     publisher.join(15)
     page.goto(cockpit(dev, f"#/tasks/{task_id}"))

@@ -76,6 +76,10 @@ def base_settings(nats_server, tmp_path):
     """The functions' test settings (a real nats-server); `settings` unless a folder overrides it."""
     return Settings(
         nats_url=nats_server.url,
+        nats_creds=nats_server.creds("functions"),
+        tracker_nats_creds=nats_server.creds("tracker"),
+        nats_account=nats_server.auth.account,
+        nats_signing_key_file=str(nats_server.auth.signing_key_file),
         data_dir=tmp_path / "data",
         snapshot_timeout_seconds=0.5,
         cancel_timeout_seconds=0.3,
@@ -87,7 +91,7 @@ def base_settings(nats_server, tmp_path):
 
 @pytest.fixture
 async def bus(settings):
-    connected = await Bus.open(settings.nats_url)
+    connected = await Bus.open(settings.nats_url, creds=settings.nats_creds)
     yield connected
     try:
         # Whatever the writers left in the registry holds only TaskRecord's keys (functions.core.registry).

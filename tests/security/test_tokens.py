@@ -146,7 +146,7 @@ def test_the_own_origin_and_localhost_still_work(dev):
 
 async def test_a_forged_x_forwarded_for_does_not_move_the_per_address_cap(dev):
     """With a cap of 1 stream per address, a second stream claiming another address is still the same client: 429."""
-    connection = await nats.connect(dev.nats_url)
+    connection = await nats.connect(dev.nats_url, **dev.nats_connect_options)
     try:
         js = connection.jetstream()
         running = {"type": contract.EV_STATUS, "task_id": "t-held", "state": contract.STATE_STARTED}

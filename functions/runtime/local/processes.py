@@ -47,6 +47,7 @@ class AgentCommand:
     snapshot_interval: float | None = None
     scripts_dir: str | None = None  # where `scripted:NAME` is looked up; None: the agent's bundled examples
     allow_file_repos: bool = False
+    nats_creds: bool = False  # each process gets its own `.creds` in the task's secrets folder (the launcher minted them)
 
     def line(self, task: Task, command: str, folder: TaskFolder) -> list[str]:
         """The command line of one container, the flags as the pod's containers get them."""
@@ -55,8 +56,7 @@ class AgentCommand:
             return [*argv, "--store", self.store_url]
         if command == "snapshotter":
             argv += ["--store", self.store_url]
-            if self.nats_url:
-                argv += ["--nats", self.nats_url]
+            argv += self._nats(folder, "snapshotter")
             if self.snapshot_interval:
                 argv += ["--interval", str(self.snapshot_interval)]
             return argv
@@ -64,8 +64,7 @@ class AgentCommand:
         model = task.model or self.default_model
         if model:
             argv += ["--model", model]
-        if self.nats_url:
-            argv += ["--nats", self.nats_url]
+        argv += self._nats(folder, "agent")
         if self.secrets_dir:
             argv += ["--secrets-dir", self.secrets_dir]
         if self.scripts_dir:
@@ -73,6 +72,11 @@ class AgentCommand:
         if self.allow_file_repos:
             argv.append("--allow-file-repos")
         return argv
+
+    def _nats(self, folder: TaskFolder, role: str) -> list[str]:
+        if not self.nats_url:
+            return []
+        return ["--nats", self.nats_url, *(["--nats-creds", str(folder.nats_creds(role))] if self.nats_creds else [])]
 
 
 def child_env(env: dict[str, str] | None) -> dict[str, str]:

@@ -20,12 +20,14 @@ import asyncio
 import logging
 import shutil
 import sys
+import time
 import uuid
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
 from agent import contract
+from functions.core.nats_jwt import TASK_ROLES, Issuer, write_secret_file
 from functions.core.task import Task
 from functions.errors import LaunchConflict, TaskNotFound, TransientError
 from functions.runtime.local.clock import Clock
@@ -36,6 +38,8 @@ from functions.runtime.local.status_events import StatusEvents
 from functions.runtime.local.supervisor import EmitJobEvent, Policy, TaskSupervisor
 
 log = logging.getLogger("dockyard.runtime.local")
+
+CREDENTIALS_MARGIN_SECONDS = 3600  # a task's NATS users expire this long after its deadline
 
 
 class LocalRuntime:
@@ -63,6 +67,8 @@ class LocalRuntime:
         ttl_failed_seconds: float = 7 * 24 * 3600.0,
         sweep_interval_seconds: float = 60.0,
         clock: Clock | None = None,
+        issuer: Issuer | None = None,
+        nats_creds: str = "",
     ):
         self.data_dir = Path(data_dir).resolve()
         self.folders = TaskFolders(self.data_dir / "tasks")
@@ -72,7 +78,8 @@ class LocalRuntime:
         self.ttl_failed_seconds = ttl_failed_seconds
         self.sweep_interval_seconds = sweep_interval_seconds
         self._shutdown = asyncio.Event()
-        self._status = StatusEvents(nats_url)
+        self.issuer = issuer
+        self._status = StatusEvents(nats_url, nats_creds)
         self.policy = Policy(
             folders=self.folders,
             # `<agent_cmd> run|restore|snapshotter ...`: the agent CLI, or a stand-in in tests.
@@ -85,6 +92,7 @@ class LocalRuntime:
                 snapshot_interval=snapshot_interval,
                 scripts_dir=scripts_dir,
                 allow_file_repos=allow_file_repos,
+                nats_creds=issuer is not None and bool(nats_url),
             ),
             env=child_env(env),
             emit_job_event=emit_job_event,
@@ -228,10 +236,22 @@ class LocalRuntime:
     def _supervise(self, state: SupervisorState, task: Task) -> TaskSupervisor:
         sup = self._supervised.get(state.task_id)
         if sup is None:
+            self._mint_credentials(task)
             sup = TaskSupervisor(self.policy, state, task)
             self._supervised[state.task_id] = sup
             sup.start(lambda done: self._supervised.pop(done.state.task_id, None))
         return sup
+
+    def _mint_credentials(self, task: Task) -> None:
+        """Fresh NATS users for the task's agent and snapshotter, each in its own file, at every start of its
+        supervision (launch, or resume after a restart): valid for the deadline and an hour more."""
+        if self.issuer is None or not self.policy.command.nats_creds:
+            return
+        folder = self.folder(task.task_id)
+        folder.secrets.mkdir(mode=0o700, parents=True, exist_ok=True)
+        expires_at = int(time.time()) + task.limits.deadline_seconds + CREDENTIALS_MARGIN_SECONDS
+        for role in TASK_ROLES:
+            write_secret_file(folder.nats_creds(role), self.issuer.task_creds(task.task_id, role, expires_at=expires_at))
 
     async def _final_snapshot_stored(self, task_id: str) -> bool:
         from agent.storage import open_store

@@ -89,6 +89,14 @@ class TaskFolder:
     def log(self, role: str) -> Path:
         return self.logs / f"{role}.log"
 
+    @property
+    def secrets(self) -> Path:
+        """The task's own credentials (mode 0700): never inside the workspace, which is snapshotted."""
+        return self.root / "secrets"
+
+    def nats_creds(self, role: str) -> Path:
+        return self.secrets / f"nats-{role}.creds"
+
 
 class TaskFolders:
     """`<data_dir>/tasks/`: one folder per task, read and written here only."""

@@ -22,8 +22,9 @@ log = logging.getLogger("dockyard.runtime.local")
 class StatusEvents:
     """Publishes `{"type": "status", "source": "runtime", ...}` on a task's event subject."""
 
-    def __init__(self, nats_url: str | None):
+    def __init__(self, nats_url: str | None, nats_creds: str = ""):
         self.nats_url = nats_url
+        self.nats_creds = nats_creds  # the launcher's own NATS user
         self._bus: Bus | None = None
 
     async def publish(self, task_id: str, **fields: Any) -> None:
@@ -31,7 +32,7 @@ class StatusEvents:
             return
         try:
             if self._bus is None or self._bus.nc.is_closed:
-                self._bus = await Bus.open(self.nats_url)
+                self._bus = await Bus.open(self.nats_url, creds=self.nats_creds, name="dockyard-runtime")
             await self._bus.publish_event(task_id, contract.EV_STATUS, source="runtime", **fields)
         except Exception as exc:  # noqa: BLE001 - best effort: Unavailable, or anything else
             log.warning("task %s: could not publish a status event: %s", task_id, exc)

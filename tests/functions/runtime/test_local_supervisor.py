@@ -27,9 +27,8 @@ from tests.functions.runtime.local_stand_in import (
 
 
 async def test_retries_with_exponential_backoff_then_completes(tmp_path, stand_in, clock, nats_server):
-    import nats
 
-    nc = await nats.connect(nats_server.url)
+    nc = await nats_server.connect()
     retrying = []
 
     async def on_msg(msg):
