@@ -93,7 +93,7 @@ def nats_server_binary() -> str:
     return found
 
 
-_RUNNING_NATS: dict[int, "NatsServer"] = {}
+from tests.nats_registry import RUNNING as _RUNNING_NATS  # noqa: E402
 
 
 def nats_options(url: str) -> dict:
@@ -126,6 +126,34 @@ class NatsServer:
 
     def creds(self, user: str = "admin") -> str:
         return str(self.auth.creds(user))
+
+    def create_agent_stream(self) -> None:
+        """The AGENT stream, as the functions create it before launching a task (a task's user may not).
+        Callable from a test's event loop too: it runs on a thread of its own."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        from agent import contract
+        from functions.core.bus import ensure_stream
+
+        async def ensure():
+            nc = await self.connect()
+            try:
+                await ensure_stream(nc.jetstream(), contract.STREAM_MAX_AGE_SECONDS)
+            finally:
+                await nc.close()
+
+        with ThreadPoolExecutor(1) as pool:
+            pool.submit(asyncio.run, ensure()).result()
+
+    def launch_creds(self, task_id: str, role: str = "agent", *, create_stream: bool = True) -> str:
+        """What the launcher gives a task's process: its own user's `.creds` file (only its subjects), and
+        the AGENT stream created beforehand."""
+        from functions.core.nats_jwt import write_secret_file
+
+        if create_stream:
+            self.create_agent_stream()
+        path = self.store_dir / "task-creds" / f"{task_id}-{role}.creds"
+        return str(write_secret_file(path, self.auth.issuer().task_creds(task_id, role)))
 
     @property
     def agent_auth(self):

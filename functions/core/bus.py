@@ -63,7 +63,10 @@ class Bus:
 
         where = mask_url(url)
 
+        last_error: list[Exception] = []
+
         async def quiet(exc: Exception) -> None:
+            last_error[:] = [exc]  # e.g. 'Authorization Violation': said when the connect gives up
             log.debug("nats %s: %s", where, exc)
 
         try:
@@ -81,11 +84,10 @@ class Bus:
                 ),
                 timeout=CONNECT_TIMEOUT_SECONDS,
             )
-        except (asyncio.TimeoutError, OSError) as exc:
-            raise Unavailable(f"NATS at {where} is not reachable: {describe(exc)}") from exc
         except Exception as exc:
-            if _is_nats_error(exc):
-                raise Unavailable(f"NATS at {where} is not reachable: {describe(exc)}") from exc
+            if isinstance(exc, (asyncio.TimeoutError, OSError)) or _is_nats_error(exc):
+                why = describe(exc) + (f" (last error: {describe(last_error[0])})" if last_error else "")
+                raise Unavailable(f"NATS at {where} is not reachable{' as ' + creds if creds else ''}: {why}") from exc
             raise
         try:
             js = nc.jetstream(timeout=PUBLISH_TIMEOUT_SECONDS)

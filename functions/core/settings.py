@@ -137,17 +137,11 @@ class Settings(BaseSettings):
         "local", "where agents run: `local` (child processes) or `kubernetes` (Jobs)", _FUNCTIONS)
 
     # --- NATS credentials (decentralized JWT: `dockyard nats-auth init`) ---------------
-    nats_creds: str = _setting(
-        "", "this process's NATS user: a `.creds` file (user JWT + nkey seed); none: no credentials, or those in the URL",
-        "functions, stream")
-    tracker_nats_creds: str = _setting(
-        "", "the registry tracker's NATS user, a `.creds` file", "stream (its tracker)", shown="`DOCKYARD_NATS_CREDS`")
-    nats_account: str = _setting(
-        "", "public key of the NATS account the tasks' users belong to (`account.pub`); with the signing key, "
-        "each task gets its own credentials", "functions (the launcher)")
-    nats_signing_key_file: str = _setting(
-        "", "seed file of a signing key of that account: the launcher mints each task's NATS users with it; "
-        "none: tasks get no NATS credentials", "functions (the launcher)")
+    nats_creds: str = _setting("", "this process's NATS user: a `.creds` file (user JWT + nkey seed); none: no credentials, or those in the URL", "functions, stream")
+    tracker_nats_creds: str = _setting("", "the registry tracker's NATS user, a `.creds` file", "stream (its tracker)", shown="`DOCKYARD_NATS_CREDS`")
+    nats_account: str = _setting("", "public key of the NATS account of the tasks' users (`account.pub`)", "functions (the launcher)")
+    nats_signing_key_file: str = _setting("", "seed file of a signing key of that account: the launcher mints each task's own NATS users with it; "
+                                          "none: tasks get no NATS credentials", "functions (the launcher)")
 
     # --- a task's limits: defaults and maxima ---------------------------------------
     default_deadline_seconds: int = _setting(_LIMITS.default_deadline_seconds, "deadline of a task that sets none", "task_submitted", ge=1)

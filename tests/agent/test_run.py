@@ -240,7 +240,8 @@ async def test_commands_over_nats_status_message_cancel(tmp_path, agent_env, nat
     script.write_text(yaml.safe_dump(turns))
     workspace = tmp_path / "ws"
     proc = subprocess.Popen(
-        agent_cmd("cmds", workspace, EXAMPLE_TASK, f"scripted:{script}", "--nats", nats_server.url),
+        agent_cmd("cmds", workspace, EXAMPLE_TASK, f"scripted:{script}", "--nats", nats_server.url,
+                  "--nats-creds", nats_server.launch_creds("cmds")),
         env=agent_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
     nc = await nats_server.connect()

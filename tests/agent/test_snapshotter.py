@@ -115,6 +115,7 @@ async def test_snapshot_on_request_events_and_final_upload_to_s3(tmp_path, nats_
         s3_env,
         tmp_path,
         *("--task-id", TASK, "--workspace", str(workspace), "--store", s3_store_url, "--nats", nats_server.url),
+        *("--nats-creds", nats_server.launch_creds(TASK, "snapshotter")),
     )
     sidecars.append(sidecar)
     try:
@@ -170,6 +171,7 @@ async def test_no_checkpoint_yet_and_final_without_database(tmp_path, nats_serve
     await nc.subscribe(contract.subject_events(TASK), cb=events.put)
     env = dict(agent_env, DOCKYARD_TASK_ID=TASK, DOCKYARD_WORKSPACE=str(workspace), DOCKYARD_STORE=store_url)
     env["DOCKYARD_NATS_URL"] = nats_server.url  # settings from the environment this time
+    env["DOCKYARD_NATS_CREDS"] = nats_server.launch_creds(TASK, "snapshotter")
     sidecar = Sidecar(env, tmp_path)
     sidecars.append(sidecar)
     try:
@@ -197,6 +199,7 @@ async def test_works_without_nats_and_connects_when_it_appears(tmp_path, nats_se
         tmp_path,
         *("--task-id", TASK, "--workspace", str(workspace), "--store", store_url),
         *("--nats", nats_server.url, "--interval", "0.2"),
+        *("--nats-creds", nats_server.launch_creds(TASK, "snapshotter", create_stream=False)),
     )
     sidecars.append(sidecar)
 

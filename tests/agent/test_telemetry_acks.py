@@ -123,7 +123,8 @@ def stored_count(url: str) -> int:
 
 
 def test_stored_but_unacknowledged_records_are_resent_and_deduplicated(nats_server, link):
-    tel = Telemetry(TASK, link.url).start()
+    nats_server.create_agent_stream()  # the link swallows replies: the 503 that would have the agent create it too
+    tel = Telemetry(TASK, link.url, auth=nats_server.agent_auth).start()
     eventually(lambda: tel.connected, "connected through the link")
     link.swallow_replies()
     total = 500
@@ -143,7 +144,7 @@ def test_stored_but_unacknowledged_records_are_resent_and_deduplicated(nats_serv
 
 
 def test_ack_timeout_drops_the_connection_and_resends(nats_server, link):
-    tel = Telemetry(TASK, link.url, ack_timeout=0.5).start()
+    tel = Telemetry(TASK, link.url, auth=nats_server.agent_auth, ack_timeout=0.5).start()
     log = logging.getLogger(f"dockyard.test.acks.{time.monotonic_ns()}")
     log.propagate = False
     log.addHandler(tel.log_handler())

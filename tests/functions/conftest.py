@@ -90,8 +90,23 @@ def base_settings(nats_server, tmp_path):
 
 
 @pytest.fixture
-async def bus(settings):
-    connected = await Bus.open(settings.nats_url, creds=settings.nats_creds)
+async def open_bus(settings, nats_server):
+    """`await open_bus(user)`: a Bus as one of the trust chain's users (closed at teardown)."""
+    opened: list[Bus] = []
+
+    async def open_as(user: str) -> Bus:
+        opened.append(await Bus.open(settings.nats_url, creds=nats_server.creds(user)))
+        return opened[-1]
+
+    yield open_as
+    for connected in opened:
+        await connected.close()
+
+
+@pytest.fixture
+async def bus(settings, nats_server):
+    """The test's own hands on NATS (the admin user): it plays agents and reads what the code under test wrote."""
+    connected = await Bus.open(settings.nats_url, creds=nats_server.creds("admin"))
     yield connected
     try:
         # Whatever the writers left in the registry holds only TaskRecord's keys (functions.core.registry).

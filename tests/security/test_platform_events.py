@@ -115,7 +115,8 @@ def instance(settings: Settings, bus: Bus, runtime: MemoryRuntime) -> httpx.Asyn
 
 @pytest.fixture
 def settings(nats_server, tmp_path):
-    return Settings(nats_url=nats_server.url, data_dir=tmp_path / "data", snapshot_timeout_seconds=0.5)
+    return Settings(nats_url=nats_server.url, nats_creds=nats_server.creds("functions"), data_dir=tmp_path / "data",
+                    snapshot_timeout_seconds=0.5)
 
 
 async def post(http: httpx.AsyncClient, target: str, type_: str, data) -> httpx.Response:
@@ -125,7 +126,7 @@ async def post(http: httpx.AsyncClient, target: str, type_: str, data) -> httpx.
 
 async def test_a_forged_update_that_reaches_job_finished_changes_nothing(settings):
     runtime = MemoryRuntime()
-    bus = await Bus.open(settings.nats_url)
+    bus = await Bus.open(settings.nats_url, creds=settings.nats_creds)
     http = instance(settings, bus, runtime)
     try:
         submitted = await post(http, "task_submitted", contract.EVENT_TASK_SUBMITTED, {"prompt": "x", "task_id": "victim"})
@@ -147,7 +148,7 @@ async def test_a_forged_update_that_reaches_job_finished_changes_nothing(setting
 
 async def test_thirty_forged_pings_cost_one_snapshot_round(settings):
     runtime = MemoryRuntime()
-    buses = [await Bus.open(settings.nats_url) for _ in range(3)]  # three instances of the function
+    buses = [await Bus.open(settings.nats_url, creds=settings.nats_creds) for _ in range(3)]  # three instances of the function
     clients = [instance(settings, b, runtime) for b in buses]
     asked: list[bytes] = []
     try:

@@ -96,14 +96,14 @@ async def test_glued_keys_and_the_formats_that_passed_reach_no_client(bus, serve
         assert messages_of(body)[-1].event == "end"
 
 
-def agent_command(task_id: str, workspace: Path, script: Path, nats_url: str) -> list[str]:
+def agent_command(task_id: str, workspace: Path, script: Path, nats_url: str, nats_creds: str) -> list[str]:
     task_file = workspace.parent / "task.json"
     task_file.write_text(json.dumps({"prompt": "print", "limits": {"deadline_seconds": 120}}))
     return [
         sys.executable, "-m", "agent", "run", "--task-id", task_id, "--workspace", str(workspace),
         "--task-file", str(task_file), "--model", f"scripted:{script.stem}", "--scripts-dir", str(script.parent),
         "--home", str(workspace.parent / "home"),
-        "--secrets-dir", str(workspace.parent / "secrets"), "--nats", nats_url,
+        "--secrets-dir", str(workspace.parent / "secrets"), "--nats", nats_url, "--nats-creds", nats_creds,
     ]  # fmt: skip
 
 
@@ -127,7 +127,7 @@ async def test_a_known_secret_across_the_2000_character_cut_leaves_none_of_its_c
         {"tool_calls": [{"name": "finish", "args": {"summary": "printed"}}]},
     ]))  # fmt: skip
     agent = await asyncio.create_subprocess_exec(
-        *agent_command(task, workspace, script, nats_server.url), env=agent_env,
+        *agent_command(task, workspace, script, nats_server.url, nats_server.launch_creds(task)), env=agent_env,
         stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
     )  # fmt: skip
     _, err = await asyncio.wait_for(agent.communicate(), 100)

@@ -79,10 +79,16 @@ async def register(registry, task_id: str) -> None:
     assert await registry.create(task_id, new_record(task_id, task=None, spec_hash=None, now=contract.iso_utc()))
 
 
-async def test_tracker_follows_events_and_never_regresses(bus):
+@pytest.fixture
+async def tracker_bus(open_bus):
+    """The tracker's own NATS user, as the stream Service runs it."""
+    return await open_bus("tracker")
+
+
+async def test_tracker_follows_events_and_never_regresses(bus, tracker_bus):
     task = "t-track"
     await register(bus.registry, task)
-    tracker = Tracker(bus.js, bus.registry, fetch_timeout=0.2)
+    tracker = Tracker(tracker_bus.js, tracker_bus.registry, fetch_timeout=0.2)
     tracker.start()
     try:
         await publish(bus.js, task, contract.EV_STATUS, state=contract.STATE_STARTED)
@@ -105,10 +111,10 @@ async def test_tracker_follows_events_and_never_regresses(bus):
     assert await bus.registry.get("t-unregistered") is None
 
 
-async def test_a_restarted_tracker_continues_and_redelivery_is_idempotent(bus):
+async def test_a_restarted_tracker_continues_and_redelivery_is_idempotent(bus, tracker_bus):
     task = "t-durable"
     await register(bus.registry, task)
-    first = Tracker(bus.js, bus.registry, fetch_timeout=0.2)
+    first = Tracker(tracker_bus.js, tracker_bus.registry, fetch_timeout=0.2)
     first.start()
     seq = await publish(bus.js, task, contract.EV_STATUS, state=contract.STATE_STARTED)
     await acked_through(bus.js, seq)
@@ -118,7 +124,7 @@ async def test_a_restarted_tracker_continues_and_redelivery_is_idempotent(bus):
     await publish(bus.js, task, contract.EV_STATUS, state=contract.STATE_RETRYING)
     await publish(bus.js, task, contract.EV_STATUS, state=contract.STATE_RESUMED)
     last = await publish(bus.js, task, contract.EV_PHASE, phase=contract.PHASE_TACTICAL)
-    second = Tracker(bus.js, bus.registry, fetch_timeout=0.2)
+    second = Tracker(tracker_bus.js, tracker_bus.registry, fetch_timeout=0.2)
     second.start()
     await acked_through(bus.js, last)
     await second.stop()
@@ -126,7 +132,7 @@ async def test_a_restarted_tracker_continues_and_redelivery_is_idempotent(bus):
     assert (after_restart["state"], after_restart["phase"], after_restart["attempts"]) == ("resumed", "TACTICAL", 2)
 
     # Every event delivered again (a consumer starting from the beginning): nothing changes.
-    replay = Tracker(bus.js, bus.registry, durable="replay-everything", fetch_timeout=0.2)
+    replay = Tracker(tracker_bus.js, tracker_bus.registry, durable="replay-everything", fetch_timeout=0.2)
     replay.start()
     await acked_through(bus.js, last, durable="replay-everything")
     await replay.stop()
@@ -145,10 +151,10 @@ async def test_the_stream_app_runs_the_tracker_in_its_lifespan(settings, bus):
     assert (r["state"], r["phase"], r["attempts"]) == ("started", "STRATEGIC", 1)
 
 
-async def test_tracker_survives_a_nats_restart(bus, nats_server):
+async def test_tracker_survives_a_nats_restart(bus, tracker_bus, nats_server):
     task = "t-track-restart"
     await register(bus.registry, task)
-    tracker = Tracker(bus.js, bus.registry, fetch_timeout=0.2)
+    tracker = Tracker(tracker_bus.js, tracker_bus.registry, fetch_timeout=0.2)
     tracker.start()
     try:
         seq = await publish(bus.js, task, contract.EV_STATUS, state=contract.STATE_STARTED)

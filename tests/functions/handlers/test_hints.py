@@ -95,7 +95,7 @@ async def test_a_burst_of_pings_across_instances_costs_one_round(post, bus, runt
     seen: list = []
     sub = await responder(bus, "alive", {"ok": True, "key": contract.checkpoint_key("alive")}, seen)
     windowed = settings.model_copy(update={"snapshot_min_interval_seconds": 60})
-    buses = [await Bus.open(settings.nats_url) for _ in range(3)]
+    buses = [await Bus.open(settings.nats_url, creds=settings.nats_creds) for _ in range(3)]
     clients = [functions_instance(windowed, b, runtime) for b in buses]
     try:
         answers = await asyncio.gather(*(ping(clients[i % 3]) for i in range(30)))

@@ -36,7 +36,8 @@ async def test_retries_with_exponential_backoff_then_completes(tmp_path, stand_i
 
     await nc.subscribe(contract.subject_events("t-1"), cb=on_msg)
     sink = Sink()
-    runtime = runtime_for(tmp_path, stand_in, sink, clock, nats_url=nats_server.url, backoff_seconds=2.0)
+    runtime = runtime_for(tmp_path, stand_in, sink, clock, nats_url=nats_server.url, backoff_seconds=2.0,
+                          nats_creds=nats_server.creds("functions"))
     ws = workspace(runtime)
     sink.on_event = lambda event: (ws / "emitted.log").write_text("\n".join(lines(ws / "snapshotter.log")))
     try:

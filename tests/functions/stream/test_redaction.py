@@ -132,13 +132,13 @@ async def test_the_known_secrets_file_is_read_again_when_it_changes(bus, serve, 
     assert again[1].data["msg"] == f"{REPLACEMENT} {REPLACEMENT}"
 
 
-def agent_command(task_id: str, workspace: Path, script: Path, nats_url: str) -> list[str]:
+def agent_command(task_id: str, workspace: Path, script: Path, nats_url: str, nats_creds: str) -> list[str]:
     task_file = workspace.parent / "task.json"
     task_file.write_text(json.dumps({"prompt": "show the notes", "limits": {"deadline_seconds": 120}}))
     return [
         sys.executable, "-m", "agent", "run", "--task-id", task_id, "--workspace", str(workspace),
         "--task-file", str(task_file), "--model", f"scripted:{script.name}", "--scripts-dir", str(script.parent), "--home", str(workspace.parent / "home"),
-        "--secrets-dir", str(workspace.parent / "secrets"), "--nats", nats_url,
+        "--secrets-dir", str(workspace.parent / "secrets"), "--nats", nats_url, "--nats-creds", nats_creds,
     ]  # fmt: skip
 
 
@@ -167,7 +167,7 @@ async def test_a_real_agent_run_leaks_no_secret_to_the_stream(bus, serve, secret
     live = asyncio.create_task(raw_body(url))
     await eventually_async(waits_on_the_feed(server, task), "the live client reads through the shared feed")
     agent = await asyncio.create_subprocess_exec(
-        *agent_command(task, workspace, script, nats_server.url), env=agent_env,
+        *agent_command(task, workspace, script, nats_server.url, nats_server.launch_creds(task)), env=agent_env,
         stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
     )  # fmt: skip
     _, err = await asyncio.wait_for(agent.communicate(), 100)

@@ -96,9 +96,10 @@ class AppProcess:
 
 
 @pytest.mark.parametrize("how", list(AppProcess.COMMANDS))
-async def test_followers_get_everything_once_across_a_server_shutdown_and_restart(bus, settings, tmp_path, how):
+async def test_followers_get_everything_once_across_a_server_shutdown_and_restart(bus, settings, tmp_path, how, nats_server):
     log_file = tmp_path / "app.log"
-    app = AppProcess(how, settings.nats_url, tmp_path / "data", log_file, DOCKYARD_STREAM_MAX_PER_IP="0").start()
+    app = AppProcess(how, settings.nats_url, tmp_path / "data", log_file, DOCKYARD_STREAM_MAX_PER_IP="0",
+                     DOCKYARD_NATS_CREDS=nats_server.creds("stream"), DOCKYARD_TRACKER_NATS_CREDS=nats_server.creds("tracker")).start()
     task = "t-shutdown"
     url = f"{app.url}/api/stream/{task}"
     try:
