@@ -29,7 +29,7 @@ EVENTING_NAMESPACE = "knative-eventing"
 SECRET = "dockyard-nats"  # namespace dockyard: the functions' and the stream's users, the launcher's key
 ADMIN_SECRET = "dockyard-nats-admin"  # namespace nats-io: nats-box's default context
 EVENTING_SECRET = "dockyard-eventing-nats"  # namespace knative-eventing
-EVENTING_CREDS_KEY = "nats.creds"  # the key eventing-natss reads by default (and nats-box's default)
+CREDS_KEY = "nats.creds"  # the key eventing-natss reads by default (and nats-box's default)
 VALUES_FILE = "nats-values.yaml"
 CONFIG_NATS_FILE = "config-nats.yaml"
 
@@ -103,7 +103,7 @@ def helm_values(server: dict) -> dict:
     """Values for the nats chart: its `config.merge` is merged into nats.conf as it is (operator mode)."""
     return {
         "config": {"merge": server},
-        "natsBox": {"contexts": {"default": {"creds": {"secretName": ADMIN_SECRET, "key": EVENTING_CREDS_KEY}}}},
+        "natsBox": {"contexts": {"default": {"creds": {"secretName": ADMIN_SECRET, "key": CREDS_KEY}}}},
     }
 
 
@@ -113,7 +113,7 @@ def config_nats(nats_url: str) -> dict:
 
     eventing_nats = {
         "url": nats_url,
-        "auth": {"credentialFile": {"secret": {"name": EVENTING_SECRET, "key": EVENTING_CREDS_KEY}}},
+        "auth": {"credentialFile": {"secret": {"name": EVENTING_SECRET, "key": CREDS_KEY}}},
         "connOpts": {"retryOnFailedConnect": True, "maxReconnects": 5, "reconnectWaitMilliseconds": 2000,
                      "reconnectJitterMilliseconds": 100, "reconnectJitterTLSMilliseconds": 1000},
     }
@@ -152,9 +152,9 @@ def commands(directory: Path) -> list[str]:
     return [
         f"helm upgrade --install nats nats/nats -n {NATS_NAMESPACE} --create-namespace -f {shlex.quote(str(d / VALUES_FILE))} "
         "--set config.jetstream.enabled=true --set config.jetstream.fileStore.pvc.size=10Gi",
-        secret(ADMIN_SECRET, NATS_NAMESPACE, {EVENTING_CREDS_KEY: d / "creds" / "admin.creds"}),
+        secret(ADMIN_SECRET, NATS_NAMESPACE, {CREDS_KEY: d / "creds" / "admin.creds"}),
         secret(SECRET, contract.FUNCTIONS_NAMESPACE, {key: d / path for key, path in SECRET_FILES.items()}),
-        secret(EVENTING_SECRET, EVENTING_NAMESPACE, {EVENTING_CREDS_KEY: d / "creds" / "eventing.creds"}),
+        secret(EVENTING_SECRET, EVENTING_NAMESPACE, {CREDS_KEY: d / "creds" / "eventing.creds"}),
         f"kubectl apply -f {shlex.quote(str(d / CONFIG_NATS_FILE))}",
     ]
 

@@ -75,7 +75,7 @@ class KubernetesRuntime:
 
     def __init__(self, settings: Settings, api_client: "client.ApiClient | None" = None, *, request_timeout: float = 30.0):
         self.settings = settings
-        # Checked now: a signing key that cannot sign stops the process at start, naming the variable.
+        # Checked now, when the runtime is made: a signing key that cannot sign is a SettingsError naming the variable.
         self.issuer = settings.nats_issuer()
         self._owns_client = api_client is None
         self.api_client = api_client or load_api_client()
@@ -161,6 +161,8 @@ class KubernetesRuntime:
         """The task's NATS users, minted now, in the Secret `agent-<id>` owned by the Job; kept if it exists."""
         if self.issuer is None:
             return
+        # The Job's activeDeadlineSeconds bounds every attempt, so deadline + margin from now covers them all.
+        # Not a Job that Kueue keeps suspended longer than the margin: its clock starts only when admitted.
         expires_at = task_credentials_expiry(task.limits.deadline_seconds, time.time())
         creds = {role: self.issuer.task_creds(task.task_id, role, expires_at=expires_at) for role in TASK_ROLES}
         secret = factory.render_nats_secret(task, self.settings, job_uid, creds)

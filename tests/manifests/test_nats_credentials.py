@@ -101,7 +101,7 @@ def test_the_secret_template_holds_the_files_nats_auth_init_names():
     assert set(nats_auth.SECRET_FILES) == mounted | {"account.pub"}
     (eventing,) = [s for s in SECRETS if s["metadata"]["name"] == nats_auth.EVENTING_SECRET]
     assert eventing["metadata"]["namespace"] == nats_auth.EVENTING_NAMESPACE
-    assert set(eventing["stringData"]) == {nats_auth.EVENTING_CREDS_KEY}
+    assert set(eventing["stringData"]) == {nats_auth.CREDS_KEY}
 
 
 def test_the_launcher_s_jobs_get_their_secret_and_each_container_its_own_user():
@@ -111,3 +111,20 @@ def test_the_launcher_s_jobs_get_their_secret_and_each_container_its_own_user():
     for c in spec["initContainers"] + spec["containers"]:
         creds = c["args"][c["args"].index("--nats-creds") + 1] if "--nats-creds" in c["args"] else None
         assert creds == (factory.nats_creds_path(c["name"]) if c["name"] in factory.NATS_ROLES else None), c["name"]
+
+
+def test_the_readme_creates_the_secrets_with_the_keys_the_manifests_mount():
+    import re
+
+    from tests.manifests import ROOT
+
+    readme = (ROOT / "README.md").read_text()
+
+    def keys_of(secret: str, namespace: str) -> set[str]:
+        (command,) = re.findall(rf"kubectl create secret generic {secret} -n {namespace}((?:[^\n]*\\\n)*[^\n]*)", readme)
+        return set(re.findall(r"--from-file=([^=\s]+)=", command))
+
+    assert keys_of(nats_auth.SECRET, contract.FUNCTIONS_NAMESPACE) == set(nats_auth.SECRET_FILES)
+    assert keys_of(nats_auth.EVENTING_SECRET, nats_auth.EVENTING_NAMESPACE) == {nats_auth.CREDS_KEY}
+    assert keys_of(nats_auth.ADMIN_SECRET, nats_auth.NATS_NAMESPACE) == {nats_auth.CREDS_KEY}
+    assert f"-f ~/dockyard-nats/{nats_auth.VALUES_FILE}" in readme and f"kubectl apply -f ~/dockyard-nats/{nats_auth.CONFIG_NATS_FILE}" in readme

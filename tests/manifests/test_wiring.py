@@ -28,7 +28,6 @@ from tests.manifests import (
     pod_template,
     rendered_jobs,
     rendered_manifests,
-    service_env,
     settings_env,
 )
 

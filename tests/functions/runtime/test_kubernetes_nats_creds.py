@@ -172,9 +172,37 @@ async def _stream_subjects(nats_server) -> list[str]:
         await admin.close()
 
 
-async def test_the_secret_s_users_may_publish_the_task_s_trace_and_nothing_of_another_task(kube, runtime, nats_server, tmp_path):
+async def _publishes_its_own_trace_only(nats_server, tmp_path, creds_text: str, role: str) -> None:
+    """Task t1's user `role`: its events and logs acked; t2's subjects, and everyone's, refused by the server."""
     from nats.errors import TimeoutError as NatsTimeout
 
+    errors: list[str] = []
+    nc = await _connect_as(nats_server, tmp_path, creds_text, "t1", errors)
+    try:
+        js = nc.jetstream()
+        ack = await js.publish(contract.subject_events("t1"), f"{role} was here".encode(), timeout=2)
+        assert ack.stream == contract.STREAM_NAME and ack.seq >= 1
+        await js.publish(contract.subject_logs("t1"), b"a log line", timeout=2)
+
+        with pytest.raises(NatsTimeout):  # refused: no ack ever comes
+            await js.publish(contract.subject_events("t2"), b"forged", timeout=0.5)
+        await eventually_async(lambda: any("permissions violation for publish" in e and "events.agent.t2" in e for e in errors),
+                               "the server refused the publish on another task's subject", detail=lambda: errors)
+
+        await nc.subscribe(contract.subject_cmd("t1"))  # its own commands: allowed
+        await nc.subscribe(contract.subject_cmd("t2"))  # another task's: refused
+        await nc.subscribe("events.agent.>")  # everyone's trace: refused
+        await nc.flush()
+        await eventually_async(
+            lambda: any("permissions violation for subscription" in e and "cmd.agent.t2" in e for e in errors)
+            and any("permissions violation for subscription" in e and "events.agent.>" in e for e in errors),
+            "the server refused the foreign subscriptions", detail=lambda: errors)
+        assert not any("cmd.agent.t1" in e for e in errors), errors
+    finally:
+        await nc.close()
+
+
+async def test_the_secret_s_users_may_publish_the_task_s_trace_and_nothing_of_another_task(kube, runtime, nats_server, tmp_path):
     from functions.core.bus import ensure_stream
 
     admin = await nats_server.connect()
@@ -184,30 +212,7 @@ async def test_the_secret_s_users_may_publish_the_task_s_trace_and_nothing_of_an
     creds = secret_creds(kube.get(SECRETS, NS, "agent-t1"))
 
     for role in TASK_ROLES:
-        errors: list[str] = []
-        nc = await _connect_as(nats_server, tmp_path, creds[f"{role}.creds"], "t1", errors)
-        try:
-            js = nc.jetstream()
-            ack = await js.publish(contract.subject_events("t1"), f"{role} was here".encode(), timeout=2)
-            assert ack.stream == contract.STREAM_NAME and ack.seq >= 1
-            await js.publish(contract.subject_logs("t1"), b"a log line", timeout=2)
-
-            with pytest.raises(NatsTimeout):  # refused: no ack ever comes
-                await js.publish(contract.subject_events("t2"), b"forged", timeout=0.5)
-            await eventually_async(lambda: any("permissions violation for publish" in e and "events.agent.t2" in e for e in errors),
-                                   "the server refused the publish on another task's subject", detail=lambda: errors)
-
-            await nc.subscribe(contract.subject_cmd("t1"))  # its own commands: allowed
-            await nc.subscribe(contract.subject_cmd("t2"))  # another task's: refused
-            await nc.subscribe("events.agent.>")  # everyone's trace: refused
-            await nc.flush()
-            await eventually_async(
-                lambda: any("permissions violation for subscription" in e and "cmd.agent.t2" in e for e in errors)
-                and any("permissions violation for subscription" in e and "events.agent.>" in e for e in errors),
-                "the server refused the foreign subscriptions", detail=lambda: errors)
-            assert not any("cmd.agent.t1" in e for e in errors), errors
-        finally:
-            await nc.close()
+        await _publishes_its_own_trace_only(nats_server, tmp_path, creds[f"{role}.creds"], role)
 
     assert await _stream_subjects(nats_server) == [contract.subject_events("t1"), contract.subject_logs("t1")]
 
