@@ -8,6 +8,7 @@
     dockyard message    tell a running agent something
     dockyard demo       start the stack, run the bundled example task, stop
     dockyard token      make an API token (`create --name N --scope read|write`)
+    dockyard nats-auth  make a cluster's NATS credentials (`init --out DIR`) and print how to install them
 
 Each subcommand is one `_register_*` function in `COMMANDS` that adds its
 parser and sets `run`; a new subcommand is one more function in that list.
@@ -230,6 +231,12 @@ def _register_manifests(sub) -> None:
     add_parser(sub)
 
 
+def _register_nats_auth(sub) -> None:
+    from functions.cli.nats_auth import add_parser
+
+    add_parser(sub)
+
+
 COMMANDS: list[Callable] = [
     _register_dev,
     _register_submit,
@@ -240,6 +247,7 @@ COMMANDS: list[Callable] = [
     _register_demo,
     _register_token,
     _register_manifests,
+    _register_nats_auth,
 ]
 
 

@@ -1,7 +1,9 @@
 """`dockyard manifests job`: print the Job and PVC a task would get, as multi-document YAML.
 
-The output is exactly what `KubernetesRuntime.launch` sends, except the PVC's
-owner UID, which only the API server assigns (a placeholder here). Settings come
+The output is exactly what `KubernetesRuntime.launch` sends, except the owner UID,
+which only the API server assigns (a placeholder here), and, when the settings name a
+NATS signing key, the task's Secret of NATS credentials: printed between the two with
+placeholder values (the launcher mints real ones; they are never printed). Settings come
 from the `DOCKYARD_*` environment, then from `--settings FILE` (a YAML mapping of
 `functions.core.settings.Settings` field names), so `kubectl apply --dry-run=server -f -`
 can check them.
@@ -26,7 +28,8 @@ def add_parser(subparsers) -> None:
     job = kinds.add_parser(
         "job",
         help="the Job and PVC of a task",
-        description="Print the Job agent-<id> and its PVC workspace-<id> as YAML (the PVC's owner UID is a placeholder).",
+        description="Print the Job agent-<id>, its NATS Secret agent-<id> (with a signing key in the settings; "
+        "placeholder values) and its PVC workspace-<id> as YAML (the owner UID is a placeholder).",
     )
     job.add_argument("--task-file", required=True, type=Path, help="task as JSON or YAML: {prompt, task_id?, repo?, model?, limits?}")
     job.add_argument("--settings", type=Path, help="YAML mapping of settings (field names of functions.core.settings.Settings, e.g. agent_image), over the DOCKYARD_* environment")

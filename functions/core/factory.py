@@ -1,4 +1,5 @@
-"""Task + settings in, Kubernetes manifests out: the Job `agent-<id>` and its PVC `workspace-<id>`.
+"""Task + settings in, Kubernetes manifests out: the Job `agent-<id>`, its PVC `workspace-<id>` and,
+when the launcher mints NATS credentials, its Secret `agent-<id>`.
 
 The Job's settings (image, namespace, resources, proxy, ...) are fields of
 `functions.core.settings.Settings`, the one model of every `DOCKYARD_*` variable.
@@ -13,12 +14,20 @@ Invariants
   restore and snapshotter, the model key into the agent), as files, never as env.
 - The PVC is created after the Job and owned by it (the Job's UID), so deleting the Job
   (propagation Background) or its TTL removes the workspace too.
+- NATS credentials: with an account signing key in the settings (`nats_account`,
+  `nats_signing_key_file`), each task's agent and snapshotter get their own NATS user
+  (functions.core.nats_jwt.task_permissions: the task's own subjects only). The launcher
+  mints them and puts them in the Secret `agent-<id>` (`render_nats_secret`), owned by the
+  Job like the PVC; each container mounts only its own key of it (`agent.creds`,
+  `snapshotter.creds`) and gets `--nats-creds`. Restore never talks to NATS and gets none.
+  Without a signing key: no Secret, no flag.
 """
 
 from __future__ import annotations
 
+import base64
 import os
-from typing import Any
+from typing import Any, Mapping
 from urllib.parse import urlsplit
 
 from agent import contract
@@ -32,19 +41,49 @@ AGENT_USER = 1000  # the agent image's user and group
 CONTAINER_RESTORE = "restore"
 CONTAINER_SNAPSHOTTER = "snapshotter"
 CONTAINER_AGENT = "agent"
+# The containers that talk to NATS, each as its own user (the roles of nats_jwt.TASK_ROLES); restore does not.
+NATS_ROLES = (CONTAINER_AGENT, CONTAINER_SNAPSHOTTER)
 
 # Where the secrets are mounted: agent/storage.py reads <secrets>/s3/*, agent/models.py <secrets>/model/*.
 S3_SECRETS_DIR = f"{contract.SECRETS_DIR}/s3"
 MODEL_SECRETS_DIR = f"{contract.SECRETS_DIR}/model"
+# <secrets>/nats/<role>.creds: inside the secrets dir, so the agent's redactor knows the values.
+NATS_SECRETS_DIR = f"{contract.SECRETS_DIR}/nats"
+NATS_CREDS_PLACEHOLDER = "minted at launch: a user JWT and nkey seed allowed only this task's subjects"
 TASK_DIR = os.path.dirname(contract.TASK_FILE)
 
 
 # --- rendering -------------------------------------------------------------------
 
 
-def render(task: Task, settings: Settings, job_uid: str = PLACEHOLDER_UID) -> list[dict]:
-    """The Job and its PVC, in the order they are created."""
-    return [render_job(task, settings), render_pvc(task, settings, job_uid)]
+def render(task: Task, settings: Settings, job_uid: str = PLACEHOLDER_UID, creds: Mapping[str, str] | None = None) -> list[dict]:
+    """The Job, its NATS Secret (when the settings mint credentials) and its PVC, in the order they are
+    created. Without `creds` the Secret holds placeholders (the launcher mints real ones)."""
+    manifests = [render_job(task, settings)]
+    if mints_nats_credentials(settings):
+        placeholders = {role: NATS_CREDS_PLACEHOLDER for role in NATS_ROLES}
+        manifests.append(render_nats_secret(task, settings, job_uid, creds if creds is not None else placeholders))
+    return [*manifests, render_pvc(task, settings, job_uid)]
+
+
+def mints_nats_credentials(settings: Settings) -> bool:
+    """Whether each task gets its own NATS users: the settings name an account signing key
+    (Settings checks that the account comes with it)."""
+    return bool(settings.nats_signing_key_file)
+
+
+def nats_secret_name(task_id: str) -> str:
+    """The Secret with a task's NATS credentials: named after its Job."""
+    return contract.job_name(task_id)
+
+
+def nats_creds_key(role: str) -> str:
+    return f"{role}.creds"
+
+
+def nats_creds_path(role: str) -> str:
+    """Where container `role` finds its own credentials."""
+    return f"{NATS_SECRETS_DIR}/{nats_creds_key(role)}"
 
 
 def render_job(task: Task, settings: Settings) -> dict:
@@ -112,22 +151,44 @@ def render_pvc(task: Task, settings: Settings, job_uid: str) -> dict:
     return {
         "apiVersion": "v1",
         "kind": "PersistentVolumeClaim",
-        "metadata": {
-            "name": contract.pvc_name(task.task_id),
-            "namespace": settings.namespace,
-            "labels": contract.agent_labels(task.task_id),
-            "ownerReferences": [
-                {
-                    "apiVersion": "batch/v1",
-                    "kind": "Job",
-                    "name": contract.job_name(task.task_id),
-                    "uid": job_uid,
-                    "controller": True,
-                    "blockOwnerDeletion": True,
-                }
-            ],
-        },
+        "metadata": _owned_metadata(contract.pvc_name(task.task_id), task, settings, job_uid),
         "spec": spec,
+    }
+
+
+def render_nats_secret(task: Task, settings: Settings, job_uid: str, creds: Mapping[str, str]) -> dict:
+    """The Secret `agent-<id>` with the task's NATS credentials, owned by the Job whose UID is `job_uid`.
+    `creds`: role -> `.creds` file text, one for each of NATS_ROLES. Immutable: minted once, never changed."""
+    missing = [role for role in NATS_ROLES if not creds.get(role)]
+    unknown = sorted(set(creds) - set(NATS_ROLES))
+    if missing or unknown:
+        raise ValueError(f"creds: need exactly the roles {', '.join(NATS_ROLES)} (missing {missing}, unknown {unknown})")
+    return {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": _owned_metadata(nats_secret_name(task.task_id), task, settings, job_uid),
+        "type": "Opaque",
+        "immutable": True,
+        "data": {nats_creds_key(role): base64.b64encode(creds[role].encode()).decode() for role in NATS_ROLES},
+    }
+
+
+def _owned_metadata(name: str, task: Task, settings: Settings, job_uid: str) -> dict:
+    """Metadata of an object the Job owns: garbage-collected with it."""
+    return {
+        "name": name,
+        "namespace": settings.namespace,
+        "labels": contract.agent_labels(task.task_id),
+        "ownerReferences": [
+            {
+                "apiVersion": "batch/v1",
+                "kind": "Job",
+                "name": contract.job_name(task.task_id),
+                "uid": job_uid,
+                "controller": True,
+                "blockOwnerDeletion": True,
+            }
+        ],
     }
 
 
@@ -151,6 +212,20 @@ def _pod_spec(task: Task, settings: Settings) -> dict:
         # Optional: a scripted model or a keyless local endpoint needs no secret.
         {"name": "model-credentials", "secret": {"secretName": settings.model_secret, "defaultMode": 0o440, "optional": True}},
     ]
+    if mints_nats_credentials(settings):
+        # One volume per role, each projecting only that role's key: a container sees its own user only.
+        # Not optional: the kubelet retries the mount until the launcher has created the Secret.
+        volumes += [
+            {
+                "name": _nats_volume(role),
+                "secret": {
+                    "secretName": nats_secret_name(task.task_id),
+                    "defaultMode": 0o440,  # root:1000 through the pod's fsGroup, like the other secrets
+                    "items": [{"key": nats_creds_key(role), "path": nats_creds_key(role)}],
+                },
+            }
+            for role in NATS_ROLES
+        ]
     return {
         "restartPolicy": "Never",
         "serviceAccountName": settings.service_account,
@@ -219,6 +294,22 @@ def _mount(volume: str, path: str, read_only: bool = False) -> dict:
     return {"name": volume, "mountPath": path, **({"readOnly": True} if read_only else {})}
 
 
+def _nats_volume(role: str) -> str:
+    return f"nats-{role}"
+
+
+def _nats_args(settings: Settings, role: str) -> list[str]:
+    """`--nats URL`, and `--nats-creds FILE` when the task has its own users."""
+    args = ["--nats", settings.nats_url]
+    if mints_nats_credentials(settings):
+        args += ["--nats-creds", nats_creds_path(role)]
+    return args
+
+
+def _nats_mounts(settings: Settings, role: str) -> list[dict]:
+    return [_mount(_nats_volume(role), NATS_SECRETS_DIR, True)] if mints_nats_credentials(settings) else []
+
+
 def _store_mounts() -> list[dict]:
     """What restore and snapshotter see: the workspace, /tmp and the object-store credentials."""
     return [_mount("workspace", contract.WORKSPACE_MOUNT), _mount("tmp", "/tmp"), _mount("s3-credentials", S3_SECRETS_DIR, True)]
@@ -235,11 +326,12 @@ def _snapshotter(task: Task, settings: Settings) -> dict:
         "--task-id", task.task_id,
         "--workspace", contract.WORKSPACE_MOUNT,
         "--store", settings.store,
-        "--nats", settings.nats_url,
+        *_nats_args(settings, CONTAINER_SNAPSHOTTER),
         "--interval", str(settings.snapshot_interval_seconds),
     ]  # fmt: skip
     env = _env(**_store_env(task, settings))
-    container = _container(CONTAINER_SNAPSHOTTER, settings, args, env, _store_mounts(), settings.sidecar_resources)
+    mounts = _store_mounts() + _nats_mounts(settings, CONTAINER_SNAPSHOTTER)
+    container = _container(CONTAINER_SNAPSHOTTER, settings, args, env, mounts, settings.sidecar_resources)
     # A native sidecar: starts before the agent, runs beside it, and is stopped only after the
     # agent has exited, so its final upload sees the final workspace.
     container["restartPolicy"] = "Always"
@@ -252,7 +344,7 @@ def _agent(task: Task, settings: Settings) -> dict:
         "--task-id", task.task_id,
         "--workspace", contract.WORKSPACE_MOUNT,
         "--task-file", contract.TASK_FILE,
-        "--nats", settings.nats_url,
+        *_nats_args(settings, CONTAINER_AGENT),
         "--home", contract.HOME_DIR,
         "--secrets-dir", contract.SECRETS_DIR,
     ]  # fmt: skip
@@ -276,6 +368,7 @@ def _agent(task: Task, settings: Settings) -> dict:
         _mount("tmp", "/tmp"),
         _mount("task", TASK_DIR, True),
         _mount("model-credentials", MODEL_SECRETS_DIR, True),
+        *_nats_mounts(settings, CONTAINER_AGENT),
     ]
     container = _container(CONTAINER_AGENT, settings, args, _env(**env), mounts, settings.agent_resources)
     container["livenessProbe"] = {

@@ -33,6 +33,7 @@ from agent import contract
 
 UNLIMITED = -1
 TASK_ROLES = ("agent", "snapshotter")
+CREDENTIALS_MARGIN_SECONDS = 3600  # a task's NATS users expire this long after its deadline
 _HEADER = {"typ": "JWT", "alg": "ed25519-nkey"}
 
 
@@ -192,6 +193,13 @@ SERVICE_PERMISSIONS: dict[str, Permissions] = {
     ),
 }
 ADMIN = Permissions(None, None, notes="no limit: for the operator's own tools (nats CLI) and tests")
+
+
+def task_credentials_expiry(deadline_seconds: int, now: float) -> int:
+    """When a task's users expire (`exp`, Unix seconds): its deadline from `now`, and a margin for the final
+    snapshot and the last events. Both runtimes mint with it: the local one at each start of supervision, the
+    Kubernetes one at launch (a Job's activeDeadlineSeconds counts from its start, which is about then)."""
+    return int(now) + int(deadline_seconds) + CREDENTIALS_MARGIN_SECONDS
 
 
 # --- the launcher's half: the account and its signing key -------------------------

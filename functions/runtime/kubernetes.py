@@ -1,4 +1,5 @@
-"""Agents as Kubernetes Jobs: the Job `agent-<id>`, then the PVC `workspace-<id>` owned by it.
+"""Agents as Kubernetes Jobs: the Job `agent-<id>`, then (with NATS credentials) the Secret `agent-<id>`,
+then the PVC `workspace-<id>`, both owned by the Job.
 
 Invariants
 - Idempotent by name, with the API server as the arbiter: a create answered 409
@@ -8,6 +9,13 @@ Invariants
   Another spec under the same id is a LaunchConflict.
 - The PVC carries the UID of the Job that exists, read from the API's answer, so
   deleting the Job (propagation Background) or its TTL takes the workspace along.
+- With an account signing key (`Settings.nats_issuer()`), each launch mints the task's
+  agent and snapshotter NATS users and creates the Secret `agent-<id>` holding them,
+  owned by the Job as the PVC is. Created after the Job (its UID is the owner) and
+  before the PVC, so the PVC stays the last step: a launch cut short before the Secret
+  creates it on redelivery; a Secret already there (409) was made by an earlier or a
+  concurrent delivery and is kept. The pod may be scheduled before the Secret exists:
+  the kubelet retries the (non-optional) secret volume's mount until it appears.
 - Errors are sorted once, in `_call`: 400/401/403/404/422 are non-transient (the
   message says what to fix), 429, 5xx, timeouts and connection errors transient.
 - The official client is synchronous; every call runs in a thread.
@@ -19,6 +27,7 @@ import asyncio
 import json
 import logging
 import os
+import time
 from typing import Any, Callable
 
 from kubernetes import client, config
@@ -27,6 +36,7 @@ from urllib3.exceptions import HTTPError as Urllib3Error
 
 from agent import contract
 from functions.core import factory
+from functions.core.nats_jwt import TASK_ROLES, task_credentials_expiry
 from functions.core.settings import Settings
 from functions.errors import ApiRejected, ApiUnavailable, LaunchConflict, TaskNotFound
 from functions.errors import BadInput, SettingsError
@@ -65,6 +75,8 @@ class KubernetesRuntime:
 
     def __init__(self, settings: Settings, api_client: "client.ApiClient | None" = None, *, request_timeout: float = 30.0):
         self.settings = settings
+        # Checked now, when the runtime is made: a signing key that cannot sign is a SettingsError naming the variable.
+        self.issuer = settings.nats_issuer()
         self._owns_client = api_client is None
         self.api_client = api_client or load_api_client()
         self.batch = client.BatchV1Api(self.api_client)
@@ -94,6 +106,7 @@ class KubernetesRuntime:
             job = await self._existing_job(task)
             created = False
         uid = job["metadata"]["uid"]
+        await self._create_nats_secret(task, uid)
         pvc = factory.render_pvc(task, self.settings, uid)
         try:
             await self._call(
@@ -143,6 +156,24 @@ class KubernetesRuntime:
         log.info("cancelled task %s: deleted Job %s/%s", task_id, ns, name)
 
     # --- helpers ---------------------------------------------------------------
+
+    async def _create_nats_secret(self, task: Task, job_uid: str) -> None:
+        """The task's NATS users, minted now, in the Secret `agent-<id>` owned by the Job; kept if it exists."""
+        if self.issuer is None:
+            return
+        # The Job's activeDeadlineSeconds bounds every attempt, so deadline + margin from now covers them all.
+        # Not a Job that Kueue keeps suspended longer than the margin: its clock starts only when admitted.
+        expires_at = task_credentials_expiry(task.limits.deadline_seconds, time.time())
+        creds = {role: self.issuer.task_creds(task.task_id, role, expires_at=expires_at) for role in TASK_ROLES}
+        secret = factory.render_nats_secret(task, self.settings, job_uid, creds)
+        ns, name = self.settings.namespace, secret["metadata"]["name"]
+        try:
+            await self._call(
+                f"create Secret {ns}/{name}", self.core.create_namespaced_secret, ns, secret,
+                field_validation="Strict", expect=(409,),
+            )  # fmt: skip
+        except _Answer:
+            pass  # an earlier or concurrent delivery created it (after the same Job): its users are as good
 
     async def _read_job(self, task_id: str) -> dict:
         if not contract.is_valid_task_id(task_id):
@@ -205,7 +236,7 @@ class KubernetesRuntime:
         if status == 403:
             return ApiRejected(
                 f"{what} was forbidden: {detail}. The functions' ServiceAccount needs create, get, list and "
-                f"delete on jobs and create on persistentvolumeclaims in namespace {ns}: apply the RBAC in knative/",
+                f"delete on jobs, create on persistentvolumeclaims and create on secrets in namespace {ns}: apply the RBAC in knative/",
                 status,
             )
         if status == 401:

@@ -36,12 +36,14 @@ from kmock import KubernetesEmulator, KubernetesError, ResourceInfo, action, res
 JOBS = resource("batch", "v1", "jobs")
 PVCS = resource("", "v1", "persistentvolumeclaims")
 PODS = resource("", "v1", "pods")
+SECRETS = resource("", "v1", "secrets")
 
 # (resource, kind, group for Status details)
 _KNOWN = {
     JOBS: ("Job", "batch"),
     PVCS: ("PersistentVolumeClaim", ""),
     PODS: ("Pod", ""),
+    SECRETS: ("Secret", ""),
 }
 # batch/v1 Jobs orphan their dependents when deleted without a propagation policy.
 _DEFAULT_ORPHANS = {JOBS}

@@ -94,9 +94,28 @@ def settings_env() -> dict[str, str]:
     return {key: str(value) for key, value in configmap.body["data"].items()}
 
 
+# Stands in for the account public key task-submitted reads from the Secret dockyard-nats.
+EXAMPLE_NATS_ACCOUNT = "A" + "D" * 55
+
+
+def service_env(service: str) -> dict[str, str]:
+    """The DOCKYARD_* environment of the Knative Service `service` in the cluster: the settings
+    ConfigMap (envFrom), then its own `env` (which wins, as in Kubernetes). An `env` read from a
+    Secret (valueFrom) gets a stand-in value: the account key is EXAMPLE_NATS_ACCOUNT."""
+    env = settings_env()
+    (doc,) = [d for d in documents(KNATIVE_DIR) if d.kind == "Service" and d.api_version.startswith("serving.knative.dev/") and d.name == service]
+    (container,) = pod_template(doc.body)["spec"]["containers"]
+    for item in container.get("env") or []:
+        if item["name"].startswith("DOCKYARD_"):
+            env[item["name"]] = item["value"] if "value" in item else EXAMPLE_NATS_ACCOUNT
+    return env
+
+
 def example_tasks() -> dict[str, tuple[object, object]]:
     """name -> (Task, Settings): the bundled example task, and one with every limit, a repo,
-    a model and a Kueue queue. Settings come from knative/settings.yaml."""
+    a model and a Kueue queue. Settings come from knative/settings.yaml; those of `launcher`
+    from the launching Service's whole environment (knative/functions.yaml, task-submitted),
+    NATS credentials included."""
     from functions.core.settings import Settings
     from functions.core.task import parse_task
 
@@ -116,11 +135,18 @@ def example_tasks() -> dict[str, tuple[object, object]]:
     return {
         "example": (example, settings),
         "all-limits-kueue": (everything, settings.updated({"kueue_queue": "dockyard", "default_model": "openai:gpt-4o"})),
+        "launcher": (everything, Settings.from_env(service_env("task-submitted"))),
     }
 
 
 def rendered_manifests() -> dict[str, list[dict]]:
-    """name -> [Job, PVC] as functions.core.factory renders them for each of `example_tasks()`."""
+    """name -> [Job, (Secret,) PVC] as functions.core.factory renders them for each of `example_tasks()`
+    (the Secret of NATS credentials when the settings mint them; placeholder values)."""
     from functions.core.factory import render
 
     return {name: render(task, settings, job_uid=JOB_UID) for name, (task, settings) in example_tasks().items()}
+
+
+def rendered_jobs() -> dict[str, dict]:
+    """name -> the Job of `rendered_manifests()`."""
+    return {name: manifests[0] for name, manifests in rendered_manifests().items()}

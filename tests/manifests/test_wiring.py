@@ -26,6 +26,7 @@ from tests.manifests import (
     knative_services,
     one,
     pod_template,
+    rendered_jobs,
     rendered_manifests,
     settings_env,
 )
@@ -184,16 +185,18 @@ def test_agent_jobs_land_in_the_restricted_namespace_with_the_tokenless_account(
     assert account.namespace == contract.AGENTS_NAMESPACE and account.body["automountServiceAccountToken"] is False
     bound = [s for rb in find(DOCS, "RoleBinding") + find(DOCS, "ClusterRoleBinding") for s in rb.body["subjects"]]
     assert not [s for s in bound if s["name"] == "dockyard-agent"], "the agent's account must have no RBAC"
-    for job, pvc in rendered_manifests().values():
-        assert job["metadata"]["namespace"] == pvc["metadata"]["namespace"] == contract.AGENTS_NAMESPACE
+    for job, *owned in rendered_manifests().values():
+        assert {m["metadata"]["namespace"] for m in [job, *owned]} == {contract.AGENTS_NAMESPACE}
         assert pod_template(job)["spec"]["serviceAccountName"] == account.name
 
 
 def test_the_secrets_the_pods_mount_have_templates():
     templates = {(s["metadata"]["namespace"], s["metadata"]["name"]): set(s["stringData"]) for s in SECRETS}
-    for job, _ in rendered_manifests().values():
+    for job, *owned in rendered_manifests().values():
+        # The Job's own Secret (NATS credentials) is rendered with it; every other one has a template.
+        own = {m["metadata"]["name"] for m in owned if m["kind"] == "Secret"}
         for volume in pod_template(job)["spec"]["volumes"]:
-            if "secret" in volume:
+            if "secret" in volume and volume["secret"]["secretName"] not in own:
                 assert (contract.AGENTS_NAMESPACE, volume["secret"]["secretName"]) in templates, volume
     assert templates[(contract.AGENTS_NAMESPACE, "dockyard-object-store")] >= {"access_key_id", "secret_access_key"}
     assert templates[(contract.AGENTS_NAMESPACE, "dockyard-model")] >= {"api_key", "base_url"}
@@ -211,6 +214,8 @@ def test_functions_rbac_is_least_privilege_and_namespaced():
     assert rules == {
         (("batch",), ("jobs",)): {"create", "get", "list", "watch", "delete"},
         (("",), ("persistentvolumeclaims",)): {"create", "get", "list", "delete"},
+        # The Job's Secret of NATS credentials: created, never read back (functions/runtime/kubernetes.py).
+        (("",), ("secrets",)): {"create"},
     }
     binding = one(KNATIVE, "RoleBinding", "rbac.authorization.k8s.io", "dockyard-functions").body
     assert binding["metadata"]["namespace"] == contract.AGENTS_NAMESPACE
@@ -235,7 +240,7 @@ def test_the_agent_policy_selects_every_agent_pod_and_admits_nothing_in():
     policy = _agent_policy()
     assert policy["metadata"]["namespace"] == contract.AGENTS_NAMESPACE
     assert set(policy["spec"]["policyTypes"]) == {"Ingress", "Egress"} and not policy["spec"].get("ingress")
-    for job, _ in rendered_manifests().values():
+    for job in rendered_jobs().values():
         assert _matches(policy["spec"]["podSelector"], pod_template(job)["metadata"]["labels"])
     assert len(policy["spec"]["egress"]) == 4, "DNS, egress proxy, NATS and the object store; nothing else"
 
@@ -278,7 +283,7 @@ def test_the_proxy_takes_connections_from_agents_only():
     [rule] = policy["spec"]["ingress"]
     [peer] = rule["from"]
     assert _namespace_of(peer) == contract.AGENTS_NAMESPACE
-    for job, _ in rendered_manifests().values():
+    for job in rendered_jobs().values():
         assert _matches(peer["podSelector"], pod_template(job)["metadata"]["labels"])
     assert [p["port"] for p in rule["ports"]] == [3128]
 

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from agent import contract
-from functions.core.nats_jwt import TASK_ROLES, Issuer, write_secret_file
+from functions.core.nats_jwt import TASK_ROLES, Issuer, task_credentials_expiry, write_secret_file
 from functions.core.task import Task
 from functions.errors import LaunchConflict, TaskNotFound, TransientError
 from functions.runtime.local.clock import Clock
@@ -38,8 +38,6 @@ from functions.runtime.local.status_events import StatusEvents
 from functions.runtime.local.supervisor import EmitJobEvent, Policy, TaskSupervisor
 
 log = logging.getLogger("dockyard.runtime.local")
-
-CREDENTIALS_MARGIN_SECONDS = 3600  # a task's NATS users expire this long after its deadline
 
 
 class LocalRuntime:
@@ -249,7 +247,7 @@ class LocalRuntime:
             return
         folder = self.folder(task.task_id)
         folder.secrets.mkdir(mode=0o700, parents=True, exist_ok=True)
-        expires_at = int(time.time()) + task.limits.deadline_seconds + CREDENTIALS_MARGIN_SECONDS
+        expires_at = task_credentials_expiry(task.limits.deadline_seconds, time.time())
         for role in TASK_ROLES:
             write_secret_file(folder.nats_creds(role), self.issuer.task_creds(task.task_id, role, expires_at=expires_at))
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import base64
 import json
 import os
 import subprocess
@@ -276,6 +277,83 @@ def test_rendering_is_pure_and_shares_no_dicts(task):
     assert "&id" not in yaml.safe_dump_all(first)
 
 
+# --- NATS credentials: the Secret agent-<id> and who mounts what of it -------------------
+
+ACCOUNT = "A" + "D" * 55  # the factory never reads the key: any account key and path will do
+NATS_SETTINGS = {"nats_account": ACCOUNT, "nats_signing_key_file": "/var/secrets/nats/signing-key.nk"}
+NATS_DIR = f"{contract.SECRETS_DIR}/nats"
+
+
+@pytest.fixture
+def nats_job(task):
+    return render_job(task, Settings(**NATS_SETTINGS))
+
+
+def args_value(c: dict, flag: str) -> str | None:
+    return c["args"][c["args"].index(flag) + 1] if flag in c["args"] else None
+
+
+def test_the_nats_secret_is_named_after_the_job_owned_by_it_and_holds_one_key_per_process(task):
+    creds = {"agent": "agent's creds text", "snapshotter": "snapshotter's creds text"}
+    secret = factory.render_nats_secret(task, Settings(**NATS_SETTINGS), "1234-uid", creds)
+    assert secret["apiVersion"] == "v1" and secret["kind"] == "Secret" and secret["type"] == "Opaque"
+    assert secret["immutable"] is True
+    assert secret["metadata"]["name"] == "agent-t1" == contract.job_name("t1")
+    assert secret["metadata"]["namespace"] == contract.AGENTS_NAMESPACE
+    assert secret["metadata"]["labels"] == contract.agent_labels("t1")
+    assert secret["metadata"]["ownerReferences"] == [
+        {"apiVersion": "batch/v1", "kind": "Job", "name": "agent-t1", "uid": "1234-uid", "controller": True, "blockOwnerDeletion": True}
+    ]
+    assert {k: base64.b64decode(v).decode() for k, v in secret["data"].items()} == {
+        "agent.creds": "agent's creds text", "snapshotter.creds": "snapshotter's creds text"}
+
+
+@pytest.mark.parametrize("creds", [{"agent": "x"}, {"agent": "x", "snapshotter": ""}, {"agent": "x", "snapshotter": "y", "restore": "z"}])
+def test_the_nats_secret_needs_exactly_the_two_roles(task, creds):
+    with pytest.raises(ValueError, match="creds: need exactly the roles agent, snapshotter"):
+        factory.render_nats_secret(task, Settings(**NATS_SETTINGS), "u", creds)
+
+
+def test_each_container_mounts_only_its_own_nats_user(nats_job):
+    vols = volumes(nats_job)
+    for role in ("agent", "snapshotter"):
+        c = container(nats_job, role)
+        mount = mounts(c)[NATS_DIR]
+        assert mount == {"name": f"nats-{role}", "mountPath": NATS_DIR, "readOnly": True}
+        # The volume projects only this role's key: the other user's file is not in the container at all.
+        assert vols[mount["name"]] == {"name": f"nats-{role}", "secret": {
+            "secretName": "agent-t1", "defaultMode": 0o440, "items": [{"key": f"{role}.creds", "path": f"{role}.creds"}]}}
+        assert args_value(c, "--nats-creds") == f"{NATS_DIR}/{role}.creds" == factory.nats_creds_path(role)
+        assert args_value(c, "--nats") == Settings().nats_url
+        assert not [m for m in c["volumeMounts"] if m["name"].startswith("nats-") and m["name"] != f"nats-{role}"]
+    # Restore never talks to NATS: no user, no flag.
+    restore = container(nats_job, "restore")
+    assert NATS_DIR not in mounts(restore) and "--nats" not in restore["args"] and "--nats-creds" not in restore["args"]
+    # Readable by the agent's user (1000) through the pod's fsGroup, like the other secrets; never by others.
+    assert pod(nats_job)["securityContext"]["fsGroup"] == factory.AGENT_USER
+    assert {v["secret"]["defaultMode"] for v in vols.values() if "secret" in v} == {0o440}
+    # Inside the agent's secrets dir: its redactor knows the values (agent/redact.py reads the whole tree).
+    assert args_value(container(nats_job, "agent"), "--secrets-dir") == contract.SECRETS_DIR and NATS_DIR.startswith(contract.SECRETS_DIR + "/")
+
+
+def test_without_a_signing_key_no_secret_no_volume_no_flag(task, job):
+    assert not [v for v in volumes(job) if v.startswith("nats-")]
+    for name in ("restore", "snapshotter", "agent"):
+        assert "--nats-creds" not in container(job, name)["args"] and NATS_DIR not in mounts(container(job, name))
+    assert [m["kind"] for m in render(task, Settings())] == ["Job", "PersistentVolumeClaim"]
+
+
+def test_render_with_an_issuer_gives_job_secret_pvc_in_creation_order(task):
+    settings = Settings(**NATS_SETTINGS)
+    job, secret, pvc = render(task, settings, job_uid="u-1", creds={"agent": "a", "snapshotter": "s"})
+    assert (job["kind"], secret["kind"], pvc["kind"]) == ("Job", "Secret", "PersistentVolumeClaim")
+    assert secret == factory.render_nats_secret(task, settings, "u-1", {"agent": "a", "snapshotter": "s"})
+    # Without creds (dockyard manifests job): placeholders, never real credentials.
+    _, placeholder, _ = render(task, settings)
+    assert {base64.b64decode(v).decode() for v in placeholder["data"].values()} == {factory.NATS_CREDS_PLACEHOLDER}
+    assert "&id" not in yaml.safe_dump_all(render(task, settings))  # no shared dicts between the two volumes
+
+
 # --- dockyard manifests job --------------------------------------------------------
 
 
@@ -307,6 +385,18 @@ def test_manifests_job_prints_two_yaml_documents(tmp_path, capsys, clean_env):
     assert container(job, "agent")["resources"]["limits"]["memory"] == "6Gi"
     assert pvc["kind"] == "PersistentVolumeClaim" and pvc["spec"]["resources"]["requests"]["storage"] == "3Gi"
     assert pvc["metadata"]["ownerReferences"][0]["uid"] == factory.PLACEHOLDER_UID
+
+
+def test_manifests_job_prints_the_nats_secret_with_placeholders(tmp_path, capsys, clean_env, monkeypatch):
+    task_file = tmp_path / "task.json"
+    task_file.write_text(json.dumps({"prompt": "hello", "task_id": "demo-2"}))
+    for name, value in NATS_SETTINGS.items():
+        monkeypatch.setenv(Settings.variable(name), value)
+    assert run_manifests(["manifests", "job", "--task-file", str(task_file)]) == 0
+    job, secret, pvc = yaml.safe_load_all(capsys.readouterr().out)
+    assert (job["kind"], secret["kind"], pvc["kind"]) == ("Job", "Secret", "PersistentVolumeClaim")
+    assert secret["metadata"]["name"] == "agent-demo-2"
+    assert {base64.b64decode(v).decode() for v in secret["data"].values()} == {factory.NATS_CREDS_PLACEHOLDER}
 
 
 def test_manifests_job_derives_a_stable_id_and_reports_bad_input(tmp_path, capsys, clean_env):
