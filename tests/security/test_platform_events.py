@@ -16,6 +16,7 @@ import asyncio
 import json
 
 import httpx
+import nats
 import pytest
 from starlette.applications import Starlette
 from starlette.routing import Route
@@ -146,7 +147,7 @@ async def test_a_forged_update_that_reaches_job_finished_changes_nothing(setting
         await bus.close()
 
 
-async def test_thirty_forged_pings_cost_one_snapshot_round(settings):
+async def test_thirty_forged_pings_cost_one_snapshot_round(settings, nats_server):
     runtime = MemoryRuntime()
     buses = [await Bus.open(settings.nats_url, creds=settings.nats_creds) for _ in range(3)]  # three instances of the function
     clients = [instance(settings, b, runtime) for b in buses]
@@ -158,9 +159,13 @@ async def test_thirty_forged_pings_cost_one_snapshot_round(settings):
             asked.append(msg.data)
             await msg.respond(json.dumps({"ok": True, "key": contract.checkpoint_key("victim")}).encode())
 
-        sub = await buses[0].nc.subscribe(contract.subject_cmd("victim"), cb=snapshotter)
+        # The victim's snapshotter, with the credentials its launch gave it.
+        victim = await nats.connect(settings.nats_url, user_credentials=nats_server.launch_creds("victim", "snapshotter"),
+                                    inbox_prefix=contract.inbox_prefix("victim"))
+        await victim.subscribe(contract.subject_cmd("victim"), cb=snapshotter)
+        await victim.flush()
         answers = await asyncio.gather(*(post(clients[i % 3], "snapshot_due", contract.EVENT_PING, None) for i in range(30)))
-        await sub.unsubscribe()
+        await victim.close()
         assert [a.status_code for a in answers] == [200] * 30
         assert [a.json().get("status") for a in answers].count("skipped") == 29
         await eventually_async(lambda: len(asked) >= 1, "the one round to reach the snapshotter")
