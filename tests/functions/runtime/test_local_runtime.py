@@ -268,3 +268,22 @@ def test_make_runtime_picks_the_implementation(tmp_path):
     runtime = make_runtime(Settings(data_dir=tmp_path, runtime="local"), emit_job_event=emit)
     assert isinstance(runtime, LocalRuntime) and runtime.store_url == (tmp_path / "store").as_uri()
     # runtime=kubernetes: test_kubernetes_runtime.py::test_make_runtime_reads_the_kubeconfig_and_the_job_settings_from_the_environment
+
+
+async def test_with_an_issuer_each_process_gets_its_own_credentials_file(tmp_path, stand_in, clock, nats_server):
+    sink = Sink()
+    runtime = runtime_for(tmp_path, stand_in, sink, clock, nats_url=nats_server.url, issuer=nats_server.auth.issuer(),
+                          nats_creds=nats_server.creds("functions"))
+    try:
+        await runtime.launch(make_task("exit:0"))
+        await wait_finished(runtime, sink)
+    finally:
+        await runtime.close()
+    folder = runtime.folder("t-1")
+    for command, role in (("run", "agent"), ("snapshotter", "snapshotter")):
+        argv = runtime.command_line(make_task("exit:0"), command)
+        assert argv[argv.index("--nats-creds") + 1] == str(folder.nats_creds(role))
+        assert folder.nats_creds(role).stat().st_mode & 0o777 == 0o600
+    assert "--nats-creds" not in runtime.command_line(make_task("exit:0"), "restore")
+    assert folder.nats_creds("agent").read_text() != folder.nats_creds("snapshotter").read_text()
+    assert folder.secrets.stat().st_mode & 0o777 == 0o700 and not folder.secrets.is_relative_to(folder.workspace)
