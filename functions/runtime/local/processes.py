@@ -168,11 +168,15 @@ class Children:
         self._forget(role)
 
     async def wait_gone(self, role: str, timeout: float) -> None:
-        """Wait (at most `timeout` seconds) until `role` has exited, if it runs."""
+        """Wait (at most `timeout` seconds) until `role` has exited and a stop under way has finished
+        with its whole group (`stop` forgets the group last; it takes the process out of `procs` first)."""
+        deadline = time.monotonic() + timeout
         proc = self.running(role)
         if proc is not None:
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(proc.wait(), timeout)
+        while role in self.groups and role not in self.procs and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)  # a stop is killing what is left of the group
 
     def output_since_start(self, role: str) -> str | None:
         """What `role` wrote to its log during its last run."""
