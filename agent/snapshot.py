@@ -3,8 +3,9 @@
 Invariant: a snapshot is a consistent copy made with SQLite's online backup API
 (`sqlite3.Connection.backup`), never a raw file copy of a live WAL database
 (the `-wal` file holds committed pages the main file does not have yet). The
-copy goes into a temp file, is hashed, and is uploaded to
-`contract.checkpoint_key(task_id)` = `jobs/<id>/checkpoints/<UTC-timestamp>.db`.
+copy goes into a temp file, which is hashed and uploaded in one read of it
+(`Store.put_file_hashed`) to `contract.checkpoint_key(task_id)` =
+`jobs/<id>/checkpoints/<UTC-timestamp>.db`: a snapshot costs one backup plus one read.
 
 How a concurrent writer is kept going: for a WAL database the backup first
 opens a read transaction on the source and keeps it for the whole copy, so
@@ -17,7 +18,13 @@ GIL and the disk.
 An unchanged database is not uploaded again: the sha256 of the backup file is
 compared with the last uploaded one, remembered in memory and in
 `<workspace>/.dockyard/last_snapshot.json`, and the remembered object must
-still exist in the store.
+still exist in the store. The comparison happens after the last byte was read and
+before the new object becomes visible; a duplicate is discarded (an S3 multipart
+upload is aborted). So that an idle task does not send its whole database only to
+discard it, the source's files are stat'ed before each backup: when their sizes and
+mtimes equal those at the last upload, the copy is hashed first and uploaded only if
+it differs after all (then it is read twice; the stat only chooses the order, the
+hash decides).
 
 `upload_final` writes `jobs/<id>/final/workspace.tar.gz` first and
 `jobs/<id>/final/result.json` last, so the presence of result.json means the
@@ -26,22 +33,23 @@ final set is complete.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-import sqlite3
 import stat
-import tarfile
 import tempfile
 import threading
 import time
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from agent import contract
 from agent.cli import stderr_logger
-from agent.storage import Store
+from agent.storage import Store, sha256_file
+
+if TYPE_CHECKING:
+    import tarfile
 
 STATE_DIR = ".dockyard"  # runtime folder in the workspace; never archived
 LAST_SNAPSHOT_FILE = f"{STATE_DIR}/last_snapshot.json"  # relative to the workspace
@@ -66,8 +74,8 @@ class FinalUpload:
     result: dict
 
 
-# Last uploaded snapshot per (store, task, database): (sha256, key).
-_last_uploaded: dict[tuple[str, str, str], tuple[str, str]] = {}
+# Last uploaded snapshot per (store, task, database): (sha256, key, source files' stat before its backup).
+_last_uploaded: dict[tuple[str, str, str], tuple[str, str, list]] = {}
 _last_lock = threading.Lock()
 
 
@@ -87,6 +95,8 @@ def backup_database(
     sleep: float = BACKUP_STEP_SLEEP,
 ) -> None:
     """Copy a live SQLite database into `dest_path` (a new file) with the online backup API."""
+    import sqlite3  # imported when first used: the snapshotter idles without it
+
     source_uri = Path(db_path).absolute().as_uri() + "?mode=rw"  # never create a missing database
     src = sqlite3.connect(source_uri, uri=True, isolation_level=None)
     dst = sqlite3.connect(str(dest_path), isolation_level=None)
@@ -122,14 +132,17 @@ def backup_database(
         src.close()
 
 
-def _sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    buf = bytearray(4 * 1024 * 1024)
-    view = memoryview(buf)
-    with open(path, "rb", buffering=0) as f:
-        while n := f.readinto(buf):
-            digest.update(view[:n])
-    return digest.hexdigest()
+def _source_stat(db_path: Path) -> list:
+    """Size and mtime of the database and its WAL: equal ones suggest (never prove) an unchanged database."""
+    found = []
+    for path in (db_path, Path(f"{db_path}-wal")):
+        try:
+            st = path.stat()
+        except FileNotFoundError:
+            found.append(None)
+        else:
+            found.append([st.st_size, st.st_mtime_ns])
+    return found
 
 
 def _read_state(state_file: Path) -> dict:
@@ -191,23 +204,32 @@ def take_snapshot(
     tmp = Path(tmp_name)
     try:
         os.unlink(tmp)  # SQLite creates the destination itself
+        source_stat = _source_stat(db_path)  # before the backup: a commit after it changes the next one
         backup_database(db_path, tmp, step_bytes=step_bytes, sleep=sleep)
         size = tmp.stat().st_size
-        sha = _sha256_file(tmp)
 
         with _last_lock:
             last = _last_uploaded.get(memo)
         if last is None:
             state = _read_state(state_file)
             if state.get("store") == memo[0] and state.get("task_id") == task_id and state.get("db") == memo[2]:
-                last = (state.get("sha256"), state.get("key"))
-        if last and last[0] == sha and last[1] and store.exists(last[1]):
-            return SnapshotResult(key=last[1], size=size, uploaded=False, sha256=sha)
+                last = (state.get("sha256"), state.get("key"), state.get("source_stat"))
+
+        def duplicate(sha: str) -> bool:  # of the remembered object, which must still exist
+            return bool(last and last[0] == sha and last[1] and store.exists(last[1]))
+
+        if last and last[2] == source_stat:
+            # Probably unchanged: hash first (one read) and upload only if it differs after all.
+            sha = sha256_file(tmp)
+            if duplicate(sha):
+                return SnapshotResult(key=last[1], size=size, uploaded=False, sha256=sha)
 
         key = _next_key(task_id, last[1] if last else None)
-        store.put_file(key, tmp, move=True)
+        put = store.put_file_hashed(key, tmp, keep=lambda sha: not duplicate(sha))
+        if not put.stored:
+            return SnapshotResult(key=last[1], size=size, uploaded=False, sha256=put.sha256)
         with _last_lock:
-            _last_uploaded[memo] = (sha, key)
+            _last_uploaded[memo] = (put.sha256, key, source_stat)
         _write_state(
             state_file,
             {
@@ -215,12 +237,13 @@ def take_snapshot(
                 "task_id": task_id,
                 "db": memo[2],
                 "key": key,
-                "sha256": sha,
+                "sha256": put.sha256,
                 "size": size,
+                "source_stat": source_stat,
                 "ts": contract.iso_utc(),
             },
         )
-        return SnapshotResult(key=key, size=size, uploaded=True, sha256=sha)
+        return SnapshotResult(key=key, size=size, uploaded=True, sha256=put.sha256)
     finally:
         for suffix in ("", "-journal", "-wal", "-shm"):
             Path(f"{tmp}{suffix}").unlink(missing_ok=True)
@@ -270,6 +293,8 @@ _warn = stderr_logger("snapshot: warning")
 
 def write_workspace_archive(workspace: str | os.PathLike, dest: str | os.PathLike) -> None:
     """tar.gz of the workspace without `checkpoints/` and `.dockyard/`; symlinks are stored as links."""
+    import tarfile  # imported when first used: the snapshotter idles without it
+
     root = Path(workspace).absolute()
     excluded = {contract.CHECKPOINT_DIR, STATE_DIR}
     with tarfile.open(dest, "w:gz", compresslevel=6, format=tarfile.PAX_FORMAT) as tar:

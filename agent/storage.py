@@ -15,9 +15,11 @@ chain. boto3 is imported only when an S3 store is opened.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Callable, TypeVar
 from urllib.parse import unquote, urlparse
@@ -32,6 +34,7 @@ ACCEPTED_FORMS = "accepted forms: s3://bucket[/prefix] or file:///absolute/dir"
 _TMP_MARK = ".dockyard-tmp-"
 
 T = TypeVar("T")
+READ_CHUNK = 4 * 1024 * 1024  # bytes per read when the store reads a file itself
 
 
 class StorageError(Exception):
@@ -61,12 +64,79 @@ def _check_prefix(prefix: str) -> str:
     return prefix
 
 
+class Discarded(Exception):
+    """Raised by a HashingReader at its end when `keep(sha256)` refused the upload (never leaves the store)."""
+
+
+class HashingReader:
+    """A file read once, front to back, hashing (sha256) and counting the bytes it hands out.
+
+    Not seekable on purpose: an uploader given it (s3transfer) then reads each byte
+    exactly once and buffers in memory whatever it sends again (payload signing,
+    retries). After the last byte `on_end(sha256)` is called once, before the last
+    chunk is handed out; it may raise (Discarded) to stop the upload there."""
+
+    def __init__(self, f, on_end: Callable[[str], None] | None = None):
+        self._f = f
+        self._size = os.fstat(f.fileno()).st_size
+        self._digest = hashlib.sha256()
+        self._on_end = on_end
+        self.ended = False
+        self.bytes_read = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return False
+
+    def read(self, n: int = -1) -> bytes:
+        data = self._f.read(n if n is not None and n >= 0 else -1)
+        self.bytes_read += len(data)
+        self._digest.update(data)
+        if not self.ended and (not data or self.bytes_read >= self._size):
+            self.ended = True
+            if self._on_end is not None:
+                self._on_end(self.hexdigest())
+        return data
+
+    def hexdigest(self) -> str:
+        return self._digest.hexdigest()
+
+
+@dataclass(frozen=True)
+class HashedPut:
+    sha256: str
+    size: int
+    stored: bool  # False: keep(sha256) refused it and nothing was written to the store
+
+
+def _keep_all(_sha256: str) -> bool:
+    return True
+
+
+def sha256_file(source: str | os.PathLike, dest: Path | None = None) -> str:
+    """Read `source` once (copying it to `dest` if given); its sha256."""
+    with open(source, "rb", buffering=0) as f, open(dest or os.devnull, "wb") as out:
+        reader = HashingReader(f)
+        while data := reader.read(READ_CHUNK):
+            if dest is not None:
+                out.write(data)
+        return reader.hexdigest()
+
+
 class Store:
     """The interface every backend implements. Keys are relative `/`-separated paths."""
 
     def put_file(self, key: str, path: str | os.PathLike, *, move: bool = False) -> None:
         """Upload a file. With `move`, the store may take the file itself (a rename on the
         same filesystem) and the path is gone afterwards."""
+        raise NotImplementedError
+
+    def put_file_hashed(self, key: str, path: str | os.PathLike, *, keep: Callable[[str], bool] = _keep_all) -> HashedPut:
+        """Upload a file reading it once, its sha256 computed from the same read. `keep(sha256)`
+        is asked after the last byte was read, before the object is visible; False: nothing is
+        stored. The store may take the file itself (a rename): `path` may be gone afterwards."""
         raise NotImplementedError
 
     def put_bytes(self, key: str, data: bytes) -> None:
@@ -152,6 +222,37 @@ class FileStore(Store):
         self._guard("put", key, lambda: _replace_via_temp(target, lambda tmp: shutil.copyfile(source, tmp)))
         if move:
             source.unlink(missing_ok=True)
+
+    def put_file_hashed(self, key, path, *, keep=_keep_all):
+        target = self._path(key)
+        source = Path(path)
+        if not source.is_file():
+            raise StorageError(f"put {self.url_for(key)}: source {source} is not a file")
+        size = source.stat().st_size
+
+        def stage() -> tuple[Path, str, bool]:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            if os.stat(target.parent).st_dev == source.stat().st_dev:
+                return source, sha256_file(source), False  # the one read is the hash; then a rename
+            tmp = _temp_path_next_to(target)
+            try:
+                return tmp, sha256_file(source, tmp), True
+            except BaseException:
+                tmp.unlink(missing_ok=True)
+                raise
+
+        staged, sha, own = self._guard("put", key, stage)
+        if not keep(sha):
+            if own:
+                staged.unlink(missing_ok=True)
+            return HashedPut(sha, size, stored=False)
+        try:
+            self._guard("put", key, lambda: os.replace(staged, target))
+        except BaseException:
+            if own:
+                staged.unlink(missing_ok=True)
+            raise
+        return HashedPut(sha, size, stored=True)
 
     def put_bytes(self, key, data):
         target = self._path(key)
@@ -290,6 +391,29 @@ class S3Store(Store):
         self._guard("put", self.url_for(key), lambda: self._client.upload_file(str(source), self.bucket, full))
         if move:
             source.unlink(missing_ok=True)
+
+    def put_file_hashed(self, key, path, *, keep=_keep_all):
+        source = Path(path)
+        if not source.is_file():
+            raise StorageError(f"put {self.url_for(key)}: source {source} is not a file")
+        full = self._key(key)
+
+        def on_end(sha: str) -> None:
+            if not keep(sha):
+                raise Discarded(sha)  # s3transfer stops: no put, or the multipart upload is aborted
+
+        def upload() -> HashedPut:
+            with open(source, "rb", buffering=0) as f:
+                reader = HashingReader(f, on_end)
+                try:
+                    self._client.upload_fileobj(reader, self.bucket, full)
+                except Discarded:
+                    return HashedPut(reader.hexdigest(), reader.bytes_read, stored=False)
+                if not reader.ended:  # s3transfer stopped reading early: never store a partial object
+                    raise StorageError(f"put {self.url_for(key)}: upload ended after {reader.bytes_read} bytes")
+                return HashedPut(reader.hexdigest(), reader.bytes_read, stored=True)
+
+        return self._guard("put", self.url_for(key), upload)
 
     def put_bytes(self, key, data):
         full = self._key(key)

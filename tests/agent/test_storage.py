@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import hashlib
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
+from agent import storage
 from agent.storage import FileStore, ObjectNotFound, S3Store, StorageError, open_store
 
 
@@ -41,6 +45,78 @@ def test_put_file_with_move_takes_the_file(store, tmp_path):
     store.put_file("jobs/a/checkpoints/1.db", src, move=True)
     assert not src.exists()
     assert store.get_bytes("jobs/a/checkpoints/1.db") == b"snapshot bytes"
+
+
+@pytest.fixture
+def readers(monkeypatch):
+    """Every HashingReader the store makes, to count the bytes it read."""
+    made = []
+
+    class Recorded(storage.HashingReader):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            made.append(self)
+
+    monkeypatch.setattr(storage, "HashingReader", Recorded)
+    return made
+
+
+def _pending_multipart_uploads(store) -> list:
+    if not isinstance(store, S3Store):
+        return []
+    return store._client.list_multipart_uploads(Bucket=store.bucket).get("Uploads", [])
+
+
+@pytest.mark.parametrize("size", [100_003, 9 * 2**20 + 7], ids=["one-put", "multipart"])
+def test_put_file_hashed_reads_once_and_the_hash_is_the_stored_content(store, tmp_path, readers, size):
+    src = tmp_path / "snapshot.db"
+    src.write_bytes(os.urandom(size))
+    expected = hashlib.sha256(src.read_bytes()).hexdigest()
+    seen = []
+    put = store.put_file_hashed("jobs/a/checkpoints/1.db", src, keep=lambda sha: seen.append(sha) or True)
+    assert put.stored and put.size == size and put.sha256 == expected and seen == [expected]
+    # The object is exactly what was hashed.
+    assert hashlib.sha256(store.get_bytes("jobs/a/checkpoints/1.db")).hexdigest() == expected
+    # One reader, and it read the file once (above 8 MB S3 takes it as a multipart upload).
+    assert [r.bytes_read for r in readers] == [size]
+    assert _pending_multipart_uploads(store) == []
+
+
+@pytest.mark.parametrize("size", [100_003, 9 * 2**20 + 7], ids=["one-put", "multipart"])
+def test_put_file_hashed_refused_by_keep_stores_nothing(store, tmp_path, readers, size):
+    src = tmp_path / "snapshot.db"
+    src.write_bytes(os.urandom(size))
+    expected = hashlib.sha256(src.read_bytes()).hexdigest()
+    put = store.put_file_hashed("jobs/a/checkpoints/1.db", src, keep=lambda sha: False)
+    assert not put.stored and put.sha256 == expected
+    assert store.list("jobs/") == [] and not store.exists("jobs/a/checkpoints/1.db")
+    assert [r.bytes_read for r in readers] == [size]
+    assert _pending_multipart_uploads(store) == []  # an S3 multipart upload begun is aborted
+
+
+def test_file_store_put_file_hashed_copies_across_filesystems(tmp_path, readers):
+    other_fs = Path("/dev/shm")
+    if not other_fs.is_dir() or os.stat(other_fs).st_dev == os.stat(tmp_path).st_dev:
+        pytest.skip("needs /dev/shm on another filesystem than the test's temp dir")
+    store = open_store((tmp_path / "store").as_uri())
+    data = os.urandom(5 * 2**20 + 1)
+    src = other_fs / f"dockyard-test-{os.getpid()}-{tmp_path.name}.db"
+    try:
+        src.write_bytes(data)
+        put = store.put_file_hashed("jobs/a/checkpoints/1.db", src)
+        assert put.stored and put.sha256 == hashlib.sha256(data).hexdigest()
+        assert store.get_bytes("jobs/a/checkpoints/1.db") == data
+        assert [r.bytes_read for r in readers] == [len(data)]
+        refused = store.put_file_hashed("jobs/a/checkpoints/2.db", src, keep=lambda sha: False)
+        assert not refused.stored and store.list("jobs/") == ["jobs/a/checkpoints/1.db"]
+        assert not [p for p in (tmp_path / "store").rglob("*") if storage._TMP_MARK in p.name]
+    finally:
+        src.unlink(missing_ok=True)
+
+
+def test_put_file_hashed_of_a_missing_file_is_a_storage_error(store, tmp_path):
+    with pytest.raises(StorageError, match="not a file"):
+        store.put_file_hashed("jobs/a/checkpoints/1.db", tmp_path / "missing.db")
 
 
 def test_exists_list_delete(store):
