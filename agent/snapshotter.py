@@ -7,6 +7,9 @@ Without NATS it keeps working (timer and final snapshots) and keeps trying to
 connect in the background. On SIGTERM/SIGINT it takes a final snapshot,
 uploads the final workspace archive and result.json, publishes the final
 event and exits 0. Snapshots never overlap: one lock serialises them.
+
+It idles lean: boto3 is imported only for an S3 store, sqlite3 and tarfile at the
+first snapshot, and nats-py without aiohttp (see `import_nats_lean`).
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ from agent.snapshot import (
     upload_final,
 )
 from agent.storage import StorageError, Store, open_store
-from agent.telemetry.connection import NatsAuth, public_url
+from agent.telemetry.connection import NatsAuth, public_url, server_list
 
 DEFAULT_KEEP = 5
 FINAL_ATTEMPTS = 3
@@ -332,11 +335,32 @@ def parse_settings(argv: list[str] | None) -> Settings:
     )
 
 
+def import_nats_lean(nats_url: str | None) -> None:
+    """Import nats-py with aiohttp hidden, unless a websocket server (ws://, wss://) is configured.
+
+    nats-py imports aiohttp only for its websocket transport and treats an ImportError
+    as "no websocket support" (aiohttp is its optional extra); over TCP it never uses
+    it. Hidden, the idle snapshotter saves aiohttp and its dependencies (~11 MB RSS,
+    ~80 ms of imports). Called by `main` only: a process that already imported either
+    library (tests, the agent) is left alone. aiohttp stays importable afterwards."""
+    if not nats_url or "nats" in sys.modules or "aiohttp" in sys.modules:
+        return
+    if any(url.startswith(("ws://", "wss://")) for url in server_list(nats_url)):
+        return
+    sys.modules["aiohttp"] = None  # `import aiohttp` raises ImportError while this is here
+    try:
+        import nats  # noqa: F401
+    finally:
+        if "aiohttp" in sys.modules and sys.modules["aiohttp"] is None:
+            del sys.modules["aiohttp"]
+
+
 def main(argv: list[str] | None = None) -> int:
     prog = "python -m agent snapshotter"
     try:
         settings = parse_settings(argv)
         store = open_store(settings.store_url)
+        import_nats_lean(settings.nats_url)
     except SystemExit as exc:  # --help
         return int(exc.code or 0)
     except (UsageError, ValueError, StorageError) as exc:

@@ -119,7 +119,14 @@ async def test_snapshot_on_request_events_and_final_upload_to_s3(tmp_path, nats_
     )
     sidecars.append(sidecar)
     try:
-        reply = await wait_for_reply(nc, contract.subject_cmd(TASK), {"op": "snapshot"})
+        # Once it listens, one request (re-asking after a short timeout under load would make the
+        # answer the second snapshot's, unchanged).
+        await eventually_async(
+            lambda: sidecar.running() and f"listening on {contract.subject_cmd(TASK)}" in sidecar.stderr(),
+            "the snapshotter to listen",
+            detail=sidecar.stderr,
+        )
+        reply = await request(nc, contract.subject_cmd(TASK), {"op": "snapshot"}, timeout=30)
         assert reply["ok"] is True and reply["uploaded"] is True and reply["size"] > 0
         assert store.list(contract.checkpoints_prefix(TASK)) == [reply["key"]]
 
@@ -253,3 +260,26 @@ def test_a_broken_database_still_gets_the_final_archive(tmp_path, agent_env, sid
     assert store.exists(contract.final_archive_key(TASK))
     assert json.loads(store.get_bytes(contract.final_result_key(TASK)))["outcome"] == "unknown"
     assert "final snapshot failed" in sidecar.stderr()
+
+
+LEAN_IMPORTS = """
+import sys
+from agent.snapshotter import import_nats_lean
+heavy = ("aiohttp", "boto3", "sqlite3", "tarfile")
+assert not [m for m in heavy if m in sys.modules], [m for m in heavy if m in sys.modules]
+import_nats_lean(sys.argv[1])
+import nats.aio.transport
+print("aiohttp" in sys.modules, nats.aio.transport.aiohttp is not None)
+import aiohttp  # still importable afterwards
+"""
+
+
+@pytest.mark.parametrize(
+    ("url", "expected"),
+    [("nats://127.0.0.1:4222", "False False"), ("tls://a:4222,nats://b:4222", "False False"), ("ws://a:8080", "True True")],
+)
+def test_the_snapshotter_imports_nats_without_aiohttp_unless_websocket(agent_env, url, expected):
+    """Idle, the process holds neither boto3 (file store), sqlite3, tarfile, nor aiohttp (a TCP server)."""
+    proc = subprocess.run([sys.executable, "-c", LEAN_IMPORTS, url], env=agent_env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == expected.split()
