@@ -46,7 +46,8 @@ from typing import TYPE_CHECKING
 
 from agent import contract
 from agent.cli import stderr_logger
-from agent.storage import Store, sha256_file
+from agent.digest import sha256_file
+from agent.storage import Store
 
 if TYPE_CHECKING:
     import tarfile

@@ -10,21 +10,21 @@ key raises its subclass `ObjectNotFound`).
 Settings for S3 come from the pod's layout: endpoint from `DOCKYARD_S3_ENDPOINT`
 or `<secrets_dir>/s3/endpoint`; credentials from `<secrets_dir>/s3/access_key_id`
 and `<secrets_dir>/s3/secret_access_key` when present, else boto3's default
-chain. boto3 is imported only when an S3 store is opened.
+chain. boto3 is imported, and the S3 client made, at an S3 store's first request.
 """
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 import tempfile
+import threading
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Callable, TypeVar
 from urllib.parse import unquote, urlparse
 
-from agent import contract
+from agent import contract, digest
 
 ENV_S3_ENDPOINT = f"{contract.ENV_PREFIX}S3_ENDPOINT"
 ENV_SECRETS_DIR = f"{contract.ENV_PREFIX}SECRETS_DIR"
@@ -34,7 +34,6 @@ ACCEPTED_FORMS = "accepted forms: s3://bucket[/prefix] or file:///absolute/dir"
 _TMP_MARK = ".dockyard-tmp-"
 
 T = TypeVar("T")
-READ_CHUNK = 4 * 1024 * 1024  # bytes per read when the store reads a file itself
 
 
 class StorageError(Exception):
@@ -64,46 +63,6 @@ def _check_prefix(prefix: str) -> str:
     return prefix
 
 
-class Discarded(Exception):
-    """Raised by a HashingReader at its end when `keep(sha256)` refused the upload (never leaves the store)."""
-
-
-class HashingReader:
-    """A file read once, front to back, hashing (sha256) and counting the bytes it hands out.
-
-    Not seekable on purpose: an uploader given it (s3transfer) then reads each byte
-    exactly once and buffers in memory whatever it sends again (payload signing,
-    retries). After the last byte `on_end(sha256)` is called once, before the last
-    chunk is handed out; it may raise (Discarded) to stop the upload there."""
-
-    def __init__(self, f, on_end: Callable[[str], None] | None = None):
-        self._f = f
-        self._size = os.fstat(f.fileno()).st_size
-        self._digest = hashlib.sha256()
-        self._on_end = on_end
-        self.ended = False
-        self.bytes_read = 0
-
-    def readable(self) -> bool:
-        return True
-
-    def seekable(self) -> bool:
-        return False
-
-    def read(self, n: int = -1) -> bytes:
-        data = self._f.read(n if n is not None and n >= 0 else -1)
-        self.bytes_read += len(data)
-        self._digest.update(data)
-        if not self.ended and (not data or self.bytes_read >= self._size):
-            self.ended = True
-            if self._on_end is not None:
-                self._on_end(self.hexdigest())
-        return data
-
-    def hexdigest(self) -> str:
-        return self._digest.hexdigest()
-
-
 @dataclass(frozen=True)
 class HashedPut:
     sha256: str
@@ -113,16 +72,6 @@ class HashedPut:
 
 def _keep_all(_sha256: str) -> bool:
     return True
-
-
-def sha256_file(source: str | os.PathLike, dest: Path | None = None) -> str:
-    """Read `source` once (copying it to `dest` if given); its sha256."""
-    with open(source, "rb", buffering=0) as f, open(dest or os.devnull, "wb") as out:
-        reader = HashingReader(f)
-        while data := reader.read(READ_CHUNK):
-            if dest is not None:
-                out.write(data)
-        return reader.hexdigest()
 
 
 class Store:
@@ -233,10 +182,10 @@ class FileStore(Store):
         def stage() -> tuple[Path, str, bool]:
             target.parent.mkdir(parents=True, exist_ok=True)
             if os.stat(target.parent).st_dev == source.stat().st_dev:
-                return source, sha256_file(source), False  # the one read is the hash; then a rename
+                return source, digest.sha256_file(source), False  # the one read is the hash; then a rename
             tmp = _temp_path_next_to(target)
             try:
-                return tmp, sha256_file(source, tmp), True
+                return tmp, digest.sha256_file(source, tmp), True
             except BaseException:
                 tmp.unlink(missing_ok=True)
                 raise
@@ -345,6 +294,23 @@ class S3Store(Store):
             or "us-east-1"
         )
 
+        if self.endpoint:
+            parsed = urlparse(self.endpoint)
+            if parsed.scheme not in ("http", "https") or not parsed.netloc:
+                raise StorageError(f"S3 endpoint {self.endpoint!r} is not a URL: use http(s)://host[:port]")
+        self._settings = {"region": region, "access_key": access_key, "secret_key": secret_key, "secrets": secrets}
+        self._made_client = None
+        self._client_lock = threading.Lock()
+
+    @property
+    def _client(self):
+        """The boto3 client, made on first use: boto3 and a client cost ~40 MB of RSS an idle process saves."""
+        with self._client_lock:
+            if self._made_client is None:
+                self._made_client = self._make_client(**self._settings)
+            return self._made_client
+
+    def _make_client(self, region: str, access_key: str | None, secret_key: str | None, secrets: Path):
         import boto3
         from botocore.config import Config
 
@@ -362,7 +328,7 @@ class S3Store(Store):
             token = _read_secret(secrets, "session_token")
             kwargs.update(aws_access_key_id=access_key, aws_secret_access_key=secret_key, aws_session_token=token)
         try:
-            self._client = boto3.session.Session().client("s3", **kwargs)
+            return boto3.session.Session().client("s3", **kwargs)
         except Exception as exc:  # botocore raises many types for bad settings
             raise StorageError(f"cannot create an S3 client for {self.describe()}: {exc}") from exc
 
@@ -400,14 +366,14 @@ class S3Store(Store):
 
         def on_end(sha: str) -> None:
             if not keep(sha):
-                raise Discarded(sha)  # s3transfer stops: no put, or the multipart upload is aborted
+                raise digest.Discarded(sha)  # s3transfer stops: no put, or the multipart upload is aborted
 
         def upload() -> HashedPut:
             with open(source, "rb", buffering=0) as f:
-                reader = HashingReader(f, on_end)
+                reader = digest.HashingReader(f, on_end)
                 try:
                     self._client.upload_fileobj(reader, self.bucket, full)
-                except Discarded:
+                except digest.Discarded:
                     return HashedPut(reader.hexdigest(), reader.bytes_read, stored=False)
                 if not reader.ended:  # s3transfer stopped reading early: never store a partial object
                     raise StorageError(f"put {self.url_for(key)}: upload ended after {reader.bytes_read} bytes")

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from agent import contract, storage
+from agent import contract, digest
 from agent.snapshot import STATE_DIR, list_snapshots, take_snapshot
 from agent.storage import S3Store, open_store
 
@@ -42,12 +42,12 @@ def opened():
 def readers(monkeypatch):
     made = []
 
-    class Recorded(storage.HashingReader):
+    class Recorded(digest.HashingReader):
         def __init__(self, *args, **kwargs):
             super().__init__(*args, **kwargs)
             made.append(self)
 
-    monkeypatch.setattr(storage, "HashingReader", Recorded)
+    monkeypatch.setattr(digest, "HashingReader", Recorded)
     return made
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from agent import storage
+from agent import digest, storage
 from agent.storage import FileStore, ObjectNotFound, S3Store, StorageError, open_store
 
 
@@ -52,12 +52,12 @@ def readers(monkeypatch):
     """Every HashingReader the store makes, to count the bytes it read."""
     made = []
 
-    class Recorded(storage.HashingReader):
+    class Recorded(digest.HashingReader):
         def __init__(self, *args, **kwargs):
             super().__init__(*args, **kwargs)
             made.append(self)
 
-    monkeypatch.setattr(storage, "HashingReader", Recorded)
+    monkeypatch.setattr(digest, "HashingReader", Recorded)
     return made
 
 
@@ -240,3 +240,22 @@ def test_bad_urls_name_the_accepted_forms(url):
 def test_importing_storage_does_not_import_boto3(agent_env):
     code = "import sys, agent.storage; sys.exit(1 if 'boto3' in sys.modules else 0)"
     assert subprocess.run([sys.executable, "-c", code], env=agent_env).returncode == 0
+
+
+def test_opening_an_s3_store_imports_boto3_only_at_its_first_request(agent_env, s3_store_url, s3_endpoint):
+    code = (
+        "import sys; from agent.storage import open_store; store = open_store(sys.argv[1]); "
+        "print('boto3' in sys.modules); store.put_bytes('k', b'v'); print('boto3' in sys.modules, store.get_bytes('k'))"
+    )
+    env = dict(agent_env, DOCKYARD_S3_ENDPOINT=s3_endpoint)
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION"):
+        env[name] = os.environ[name]
+    proc = subprocess.run([sys.executable, "-c", code, s3_store_url], env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split("\n")[:2] == ["False", "True b'v'"]
+
+
+def test_a_malformed_s3_endpoint_is_refused_when_the_store_opens(monkeypatch):
+    monkeypatch.setenv("DOCKYARD_S3_ENDPOINT", "minio:9000")
+    with pytest.raises(StorageError, match=r"S3 endpoint 'minio:9000' is not a URL: use http\(s\)://host"):
+        open_store("s3://bucket/p", secrets_dir="/nonexistent")
