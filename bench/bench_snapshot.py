@@ -358,7 +358,7 @@ def bench_rss(work: Path, runs: int = 2) -> bool:
                       "print(next(l.split()[1] for l in open('/proc/self/status') if l.startswith('VmRSS:')))")
         floor = int(subprocess.run([sys.executable, "-c", floor_code], capture_output=True, text=True,
                                    check=True).stdout) / 1024
-        bare = int(subprocess.run([sys.executable, "-c", floor_code.split(";")[-1]], capture_output=True,
+        bare = int(subprocess.run([sys.executable, "-c", floor_code.split(";")[-1].strip()], capture_output=True,
                                   text=True, check=True).stdout) / 1024
         worst = max(figures)
         print(f"floor: the interpreter {bare:.1f} MB; with asyncio (ssl), nats-py without aiohttp and nkeys "
