@@ -53,6 +53,7 @@ BUCKETS_PER_SECOND = 10_000  # latency histogram resolution: 0.1 ms
 SAMPLE = 5  # clients time every 5th record (still ~400,000 samples per run of 200 clients): cheaper clients
 TS_RE = re.compile(rb'"ts": ?([0-9.]+)')
 WARMUP = b'"msg": "warmup"'
+REPORT_LIMIT = 64 * 1024 * 1024  # a client's report is one JSON line; its histogram grows with the latency spread
 
 
 # --- the client processes -----------------------------------------------------
@@ -182,7 +183,8 @@ async def run(name: str, nc, js, base: str, task_id: str, clients: int, procs: i
     procs = max(1, min(procs, healthy))
     shares = [healthy // procs + (1 if i < healthy % procs else 0) for i in range(procs)]
     children = [
-        await asyncio.create_subprocess_exec(sys.executable, __file__, "client", url, str(n), stdout=subprocess.PIPE, cwd=ROOT)
+        await asyncio.create_subprocess_exec(sys.executable, __file__, "client", url, str(n), stdout=subprocess.PIPE, cwd=ROOT,
+                                             limit=REPORT_LIMIT)
         for n in shares
     ]
     stuck = None
