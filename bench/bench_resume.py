@@ -1,7 +1,7 @@
 """What resuming itself costs: process start to the first new step of a run resumed after SIGKILL, MINUS
 process start to the first step of a fresh run of the same task, in the same round.
 
-Run: .venv/bin/python bench/bench_resume.py [--repeat 5]
+Run: .venv/bin/python bench/bench_resume.py [--repeat 7]
 
 Each round starts the agent (`python -m agent run`, scripted model, no NATS) on a fresh workspace, times its
 first tool call, kills it with SIGKILL after five finished steps, starts it again on the same workspace and
