@@ -1,9 +1,10 @@
 """Fan-out of one busy task to many SSE clients, with and without a stalled client among them.
 
     .venv/bin/python bench/bench_fanout.py [--clients 200] [--rate 2000] [--seconds 5]
-                                           [--client-procs 2] [--repeats 4] [--control]
+                                           [--client-procs 2] [--repeats 5] [--control]
 
-One nats-server and one stream app, served as deployed (`python -m
+One nats-server, authenticated as deployed (operator mode: the app connects as the `stream` user, the
+publisher as `admin`), and one stream app, served as deployed (`python -m
 functions.stream`, its own process; `--app` serves another app factory under
 uvicorn instead, e.g. bench/sse_starlette_app.py). Each run publishes R log records/s for S
 seconds on a fresh task:
@@ -11,14 +12,15 @@ seconds on a fresh task:
 (2) C clients;
 (3) C-1 clients plus one stalled client (a socket with a small receive buffer
     that sends its request and never reads), connected before publishing.
-(2) and (3) alternate `--repeats` times and the p99 over all their records is
-compared: on a small machine one run's p99 moves by +-30% on its own.
+(2) and (3) alternate `--repeats` times (at least 5); each pair gives one ratio p99(3) / p99(2), and the
+MEDIAN of those ratios is held to the target, with their spread (min..max) printed: on a small machine one
+run's ratio swings 0.8-3.0x on its own. The p99 pooled over all records is printed too.
 `--control` runs (3) without its stalled client, to show what noise alone does.
 Printed per run: records delivered (and to how many clients in full),
 delivered records/s in total and per client, publish-to-client latency p50 /
 p99 / max, and the CPU each process used; then the ratios: per-client rate and
 p99 against the single client, and p99 with the stalled client against
-without (target <= 1.2). Prints figures only.
+without (target <= 1.2x, median of the interleaved runs). Exit status 1 when the target is missed.
 
 Clients run as asyncio tasks in separate processes (`--client-procs`), each
 reading its socket raw, counting every record and timing every SAMPLE-th one
@@ -51,6 +53,7 @@ BUCKETS_PER_SECOND = 10_000  # latency histogram resolution: 0.1 ms
 SAMPLE = 5  # clients time every 5th record (still ~400,000 samples per run of 200 clients): cheaper clients
 TS_RE = re.compile(rb'"ts": ?([0-9.]+)')
 WARMUP = b'"msg": "warmup"'
+REPORT_LIMIT = 64 * 1024 * 1024  # a client's report is one JSON line; its histogram grows with the latency spread
 
 
 # --- the client processes -----------------------------------------------------
@@ -128,7 +131,7 @@ BENCH_TOKEN = "dy_bench-token"  # the app's tokens file (start_app) holds its ha
 BENCH_AUTH = {"Authorization": f"Bearer {BENCH_TOKEN}"}
 
 
-def start_app(nats_url: str, data_dir: Path, factory: str | None) -> tuple[subprocess.Popen, str]:
+def start_app(nats_url: str, creds: str, data_dir: Path, factory: str | None) -> tuple[subprocess.Popen, str]:
     """The stream app as deployed (`python -m functions.stream`), or uvicorn on another app factory."""
     import httpx
 
@@ -139,7 +142,7 @@ def start_app(nats_url: str, data_dir: Path, factory: str | None) -> tuple[subpr
 
     port = free_port()
     pythonpath = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
-    env = {**os.environ, "DOCKYARD_NATS_URL": nats_url, "DOCKYARD_DATA_DIR": str(data_dir), "PYTHONPATH": pythonpath,
+    env = {**os.environ, "DOCKYARD_NATS_URL": nats_url, "DOCKYARD_NATS_CREDS": creds, "DOCKYARD_DATA_DIR": str(data_dir), "PYTHONPATH": pythonpath,
            "DOCKYARD_STREAM_MAX_PER_IP": "0", "DOCKYARD_API_TOKENS_FILE": str(data_dir / "api-tokens")}  # fmt: skip
     if factory is None:
         command = [sys.executable, "-m", "functions.stream", "--host", "127.0.0.1", "--port", str(port), "--no-tracker"]
@@ -180,7 +183,8 @@ async def run(name: str, nc, js, base: str, task_id: str, clients: int, procs: i
     procs = max(1, min(procs, healthy))
     shares = [healthy // procs + (1 if i < healthy % procs else 0) for i in range(procs)]
     children = [
-        await asyncio.create_subprocess_exec(sys.executable, __file__, "client", url, str(n), stdout=subprocess.PIPE, cwd=ROOT)
+        await asyncio.create_subprocess_exec(sys.executable, __file__, "client", url, str(n), stdout=subprocess.PIPE, cwd=ROOT,
+                                             limit=REPORT_LIMIT)
         for n in shares
     ]
     stuck = None
@@ -239,27 +243,35 @@ async def run(name: str, nc, js, base: str, task_id: str, clients: int, procs: i
     return result
 
 
-async def main() -> None:
+TARGET = 1.2
+
+
+async def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--clients", type=int, default=200)
     parser.add_argument("--rate", type=int, default=2000)
     parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument("--client-procs", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=4, help="runs of (2) and (3), alternated and pooled")
+    parser.add_argument("--repeats", type=int, default=5, help="runs of (2) and (3), alternated (at least 5)")
     parser.add_argument("--control", action="store_true", help="(3) without the stalled client: how far noise alone moves the ratio")
     parser.add_argument("--app", help="an app factory for uvicorn --factory instead of `python -m functions.stream`")
     args = parser.parse_args()
+    if args.repeats < 5:
+        parser.error("--repeats: at least 5 (the median of fewer interleaved runs is not steady enough)")
 
     import nats
 
     from functions.core.bus import ensure_stream
+    from functions.devstack import nats_auth
     from functions.devstack.nats_embedded import EmbeddedNats
 
-    with tempfile.TemporaryDirectory() as tmp, EmbeddedNats(Path(tmp)) as server:
-        nc = await nats.connect(server.url)
+    with tempfile.TemporaryDirectory() as tmp:
+        auth = nats_auth.ensure(Path(tmp) / "auth")
+        server = EmbeddedNats(Path(tmp), config=auth.server_conf).start()
+        nc = await nats.connect(server.url, user_credentials=str(auth.creds("admin")))
         js = nc.jetstream()
         await ensure_stream(js)
-        app, base = start_app(server.url, Path(tmp) / "app", args.app)
+        app, base = start_app(server.url, str(auth.creds("stream")), Path(tmp) / "app", args.app)
         try:
             common = dict(procs=args.client_procs, rate=args.rate, seconds=args.seconds, app_pid=app.pid, nats_pid=server.proc.pid)
             await run("warm-up", nc, js, base, "bench-warmup", 2, rate=200, seconds=0.5, procs=1, app_pid=app.pid, nats_pid=server.proc.pid)
@@ -271,8 +283,14 @@ async def main() -> None:
                 stalled.append(await run(f"3.{r + 1}", nc, js, base, f"bench-stalled-{r}", args.clients, stalled=True, control=args.control, **common))
         finally:
             app.terminate()
-            app.wait(10)
+            try:
+                app.wait(10)
+            except subprocess.TimeoutExpired:  # reported, not hidden: the figures below still hold
+                print("NOTE: the stream app did not exit within 10 s of SIGTERM; killed", flush=True)
+                app.kill()
+                app.wait(10)
             await nc.close()
+            server.stop()
 
     def median(results: list[dict], key: str) -> float:
         return statistics.median(r[key] for r in results)
@@ -286,13 +304,20 @@ async def main() -> None:
     print(f"per-client rate, {args.clients} clients vs 1:                 {median(many, 'per_client') / one['per_client']:.2f}x")
     print(f"p99 latency, {args.clients} clients vs 1:                     {pooled_p99(many) / one['p99']:.2f}x"
           f"   ({pooled_p99(many) * 1000:.1f} ms vs {one['p99'] * 1000:.1f} ms)")
-    print(f"p99 latency, with a stalled client vs without:      {pooled_p99(stalled) / pooled_p99(many):.2f}x   (target <= 1.2)"
+    ratios = [s["p99"] / m["p99"] for m, s in zip(many, stalled, strict=True)]
+    ratio = statistics.median(ratios)
+    ok = ratio <= TARGET
+    print(f"p99 latency, with a stalled client vs without, pooled: {pooled_p99(stalled) / pooled_p99(many):.2f}x"
           f"   ({pooled_p99(stalled) * 1000:.1f} ms vs {pooled_p99(many) * 1000:.1f} ms)")
-    print("    run by run:                                    " + ", ".join(f"{s['p99'] / m['p99']:.2f}x" for m, s in zip(many, stalled, strict=True)))
+    print("    run by run:                                    " + ", ".join(f"{r:.2f}x" for r in ratios))
+    print(f"    median of {len(ratios)} interleaved runs:                {ratio:.2f}x   spread {min(ratios):.2f}x .. {max(ratios):.2f}x")
     print(f"per-client rate, with a stalled client vs without:  {median(stalled, 'per_client') / median(many, 'per_client'):.2f}x")
+    print(f"target: p99 with a stalled client <= {TARGET}x without (median of the runs): {'PASS' if ok else 'FAIL'}"
+          + ("   (--control: no stalled client, noise alone)" if args.control else ""))
+    return 0 if ok else 1
 
 if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "client":
         asyncio.run(client_main(sys.argv[2], int(sys.argv[3])))
     else:
-        asyncio.run(main())
+        sys.exit(asyncio.run(main()))

@@ -1,4 +1,5 @@
-"""Benchmark of the agent's log/event telemetry (agent/telemetry/) against a real nats-server.
+"""Benchmark of the agent's log/event telemetry (agent/telemetry/) against a real nats-server, authenticated
+as deployed (operator mode); every task publishes as its own NATS user (`NatsServer.launch_creds`).
 
 Run: .venv/bin/python bench/bench_logs.py [--rate 12000] [--seconds 5] [--burst 100000] [--core 0]
 
@@ -7,7 +8,9 @@ Every figure is printed next to a baseline measured in the same run:
     Telemetry handler vs a logger with no handler and vs a logging.FileHandler,
     same records, rounds alternated. Wall time (includes waiting for the GIL
     while the publisher thread works) and CPU time of the calling thread.
-    Target: the handler adds <= 20 us per record.
+    Target (issue 13): "the log handler against the cost of `logging` with no handler"; the issue
+    sets no number, so (a) prints the ratio and the µs added and passes/fails nothing (the old
+    "+20 us" bound could not fail against a handler of a few µs).
 (b) publisher capacity: a burst of `--burst` records through Telemetry
     (encode, redact, publish, ack) vs nats-py's own `js.publish_async` with
     acks on the same, pre-encoded, payloads (the baseline).
@@ -33,19 +36,24 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 
 import nats  # noqa: E402
-from nats.js.api import DeliverPolicy, StreamConfig  # noqa: E402
+from nats.js.api import DeliverPolicy  # noqa: E402
 
 from agent import contract  # noqa: E402
-from agent.telemetry import Telemetry  # noqa: E402
+from agent.telemetry import NatsAuth, Telemetry  # noqa: E402
 from tests.conftest import NatsServer  # noqa: E402
 
 MSG = "tool %s finished in %.3fs with exit code %d; wrote %d bytes to %s (call %d)"
 ARGS = ("execute", 0.234, 0, 1832, "/workspace/repo/src/module.py")
 
 
-def stream_count(url: str, subject: str) -> int:
+def task_auth(server: NatsServer, task: str) -> NatsAuth:
+    """The task's own NATS user, as the launcher hands it to the agent."""
+    return NatsAuth.load(server.launch_creds(task, create_stream=False))
+
+
+def stream_count(server: NatsServer, subject: str) -> int:
     async def main():
-        nc = await nats.connect(url)
+        nc = await server.connect()
         try:
             info = await nc.jetstream().stream_info(contract.STREAM_NAME, subjects_filter=subject)
             return (info.state.subjects or {}).get(subject, 0)
@@ -55,12 +63,12 @@ def stream_count(url: str, subject: str) -> int:
     return asyncio.run(main())
 
 
-def stream_numbers(url: str, subject: str) -> list[int]:
+def stream_numbers(server: NatsServer, subject: str) -> list[int]:
     """The call numbers of the log records on `subject`, in stream order."""
     import json
 
     async def main():
-        nc = await nats.connect(url)
+        nc = await server.connect()
         try:
             sub = await nc.jetstream().subscribe(subject, stream=contract.STREAM_NAME, ordered_consumer=True,
                                                  deliver_policy=DeliverPolicy.ALL)
@@ -102,8 +110,8 @@ def time_burst(log: logging.Logger, n: int) -> tuple[float, float]:
     return time.perf_counter() - w0, time.thread_time() - c0
 
 
-def bench_caller_cost(url: str, tmp: Path, rounds: int, per_round: int) -> bool:
-    tel = Telemetry("bench-caller", url).start()
+def bench_caller_cost(server: NatsServer, tmp: Path, rounds: int, per_round: int) -> None:
+    tel = Telemetry("bench-caller", server.url, auth=task_auth(server, "bench-caller")).start()
     wait_connected(tel)
     file_handler = logging.FileHandler(tmp / "bench.log")
     file_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
@@ -129,15 +137,13 @@ def bench_caller_cost(url: str, tmp: Path, rounds: int, per_round: int) -> bool:
     print(f"    Telemetry handler     : wall {nw:6.2f} us   cpu {nc_:6.2f} us")
     print(f"    Telemetry vs FileHandler : wall {nw - fw:+6.2f} us ({nw / fw:.2f}x)   cpu {nc_ - fc:+6.2f} us ({nc_ / fc:.2f}x)")
     print(f"    Telemetry vs no handler  : wall {nw - zw:+6.2f} us ({nw / zw:.2f}x)   cpu {nc_ - zc:+6.2f} us ({nc_ / zc:.2f}x)")
-    ok = nw - zw <= 20
-    print(f"    target: adds <= 20 us over no handler (wall): {'PASS' if ok else 'FAIL'}; "
-          f"published {tel.published}, dropped {tel.dropped}")
-    return ok
+    print(f"    target (issue 13): the handler against `logging` with no handler (baseline); no bound is set: "
+          f"{nw / zw:.2f}x, {nw - zw:+.2f} us wall; published {tel.published}, dropped {tel.dropped}")
 
 
-def bench_capacity(url: str, n: int) -> None:
+def bench_capacity(server: NatsServer, n: int) -> None:
     # Telemetry: everything queued before start, then time until the stream acknowledged all.
-    tel = Telemetry("bench-burst", url, buffer_size=n + 1)
+    tel = Telemetry("bench-burst", server.url, buffer_size=n + 1, auth=task_auth(server, "bench-burst"))
     log = new_logger("bench.burst", tel.log_handler())
     for i in range(n):
         log.info(MSG, *ARGS, i)
@@ -155,7 +161,8 @@ def bench_capacity(url: str, n: int) -> None:
                  '"task_id":"bench-base"}' % (MSG % (*ARGS, i))).encode() for i in range(n)]
 
     async def baseline() -> float:
-        nc = await nats.connect(url)
+        nc = await nats.connect(server.url, inbox_prefix=contract.inbox_prefix("bench-base"),
+                                **task_auth(server, "bench-base").connect_options())
         try:
             js = nc.jetstream(publish_async_max_pending=2048)  # the same window as Telemetry's
             subject = contract.subject_logs("bench-base")
@@ -168,7 +175,7 @@ def bench_capacity(url: str, n: int) -> None:
             await nc.close()
 
     base_seconds = asyncio.run(baseline())
-    stored = stream_count(url, contract.subject_logs("bench-base"))
+    stored = stream_count(server, contract.subject_logs("bench-base"))
     print(f"(b) capacity, a burst of {n:,} records, each acked by the stream")
     print(f"    nats-py js.publish_async (baseline, pre-encoded): {n / base_seconds:9,.0f} records/s  ({stored:,} stored)")
     print(f"    Telemetry (encode+redact+publish+ack)           : {n / tel_seconds:9,.0f} records/s  "
@@ -196,16 +203,16 @@ def offer(tel: Telemetry, rate: int, seconds: float, halfway=None) -> tuple[int,
     return emitted, time.perf_counter() - t0, max_queued
 
 
-def bench_sustained(url: str, rate: int, seconds: float) -> bool:
+def bench_sustained(server: NatsServer, rate: int, seconds: float) -> bool:
     task = "bench-rate"
-    tel = Telemetry(task, url).start()
+    tel = Telemetry(task, server.url, auth=task_auth(server, task)).start()
     wait_connected(tel)
     emitted, produce, max_queued = offer(tel, rate, seconds)
     behind = tel.stats()["queued"] + tel.stats()["inflight"]
     c0 = time.perf_counter()
     tel.close(timeout=60)
     drain = time.perf_counter() - c0
-    stored = stream_count(url, contract.subject_logs(task))
+    stored = stream_count(server, contract.subject_logs(task))
     lost = emitted - stored
     sustained = stored / (produce + drain)  # into the stream, from the first record to the last ack
     ok = lost == 0 and sustained >= 10_000
@@ -219,13 +226,13 @@ def bench_sustained(url: str, rate: int, seconds: float) -> bool:
 
 def bench_restart(server: NatsServer, rate: int, seconds: float) -> bool:
     task = "bench-restart"
-    tel = Telemetry(task, server.url).start()
+    tel = Telemetry(task, server.url, auth=task_auth(server, task)).start()
     wait_connected(tel)
     restarter = threading.Thread(target=server.restart)  # the producer keeps its pace meanwhile
     emitted, produce, max_queued = offer(tel, rate, seconds, halfway=restarter.start)
     restarter.join()
     tel.close(timeout=60)
-    numbers = stream_numbers(server.url, contract.subject_logs(task))
+    numbers = stream_numbers(server, contract.subject_logs(task))
     lost = len(set(range(emitted)) - set(numbers))
     duplicates = len(numbers) - len(set(numbers))
     ordered = numbers == sorted(numbers)
@@ -237,9 +244,9 @@ def bench_restart(server: NatsServer, rate: int, seconds: float) -> bool:
     return ok
 
 
-def bench_core_publish(url: str, n: int) -> None:
+def bench_core_publish(server: NatsServer, n: int) -> None:
     async def main():
-        nc = await nats.connect(url)
+        nc = await nats.connect(server.url, **task_auth(server, "bench-core").connect_options())
         try:
             subject = contract.subject_logs("bench-core")
             payload = (b'{"ts":"2024-01-01T00:00:00.000Z","level":"INFO","logger":"bench","msg":"'
@@ -254,7 +261,7 @@ def bench_core_publish(url: str, n: int) -> None:
 
     elapsed = asyncio.run(main())
     time.sleep(1.0)  # let the server finish storing what it read
-    stored = stream_count(url, contract.subject_logs("bench-core"))
+    stored = stream_count(server, contract.subject_logs("bench-core"))
     print(f"(e) core nc.publish burst (no acks): {n:,} sent in {elapsed:.2f}s = {n / elapsed:,.0f}/s, "
           f"in stream {stored:,}, lost {n - stored:,} ({(n - stored) / n:.1%})")
 
@@ -275,20 +282,13 @@ def main() -> int:
         try:
             print(f"nats-server {server.url}, python {sys.version.split()[0]}")
 
-            async def create_stream():
-                nc = await nats.connect(server.url)
-                try:
-                    await nc.jetstream().add_stream(StreamConfig(**contract.AGENT_STREAM.config()))
-                finally:
-                    await nc.close()
-
-            asyncio.run(create_stream())
-            ok = bench_caller_cost(server.url, tmp_path, args.rounds, args.per_round)
-            bench_capacity(server.url, args.burst)
-            ok = bench_sustained(server.url, args.rate, args.seconds) and ok
+            server.create_agent_stream()  # as the functions do before a launch (a task's user may not)
+            bench_caller_cost(server, tmp_path, args.rounds, args.per_round)
+            bench_capacity(server, args.burst)
+            ok = bench_sustained(server, args.rate, args.seconds)
             ok = bench_restart(server, args.rate, args.seconds) and ok
             if args.core:
-                bench_core_publish(server.url, args.core)
+                bench_core_publish(server, args.core)
         finally:
             server.stop()
     return 0 if ok else 1

@@ -16,8 +16,9 @@
     of ASGI sends (the baseline), alternated and repeated: CPU time of this
     one process, so other load on the machine barely moves it.
 
-nats-server and the stream app (`python -m functions.stream`, or uvicorn on the
-app factory `--app`, its own process) start on free ports;
+nats-server (authenticated as deployed, operator mode) and the stream app (`python -m functions.stream`
+as the `stream` user, or uvicorn on the app factory `--app`, its own process) start on free ports;
+the publisher and the raw consumer connect as `admin`;
 the clients and the publisher run in this process. In (a) the SSE path spreads
 its work over two processes (app and client) where the raw consumer has one,
 so on two or more cores it can beat the baseline. The app is warmed up first
@@ -47,6 +48,7 @@ from nats.js.errors import NotFoundError  # noqa: E402
 
 from agent import contract  # noqa: E402
 from functions.core.bus import ensure_stream  # noqa: E402
+from functions.devstack import nats_auth  # noqa: E402
 from functions.devstack.nats_embedded import EmbeddedNats  # noqa: E402
 
 
@@ -269,18 +271,24 @@ async def main() -> None:
         await bench_responses(args.writes, args.repeats)
         return
 
-    with tempfile.TemporaryDirectory() as tmp, EmbeddedNats(Path(tmp)) as server:
-        nc = await nats.connect(server.url)
-        js = nc.jetstream()
-        await ensure_stream(js)
-        app, base = start_app(server.url, Path(tmp) / "app", factory=args.app)  # as deployed unless --app
-        try:
-            await bench_replay(nc, js, base, args.records)
-            await bench_fanout(nc, js, base, args.clients, args.rate, args.seconds, app.pid, server.proc.pid)
-        finally:
-            app.terminate()
-            app.wait(10)
-            await nc.close()
+    with tempfile.TemporaryDirectory() as tmp:
+        auth = nats_auth.ensure(Path(tmp) / "auth")
+        with EmbeddedNats(Path(tmp), config=auth.server_conf) as server:
+            await run_server_benches(args, server, auth, Path(tmp))
+
+
+async def run_server_benches(args, server, auth, tmp: Path) -> None:
+    nc = await nats.connect(server.url, user_credentials=str(auth.creds("admin")))
+    js = nc.jetstream()
+    await ensure_stream(js)
+    app, base = start_app(server.url, str(auth.creds("stream")), tmp / "app", factory=args.app)  # as deployed unless --app
+    try:
+        await bench_replay(nc, js, base, args.records)
+        await bench_fanout(nc, js, base, args.clients, args.rate, args.seconds, app.pid, server.proc.pid)
+    finally:
+        app.terminate()
+        app.wait(10)
+        await nc.close()
 
 
 if __name__ == "__main__":

@@ -1,18 +1,16 @@
-"""What task_submitted adds to a launch: the function's handling time versus the runtime's launch alone.
+"""What task_submitted costs per submit: the function's handling over an in-memory runtime, against that
+runtime's launch alone, interleaved submit by submit in the same run.
 
-    .venv/bin/python bench/bench_submit.py [--tasks 500]
+    .venv/bin/python bench/bench_submit.py [--tasks 500] [--rounds 2]
 
-The function's side includes validation, the registry create (one JetStream
-KV write, acked) and the `queued` event (one JetStream publish, acked) on a
-real nats-server started here. Target: <= 1.2x of launch alone.
-
-Two runtimes, each measured alone and under the function in the same run:
-- kubernetes: the real KubernetesRuntime creating Job + PVC over HTTP against
-  the API emulator of the tests (the launch the cluster does; a real API
-  server is slower still, which only improves the ratio);
-- in-memory: a dict, so the ratio is all NATS overhead; printed for the
-  absolute cost per submit.
-Prints figures only; asserts nothing.
+The in-memory runtime is a dict with a Job-like uid (the cheapest launch that keeps the Runtime contract), so the difference is
+what the function itself adds: parsing and validation, the registry create (one JetStream KV write, acked)
+the `queued` event (one JetStream publish, acked) and the bind of the
+launched job's uid (one KV update), on a real nats-server started here with authentication
+as deployed (operator mode; the bus connects as the functions' user).
+Target (issue 13): overhead <= 2 ms at p99 per submit, including the NATS publish and the KV create.
+Printed per round: p50 / p99 / max of both sides and of the overhead (handle - launch, paired). Exit status 1
+when any round misses the target.
 """
 
 from __future__ import annotations
@@ -33,10 +31,14 @@ from cloudevents.http import CloudEvent  # noqa: E402
 from agent import contract  # noqa: E402
 from functions.handlers import task_submitted  # noqa: E402
 from functions.core.bus import Bus  # noqa: E402
-from functions.main import Context  # noqa: E402
+from functions.handlers.context import Context  # noqa: E402
+from functions.devstack import nats_auth  # noqa: E402
 from functions.devstack.nats_embedded import EmbeddedNats  # noqa: E402
 from functions.core.settings import Settings  # noqa: E402
 from functions.core.task import parse_task  # noqa: E402
+
+
+TARGET_MS = 2.0
 
 
 class InMemoryRuntime:
@@ -50,6 +52,10 @@ class InMemoryRuntime:
             return False
         self.specs[task.task_id] = task.spec_hash
         return True
+
+    async def job_uid(self, task_id: str) -> str | None:
+        """A uid as a Job's, so the function binds it in the registry as it does over Kubernetes."""
+        return f"uid-{task_id}" if task_id in self.specs else None
 
     async def cancel(self, task_id):
         raise NotImplementedError
@@ -65,87 +71,76 @@ def event(i: int, run: str) -> CloudEvent:
     )
 
 
-async def timed(coros) -> list[float]:
-    times = []
-    for make in coros:
-        start = time.perf_counter()
-        await make()
-        times.append(time.perf_counter() - start)
-    return times
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
-async def measure(bus, settings, make_runtime, tasks: int, run: str) -> tuple[list[float], list[float]]:
-    """Launch alone and task_submitted over a runtime of the same kind, interleaved task by task,
-    so a runtime that slows as it fills (the emulator does) weighs on both sides alike."""
-    baseline_runtime = await make_runtime()
-    ctx = Context(settings, bus, await make_runtime())
-    launch, handle = [], []
+async def measure(bus, settings, tasks: int, run: str) -> tuple[list[float], list[float], float]:
+    """(launch alone, task_submitted.handle) per submit in ms, interleaved so drift and noise hit both alike;
+    and the mean CPU of this process per handle in ms (steadier than wall time on a busy machine)."""
+    baseline_runtime = InMemoryRuntime()
+    ctx = Context(settings, bus, InMemoryRuntime())
+    launch, handle, cpu = [], [], 0.0
     for i in range(tasks):
-        e = event(i, f"{run}-base")
-        task = parse_task(e.get_data(), source=e["source"], event_id=e["id"])
-        launch += await timed([lambda task=task: baseline_runtime.launch(task)])
-        handle += await timed([lambda i=i: task_submitted.handle(event(i, f"{run}-fn"), ctx)])
-    return launch, handle
+        base_event, fn_event = event(i, f"{run}-base"), event(i, f"{run}-fn")
+        t0 = time.perf_counter()
+        task = parse_task(base_event.get_data(), source=base_event["source"], event_id=base_event["id"])
+        await baseline_runtime.launch(task)
+        await baseline_runtime.job_uid(task.task_id)
+        t1, c1 = time.perf_counter(), time.process_time()
+        await task_submitted.handle(fn_event, ctx)
+        t2 = time.perf_counter()
+        cpu += time.process_time() - c1
+        launch.append((t1 - t0) * 1000)
+        handle.append((t2 - t1) * 1000)
+    return launch, handle, cpu / tasks * 1000
 
 
-async def kubernetes_figures(bus, settings, tasks: int) -> tuple[list[float], list[float]]:
-    sys.path.insert(0, str(ROOT / "tests" / "functions"))
-    from conftest_kube import api_client_for
-    from kmock import Server
-    from kube_emulator import KubeEmulator
-
-    from functions.runtime.kubernetes import KubernetesRuntime
-
-    async with KubeEmulator() as emulator, Server(emulator):
-        api = api_client_for(str(emulator.url))
-
-        async def make():
-            return KubernetesRuntime(Settings(), api)
-
-        await measure(bus, settings, make, 20, "kwarm")
-        return await measure(bus, settings, make, tasks, "k8s")
+def report(name: str, values: list[float]) -> str:
+    return (f"{name:<34} p50 {statistics.median(values):7.3f} ms   p99 {percentile(values, 0.99):7.3f} ms   "
+            f"max {max(values):7.3f} ms")
 
 
-async def main(tasks: int) -> None:
-    with tempfile.TemporaryDirectory() as tmp, EmbeddedNats(Path(tmp) / "nats") as server:
-        settings = Settings(nats_url=server.url, data_dir=Path(tmp) / "data")
-        bus = await Bus.open(settings.nats_url)
-        try:
-            # Warm up both paths (imports, JetStream stream and bucket lookups).
-            warm = Context(settings, bus, InMemoryRuntime())
-            for i in range(20):
-                await task_submitted.handle(event(i, "warm"), warm)
-
-            baseline_runtime = InMemoryRuntime()
-            parsed = [parse_task(e.get_data(), source=e["source"], event_id=e["id"]) for e in (event(i, "base") for i in range(tasks))]
-            launch = await timed([lambda t=t: baseline_runtime.launch(t) for t in parsed])
-
-            ctx = Context(settings, bus, InMemoryRuntime())
-            handle = await timed([lambda i=i: task_submitted.handle(event(i, "fn"), ctx) for i in range(tasks)])
-
-            redelivered = await timed([lambda i=i: task_submitted.handle(event(i, "fn"), ctx) for i in range(min(tasks, 200))])
-            k8s_launch, k8s_handle = await kubernetes_figures(bus, settings, min(tasks, 300))
-        finally:
-            await bus.close()
-
-    def ms(values):
-        return statistics.median(values) * 1000
-
-    overhead = ms(handle) - ms(launch)
-    print(f"kubernetes runtime (Job + PVC over HTTP, API emulator), {min(tasks, 300)} tasks:")
-    print(f"  runtime.launch alone      median {ms(k8s_launch):8.3f} ms")
-    print(f"  task_submitted.handle     median {ms(k8s_handle):8.3f} ms")
-    print(f"  ratio handle / launch     {ms(k8s_handle) / ms(k8s_launch):8.2f}x   (target <= 1.2x)")
-    print(f"in-memory runtime, {tasks} tasks (sequential, one process, nats-server on localhost):")
-    print(f"runtime.launch alone        median {ms(launch):8.4f} ms   mean {statistics.mean(launch) * 1000:8.4f} ms")
-    print(f"task_submitted.handle       median {ms(handle):8.4f} ms   mean {statistics.mean(handle) * 1000:8.4f} ms")
-    print(f"  redelivery (same events) median {ms(redelivered):8.4f} ms")
-    print(f"ratio handle / launch       {ms(handle) / ms(launch):8.1f}x   (all NATS overhead; no real launch)")
-    print(f"overhead per submit         {overhead:8.3f} ms  (registry create + queued event: two acked NATS round trips)")
-    print(f"launch time for <= 1.2x     {overhead / 0.2:8.2f} ms  (a real launch must take at least this for the target to hold)")
+async def main(tasks: int, rounds: int) -> int:
+    ok = True
+    with tempfile.TemporaryDirectory() as tmp:
+        auth = nats_auth.ensure(Path(tmp) / "auth")
+        with EmbeddedNats(Path(tmp) / "nats", config=auth.server_conf) as server:
+            creds = str(auth.creds("functions"))
+            settings = Settings(nats_url=server.url, nats_creds=creds, data_dir=Path(tmp) / "data")
+            bus = await Bus.open(settings.nats_url, creds=creds)
+            try:
+                await measure(bus, settings, 50, "warm")  # imports, JetStream stream and bucket lookups
+                print(f"{tasks} submits per round, sequential, one process, nats-server on localhost (authenticated)")
+                for rnd in range(rounds):
+                    launch, handle, cpu = await measure(bus, settings, tasks, f"r{rnd}")
+                    overhead = [h - b for b, h in zip(launch, handle, strict=True)]
+                    ctx = Context(settings, bus, InMemoryRuntime())
+                    redelivered = []
+                    for i in range(min(tasks, 200)):  # the broker redelivers: same ids, answered from the registry
+                        t0 = time.perf_counter()
+                        await task_submitted.handle(event(i, f"r{rnd}-fn"), ctx)
+                        redelivered.append((time.perf_counter() - t0) * 1000)
+                    p99 = percentile(overhead, 0.99)
+                    ok = ok and p99 <= TARGET_MS
+                    print(f"round {rnd + 1}:")
+                    print("  " + report("baseline: in-memory runtime.launch", launch))
+                    print("  " + report("task_submitted.handle", handle))
+                    print("  " + report("  redelivered (same events)", redelivered))
+                    print("  " + report("overhead (handle - launch)", overhead))
+                    print(f"  CPU of this process per handle     mean {cpu:7.3f} ms   (nats-server's own not included)")
+                    print(f"  ratio handle / launch (p50)        {statistics.median(handle) / statistics.median(launch):7.1f}x"
+                          "   (the launch is a dict: the ratio is all function + NATS)")
+                    print(f"  target: overhead p99 <= {TARGET_MS:g} ms       {'PASS' if p99 <= TARGET_MS else 'FAIL'} ({p99:.3f} ms)")
+            finally:
+                await bus.close()
+    return 0 if ok else 1
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tasks", type=int, default=500)
-    asyncio.run(main(parser.parse_args().tasks))
+    parser.add_argument("--rounds", type=int, default=2)
+    args = parser.parse_args()
+    sys.exit(asyncio.run(main(args.tasks, args.rounds)))
