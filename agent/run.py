@@ -40,6 +40,9 @@ OUTCOME_EXIT = {
     contract.OUTCOME_FAILED: contract.EXIT_FATAL,
 }
 PRUNE_EVERY_STEPS = 10
+# Debug hook: a file name here makes the process write its modules and threads at exit, as JSON
+# (tests/agent/test_imports.py checks what a run imports and that no tracing runs unless configured).
+EXIT_REPORT_ENV = contract.ENV_PREFIX + "DEBUG_EXIT_REPORT"
 
 
 class FatalError(Exception):
@@ -140,7 +143,27 @@ def _load_model(spec: str, secrets_dir: Path, scripts_dir: str | None):
         raise FatalError(str(exc)) from None
 
 
+def _write_exit_report(path: str) -> None:
+    """The debug hook's report: modules loaded, threads alive, and live objects of tracing classes."""
+    import gc
+    import threading
+    from collections import Counter
+
+    kinds = (f"{type(obj).__module__}.{type(obj).__qualname__}" for obj in gc.get_objects())
+    tracing = Counter(kind for kind in kinds if kind.startswith(("langsmith.", "langchain_core.tracers.")))
+    report = {
+        "modules": sorted(sys.modules),
+        "threads": sorted(thread.name for thread in threading.enumerate()),
+        "tracing_objects": dict(sorted(tracing.items())),
+    }
+    Path(path).write_text(json.dumps(report))
+
+
 def main(argv: list[str] | None = None) -> int:
+    if os.environ.get(EXIT_REPORT_ENV):
+        import atexit
+
+        atexit.register(_write_exit_report, os.environ[EXIT_REPORT_ENV])
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
