@@ -14,6 +14,7 @@ Invariants:
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import logging
 import os
@@ -164,6 +165,18 @@ def main(argv: list[str] | None = None) -> int:
         import atexit
 
         atexit.register(_write_exit_report, os.environ[EXIT_REPORT_ENV])
+    # Start-up makes most of the objects a run will ever hold (the libraries' modules, classes,
+    # pydantic schemas); each collection during it walks them all again, for nothing. None runs
+    # until the graph is built: `Run.execute` then freezes what exists (moved to the permanent
+    # generation, never walked again) and turns collection back on, like functions' quiet_gc.
+    gc.disable()
+    try:
+        return _main(argv)
+    finally:
+        gc.enable()
+
+
+def _main(argv: list[str] | None) -> int:
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
@@ -271,6 +284,8 @@ class Run:
         config = {"configurable": {"thread_id": self.task_id}, "recursion_limit": 100_000}
 
         snapshot = graph.get_state(config)
+        gc.freeze()  # start-up is over (see main): what it made lives as long as the process
+        gc.enable()
         resumed = bool(snapshot.values)
         started_at = float((snapshot.metadata or {}).get("dockyard_started_at") or 0) if resumed else 0.0
         started_at = self._started_at(started_at)
