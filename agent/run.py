@@ -41,7 +41,7 @@ OUTCOME_EXIT = {
     contract.OUTCOME_FAILED: contract.EXIT_FATAL,
 }
 PRUNE_EVERY_STEPS = 10
-# Debug hook: a file name here makes the process write its modules and threads at exit, as JSON
+# Debug hook: a file name here makes `main` write the process's modules and threads as it returns, as JSON
 # (tests/agent/test_imports.py checks what a run imports and that no tracing runs unless configured).
 EXIT_REPORT_ENV = contract.ENV_PREFIX + "DEBUG_EXIT_REPORT"
 
@@ -145,26 +145,23 @@ def _load_model(spec: str, secrets_dir: Path, scripts_dir: str | None):
 
 
 def _write_exit_report(path: str) -> None:
-    """The debug hook's report: modules loaded, threads alive, and live objects of tracing classes."""
-    import gc
+    """The debug hook's report: modules loaded, threads alive, live objects of tracing classes, the collector's state."""
     import threading
     from collections import Counter
 
+    collector = {"enabled": gc.isenabled(), "frozen": gc.get_freeze_count(), "collections": [g["collections"] for g in gc.get_stats()]}
     kinds = (f"{type(obj).__module__}.{type(obj).__qualname__}" for obj in gc.get_objects())
     tracing = Counter(kind for kind in kinds if kind.startswith(("langsmith.", "langchain_core.tracers.")))
     report = {
         "modules": sorted(sys.modules),
         "threads": sorted(thread.name for thread in threading.enumerate()),
         "tracing_objects": dict(sorted(tracing.items())),
+        "gc": collector,
     }
     Path(path).write_text(json.dumps(report))
 
 
 def main(argv: list[str] | None = None) -> int:
-    if os.environ.get(EXIT_REPORT_ENV):
-        import atexit
-
-        atexit.register(_write_exit_report, os.environ[EXIT_REPORT_ENV])
     # Start-up makes most of the objects a run will ever hold (the libraries' modules, classes,
     # pydantic schemas); each collection during it walks them all again, for nothing. None runs
     # until the graph is built: `Run.execute` then freezes what exists (moved to the permanent
@@ -173,7 +170,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return _main(argv)
     finally:
-        gc.enable()
+        if os.environ.get(EXIT_REPORT_ENV):  # before the line below: it shows the run's own collector state
+            _write_exit_report(os.environ[EXIT_REPORT_ENV])
+        gc.enable()  # for an early return; a run has turned it on already
 
 
 def _main(argv: list[str] | None) -> int:

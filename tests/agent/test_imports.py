@@ -34,7 +34,7 @@ FAMILIES = (
     "langsmith", "click", "pygments", "rich", "websockets", "httpx", "langgraph_sdk",
     "langchain", "langchain_openai", "langchain_anthropic", "openai", "anthropic", "numpy",
 )
-TRACING_THREAD = "_tracing_control_thread_func"  # langsmith.Client's batch-upload thread
+TRACING_THREAD = "tracing_control_thread_func"  # langsmith.Client's batch-upload thread
 TRACING_OBJECTS = ("langsmith.client.Client", "langsmith.run_trees.RunTree", "langchain_core.tracers.langchain.LangChainTracer")
 TRACING_INTERNALS = ("langsmith._internal._background_thread.", "langsmith._internal._operations.", "langsmith._internal._multipart.")
 QUICK_TURNS = [
@@ -108,6 +108,13 @@ def test_run_starts_no_tracer(run_report):
     assert not tracing, f"a LangSmith tracing thread runs although tracing is not configured: {tracing}"
     live = [kind for kind in run_report["tracing_objects"] if kind in TRACING_OBJECTS or kind.startswith(TRACING_INTERNALS)]
     assert not live, f"LangSmith tracing objects exist although tracing is not configured: {live}"
+
+
+def test_garbage_collection_runs_again_after_start(run_report):
+    """Start-up runs without collections (agent.run.main); the run itself must not: a long task would grow."""
+    assert run_report["gc"]["enabled"]
+    assert run_report["gc"]["collections"][0] > 0, "no young collection ran: garbage collection stayed off during the run"
+    assert run_report["gc"]["frozen"] > 0, "start-up's objects were not frozen"
 
 
 @pytest.mark.xfail(strict=True, reason="library floor: langchain-core imports langsmith (langchain#40236); langgraph.runtime imports langgraph_sdk -> httpx CLI")
