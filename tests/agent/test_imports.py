@@ -1,10 +1,14 @@
 """What a run imports and starts when LangSmith tracing is not configured.
 
-One real `python -m agent run` (scripted model, no NATS) writes its modules and
-threads at exit (`agent.run.EXIT_REPORT_ENV`). Its LangSmith, SDK and CLI modules
-are compared with the *library floor*: what a minimal StateGraph with a
-SqliteSaver loads to run one step, in the same environment. Our modules
-may add nothing to that floor, and no tracer may run.
+One real `python -m agent run` (scripted model, no NATS) reports its modules,
+threads, live LangSmith objects and garbage-collector state as `main` returns
+(`agent.run.EXIT_REPORT_ENV`). Its LangSmith, SDK and CLI modules are compared
+with the *library floor*: what a minimal StateGraph with a SqliteSaver loads to
+run one step, in the same environment. Our modules may add nothing to that
+floor, no tracer may exist, and the collector, off during start-up, must be on
+again for the run. (With LANGSMITH_TRACING=true the same report lists a
+`langsmith.client.Client` and the thread `tracing_control_thread_func`; that
+run is not repeated here: its upload retries take seconds.)
 
 The floor itself is not empty today: langchain-core's `runnables/base.py`
 imports `tracers.event_stream` -> `tracers.schemas` -> `langsmith.run_trees`
