@@ -16,8 +16,9 @@ Invariants
 - The job event is delivered until the sink takes it (backoff 0.5 s doubling to
   30 s), or until shutdown; the next start delivers it then.
 - A task runs only once `Policy.admission` grants it a slot, held until its
-  agent has exited for good and the final snapshot is taken (a shutdown
-  releases it too); while queued its state stays `queued` and nothing runs.
+  agent has exited for good (the final snapshot, mostly waiting on the store,
+  is taken outside it) or a shutdown stops it; while queued its state stays
+  `queued` and nothing runs.
 - Every wait (backoff, deadline, redelivery) is on the injected `Clock`.
 """
 
@@ -124,17 +125,15 @@ class TaskSupervisor:
             if self.state.pgids:
                 await reap_orphans(self.state.pgids, self.state.task_id, policy.grace_seconds)
                 self._save()
-            admitted = False
-            try:
-                if not self.state.finished:
-                    admitted = await self._admitted()
+            if not self.state.finished:
+                admitted = await self._admitted()
+                try:
                     await self._attempts()  # not admitted: a cancel finishes it here, a shutdown leaves it queued
-                if self.state.finished:
-                    await self._stop_snapshotter()
-            finally:
-                if admitted:
-                    policy.admission.release(self.state.task_id)
+                finally:
+                    if admitted:
+                        policy.admission.release(self.state.task_id)
             if self.state.finished:
+                await self._stop_snapshotter()
                 await self._deliver_job_event()
         except Exception:
             log.exception("supervising task %s failed; it is picked up again on the next start", self.state.task_id)
@@ -157,7 +156,11 @@ class TaskSupervisor:
                 await self.policy.status.publish(state.task_id, state=contract.STATE_QUEUED, position=position)
         admitted = await admission.wait(state.task_id, future, self.interrupt)
         if admitted and self.policy.prepare is not None:
-            self.policy.prepare(self.task)
+            try:
+                self.policy.prepare(self.task)
+            except BaseException:
+                admission.release(state.task_id)
+                raise
         return admitted
 
     # --- attempts ------------------------------------------------------------

@@ -1,0 +1,252 @@
+"""Fair queueing of the local runtime: 20 tasks submitted at once, queued (N = cores) vs unqueued, same run.
+
+    .venv/bin/python bench/bench_queue.py [--tasks 20] [--repeats 2] [--max-running N]
+
+`dockyard dev` as a user starts it (tests/dev_process.py: its own process, the
+embedded nats-server, real agents `python -m agent` with the scripted example
+model `scripted:example`, the bytecode `scripts/setup` compiled). Per repetition:
+(0) one task alone, under the queued server: what one task costs (its processes'
+    peak RSS) and how soon its first tool call comes when nothing competes;
+(1) `--tasks` tasks POSTed at once (one thread each) to `dockyard dev --max-running N`
+    (N: the cores unless given);
+(2) the same to `dockyard dev --max-running 1000`: every task starts at once, the
+    behaviour before admission control.
+Measured: first tool call of the first submitted task after its submit (the
+`tool` event on NATS), the earliest first tool call of any task, the makespan
+(first submit to the last task finished in its `supervisor.json`), the submit
+answer's latency p50/p99/max, and the peak RSS of the task processes (every
+descendant of dev except nats-server and dev itself) and of the whole tree,
+sampled every 50 ms from /proc. Targets (issue 13) are printed beside the
+figures; the ratios are against (2) and (0) of the same repetition.
+Prints figures only; asserts nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from agent import contract  # noqa: E402
+from tests.dev_process import DevServer  # noqa: E402
+
+PAGE = os.sysconf("SC_PAGE_SIZE")
+MODEL = "scripted:example"
+PROMPT = json.loads((ROOT / "agent" / "examples" / "example_task.json").read_text())["prompt"]
+TARGET_FIRST_TOOL = 2.0
+TARGET_MAKESPAN = 1.1
+TARGET_SUBMIT_P99_MS = 50.0
+
+
+# --- the process tree's memory ---------------------------------------------------------
+
+
+def _tree(root: int) -> list[tuple[int, str, int]]:
+    """(pid, name, rss bytes) of `root` and every descendant."""
+    parents, names = {}, {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as fh:
+                stat = fh.read()
+        except OSError:
+            continue
+        name = stat[stat.index("(") + 1 : stat.rindex(")")]
+        fields = stat[stat.rindex(")") + 2 :].split()
+        parents[int(entry)], names[int(entry)] = int(fields[1]), name
+    wanted, frontier = {root}, [root]
+    while frontier:
+        pid = frontier.pop()
+        for child, parent in parents.items():
+            if parent == pid and child not in wanted:
+                wanted.add(child)
+                frontier.append(child)
+    out = []
+    for pid in wanted:
+        try:
+            with open(f"/proc/{pid}/statm") as fh:
+                out.append((pid, names.get(pid, "?"), int(fh.read().split()[1]) * PAGE))
+        except OSError:
+            continue
+    return out
+
+
+class RssSampler:
+    """Peak RSS of dev's task processes and of its whole tree, sampled in a thread."""
+
+    def __init__(self, root: int, interval: float = 0.05):
+        self.root, self.interval = root, interval
+        self.peak_tasks = self.peak_all = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> RssSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            tree = _tree(self.root)
+            tasks = sum(rss for pid, name, rss in tree if pid != self.root and "nats-server" not in name)
+            self.peak_tasks = max(self.peak_tasks, tasks)
+            self.peak_all = max(self.peak_all, sum(rss for _, _, rss in tree))
+            self._stop.wait(self.interval)
+
+
+def submission(task_id: str) -> tuple[dict, bytes]:
+    """A task_submitted CloudEvent, structured mode, as `dockyard submit` posts it."""
+    from cloudevents.conversion import to_structured
+    from cloudevents.http import CloudEvent
+
+    data = {"task_id": task_id, "prompt": PROMPT, "model": MODEL, "limits": {"deadline_seconds": 600, "retries": 1}}
+    return to_structured(CloudEvent({"type": contract.EVENT_TASK_SUBMITTED, "source": contract.EVENT_SOURCE_CLI}, data))
+
+
+# --- one batch ---------------------------------------------------------------------------
+
+
+async def batch(dev: DevServer, tasks: int, tag: str) -> dict:
+    """Submit `tasks` tasks at once and wait for all to finish; the figures."""
+    import nats
+
+    ids = [f"{tag}-{i:02d}" for i in range(tasks)]
+    first_tool: dict[str, float] = {}
+    queued_events = 0
+
+    async def on_event(msg) -> None:
+        nonlocal queued_events
+        event = json.loads(msg.data)
+        if event.get("type") == contract.EV_TOOL and event.get("task_id") in ids:
+            first_tool.setdefault(event["task_id"], time.monotonic())
+        if event.get("type") == contract.EV_STATUS and event.get("source") == "runtime" and event.get("state") == contract.STATE_QUEUED:
+            queued_events += 1
+
+    nc = await nats.connect(dev.nats_url, **dev.nats_connect_options)
+    await nc.subscribe("events.agent.>", cb=on_event)
+    await nc.flush()
+    submitted: dict[str, float] = {}
+    latencies: list[float] = []
+
+    bodies = {t: submission(t) for t in ids}  # built before the clock starts: the client's own work is not the server's
+
+    def submit(task_id: str) -> None:
+        headers, body = bodies[task_id]
+        began = time.monotonic()
+        submitted[task_id] = began
+        response = client.post(dev.url + "/", headers={**headers, **dev.headers}, content=body)
+        latencies.append(time.monotonic() - began)
+        if response.status_code >= 300:
+            raise RuntimeError(f"submit {task_id}: HTTP {response.status_code} {response.text[:200]}")
+
+    def all_finished() -> bool:
+        for task_id in ids:
+            try:
+                if dev.supervisor_state(task_id)["state"] != contract.STATE_FINISHED:
+                    return False
+            except (OSError, ValueError):
+                return False
+        return True
+
+    client = httpx.Client(timeout=60, limits=httpx.Limits(max_connections=tasks, max_keepalive_connections=tasks))
+    with ThreadPoolExecutor(max_workers=tasks) as pool:  # open the connections first, as a busy client has them
+        list(pool.map(lambda _: client.get(dev.url + "/healthz"), range(tasks)))
+    with RssSampler(dev.proc.pid) as rss:
+        start = time.monotonic()
+        loop = asyncio.get_running_loop()
+        with ThreadPoolExecutor(max_workers=tasks) as pool:
+            await asyncio.gather(*(loop.run_in_executor(pool, submit, t) for t in ids))
+        while not all_finished():
+            await asyncio.sleep(0.1)
+            if time.monotonic() - start > 600:
+                raise RuntimeError(f"{tag}: not all tasks finished within 600 s")
+        makespan = time.monotonic() - start
+    client.close()
+    await asyncio.sleep(0.3)  # the last tool events are long in; the subscription drains
+    await nc.close()
+    outcomes = {dev.supervisor_state(t)["outcome"] for t in ids}
+    firsts = [first_tool[t] - submitted[t] for t in ids if t in first_tool]
+    lat = sorted(latencies)
+    return {
+        "first_of_first": first_tool[ids[0]] - submitted[ids[0]] if ids[0] in first_tool else float("nan"),
+        "first_any": min(firsts) if firsts else float("nan"),
+        "first_median": statistics.median(firsts) if firsts else float("nan"),
+        "makespan": makespan,
+        "submit_p50": statistics.median(lat) * 1000,
+        "submit_p99": lat[min(len(lat) - 1, int(len(lat) * 0.99))] * 1000,
+        "submit_max": lat[-1] * 1000,
+        "peak_tasks": rss.peak_tasks,
+        "peak_all": rss.peak_all,
+        "queued_events": queued_events,
+        "outcomes": ",".join(sorted(o or "?" for o in outcomes)),
+    }
+
+
+def show(name: str, r: dict) -> None:
+    print(f"  {name:<22} first task's first tool call {r['first_of_first']:6.2f} s (earliest {r['first_any']:.2f}, median {r['first_median']:.2f})"
+          f" | makespan {r['makespan']:6.2f} s | submit p50 {r['submit_p50']:6.1f} ms p99 {r['submit_p99']:6.1f} ms max {r['submit_max']:6.1f} ms"
+          f" | peak RSS tasks {r['peak_tasks'] / 2**20:6.0f} MiB, all {r['peak_all'] / 2**20:6.0f} MiB"
+          f" | queued events {r['queued_events']} | outcomes {r['outcomes']}", flush=True)
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tasks", type=int, default=20)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--max-running", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--also", default="", help="more N to run queued, comma-separated (the trade-off: makespan against RSS)")
+    args = parser.parse_args()
+    n = args.max_running
+    print(f"bench_queue: {args.tasks} tasks at once, N={n} (cores: {os.cpu_count()}), model {MODEL}, {args.repeats} repetition(s)")
+    with tempfile.TemporaryDirectory(prefix="bench-queue-") as tmp:
+        for rep in range(1, args.repeats + 1):
+            results = {}
+            extra = [(f"queued N={m}", m) for m in map(int, filter(None, args.also.split(",")))]
+            for label, limit in (("queued", n), ("unqueued", 1000), *extra):
+                dev = DevServer(Path(tmp) / f"{label.replace(' ', '-').replace('=', '')}-{rep}", args=("--max-running", str(limit), "--model", MODEL)).start()
+                try:
+                    if label == "queued":
+                        results["alone"] = await batch(dev, 1, f"alone{rep}")
+                    results[label] = await batch(dev, args.tasks, f"{label.split()[-1].replace('=', '').lower()}{rep}")
+                finally:
+                    dev.stop()
+            alone, queued, unqueued = results["alone"], results["queued"], results["unqueued"]
+            print(f"repetition {rep}:")
+            show("one task alone", alone)
+            show(f"{args.tasks} queued (N={n})", queued)
+            show(f"{args.tasks} unqueued", unqueued)
+            for label, _ in extra:
+                show(f"{args.tasks} {label}", results[label])
+            print(f"  first task's first tool call (the earliest of the batch): queued {queued['first_any']:.2f} s vs unqueued {unqueued['first_any']:.2f} s"
+                  f" (one task alone {alone['first_any']:.2f} s: the floor)   target <= {TARGET_FIRST_TOOL:.1f} s")
+            print(f"  makespan queued / unqueued: {queued['makespan'] / unqueued['makespan']:.2f}x   target <= {TARGET_MAKESPAN:.1f}x")
+            print(f"  submit p99 with {args.tasks - n} queued: {queued['submit_p99']:.1f} ms (unqueued {unqueued['submit_p99']:.1f} ms)"
+                  f"   target <= {TARGET_SUBMIT_P99_MS:.0f} ms")
+            one = alone["peak_tasks"]
+            print(f"  peak RSS of the tasks: queued {queued['peak_tasks'] / 2**20:.0f} MiB = {queued['peak_tasks'] / one:.2f}x one task's"
+                  f" ({one / 2**20:.0f} MiB), unqueued {unqueued['peak_tasks'] / one:.2f}x   target <= N = {n}x", flush=True)
+            for label, m in extra:
+                r = results[label]
+                print(f"  {label}: makespan {r['makespan'] / unqueued['makespan']:.2f}x unqueued, peak RSS {r['peak_tasks'] / one:.2f}x one task's"
+                      f" (N = {m}), submit p99 {r['submit_p99']:.1f} ms, earliest first tool call {r['first_any']:.2f} s", flush=True)
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
