@@ -15,13 +15,16 @@ model `scripted:example`, the bytecode `scripts/setup` compiled). Per repetition
     behaviour before admission control.
 Measured: first tool call after submit (the `tool` event on NATS) of the first
 submitted task and the earliest of any (the submits race: the earliest is "the
-first task" of the target), the makespan
-(first submit to the last task finished in its `supervisor.json`, the probes
-included on both sides), the submit answer's latency p50/p99/max (at once, and
-one by one), and the peak RSS of the task processes (every
-descendant of dev except nats-server and dev itself) and of the whole tree,
-sampled every 50 ms from /proc. Targets (issue 13) are printed beside the
-figures; the ratios are against (2) and (0) of the same repetition.
+first task" of the target); the makespan (first submit to the last task
+finished in its `supervisor.json`, the probes included on both sides); the
+submit answer's latency p50/p99/max (at once, and one by one); the peak RSS of
+the task processes (every descendant of dev except nats-server and dev itself)
+and of the whole tree, sampled every 50 ms from /proc. One task's RSS is the
+largest peak of one task's own processes (those whose working directory is in
+its folder), alone and in the queued batch. `--also 4,6` runs the queued batch
+with more N too: the trade-off of makespan against memory. Targets (issue 13)
+are printed beside the figures; the ratios are against (2) and (0) of the same
+repetition.
 Prints figures only; asserts nothing.
 """
 
