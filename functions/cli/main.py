@@ -67,6 +67,7 @@ def _register_dev(sub) -> None:
     p.add_argument(
         "--allow-file-repos", action="store_true",
         help="accept file:// repositories (tasks then read any repository this user can read; off by default)")
+    p.add_argument("--max-running", type=int, metavar="N", help="run at most N tasks at once, queue the rest (default: the number of cores)")
     p.set_defaults(run=_run_dev)
 
 
@@ -76,6 +77,8 @@ def _run_dev(args) -> int:
 
     if args.allow_file_repos:  # a setting like any other: the dev stack and its agents read it from the environment
         os.environ[Settings.variable("allow_file_repos")] = "true"
+    if args.max_running is not None:  # checked with the other settings (DOCKYARD_MAX_RUNNING)
+        os.environ[Settings.variable("max_running")] = str(args.max_running)
     return dev.main(args)
 
 

@@ -133,8 +133,9 @@ class Settings(BaseSettings):
     s3_endpoint: str = _setting(
         "", "S3 endpoint for MinIO; none: AWS (or the agents' secret file `s3/endpoint`)",
         "agents, functions (S3 client)", url=_HTTP_SCHEMES)
-    runtime: Literal["local", "kubernetes"] = _setting(
-        "local", "where agents run: `local` (child processes) or `kubernetes` (Jobs)", _FUNCTIONS)
+    runtime: Literal["local", "kubernetes"] = _setting("local", "where agents run: `local` (child processes) or `kubernetes` (Jobs)", _FUNCTIONS)
+    max_running: int = _setting(0, "tasks the local runtime runs at once; the rest wait in submit order (`dockyard dev --max-running`); 0: the number of cores",
+                                "local runtime", ge=0)
 
     # --- NATS credentials (decentralized JWT: `dockyard nats-auth init`) ---------------
     nats_creds: str = _setting("", "this process's NATS user: a `.creds` file (user JWT + nkey seed); none: no credentials, or those in the URL", "functions, stream")
@@ -170,8 +171,7 @@ class Settings(BaseSettings):
     cancel_timeout_seconds: float = _setting(
         10, "how long an agent has to acknowledge a cancel before the runtime stops it", "task_command", ge=0.01)
     command_timeout_seconds: float = _setting(5, "how long an agent has to acknowledge a message", "task_command", ge=0.01)
-    ttl_succeeded_seconds: int = _setting(
-        3600, "how long the record of a task that succeeded is kept", "job_finished, local runtime", ge=0)
+    ttl_succeeded_seconds: int = _setting(3600, "how long the record of a task that succeeded is kept", "job_finished, local runtime", ge=0)
     ttl_failed_seconds: int = _setting(
         7 * 24 * 3600, "how long the record of any other finished task is kept", "job_finished, local runtime",
         shown="`604800` (7 days)", ge=0)

@@ -24,6 +24,7 @@ def make_runtime(settings: "Settings", **kw: Any) -> "Runtime":
         kw.setdefault("allow_file_repos", settings.allow_file_repos)
         kw.setdefault("issuer", settings.nats_issuer())
         kw.setdefault("nats_creds", settings.nats_creds)
+        kw.setdefault("max_running", settings.max_running or None)  # 0: the number of cores
         return LocalRuntime(settings.data_dir, settings.nats_url, settings.store, **kw)
     if settings.runtime == "kubernetes":
         from functions.runtime.kubernetes import KubernetesRuntime

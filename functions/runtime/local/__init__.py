@@ -3,7 +3,8 @@
 The package, imports one way (top to bottom):
     runtime        LocalRuntime: launch, cancel, finished_job, resume after a restart, the TTL janitor
     supervisor     one task's Job controller: attempts, retries with backoff, deadline, the job event
-    status_events  the runtime's own status events (retrying) on NATS
+    admission      at most N tasks run at once, the rest wait in submit order
+    status_events  the runtime's own status events (queued, retrying) on NATS
     processes      restore, snapshotter and agent as child processes in their own process groups
     job_event      the finished Job and the ApiServerSource CloudEvent carrying it
     state          a task's folder and `supervisor.json`, written atomically

@@ -11,6 +11,10 @@ Invariants
   removes the workspace of a task finished longer than its TTL ago (a failed
   one is kept longer, to look into), once its final snapshot is in the store;
   the task's record stays.
+- Launch only records the task and hands it to its supervisor, which waits for
+  one of `max_running` slots (default: the number of cores) in submit order;
+  a task launched but never admitted is `queued` in its folder, so a restart
+  queues it again. Cancel of a queued task finishes it `cancelled`, nothing run.
 - All waiting and every persisted time is on the injected `Clock`.
 """
 
@@ -30,6 +34,7 @@ from agent import contract
 from functions.core.nats_jwt import TASK_ROLES, Issuer, task_credentials_expiry, write_secret_file
 from functions.core.task import Task
 from functions.errors import LaunchConflict, TaskNotFound, TransientError
+from functions.runtime.local.admission import Admission
 from functions.runtime.local.clock import Clock
 from functions.runtime.local.job_event import REASON_COMPLETE, job_object
 from functions.runtime.local.processes import AgentCommand, child_env
@@ -67,6 +72,7 @@ class LocalRuntime:
         clock: Clock | None = None,
         issuer: Issuer | None = None,
         nats_creds: str = "",
+        max_running: int | None = None,
     ):
         self.data_dir = Path(data_dir).resolve()
         self.folders = TaskFolders(self.data_dir / "tasks")
@@ -101,6 +107,8 @@ class LocalRuntime:
             backoff_max_seconds=backoff_max_seconds,
             grace_seconds=grace_seconds,
             snapshotter_grace_seconds=snapshotter_grace_seconds,
+            admission=Admission(max_running),
+            prepare=self._mint_credentials,
         )
         self._supervised: dict[str, TaskSupervisor] = {}
         self._lock = asyncio.Lock()
@@ -162,14 +170,12 @@ class LocalRuntime:
         not finished) only serve to warn about tasks that have no folder here."""
         resumed = []
         async with self._lock:
-            for task_id in self.folders.task_ids():
-                state = self.folders.load(task_id)
-                if state is None or task_id in self._supervised:
+            states = [s for s in map(self.folders.load, self.folders.task_ids()) if s is not None]
+            for state in sorted(states, key=lambda s: (s.created_at, s.task_id)):  # the queue in submit order
+                if state.task_id in self._supervised or (state.finished and state.event_sent):
                     continue
-                if state.finished and state.event_sent:
-                    continue
-                self._supervise(state, self.folders.load_task(task_id))
-                resumed.append(task_id)
+                self._supervise(state, self.folders.load_task(state.task_id))
+                resumed.append(state.task_id)
         for record in registry_records:
             task_id = _record_task_id(record)
             if task_id and self.folders.load(task_id) is None:
@@ -218,6 +224,10 @@ class LocalRuntime:
 
     # --- for the dev stack and the tests -------------------------------------------
 
+    @property
+    def admission(self) -> Admission:
+        return self.policy.admission
+
     def folder(self, task_id: str) -> TaskFolder:
         return self.folders.folder(task_id)
 
@@ -234,15 +244,15 @@ class LocalRuntime:
     def _supervise(self, state: SupervisorState, task: Task) -> TaskSupervisor:
         sup = self._supervised.get(state.task_id)
         if sup is None:
-            self._mint_credentials(task)
             sup = TaskSupervisor(self.policy, state, task)
             self._supervised[state.task_id] = sup
             sup.start(lambda done: self._supervised.pop(done.state.task_id, None))
         return sup
 
     def _mint_credentials(self, task: Task) -> None:
-        """Fresh NATS users for the task's agent and snapshotter, each in its own file, at every start of its
-        supervision (launch, or resume after a restart): valid for the deadline and an hour more."""
+        """Fresh NATS users for the task's agent and snapshotter, each in its own file, whenever its
+        supervision is admitted (after launch, or on resume after a restart): valid for the deadline and
+        an hour more from then, so time spent queued does not eat into them."""
         if self.issuer is None or not self.policy.command.nats_creds:
             return
         folder = self.folder(task.task_id)

@@ -15,6 +15,10 @@ Invariants
   job event still owed.
 - The job event is delivered until the sink takes it (backoff 0.5 s doubling to
   30 s), or until shutdown; the next start delivers it then.
+- A task runs only once `Policy.admission` grants it a slot, held until its
+  agent has exited for good (the final snapshot, mostly waiting on the store,
+  is taken outside it) or a shutdown stops it; while queued its state stays
+  `queued` and nothing runs.
 - Every wait (backoff, deadline, redelivery) is on the injected `Clock`.
 """
 
@@ -24,11 +28,12 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from agent import contract
 from functions.core.task import Task
+from functions.runtime.local.admission import Admission
 from functions.runtime.local.clock import Clock, sleep_unless
 from functions.runtime.local.job_event import (
     REASON_BACKOFF,
@@ -73,6 +78,8 @@ class Policy:
     backoff_max_seconds: float = 60.0
     grace_seconds: float = 10.0
     snapshotter_grace_seconds: float = 120.0
+    admission: Admission = field(default_factory=Admission)
+    prepare: Callable[[Task], None] | None = None  # once admitted, before the first child (the task's credentials)
 
     def backoff(self, failures: int) -> float:
         """The wait after the `failures`-th failed attempt: doubling, capped."""
@@ -119,7 +126,12 @@ class TaskSupervisor:
                 await reap_orphans(self.state.pgids, self.state.task_id, policy.grace_seconds)
                 self._save()
             if not self.state.finished:
-                await self._attempts()
+                admitted = await self._admitted()
+                try:
+                    await self._attempts()  # not admitted: a cancel finishes it here, a shutdown leaves it queued
+                finally:
+                    if admitted:
+                        policy.admission.release(self.state.task_id)
             if self.state.finished:
                 await self._stop_snapshotter()
                 await self._deliver_job_event()
@@ -128,6 +140,28 @@ class TaskSupervisor:
         finally:
             for role in ROLES:
                 await self.children.stop(role, policy.snapshotter_grace_seconds if role == "snapshotter" else policy.grace_seconds)
+
+    # --- admission -----------------------------------------------------------
+
+    async def _admitted(self) -> bool:
+        """Wait for a slot (False: stopped while queued). Queue time does not count against the deadline:
+        it counts from the first start, as a Job's activeDeadlineSeconds (a Kueue-suspended Job's clock stands)."""
+        state, admission = self.state, self.policy.admission
+        never_started = state.started_at is None
+        future = admission.enqueue(state.task_id, (int(never_started), state.created_at))
+        if future is not None:
+            position = admission.position(state.task_id)
+            log.info("task %s queued at position %s (%d running)", state.task_id, position, admission.running)
+            if never_started:  # a started task that waits again (a lower limit after a restart) keeps its state
+                await self.policy.status.publish(state.task_id, state=contract.STATE_QUEUED, position=position)
+        admitted = await admission.wait(state.task_id, future, self.interrupt)
+        if admitted and self.policy.prepare is not None:
+            try:
+                self.policy.prepare(self.task)
+            except BaseException:
+                admission.release(state.task_id)
+                raise
+        return admitted
 
     # --- attempts ------------------------------------------------------------
 

@@ -2,7 +2,8 @@
 
 The stand-in takes the agent's command line (`run|restore|snapshotter --flag value ...`)
 and behaves as its task prompt says, e.g. `exit:1,1,0` (exit 1, then 1, then 0 on the
-third attempt) or `sleep:30` (until SIGTERM, then exit 143 like the agent).
+third attempt), `sleep:30` (until SIGTERM, then exit 143 like the agent) or `gate`
+(until the test writes `go` into the workspace).
 The fixtures `stand_in` and `clock` are in this folder's conftest.py.
 """
 
@@ -81,6 +82,12 @@ STAND_IN = textwrap.dedent(
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         started()
         time.sleep(float(arg))
+    if kind == "gate":  # works until the test writes `go` into its workspace (SIGTERM: exit 143)
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+        started()
+        while not (ws / "go").exists():
+            time.sleep(0.02)
+        done()
     if kind == "resume":  # the first run works until stopped; the next one "resumes" and finishes
         if n == 0:
             until_sigterm(60)
