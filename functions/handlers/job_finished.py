@@ -25,7 +25,8 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 from cloudevents.http import CloudEvent
 
@@ -62,11 +63,15 @@ def _termination_message(job: dict) -> str | None:
     return message if isinstance(message, str) and message else None
 
 
-def _read_store(store, task_id: str) -> tuple[dict | None, bool, list[str]]:
-    """(result.json or None, final snapshot missing, snapshot keys) — blocking I/O."""
+def _read_store(open_store: Callable[[], Any], task_id: str) -> tuple[dict | None, bool, list[str]]:
+    """(result.json or None, final snapshot missing, snapshot keys) — blocking I/O.
+
+    The store is opened inside the try: a credentials file it cannot read (a Secret mounted
+    with a mode its user cannot read) is the store's trouble, a 503, not a 500."""
     from agent.storage import ObjectNotFound, StorageError
 
     try:
+        store = open_store()
         keys = store.list(contract.checkpoints_prefix(task_id))
         final_key = contract.final_result_key(task_id)
         if not store.exists(final_key):
@@ -75,7 +80,7 @@ def _read_store(store, task_id: str) -> tuple[dict | None, bool, list[str]]:
             raw = store.get_bytes(final_key)
         except ObjectNotFound:
             return None, True, keys
-    except StorageError as exc:
+    except (StorageError, OSError) as exc:
         raise StoreUnavailable(f"object store: {exc}") from exc
     keys += [contract.final_archive_key(task_id), final_key]
     try:
@@ -169,7 +174,7 @@ async def record_finished_job(job: dict, ctx: "Context") -> dict:
     if uid in (record.get("finished_uids") or []):
         return {"task_id": task_id, "status": "already handled"}
 
-    result, final_missing, snapshot_keys = await asyncio.to_thread(_read_store, ctx.store, task_id)
+    result, final_missing, snapshot_keys = await asyncio.to_thread(_read_store, lambda: ctx.store, task_id)
     outcome = _outcome(condition, result, record)
     reason = (result or {}).get("reason") or condition.get("reason") or condition.get("message")
     summary = (result or {}).get("summary")
