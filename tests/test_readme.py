@@ -41,3 +41,13 @@ def test_every_variable_the_agent_reads_is_in_the_readme_table():
     assert {"DOCKYARD_TASK_ID", "DOCKYARD_NATS_URL", "DOCKYARD_SNAPSHOT_KEEP"} <= read  # the scan sees them
     assert sorted(read - listed) == [], "add these to the README's agent table"
     assert sorted(listed - read) == [], "the README's agent table lists variables the agent no longer reads"
+
+
+def test_kn_event_send_targets_use_the_kn_sink_format():
+    """Issue 11, defect 3: since kn-plugin-event 1.16, `--to` takes kn's sink format (`broker:NAME`,
+    `ksvc:NAME`, `channel:NAME`, `svc:NAME:NS`, a URL); `Broker:eventing.knative.dev/v1:default` fails."""
+    docs = [(ROOT / "README.md").read_text(), *(p.read_text() for p in (ROOT / "docs").glob("*.md"))]
+    targets = [m for text in docs for m in re.findall(r"kn event send[^`]*?--to[ =](\S+)", text, flags=re.S)]
+    assert targets, "the docs show no `kn event send --to`"
+    sink = re.compile(r"(broker|channel|ksvc|svc):[a-z0-9-]+(:[a-z0-9-]+)?|https?://\S+")
+    assert [t for t in targets if not sink.fullmatch(t)] == []
