@@ -206,17 +206,39 @@ def test_the_secrets_the_pods_mount_have_templates():
                 assert (service.namespace, volume["secret"]["secretName"]) in templates, (service.id, volume)
 
 
-def test_functions_rbac_is_least_privilege_and_namespaced():
+_VERBS = {"create": "create", "read": "get", "delete": "delete", "list": "list", "patch": "patch", "replace": "update"}
+_RESOURCES = {"job": ("batch", "jobs"), "persistent_volume_claim": ("", "persistentvolumeclaims"), "secret": ("", "secrets")}
+
+
+def _api_calls_of_the_runtime() -> dict[tuple[tuple[str, ...], tuple[str, ...]], set[str]]:
+    """Every (apiGroup, resource) -> verbs the Kubernetes runtime calls, read from its source."""
+    import re
+
+    from tests.manifests import ROOT
+
+    source = (ROOT / "functions" / "runtime" / "kubernetes.py").read_text()
+    needed: dict = {}
+    for verb, kind in re.findall(r"self\.(?:batch|core)\.(create|read|delete|list|patch|replace)_namespaced_(\w+?)(?:_status)?\b", source):
+        group, resource = _RESOURCES[kind]
+        needed.setdefault(((group,), (resource,)), set()).add(_VERBS[verb])
+    return needed
+
+
+def test_functions_rbac_grants_exactly_what_the_runtime_calls():
+    """Issue 11, defects 4 and 6: RBAC and code cannot drift. The Role grants the verbs the runtime calls
+    (no `watch`/`list` it never makes, no PVC reads or deletes: the Job's deletion takes them along), and
+    `update` on `jobs/finalizers`: an ownerReference with blockOwnerDeletion needs it where the
+    OwnerReferencesPermissionEnforcement admission plugin is on (OpenShift, hardened clusters)."""
     assert not find(KNATIVE, "ClusterRole") and not find(KNATIVE, "ClusterRoleBinding")
     role = one(KNATIVE, "Role", "rbac.authorization.k8s.io", "dockyard-functions")
     assert role.namespace == contract.AGENTS_NAMESPACE
     rules = {(tuple(r["apiGroups"]), tuple(r["resources"])): set(r["verbs"]) for r in role.body["rules"]}
-    assert rules == {
-        (("batch",), ("jobs",)): {"create", "get", "list", "watch", "delete"},
-        (("",), ("persistentvolumeclaims",)): {"create", "get", "list", "delete"},
-        # The Job's Secret of NATS credentials: created, never read back (functions/runtime/kubernetes.py).
-        (("",), ("secrets",)): {"create"},
-    }
+    expected = _api_calls_of_the_runtime()
+    assert expected[(("batch",), ("jobs",))] >= {"create", "get", "delete"}  # the scan found the calls
+    owned = [m for manifests in rendered_manifests().values() for m in manifests if m["metadata"].get("ownerReferences")]
+    assert owned and all(ref["blockOwnerDeletion"] for m in owned for ref in m["metadata"]["ownerReferences"])
+    expected[(("batch",), ("jobs/finalizers",))] = {"update"}
+    assert rules == expected
     binding = one(KNATIVE, "RoleBinding", "rbac.authorization.k8s.io", "dockyard-functions").body
     assert binding["metadata"]["namespace"] == contract.AGENTS_NAMESPACE
     assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": role.name}
