@@ -14,10 +14,17 @@ from cloudevents.http import CloudEvent
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
-from functions.core.cloudevent import read_event
+from functions.core.cloudevent import MAX_BODY_BYTES, parse, read_body
 from functions.errors import Answer, BadInput, answer_for
 
 Handler = Callable[[CloudEvent, object], Awaitable[dict]]  # (event, Context) -> response body
+
+
+def body_limit(handler: Handler) -> int:
+    """The largest body the handler's target reads: its module's `MAX_BODY_BYTES`, else the default."""
+    import sys
+
+    return getattr(sys.modules.get(getattr(handler, "__module__", "")), "MAX_BODY_BYTES", MAX_BODY_BYTES)
 
 
 async def call(handler: Handler, event: CloudEvent, get_context: Callable[[], Awaitable[object]]) -> Answer:
@@ -37,9 +44,11 @@ def json_answer(answer: Answer) -> JSONResponse:
 def endpoint(handler: Handler, get_context: Callable[[], Awaitable[object]]):
     """A Starlette endpoint (`async (Request) -> Response`) running `handler` on the CloudEvent posted to it."""
 
+    limit = body_limit(handler)
+
     async def serve(request: Request) -> JSONResponse:
         try:
-            event = await read_event(request)
+            event = parse(request.headers, await read_body(request, limit))
         except BadInput as exc:
             return json_answer(answer_for(exc))
         return json_answer(await call(handler, event, get_context))

@@ -41,6 +41,11 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 FINISHED_CONDITIONS = ("Complete", "Failed")
+# The ApiServerSource posts the whole Job, which carries the task twice (its annotations and the
+# pod template's, which the downward API reads): a 64 KiB prompt makes a Job over the default
+# 256 KiB. A Kubernetes object is at most ~1.5 MiB (etcd's request limit); the Broker that sends
+# it is cluster-local. Only the uid and the task-id label are taken from it (the runtime is the truth).
+MAX_BODY_BYTES = 2 * 1024 * 1024
 
 
 def finished_condition(job: dict) -> dict | None:
