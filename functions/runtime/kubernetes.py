@@ -126,6 +126,8 @@ class KubernetesRuntime:
             job = await self._read_job(task_id)
         except TaskNotFound:
             return None
+        # Only the terminal conditions: since Kubernetes 1.31 `FailureTarget`/`SuccessCriteriaMet` come
+        # first, while the pod (and its snapshotter's final upload) is still terminating.
         finished = any(
             c.get("type") in ("Complete", "Failed") and str(c.get("status")) == "True"
             for c in (job.get("status") or {}).get("conditions") or []

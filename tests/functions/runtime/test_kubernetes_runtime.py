@@ -320,3 +320,18 @@ async def test_a_file_repository_is_never_launched_in_the_cluster(kube, runtime)
         await runtime.launch(task)
     assert (raised.value.field, raised.value.status) == ("repo.url", 400)
     assert kube.get(JOBS, NS, "agent-t-file") is None and kube.get(PVCS, NS, "workspace-t-file") is None
+
+
+async def test_a_job_with_only_the_interim_conditions_of_1_31_is_not_finished_yet(kube, runtime):
+    """Issue 11, defect 6: since Kubernetes 1.31 the Job controller first sets `FailureTarget` or
+    `SuccessCriteriaMet`, and `Failed`/`Complete` only once every pod has terminated. The pod's
+    snapshotter sidecar is still uploading the final snapshot then: the task is not finished until
+    the terminal condition, so its end is read once, after the upload."""
+    await runtime.launch(make_task())
+    for interim, terminal, reason in (("FailureTarget", "Failed", "DeadlineExceeded"), ("SuccessCriteriaMet", "Complete", None)):
+        await kube.set_job_status(NS, "agent-t1", active=1, terminating=1, conditions=[job_condition(interim, reason=reason)])
+        assert await runtime.finished_job("t1") is None
+        await kube.set_job_status(NS, "agent-t1", active=0, terminating=0,
+                                  conditions=[job_condition(interim, reason=reason), job_condition(terminal, reason=reason)])
+        job = await runtime.finished_job("t1")
+        assert job is not None and job["status"]["conditions"][-1]["type"] == terminal
