@@ -68,6 +68,20 @@ def _termination_message(job: dict) -> str | None:
     return message if isinstance(message, str) and message else None
 
 
+def _agent_exit_reason(job: dict) -> str | None:
+    """How the agent container ended, when it did not end well (`OOMKilled`, `Error (exit code 2)`,
+    `signal 9`): the Kubernetes runtime puts it on the Job as `status.agentExit` (from the pod)."""
+    status = job.get("status") if isinstance(job.get("status"), dict) else {}
+    exit_ = status.get("agentExit") if isinstance(status.get("agentExit"), dict) else {}
+    reason, code, signal = exit_.get("reason"), exit_.get("exitCode"), exit_.get("signal")
+    if not exit_ or (code == 0 and not signal and reason in (None, "Completed")):
+        return None
+    detail = f"exit code {code}" if isinstance(code, int) else (f"signal {signal}" if signal else "")
+    if isinstance(reason, str) and reason and reason != "Error":
+        return f"{reason} ({detail})" if detail else reason
+    return f"Error ({detail})" if detail else None
+
+
 def _read_store(open_store: Callable[[], Any], task_id: str) -> tuple[dict | None, bool, list[str]]:
     """(result.json or None, final snapshot missing, snapshot keys) — blocking I/O.
 
@@ -181,7 +195,7 @@ async def record_finished_job(job: dict, ctx: "Context") -> dict:
 
     result, final_missing, snapshot_keys = await asyncio.to_thread(_read_store, lambda: ctx.store, task_id)
     outcome = _outcome(condition, result, record)
-    reason = (result or {}).get("reason") or condition.get("reason") or condition.get("message")
+    reason = (result or {}).get("reason") or _agent_exit_reason(job) or condition.get("reason") or condition.get("message")
     summary = (result or {}).get("summary")
     termination_message = _termination_message(job)
     succeeded = condition["type"] == "Complete" and outcome == contract.OUTCOME_DONE

@@ -132,7 +132,32 @@ class KubernetesRuntime:
             c.get("type") in ("Complete", "Failed") and str(c.get("status")) == "True"
             for c in (job.get("status") or {}).get("conditions") or []
         )
-        return job if finished else None
+        if not finished:
+            return None
+        return await self._with_last_gasp(job, task_id)
+
+    async def _with_last_gasp(self, job: dict, task_id: str) -> dict:
+        """The Job, with its agent container's end put on it as the local runtime puts it: a Job carries
+        no termination message (the Pod does). From the newest pod's agent container: `status.terminationMessage`
+        (its own, or its last log lines: `FallbackToLogsOnError`) and `status.agentExit` (reason such as
+        `OOMKilled`, exit code, signal). Best effort: without the pods, the end is recorded all the same."""
+        ns = self.settings.namespace
+        selector = f"{JOB_NAME_LABEL}={contract.job_name(task_id)}"
+        try:
+            pods = await self._call(f"list Pods of Job {ns}/{contract.job_name(task_id)}", self.core.list_namespaced_pod, ns,
+                                    label_selector=selector)
+        except (ApiRejected, ApiUnavailable) as exc:
+            log.warning("task %s: no last words from its pods: %s", task_id, exc)
+            return job
+        terminated = _agent_terminated(pods.get("items") or [])
+        if terminated is None:
+            return job
+        status = dict(job.get("status") or {})
+        message = (terminated.get("message") or "").strip()
+        if message and not status.get("terminationMessage"):
+            status["terminationMessage"] = message
+        status["agentExit"] = {key: terminated[key] for key in ("reason", "exitCode", "signal") if terminated.get(key) is not None}
+        return {**job, "status": status}
 
     async def job_uid(self, task_id: str) -> str | None:
         try:
@@ -237,8 +262,9 @@ class KubernetesRuntime:
             return ApiUnavailable(f"{what}: {detail}; retry once other tasks in {ns} have finished", status)
         if status == 403:
             return ApiRejected(
-                f"{what} was forbidden: {detail}. The functions' ServiceAccount needs create, get, list and "
-                f"delete on jobs, create on persistentvolumeclaims and create on secrets in namespace {ns}: apply the RBAC in knative/",
+                f"{what} was forbidden: {detail}. The functions' ServiceAccount needs create, get and delete on jobs, "
+                f"update on jobs/finalizers, create on persistentvolumeclaims and secrets, and list on pods in namespace {ns}: "
+                "apply the RBAC in knative/",
                 status,
             )
         if status == 401:
@@ -273,3 +299,17 @@ def _annotated_task(meta: dict) -> dict | None:
     except ValueError:
         return None
 
+
+JOB_NAME_LABEL = "batch.kubernetes.io/job-name"  # set on a Job's pods by the Job controller (1.27+)
+
+
+def _agent_terminated(pods: list[dict]) -> dict | None:
+    """The agent container's last `terminated` state in the newest pod that has one."""
+    for pod in sorted(pods, key=lambda p: (p.get("metadata") or {}).get("creationTimestamp") or "", reverse=True):
+        for container in (pod.get("status") or {}).get("containerStatuses") or []:
+            if container.get("name") != factory.CONTAINER_AGENT:
+                continue
+            for state in (container.get("state") or {}, container.get("lastState") or {}):
+                if isinstance(state.get("terminated"), dict):
+                    return state["terminated"]
+    return None

@@ -13,7 +13,7 @@ What a real API server does and plain kmock does not, added here:
   name its UID), recursively. `propagationPolicy: Orphan` keeps them and strips
   the reference; a Job deleted without a policy orphans, as batch/v1 does;
 - lists honour `labelSelector` (`=`, `==`, `!=`, `in`, `notin`, `key`, `!key`);
-- `set_job_status()` plays the Job controller; `fail_next()` injects an error
+- `set_job_status()` plays the Job controller, `set_pod_status()` the kubelet; `fail_next()` injects an error
   answer (or a delay) for the next matching request.
 
 The client is synchronous: call it through `asyncio.to_thread` (as the runtime
@@ -184,6 +184,18 @@ class KubeEmulator(KubernetesEmulator):
         obj.patch({"status": status, "metadata": {"resourceVersion": self._next_version()}})
         await self._buses[JOBS].put({"type": "MODIFIED", "object": obj.raw})
         return obj.raw
+
+    async def set_pod_status(self, namespace: str, name: str, *, created: str | None = None, **status: Any) -> dict:
+        """Write a Pod's status as the kubelet would (e.g. `containerStatuses=[...]`); `created` sets its
+        creationTimestamp (the API server's, one-second resolution) to order pods in a test."""
+        key = (PODS, namespace, name)
+        if key not in self.objects or self.objects[key].deleted:
+            raise KeyError(f"no Pod {namespace}/{name}")
+        meta: dict[str, Any] = {"resourceVersion": self._next_version()}
+        if created:
+            meta["creationTimestamp"] = created
+        self.objects[key].patch({"status": status, "metadata": meta})
+        return self.objects[key].raw
 
     # --- the server side ---------------------------------------------------------
 

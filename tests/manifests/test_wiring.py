@@ -207,7 +207,8 @@ def test_the_secrets_the_pods_mount_have_templates():
 
 
 _VERBS = {"create": "create", "read": "get", "delete": "delete", "list": "list", "patch": "patch", "replace": "update"}
-_RESOURCES = {"job": ("batch", "jobs"), "persistent_volume_claim": ("", "persistentvolumeclaims"), "secret": ("", "secrets")}
+_RESOURCES = {"job": ("batch", "jobs"), "persistent_volume_claim": ("", "persistentvolumeclaims"), "secret": ("", "secrets"),
+              "pod": ("", "pods")}
 
 
 def _api_calls_of_the_runtime() -> dict[tuple[tuple[str, ...], tuple[str, ...]], set[str]]:

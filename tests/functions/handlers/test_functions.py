@@ -278,6 +278,20 @@ async def test_job_failed_without_snapshot(post, bus, runtime, events, settings)
     assert finished["final_snapshot_missing"] is True and finished["outcome"] == "failed"
 
 
+async def test_an_oom_killed_agent_s_reason_and_last_words_reach_the_record_and_the_trace(post, bus, runtime, events):
+    """Issue 11, defect 7: the runtime reads the agent container's end from its pod (`status.agentExit`,
+    `status.terminationMessage`: FallbackToLogsOnError's last lines); job_finished records them."""
+    await submitted(post, "t-oom")
+    data = finish_job(runtime, "t-oom", "Failed", reason="BackoffLimitExceeded",
+                      agentExit={"reason": "OOMKilled", "exitCode": 137}, terminationMessage="step 41: cloning\nKilled")
+    assert (await post("job_finished", contract.EVENT_JOB_UPDATE, data)).status_code == 200
+    record = await bus.registry.get("t-oom")
+    assert (record["outcome"], record["reason"]) == (contract.OUTCOME_FAILED, "OOMKilled (exit code 137)")
+    assert record["termination_message"] == "step 41: cloning\nKilled"
+    (finished,) = [e for e in await events("t-oom") if e["state"] == contract.STATE_FINISHED]
+    assert finished["reason"] == "OOMKilled (exit code 137)" and finished["termination_message"].endswith("Killed")
+
+
 async def test_job_failed_outcome_from_result_and_deadline(post, bus, runtime, store):
     await submitted(post, "t3")
     store.put_bytes(contract.final_archive_key("t3"), b"tar")

@@ -335,3 +335,43 @@ async def test_a_job_with_only_the_interim_conditions_of_1_31_is_not_finished_ye
                                   conditions=[job_condition(interim, reason=reason), job_condition(terminal, reason=reason)])
         job = await runtime.finished_job("t1")
         assert job is not None and job["status"]["conditions"][-1]["type"] == terminal
+
+
+_STATUS_FIELDS = {"image": "agent", "imageID": "sha256:0", "ready": False, "restartCount": 1}
+
+
+async def _agent_pod(kube, runtime, name: str, created: str, terminated: dict, *, last: bool = False) -> None:
+    """A pod of Job agent-t1 as the Job controller makes it, then its status as the kubelet writes it."""
+    pod = {"apiVersion": "v1", "kind": "Pod",
+           "metadata": {"name": name, "labels": {"batch.kubernetes.io/job-name": "agent-t1", **contract.agent_labels("t1")}},
+           "spec": {"containers": [{"name": "agent", "image": "agent"}]}}
+    await asyncio.to_thread(runtime.core.create_namespaced_pod, NS, pod)
+    state = {"lastState" if last else "state": {"terminated": terminated}}
+    await kube.set_pod_status(NS, name, created=created, containerStatuses=[
+        {"name": "snapshotter", "state": {"terminated": {"exitCode": 0, "reason": "Completed"}}, **_STATUS_FIELDS},
+        {"name": "agent", **state, **_STATUS_FIELDS},
+    ])
+
+
+async def test_a_finished_job_carries_its_agent_container_s_end_and_last_words(kube, runtime):
+    """Issue 11, defect 7: a Job carries no termination message (the Pod does), so an OOM-killed agent left
+    no reason and no last lines. The runtime now reads the newest pod's agent container."""
+    await runtime.launch(make_task())
+    await _agent_pod(kube, runtime, "agent-t1-b", "2026-12-01T10:05:00Z",
+                     {"exitCode": 137, "reason": "OOMKilled", "message": "step 41: cloning\nKilled\n"}, last=True)
+    await _agent_pod(kube, runtime, "agent-t1-a", "2026-12-01T10:00:00Z", {"exitCode": 1, "reason": "Error", "message": "first try"})
+    await kube.set_job_status(NS, "agent-t1", active=0, failed=2, conditions=[job_condition("Failed", reason="BackoffLimitExceeded")])
+
+    job = await runtime.finished_job("t1")
+    assert job["status"]["agentExit"] == {"reason": "OOMKilled", "exitCode": 137}
+    assert job["status"]["terminationMessage"] == "step 41: cloning\nKilled"
+    assert kube.get(JOBS, NS, "agent-t1")["status"].get("terminationMessage") is None  # read, never written back
+
+
+async def test_without_its_pods_a_finished_job_is_still_finished(kube, runtime):
+    await runtime.launch(make_task())
+    await kube.set_job_status(NS, "agent-t1", active=0, succeeded=1, conditions=[job_condition("Complete")])
+    job = await runtime.finished_job("t1")  # no pods (deleted, or never listed): nothing to add
+    assert job is not None and "agentExit" not in job["status"]
+    kube.fail_next("list", "pods", 403, "pods is forbidden")
+    assert (await runtime.finished_job("t1"))["status"]["conditions"][-1]["type"] == "Complete"
