@@ -263,7 +263,7 @@ class KubernetesRuntime:
         if status == 403:
             return ApiRejected(
                 f"{what} was forbidden: {detail}. The functions' ServiceAccount needs create, get and delete on jobs, "
-                f"update on jobs/finalizers, create on persistentvolumeclaims and secrets, and list on pods in namespace {ns}: "
+                f"update on jobs/finalizers, create on persistentvolumeclaims, create on secrets and list on pods in namespace {ns}: "
                 "apply the RBAC in knative/",
                 status,
             )
