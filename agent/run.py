@@ -18,6 +18,7 @@ import gc
 import json
 import logging
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -132,6 +133,28 @@ def clone_repo(repo: dict, workspace: Path, env: dict, *, allow_file: bool = Fal
     if ref:
         subprocess.run(["git", "-C", str(staging), "checkout", "--quiet", ref], check=True, env=env, capture_output=True, text=True, timeout=120)
     os.replace(staging, target)
+
+
+# What git prints when retrying cannot help, in words a person understands (git's own messages,
+# lower-cased; HTTP errors as git's http transport reports them).
+_PERMANENT_GIT_FAILURES = (
+    (re.compile(r"repository '.*' not found|repository not found|returned error: 404"), "repository not found"),
+    (re.compile(r"does not appear to be a git repository|not a git repository"), "not a git repository"),
+    (re.compile(r"could not resolve host|name or service not known|no address associated with hostname"), "host unknown"),
+    (re.compile(r"authentication failed|could not read username|could not read password|permission denied \(publickey"
+                r"|returned error: 40[13]|host key verification failed"), "access refused"),
+    (re.compile(r"did not match any file\(s\) known to git|remote branch .* not found|invalid reference|unknown revision"),
+     "no such branch, tag or commit"),
+)
+
+
+def permanent_git_failure(stderr: str) -> str | None:
+    """Why a failed clone or checkout can never succeed, or None when it might (timeouts, resets, 5xx)."""
+    text = (stderr or "").lower()
+    for pattern, why in _PERMANENT_GIT_FAILURES:
+        if pattern.search(text):
+            return why
+    return None
 
 
 def _load_model(spec: str, secrets_dir: Path, scripts_dir: str | None):
@@ -399,4 +422,9 @@ class Run:
             clone_repo(repo, self.workspace, tools.environment(), allow_file=self.args.allow_file_repos)
         except subprocess.CalledProcessError as exc:
             # Redacted before it is cut: git may echo a URL with its password.
-            raise RuntimeError(f"git clone of {repo.get('url')} failed: {self.telemetry.redactor.cut(exc.stderr.strip(), 500)}") from None
+            detail = self.telemetry.redactor.cut(exc.stderr.strip(), 500)
+            why = permanent_git_failure(exc.stderr)
+            if why:  # retrying cannot help: fail now, in words, instead of after every retry
+                step = f"checkout of ref {repo.get('ref')!r}" if "checkout" in exc.cmd else "clone"
+                raise FatalError(f"git {step} failed: {why} ({detail})") from None
+            raise RuntimeError(f"git clone of {repo.get('url')} failed: {detail}") from None

@@ -286,3 +286,48 @@ def test_the_agent_refuses_a_file_repository_unless_allowed(tmp_path, agent_env)
     with pytest.raises(FatalError, match="allow-file-repos"):
         clone_repo({"url": (tmp_path / "origin").as_uri()}, tmp_path, agent_env)
     assert not (tmp_path / contract.REPO_DIR).exists()
+
+
+@pytest.mark.parametrize("stderr, why", [
+    ("fatal: repository 'https://github.com/acme/nope.git/' not found", "repository not found"),
+    ("fatal: unable to access 'https://git.example/x.git/': The requested URL returned error: 404", "repository not found"),
+    ("fatal: '/srv/nothing' does not appear to be a git repository", "not a git repository"),
+    ("fatal: unable to access 'https://nope.invalid/x.git/': Could not resolve host: nope.invalid", "host unknown"),
+    ("fatal: Authentication failed for 'https://git.example/x.git/'", "access refused"),
+    ("git@github.com: Permission denied (publickey).\nfatal: Could not read from remote repository.", "access refused"),
+    ("error: pathspec 'v9.9' did not match any file(s) known to git", "no such branch, tag or commit"),
+    ("fatal: unable to access 'https://git.example/x.git/': The requested URL returned error: 503", None),
+    ("fatal: unable to access 'https://git.example/x.git/': Failed to connect to git.example port 443: Connection timed out", None),
+    ("error: RPC failed; curl 56 Recv failure: Connection reset by peer\nfatal: early EOF", None),
+])
+def test_git_failures_that_retrying_cannot_fix_are_named(stderr, why):
+    from agent.run import permanent_git_failure
+
+    assert permanent_git_failure(stderr) == why
+
+
+def _origin(tmp_path: Path) -> Path:
+    origin = tmp_path / "origin"
+    git = ["git", "-c", "user.email=t@example.com", "-c", "user.name=t", "-C", str(origin)]
+    subprocess.run(["git", "init", "-q", str(origin)], check=True)
+    (origin / "README.md").write_text("hello\n")
+    subprocess.run([*git, "add", "."], check=True)
+    subprocess.run([*git, "commit", "-qm", "init"], check=True)
+    return origin
+
+
+@pytest.mark.parametrize("case", ["no repository", "no such ref"])
+def test_a_clone_that_can_never_work_is_fatal_at_once_with_its_reason(tmp_path, agent_env, case):
+    """Issue 12, item 4: a repository that cannot be cloned used to fail, be retried four times (~35 s)
+    and end as BackoffLimitExceeded. Now: exit 3 (no retry), outcome failed, the reason in words."""
+    repo = {"url": (tmp_path / "nothing").as_uri()} if case == "no repository" else {"url": _origin(tmp_path).as_uri(), "ref": "v9.9"}
+    task = tmp_path / "task.json"
+    task.write_text(json.dumps({"prompt": "read the readme", "repo": repo}))
+    workspace = tmp_path / "ws"
+    proc = subprocess.run(agent_cmd("clonefail", workspace, task, "scripted:example", "--allow-file-repos"),
+                          env=agent_env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == contract.EXIT_FATAL, proc.stderr
+    expected = "git clone failed: not a git repository" if case == "no repository" else "git checkout of ref 'v9.9' failed: no such branch, tag or commit"
+    (finished,) = [e for e in trace_events(proc.stdout) if e["type"] == contract.EV_STATUS and e.get("state") == contract.STATE_FINISHED]
+    assert finished["outcome"] == contract.OUTCOME_FAILED and finished["reason"].startswith(expected)
+    assert json.loads((workspace / contract.RESULT_FILE).read_text())["outcome"] == contract.OUTCOME_FAILED
