@@ -82,6 +82,13 @@ def _agent_exit_reason(job: dict) -> str | None:
     return f"Error ({detail})" if detail else None
 
 
+def _deadline_reason(record: TaskRecord) -> str | None:
+    """"DeadlineExceeded" in words, with the limit the task had."""
+    limits = (record.get("task") or {}).get("limits") or {}
+    seconds = limits.get("deadline_seconds")
+    return f"DeadlineExceeded: the task's deadline of {seconds} s passed" if isinstance(seconds, int) else None
+
+
 def _read_store(open_store: Callable[[], Any], task_id: str) -> tuple[dict | None, bool, list[str]]:
     """(result.json or None, final snapshot missing, snapshot keys) — blocking I/O.
 
@@ -196,6 +203,8 @@ async def record_finished_job(job: dict, ctx: "Context") -> dict:
     result, final_missing, snapshot_keys = await asyncio.to_thread(_read_store, lambda: ctx.store, task_id)
     outcome = _outcome(condition, result, record)
     reason = (result or {}).get("reason") or _agent_exit_reason(job) or condition.get("reason") or condition.get("message")
+    if outcome == contract.OUTCOME_DEADLINE and reason == "DeadlineExceeded":
+        reason = _deadline_reason(record) or reason
     summary = (result or {}).get("summary")
     termination_message = _termination_message(job)
     succeeded = condition["type"] == "Complete" and outcome == contract.OUTCOME_DONE

@@ -301,7 +301,10 @@ async def test_job_failed_outcome_from_result_and_deadline(post, bus, runtime, s
 
     await submitted(post, "t4")
     await post("job_finished", contract.EVENT_JOB_UPDATE, finish_job(runtime, "t4", "Failed", reason="DeadlineExceeded"))
-    assert (await bus.registry.get("t4"))["outcome"] == contract.OUTCOME_DEADLINE
+    record = await bus.registry.get("t4")
+    assert record["outcome"] == contract.OUTCOME_DEADLINE
+    deadline = record["task"]["limits"]["deadline_seconds"]
+    assert record["reason"] == f"DeadlineExceeded: the task's deadline of {deadline} s passed"  # the limit, in words
 
 
 async def test_job_of_an_unknown_task_rebuilds_its_record(post, bus, runtime):
