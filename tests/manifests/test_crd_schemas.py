@@ -155,3 +155,18 @@ def test_the_vendored_crds_are_the_upstream_files():
         assert text.startswith("# Copyright") and "The Knative Authors" in text.splitlines()[0], path.name
         (crd,) = [d for d in yaml.safe_load_all(text) if d]
         assert crd["kind"] == "CustomResourceDefinition", path.name
+
+
+def test_the_broker_channel_template_is_a_channel_the_pinned_eventing_natss_serves():
+    """MTChannelBasedBroker creates its channel from the ConfigMap its spec.config names: the key
+    `channel-template-spec` holds apiVersion, kind and an optional spec (knative/eventing
+    pkg/apis/messaging/v1 ChannelTemplateSpec). That channel must be valid against eventing-natss's CRD."""
+    broker = one(DOCS, "Broker", "eventing.knative.dev", "default").body
+    ref = broker["spec"]["config"]
+    configmap = one(DOCS, "ConfigMap", "", ref["name"])
+    assert (ref["kind"], configmap.namespace) == ("ConfigMap", ref["namespace"])
+    template = yaml.safe_load(configmap.body["data"]["channel-template-spec"])
+    assert set(template) <= {"apiVersion", "kind", "spec"}, template
+    channel = {**template, "metadata": {"name": "default-kne-trigger", "namespace": broker["metadata"]["namespace"]}}
+    assert problems(channel, CRDS) == []
+    assert CRDS[(template["apiVersion"], template["kind"])].file == "eventing-natss-jetstream-channel.yaml"
