@@ -2,8 +2,9 @@
 
 Built-in kinds go through kubernetes-validate in strict mode (no unknown fields)
 against each Kubernetes version from 1.30 to the newest the package knows. Custom
-resources (Knative, Kustomize) have no schema there: their required fields are
-checked by hand against the table below. The Jobs and PVCs of functions.core.factory
+resources have no schema there: the Knative kinds are validated strictly against their
+vendored upstream CRDs in test_crd_schemas.py; the Kustomization's required field is
+checked by hand below. The Jobs and PVCs of functions.core.factory
 are validated the same way.
 """
 
@@ -14,6 +15,7 @@ from kubernetes_validate import utils as kv
 from packaging.version import Version
 
 from tests.manifests import ROOT, KNATIVE_DIR, MANIFEST_DIRS, Doc, documents, rendered_manifests
+from tests.manifests.crd_schema import load_crds
 
 OLDEST = Version("1.30")
 VERSIONS = [v for v in sorted(set(kv.all_versions()), key=Version) if Version(v) >= OLDEST]
@@ -30,55 +32,23 @@ def _get(body: dict, path: str):
     return value
 
 
-def _knative_service(body: dict) -> list[str]:
-    containers = _get(body, "spec.template.spec.containers") or []
-    problems = [] if containers else ["spec.template.spec.containers is empty"]
-    problems += [f"container {i} has no image" for i, c in enumerate(containers) if not c.get("image")]
-    return problems
-
-
-def _trigger(body: dict) -> list[str]:
-    subscriber = _get(body, "spec.subscriber") or {}
-    return [] if subscriber.get("ref") or subscriber.get("uri") else ["spec.subscriber needs ref or uri"]
-
-
-def _sink(body: dict) -> list[str]:
-    sink = _get(body, "spec.sink") or {}
-    return [] if sink.get("ref") or sink.get("uri") else ["spec.sink needs ref or uri"]
-
-
-def _apiserversource(body: dict) -> list[str]:
-    problems = _sink(body)
-    if _get(body, "spec.mode") not in (None, "Reference", "Resource"):
-        problems.append("spec.mode must be Reference or Resource")
-    for i, resource in enumerate(_get(body, "spec.resources") or []):
-        problems += [f"spec.resources[{i}] needs {key}" for key in ("apiVersion", "kind") if not resource.get(key)]
-    return problems
-
-
-def _kustomization(body: dict) -> list[str]:
-    return []  # test_kustomization_lists_every_manifest checks its resources
-
-
-# (apiVersion, kind) -> (required dotted paths, extra check)
+# Custom kinds with no vendored CRD: (apiVersion, kind) -> required dotted paths. The Knative kinds
+# are validated strictly against their upstream CRDs in test_crd_schemas.py (CRDS below).
 CUSTOM_KINDS = {
-    ("serving.knative.dev/v1", "Service"): (("metadata.name", "spec.template.spec.containers"), _knative_service),
-    ("eventing.knative.dev/v1", "Broker"): (("metadata.name",), lambda body: []),
-    ("eventing.knative.dev/v1", "Trigger"): (("metadata.name", "spec.broker", "spec.subscriber"), _trigger),
-    ("sources.knative.dev/v1", "PingSource"): (("metadata.name", "spec.schedule", "spec.sink"), _sink),
-    ("sources.knative.dev/v1", "ApiServerSource"): (("metadata.name", "spec.resources", "spec.sink"), _apiserversource),
-    ("kustomize.config.k8s.io/v1beta1", "Kustomization"): (("resources",), _kustomization),
+    ("kustomize.config.k8s.io/v1beta1", "Kustomization"): ("resources",),  # test_kustomization_lists_every_manifest checks them
 }
+CRDS = load_crds()
 
 
 def _custom(doc: Doc) -> bool:
     """Not a kind the API server ships: a Knative or Kustomize resource, or a group that is not *.k8s.io."""
     group = doc.api_version.rpartition("/")[0]
-    return (doc.api_version, doc.kind) in CUSTOM_KINDS or ("." in group and not group.endswith(".k8s.io"))
+    key = (doc.api_version, doc.kind)
+    return key in CUSTOM_KINDS or key in CRDS or ("." in group and not group.endswith(".k8s.io"))
 
 
 BUILTIN = [d for d in DOCS if not _custom(d)]
-CUSTOM = [d for d in DOCS if _custom(d)]
+CUSTOM = [d for d in DOCS if _custom(d) and (d.api_version, d.kind) not in CRDS]
 
 
 def test_the_version_range_is_not_empty():
@@ -95,18 +65,15 @@ def test_builtin_manifest_is_valid(doc: Doc, version: str):
         path = ".".join(str(p) for p in exc.path)
         pytest.fail(f"{doc.id} is invalid for Kubernetes {version} at {path or '(top)'}: {exc.message}")
     except kv.SchemaNotFoundError as exc:
-        pytest.fail(f"{doc.id}: {exc.message} (a custom resource? add it to CUSTOM_KINDS)")
+        pytest.fail(f"{doc.id}: {exc.message} (a custom resource? vendor its CRD in tests/manifests/schemas/)")
 
 
 @pytest.mark.parametrize("doc", CUSTOM, ids=lambda d: d.id)
 def test_custom_resource_has_its_required_fields(doc: Doc):
     key = (doc.api_version, doc.kind)
     assert key in CUSTOM_KINDS, f"{doc.id}: unknown kind {key}; add it to CUSTOM_KINDS with its required fields"
-    required, check = CUSTOM_KINDS[key]
-    missing = [path for path in required if _get(doc.body, path) in (None, "", [], {})]
+    missing = [path for path in CUSTOM_KINDS[key] if _get(doc.body, path) in (None, "", [], {})]
     assert not missing, f"{doc.id} lacks {', '.join(missing)}"
-    problems = check(doc.body)
-    assert not problems, f"{doc.id}: {'; '.join(problems)}"
 
 
 def test_every_namespaced_manifest_names_its_namespace():
