@@ -237,7 +237,7 @@ def test_a_secret_that_reaches_nats_unredacted_is_redacted_before_the_page(page,
     assert "[REDACTED]" in page.locator("#tv-trace .ev-log", has_text="intruder").inner_text()
 
 
-def test_a_deep_link_opens_the_task_view_and_commands_answer(page, dev):
+def test_a_deep_link_opens_the_task_view_and_a_finished_task_has_no_controls(page, dev):
     task_id = submit_over_http(dev, {"prompt": EXAMPLE_PROMPT, "model": "scripted:example"})
     page.goto(cockpit(dev, f"#/tasks/{task_id}"))
     page.wait_for_selector("#task-view")  # once the page has traded its token for the cookie
@@ -246,14 +246,11 @@ def test_a_deep_link_opens_the_task_view_and_commands_answer(page, dev):
     page.wait_for_selector("#tv-outcome[data-outcome=done]")
     assert [e["id"] for e in trace(page)] == stream_ids(dev, task_id)
 
-    # Commands go to the broker ingress; its answers (also 4xx) show next to the buttons.
-    page.click("#tv-cancel")
-    page.wait_for_selector("#tv-command-result:text('cancel: already finished')")
-    page.fill("#tv-message-form input[name=text]", "one more thing")
-    page.click("#tv-message-form button")
-    result = page.locator("#tv-command-result")
-    result.filter(has_text="409").wait_for()
-    assert "(field: task_id)" in result.inner_text() and "error" in result.get_attribute("class")
+    # A finished task offers no cancel or message (they could only answer 409), and says how long it took.
+    for control in ("#tv-cancel", "#tv-message-form input[name=text]", "#tv-message-form button"):
+        page.wait_for_selector(f"{control}:disabled")
+    page.locator("#tv-facts dt", has_text="took").wait_for()
+    page.locator(f"#task-list a[data-task-id='{task_id}'] .task-took").wait_for()
 
     # Another task's link, then back to the list.
     page.goto(f"{dev.url}/#/tasks/no-such-task")  # the session cookie is set: no token needed any more
@@ -316,3 +313,36 @@ def test_through_the_relay_when_the_broker_is_elsewhere(page, make_dev):
     empty = {**forged, "type": contract.EVENT_TASK_SUBMITTED, "data": {"prompt": ""}}
     answer = httpx.post(f"{server.url}/api/events", json=empty, headers={"Content-Type": "application/cloudevents+json", **server.headers})
     assert (answer.status_code, answer.json()["field"]) == (400, "prompt")
+
+
+GATED = [
+    {"tool_calls": [{"name": "plan", "args": {"todos": ["wait"], "objective": "wait for the test"}}]},
+    {"tool_calls": [{"name": "execute", "args": {
+        "command": "echo started > started.flag; while [ ! -e ../release ]; do sleep 0.1; done"}}]},
+    {"tool_calls": [{"name": "finish", "args": {"summary": "released"}}]},
+]
+
+
+def test_commands_answer_next_to_the_buttons_while_the_task_runs(page, dev, scripts_dir):
+    import yaml
+
+    (scripts_dir / "gated.yaml").write_text(yaml.safe_dump(GATED))
+    task_id = submit_over_http(dev, {"prompt": "wait", "model": "scripted:gated"})
+    folder = dev.data_dir / "tasks" / task_id
+    page.goto(cockpit(dev, f"#/tasks/{task_id}"))
+    page.wait_for_selector("#task-view")
+    page.wait_for_function("() => document.querySelector('#tv-todo')?.textContent.includes('wait')", timeout=END_TIMEOUT_MS)
+    try:
+        assert page.is_enabled("#tv-cancel") and page.is_enabled("#tv-message-form button")
+        # Commands go to the broker ingress; its answers show next to the buttons.
+        page.fill("#tv-message-form input[name=text]", "one more thing")
+        page.click("#tv-message-form button")
+        page.wait_for_selector("#tv-command-result:text-matches('^message: ')")
+        assert "error" not in page.get_attribute("#tv-command-result", "class")
+        page.click("#tv-cancel")
+        page.wait_for_selector("#tv-command-result:text-matches('^cancel: ')")
+        (folder / "release").touch()  # the agent stops after its current step: let that step end
+        page.wait_for_selector("#tv-outcome[data-outcome=cancelled]", timeout=END_TIMEOUT_MS)
+        page.wait_for_selector("#tv-cancel:disabled")
+    finally:
+        (folder / "release").touch()  # whatever happened, let the agent go

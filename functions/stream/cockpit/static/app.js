@@ -72,7 +72,7 @@ function renderList() {
   const now = Date.now();
   const open = current?.taskId;
   const shown = tasks.filter((t) => t && isTaskId(t.task_id));
-  const shape = JSON.stringify([open, shown.map((t) => [t.task_id, t.state, t.phase, t.outcome, t.task?.prompt])]);
+  const shape = JSON.stringify([open, shown.map((t) => [t.task_id, t.state, t.phase, t.outcome, t.finished_at, t.task?.prompt])]);
   ui.listEmpty.hidden = shown.length > 0;
   if (shape === listShape) {
     // Rebuilding would drop keyboard focus and hover every few seconds.
@@ -101,7 +101,9 @@ function taskRow(t, open, now) {
         { class: "task-row-top" },
         h("span", { class: `badge state-${state}` }, state),
         h("code", { class: "task-id" }, t.task_id),
-        h("span", { class: "task-age", title: t.created_at || "" }, age(t.created_at, now)),
+        t.state === "finished" && t.finished_at
+          ? h("span", { class: "task-took", title: `took, ${t.created_at} to ${t.finished_at}` }, age(t.created_at, Date.parse(t.finished_at)))
+          : h("span", { class: "task-age", title: t.created_at || "" }, age(t.created_at, now)),
       ),
       prompt ? h("div", { class: "task-prompt" }, oneLine(prompt, 140)) : null,
       h(
@@ -197,7 +199,7 @@ ui.cancel.addEventListener("click", async () => {
   try {
     await sendCommand("cancel");
   } finally {
-    ui.cancel.disabled = false;
+    ui.cancel.disabled = current?.facts.state === "finished"; // the task view keeps controls in step with its state
   }
 });
 

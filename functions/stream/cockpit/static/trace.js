@@ -198,6 +198,7 @@ export class TaskView {
     const fresher = this.lastId === 0 || (record.state === "finished" && this.facts.state !== "finished");
     if (fresher) for (const key of ["state", "phase", "outcome"]) if (record[key]) this.facts[key] = record[key];
     if (record.created_at) this.facts.created_at = record.created_at;
+    if (record.finished_at) this.facts.finished_at = record.finished_at;
     if (task.model) this.facts.model ??= task.model;
     if (task.prompt) text(this.el.prompt, task.prompt);
     if (task.repo?.url) this.facts.repo = task.repo.url + (task.repo.ref ? ` @ ${task.repo.ref}` : "");
@@ -227,10 +228,17 @@ export class TaskView {
       ["phase", f.phase ? h("span", { class: `badge phase-${f.phase}` }, f.phase) : "—"],
       ["outcome", f.outcome ? h("span", { class: `badge outcome-${f.outcome}` }, f.outcome) : "—"],
       ["model", f.model || "default"],
-      ["age", f.created_at ? age(f.created_at) : "—"],
+      f.state === "finished" && f.finished_at
+        ? ["took", age(f.created_at, Date.parse(f.finished_at))] // a finished task's age would keep growing
+        : ["age", f.created_at ? age(f.created_at) : "—"],
     ];
     if (f.repo) rows.push(["repo", f.repo]);
     this.el.facts.replaceChildren(...rows.map(([k, v]) => h("div", {}, h("dt", {}, k), h("dd", {}, v))));
+    // Cancel and message are for a running task; a finished one would only answer 409.
+    const over = f.state === "finished";
+    for (const control of this.root.querySelectorAll("#tv-cancel, #tv-message-form input, #tv-message-form button")) {
+      control.disabled = over;
+    }
   }
 
   showOutcome(outcome, summary) {
