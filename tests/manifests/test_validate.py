@@ -1,7 +1,7 @@
 """Every manifest is well-formed for every Kubernetes version dockyard supports.
 
 Built-in kinds go through kubernetes-validate in strict mode (no unknown fields)
-against each Kubernetes version from 1.30 to the newest the package knows. Custom
+against each Kubernetes version from the pinned minimum (`versions.KUBERNETES_MIN`) to the newest the package knows. Custom
 resources have no schema there: the Knative kinds are validated strictly against their
 vendored upstream CRDs in test_crd_schemas.py; the Kustomization's required field is
 checked by hand below. The Jobs and PVCs of functions.core.factory
@@ -14,10 +14,11 @@ import pytest
 from kubernetes_validate import utils as kv
 from packaging.version import Version
 
+from tests.manifests.versions import KUBERNETES_MIN
 from tests.manifests import ROOT, KNATIVE_DIR, MANIFEST_DIRS, Doc, documents, rendered_manifests
 from tests.manifests.crd_schema import load_crds
 
-OLDEST = Version("1.30")
+OLDEST = Version(KUBERNETES_MIN)  # the pinned minimum (Knative 1.20 needs 1.32)
 VERSIONS = [v for v in sorted(set(kv.all_versions()), key=Version) if Version(v) >= OLDEST]
 
 DOCS = documents()
@@ -52,7 +53,7 @@ CUSTOM = [d for d in DOCS if _custom(d) and (d.api_version, d.kind) not in CRDS]
 
 
 def test_the_version_range_is_not_empty():
-    assert VERSIONS and VERSIONS[0].startswith("1.30"), VERSIONS
+    assert VERSIONS and VERSIONS[0].startswith(KUBERNETES_MIN + "."), VERSIONS
     assert BUILTIN and CUSTOM
 
 
