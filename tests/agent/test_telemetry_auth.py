@@ -2,22 +2,16 @@
 
 Three servers: user:password / token in the URL, an nkey user
 (`authorization { users = [{nkey: U...}] }`), and operator (JWT) mode with a
-memory resolver. Keys come from the `nkeys` package; the operator, account and
-user JWTs are signed here (header `{"typ":"JWT","alg":"ed25519-nkey"}`, claims
-as nats-io/jwt v2 lays them out), and the user's `.creds` file is written the
-way `nsc` writes it.
+memory resolver. Keys, JWTs and `.creds` files come from the product's own
+`functions.core.nats_jwt` and the trust chain of `functions.devstack.nats_auth`.
 """
 
 from __future__ import annotations
 
 import asyncio
-import base64
-import hashlib
 import json
-import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import nats
@@ -29,71 +23,30 @@ from agent.redact import REPLACEMENT, Redactor
 from agent.run import main as run_main
 from agent.telemetry import CredentialsError, NatsAuth, Telemetry
 from agent.telemetry.connection import public_url
+from functions.core.nats_jwt import ADMIN, Key, write_secret_file
+from functions.devstack import nats_auth
 from tests.conftest import NatsServer, eventually, nats_server_binary, wait_for_port
 from tests.agent.agent_stream import read_stream
 
 TASK = "t-auth"
 EXAMPLE_TASK = Path(__file__).resolve().parents[2] / "agent" / "examples" / "example_task.json"
-UNLIMITED = -1
+# --- keys and credentials: the product's own (functions.core.nats_jwt, functions.devstack.nats_auth) ---
 
-
-# --- keys, JWTs, creds files --------------------------------------------------
-
-def new_key(prefix: int) -> tuple[str, str, nkeys.KeyPair]:
-    """(seed, public key, key pair) of a fresh nkey with the given role prefix."""
-    seed = nkeys.encode_seed(os.urandom(32), prefix)
-    pair = nkeys.from_seed(bytearray(seed))
-    return seed.decode(), pair.public_key.decode(), pair
-
-
-def _b64(data: bytes) -> str:
-    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
-
-
-def sign_jwt(issuer: nkeys.KeyPair, subject: str, name: str, nats_claims: dict) -> str:
-    claims = {"iat": int(time.time()), "iss": issuer.public_key.decode(), "name": name, "sub": subject,
-              "nats": {**nats_claims, "version": 2}}
-    # jti: a hash of the claims, as nats-io/jwt makes it (the server does not check it).
-    claims["jti"] = base64.b32encode(hashlib.sha256(json.dumps(claims, sort_keys=True).encode()).digest()).decode().rstrip("=")
-    signed = f"{_b64(json.dumps({'typ': 'JWT', 'alg': 'ed25519-nkey'}).encode())}.{_b64(json.dumps(claims).encode())}"
-    return f"{signed}.{_b64(issuer.sign(signed.encode()))}"
-
-
-def write_creds(path: Path, user_jwt: str, seed: str) -> Path:
-    path.write_text(
-        f"-----BEGIN NATS USER JWT-----\n{user_jwt}\n------END NATS USER JWT------\n\n"
-        "************************* IMPORTANT *************************\n"
-        "NKEY Seed printed below can be used to sign and prove identity.\n"
-        "NKEYs are sensitive and should be treated as secrets.\n\n"
-        f"-----BEGIN USER NKEY SEED-----\n{seed}\n------END USER NKEY SEED------\n\n"
-        "*************************************************************\n"
-    )
-    return path
+def new_key(prefix: int) -> tuple[str, str]:
+    """(seed, public key) of a fresh nkey with the given role prefix."""
+    key = Key.new(prefix)
+    return key.seed, key.public
 
 
 class Operator:
-    """An operator, its system account and one JetStream-enabled account that signs user JWTs."""
+    """A trust chain (operator, system account, JetStream accounts) and a user of its own account."""
 
-    def __init__(self):
-        _, operator_pub, self.operator = new_key(nkeys.PREFIX_BYTE_OPERATOR)
-        _, system_pub, _ = new_key(nkeys.PREFIX_BYTE_ACCOUNT)
-        _, self.account_pub, self.account = new_key(nkeys.PREFIX_BYTE_ACCOUNT)
-        # JetStream in operator mode needs a system account.
-        operator_jwt = sign_jwt(self.operator, operator_pub, "dockyard-test",
-                                {"type": "operator", "system_account": system_pub})
-        system_jwt = sign_jwt(self.operator, system_pub, "SYS", {"type": "account"})
-        limits = {"subs": UNLIMITED, "data": UNLIMITED, "payload": UNLIMITED, "imports": UNLIMITED,
-                  "exports": UNLIMITED, "wildcards": True, "conn": UNLIMITED, "leaf": UNLIMITED,
-                  "mem_storage": UNLIMITED, "disk_storage": UNLIMITED, "streams": UNLIMITED, "consumer": UNLIMITED}
-        account_jwt = sign_jwt(self.operator, self.account_pub, "agents", {"type": "account", "limits": limits})
-        self.config = (f"operator: {operator_jwt}\nsystem_account: {system_pub}\nresolver: MEMORY\n"
-                       f"resolver_preload: {{\n  {system_pub}: {system_jwt}\n  {self.account_pub}: {account_jwt}\n}}\n")
+    def __init__(self, directory: Path):
+        self.chain = nats_auth.ensure(directory)
+        self.config = self.chain.server_conf.read_text()
 
     def user_creds(self, path: Path, name: str = "agent") -> Path:
-        seed, public, _ = new_key(nkeys.PREFIX_BYTE_USER)
-        user_jwt = sign_jwt(self.account, public, name, {
-            "type": "user", "pub": {}, "sub": {}, "subs": UNLIMITED, "data": UNLIMITED, "payload": UNLIMITED})
-        return write_creds(path, user_jwt, seed)
+        return write_secret_file(path, self.chain.issuer().creds(name, ADMIN))
 
 
 class ConfiguredNatsServer(NatsServer):
@@ -132,7 +85,7 @@ def server_factory(tmp_path):
 @pytest.fixture
 def nkey_server(server_factory, tmp_path):
     """A server that knows one user by its nkey; returns (server, that user's seed file)."""
-    seed, public, _ = new_key(nkeys.PREFIX_BYTE_USER)
+    seed, public = new_key(nkeys.PREFIX_BYTE_USER)
     seed_file = tmp_path / "agent.nk"
     seed_file.write_text(seed + "\n")
     return server_factory(f'authorization {{ users = [ {{ nkey: "{public}" }} ] }}\n'), seed_file
@@ -141,7 +94,7 @@ def nkey_server(server_factory, tmp_path):
 @pytest.fixture
 def jwt_server(server_factory, tmp_path):
     """A server in operator mode; returns (server, the Operator that signs users)."""
-    operator = Operator()
+    operator = Operator(tmp_path / "chain")
     return server_factory(operator.config), operator
 
 
@@ -219,7 +172,7 @@ def test_jwt_creds_file_in_operator_mode(jwt_server, tmp_path):
 
 def test_rejected_credentials_keep_the_trace_on_stdout(jwt_server, tmp_path, capsys):
     server, _ = jwt_server
-    stranger = Operator().user_creds(tmp_path / "stranger.creds")  # signed by an account the server does not know
+    stranger = Operator(tmp_path / "other-chain").user_creds(tmp_path / "stranger.creds")  # an account the server does not know
     tel = Telemetry(TASK, server.url, auth=NatsAuth.load(creds_file=str(stranger))).start()
     tel.event(contract.EV_STATUS, step=0)
     eventually(lambda: tel.last_error and "Authorization Violation" in tel.last_error, "the server's refusal")
@@ -233,8 +186,8 @@ def test_rejected_credentials_keep_the_trace_on_stdout(jwt_server, tmp_path, cap
 def test_credentials_files_are_checked_at_start(tmp_path, jwt_server):
     _, operator = jwt_server
     creds = operator.user_creds(tmp_path / "ok.creds")
-    user_seed, _, _ = new_key(nkeys.PREFIX_BYTE_USER)
-    account_seed, _, _ = new_key(nkeys.PREFIX_BYTE_ACCOUNT)
+    user_seed, _ = new_key(nkeys.PREFIX_BYTE_USER)
+    account_seed, _ = new_key(nkeys.PREFIX_BYTE_ACCOUNT)
     (tmp_path / "user.nk").write_text(user_seed)
     (tmp_path / "account.nk").write_text(account_seed)
     (tmp_path / "garbage.nk").write_text("SUNOTASEED\n")
@@ -294,7 +247,7 @@ def test_agent_run_publishes_its_trace_with_a_creds_file(jwt_server, tmp_path, a
 
 def test_the_run_redacts_its_credentials(tmp_path):
     """What run.py builds: the secrets directory plus every line of the credentials file."""
-    seed, _, _ = new_key(nkeys.PREFIX_BYTE_USER)
+    seed, _ = new_key(nkeys.PREFIX_BYTE_USER)
     seed_file = tmp_path / "agent.nk"
     seed_file.write_text(seed + "\n")
     auth = NatsAuth.load(nkey_file=str(seed_file))
