@@ -40,3 +40,29 @@ def assert_refused(result: ToolResult, *, secret: str = "TOP-SECRET") -> None:
     assert result.ok is False
     assert "outside the workspace" in result.output
     assert secret not in result.output
+
+
+@pytest.fixture(params=["file", "s3"])
+def store(request, tmp_path):
+    """The object store in both kinds: a file store, and S3 over HTTP (moto's server)."""
+    from agent.storage import open_store
+
+    if request.param == "file":
+        return open_store((tmp_path / "store").as_uri())
+    return open_store(request.getfixturevalue("s3_store_url"))
+
+
+@pytest.fixture
+def readers(monkeypatch):
+    """Every HashingReader the store makes, to count the bytes it read."""
+    from agent import digest
+
+    made = []
+
+    class Recorded(digest.HashingReader):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            made.append(self)
+
+    monkeypatch.setattr(digest, "HashingReader", Recorded)
+    return made

@@ -10,9 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from agent import contract, digest
+from agent import contract
 from agent.snapshot import STATE_DIR, list_snapshots, take_snapshot
-from agent.storage import S3Store, open_store
+from agent.storage import S3Store
+from tests.agent.test_snapshot import make_db
 
 TASK = "t-onepass"
 
@@ -38,34 +39,7 @@ def opened():
     _listening.remove(record)
 
 
-@pytest.fixture
-def readers(monkeypatch):
-    made = []
 
-    class Recorded(digest.HashingReader):
-        def __init__(self, *args, **kwargs):
-            super().__init__(*args, **kwargs)
-            made.append(self)
-
-    monkeypatch.setattr(digest, "HashingReader", Recorded)
-    return made
-
-
-@pytest.fixture(params=["file", "s3"])
-def store(request, tmp_path):
-    if request.param == "file":
-        return open_store((tmp_path / "store").as_uri())
-    return open_store(request.getfixturevalue("s3_store_url"))
-
-
-def make_db(path: Path, rows: int, payload: int = 1000) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    conn = sqlite3.connect(path)
-    conn.execute("PRAGMA journal_mode=WAL")
-    conn.execute("CREATE TABLE IF NOT EXISTS writes (id INTEGER PRIMARY KEY, blob BLOB)")
-    conn.executemany("INSERT INTO writes (blob) VALUES (?)", ((os.urandom(payload),) for _ in range(rows)))
-    conn.commit()
-    conn.close()
 
 
 def _creates(mode) -> bool:

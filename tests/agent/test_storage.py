@@ -10,15 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from agent import digest, storage
+from agent import storage
 from agent.storage import FileStore, ObjectNotFound, S3Store, StorageError, open_store
 
-
-@pytest.fixture(params=["file", "s3"])
-def store(request, tmp_path):
-    if request.param == "file":
-        return open_store((tmp_path / "store").as_uri())
-    return open_store(request.getfixturevalue("s3_store_url"))
 
 
 def test_bytes_and_files_round_trip(store, tmp_path):
@@ -46,19 +40,6 @@ def test_put_file_with_move_takes_the_file(store, tmp_path):
     assert not src.exists()
     assert store.get_bytes("jobs/a/checkpoints/1.db") == b"snapshot bytes"
 
-
-@pytest.fixture
-def readers(monkeypatch):
-    """Every HashingReader the store makes, to count the bytes it read."""
-    made = []
-
-    class Recorded(digest.HashingReader):
-        def __init__(self, *args, **kwargs):
-            super().__init__(*args, **kwargs)
-            made.append(self)
-
-    monkeypatch.setattr(digest, "HashingReader", Recorded)
-    return made
 
 
 def _pending_multipart_uploads(store) -> list:
