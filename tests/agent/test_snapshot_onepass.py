@@ -39,9 +39,6 @@ def opened():
     _listening.remove(record)
 
 
-
-
-
 def _creates(mode) -> bool:
     return bool(mode & os.O_CREAT) if isinstance(mode, int) else any(c in str(mode) for c in "wxa")
 

@@ -14,7 +14,6 @@ from agent import storage
 from agent.storage import FileStore, ObjectNotFound, S3Store, StorageError, open_store
 
 
-
 def test_bytes_and_files_round_trip(store, tmp_path):
     store.put_bytes("jobs/a/final/result.json", b'{"outcome": "done"}')
     assert store.get_bytes("jobs/a/final/result.json") == b'{"outcome": "done"}'
@@ -39,7 +38,6 @@ def test_put_file_with_move_takes_the_file(store, tmp_path):
     store.put_file("jobs/a/checkpoints/1.db", src, move=True)
     assert not src.exists()
     assert store.get_bytes("jobs/a/checkpoints/1.db") == b"snapshot bytes"
-
 
 
 def _pending_multipart_uploads(store) -> list:
