@@ -24,7 +24,7 @@ import hashlib
 import json
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import nkeys
@@ -133,7 +133,6 @@ class Permissions:
     publish: tuple[str, ...] | None
     subscribe: tuple[str, ...] | None
     responses: bool = False  # may answer requests it receives (publish once to their reply subject)
-    notes: str = field(default="", compare=False)
 
     def claims(self) -> dict:
         out: dict = {"type": "user", "subs": UNLIMITED, "data": UNLIMITED, "payload": UNLIMITED,
@@ -156,7 +155,6 @@ def task_permissions(task_id: str) -> Permissions:
         publish=(contract.subject_events(task_id), contract.subject_logs(task_id)),
         subscribe=(contract.subject_cmd(task_id), f"{contract.inbox_prefix(task_id)}.>"),
         responses=True,
-        notes="the task's events and logs out; its command subject and reply inbox in; answers to its commands",
     )
 
 
@@ -169,11 +167,12 @@ _KV_READ = (f"$JS.API.DIRECT.GET.{_KV_STREAM}.>", f"$JS.API.STREAM.MSG.GET.{_KV_
 _INBOX = ("_INBOX.>",)
 
 SERVICE_PERMISSIONS: dict[str, Permissions] = {
+    # the registry (read, write), platform events on any task's subject, commands to any task
     "functions": Permissions(
         publish=(*_STREAMS_SETUP, *_KV_READ, _KV, "events.agent.*", "cmd.agent.*"),
         subscribe=_INBOX,
-        notes="the registry (read, write), platform events on any task's subject, commands to any task",
     ),
+    # reads every trace (ordered consumers) and the registry; writes nothing
     "stream": Permissions(
         publish=(*_STREAMS_SETUP, *_KV_READ,
                  f"$JS.API.CONSUMER.CREATE.{_AGENT}", f"$JS.API.CONSUMER.CREATE.{_AGENT}.>",
@@ -181,18 +180,17 @@ SERVICE_PERMISSIONS: dict[str, Permissions] = {
                  f"$JS.API.DIRECT.GET.{_AGENT}", f"$JS.API.DIRECT.GET.{_AGENT}.>", f"$JS.API.STREAM.MSG.GET.{_AGENT}",
                  f"$JS.FC.{_AGENT}.>"),
         subscribe=_INBOX,
-        notes="reads every trace (ordered consumers) and the registry; writes nothing",
     ),
+    # its durable consumer of every task's events; writes the registry
     "tracker": Permissions(
         publish=(*_STREAMS_SETUP, *_KV_READ, _KV,
                  f"$JS.API.CONSUMER.DURABLE.CREATE.{_AGENT}.*", f"$JS.API.CONSUMER.CREATE.{_AGENT}.*",
                  f"$JS.API.CONSUMER.CREATE.{_AGENT}.*.>", f"$JS.API.CONSUMER.INFO.{_AGENT}.*",
                  f"$JS.API.CONSUMER.MSG.NEXT.{_AGENT}.*", f"$JS.ACK.{_AGENT}.>"),
         subscribe=_INBOX,
-        notes="its durable consumer of every task's events; writes the registry",
     ),
 }
-ADMIN = Permissions(None, None, notes="no limit: for the operator's own tools (nats CLI) and tests")
+ADMIN = Permissions(None, None)  # no limit: for the operator's own tools (nats CLI) and tests
 
 
 def task_credentials_expiry(deadline_seconds: int, now: float) -> int:

@@ -30,7 +30,6 @@ from functions.core.nats_jwt import (
     SERVICE_PERMISSIONS,
     Issuer,
     Key,
-    Permissions,
     account_claims,
     encode_jwt,
     write_secret_file,
@@ -102,7 +101,7 @@ def _create(directory: Path, operator_name: str) -> NatsAuth:
     write_secret_file(directory / "creds" / "admin.creds", issuer.creds("admin", ADMIN))
     # Knative's dispatcher: the whole EVENTING account, nothing of DOCKYARD.
     write_secret_file(directory / "creds" / f"{EVENTING_USER}.creds",
-                      Issuer(eventing.public, eventing).creds(EVENTING_USER, Permissions(None, None)))
+                      Issuer(eventing.public, eventing).creds(EVENTING_USER, ADMIN))
     auth = NatsAuth(directory, account.public, eventing.public, system.public)
     write_secret_file(directory / _MANIFEST, json.dumps(
         {"account": account.public, "eventing_account": eventing.public, "system_account": system.public}, indent=2) + "\n")
