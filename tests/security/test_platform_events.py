@@ -147,6 +147,33 @@ async def test_a_forged_update_that_reaches_job_finished_changes_nothing(setting
         await bus.close()
 
 
+async def test_job_finished_s_larger_body_limit_gives_a_forger_nothing_more(settings):
+    """`job_finished` reads bodies up to 2 MiB (a real Job carries the task twice); anything else stays at
+    256 KiB. A forged Job padded near the limit is still only a hint (ignored); one over it is a 413."""
+    from functions.core.cloudevent import MAX_BODY_BYTES
+    from functions.handlers.job_finished import MAX_BODY_BYTES as JOB_EVENT_MAX
+
+    runtime = MemoryRuntime()
+    bus = await Bus.open(settings.nats_url, creds=settings.nats_creds)
+    http = instance(settings, bus, runtime)
+    try:
+        assert (await post(http, "task_submitted", contract.EVENT_TASK_SUBMITTED, {"prompt": "x", "task_id": "victim"})).status_code == 200
+        before = await bus.registry.get("victim")
+        padded = forged_job("victim", runtime.uids["victim"])
+        padded["metadata"]["annotations"] = {"pad": "x" * (JOB_EVENT_MAX - 64 * 1024)}
+        answer = await post(http, "job_finished", contract.EVENT_JOB_UPDATE, padded)
+        assert answer.status_code == 200 and answer.json()["status"] == "ignored", answer.text[:200]
+        padded["metadata"]["annotations"] = {"pad": "x" * JOB_EVENT_MAX}
+        too_large = await post(http, "job_finished", contract.EVENT_JOB_UPDATE, padded)
+        assert too_large.status_code == 413 and too_large.json()["field"] == "body"
+        submit = await post(http, "task_submitted", contract.EVENT_TASK_SUBMITTED, {"prompt": "x" * MAX_BODY_BYTES})
+        assert submit.status_code == 413
+        assert await bus.registry.get("victim") == before
+    finally:
+        await http.aclose()
+        await bus.close()
+
+
 async def test_thirty_forged_pings_cost_one_snapshot_round(settings, nats_server):
     runtime = MemoryRuntime()
     buses = [await Bus.open(settings.nats_url, creds=settings.nats_creds) for _ in range(3)]  # three instances of the function
