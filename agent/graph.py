@@ -14,6 +14,12 @@ Invariant: `act` runs exactly one tool call per step. With durability "sync"
 every step is checkpointed before the next starts, so after a crash only the
 call that was running is run again; no completed tool call is repeated.
 Nodes are plain functions of state; side effects go through `Deps`.
+
+The state is small and of a bounded size, so a checkpoint costs the same at
+step 400 as at step 1: counters, the todo list, and for each conversation a
+`View` of the transcript (agent.transcript holds the messages, written once;
+agent.context keeps what the model sees under its token budget). Each TACTICAL
+phase starts a new conversation; STRATEGIC keeps only its report.
 """
 
 from __future__ import annotations
@@ -23,13 +29,15 @@ import time
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Annotated, Callable, Protocol, TypedDict
+from typing import Callable, Protocol, TypedDict
 
 from langchain_core.messages import AIMessage, BaseMessage, HumanMessage, SystemMessage, ToolMessage
 from langgraph.graph import END, START, StateGraph
 
-from agent import contract
+from agent import context, contract
+from agent.context import View
 from agent.redact import Redactor
+from agent.transcript import Transcript
 
 STRATEGIC_PROMPT = """You are the strategic half of a coding agent working in a private workspace.
 Keep a short todo list. Each turn call exactly one control tool:
@@ -69,18 +77,19 @@ CONTROL_TOOLS = [
 ]
 
 
-def append_messages(existing: list[BaseMessage] | None, new: list[BaseMessage] | dict) -> list[BaseMessage]:
-    """Nodes return only new messages, so a step's writes stay small; {"reset": [...]} starts over."""
-    if isinstance(new, dict):
-        return list(new["reset"])
-    return [*(existing or []), *new]
+STRATEGIC = "strategic"  # the conversations of the transcript
+TACTICAL = "tactical"
 
 
 class AgentState(TypedDict, total=False):
-    prompt: str
+    prompt: str  # moved to the transcript by the first step (then "")
     phase: str
-    strategic: Annotated[list[BaseMessage], append_messages]
-    tactical: Annotated[list[BaseMessage], append_messages]  # reset for each objective
+    transcript_len: int  # rows of the transcript that belong to the run
+    strategic: View | None  # None until the first step
+    tactical: View | None  # a new one for each objective
+    reply: int  # the row of the last TACTICAL reply; its calls are run one per `act` step
+    calls_answered: int  # calls of that reply answered so far
+    calls_total: int
     todos: list[str]
     objective: str
     model_turns: int  # all model turns so far; the scripted model replays by this count
@@ -96,6 +105,7 @@ class AgentState(TypedDict, total=False):
 class Budgets:
     max_strategic_rounds: int = 30
     max_tool_calls: int = 40  # per tactical phase
+    context_tokens: int = 60_000  # what the model sees of a conversation (estimated; see agent.context)
 
 
 class Reporter(Protocol):
@@ -115,6 +125,7 @@ class Deps:
     inbox: "Inbox"
     budgets: Budgets = field(default_factory=Budgets)
     waiting: Callable[[float], object] | None = None  # heartbeat context while blocked
+    transcript: Transcript = field(default_factory=Transcript.in_memory)  # a run gives the checkpoint's database
 
 
 class Inbox:
@@ -155,8 +166,12 @@ def initial_state(prompt: str) -> AgentState:
     return {
         "prompt": prompt,
         "phase": contract.PHASE_STRATEGIC,
-        "strategic": [HumanMessage(content=f"Task:\n{prompt}")],
-        "tactical": [],
+        "transcript_len": 0,
+        "strategic": None,
+        "tactical": None,
+        "reply": -1,
+        "calls_answered": 0,
+        "calls_total": 0,
         "todos": [],
         "objective": "",
         "model_turns": 0,
@@ -198,28 +213,37 @@ def build_graph(deps: Deps, checkpointer=None):
 # --- nodes ---------------------------------------------------------------------
 def _strategic(deps: Deps, state: AgentState) -> AgentState:
     """One strategic round: take new human messages, then plan the next objective or finish."""
+    end, update = state["transcript_len"], {}
+    view = state["strategic"]
+    entries: list[BaseMessage] = []
+    if view is None:  # the first step: the prompt moves from the state (rewritten every step) to the transcript
+        entries.append(HumanMessage(content=f"Task:\n{state['prompt']}"))
+        view, update = context.new_view(end), {"prompt": ""}
     news = deps.inbox.read_from(state["inbox_seen"])
-    added: list[BaseMessage] = [HumanMessage(content=f"Message from a human: {text}") for text in news]
-    update: AgentState = {"inbox_seen": state["inbox_seen"] + len(news)}
+    entries += [HumanMessage(content=f"Message from a human: {text}") for text in news]
+    end = _write(deps, end, STRATEGIC, entries)
+    update.update(inbox_seen=state["inbox_seen"] + len(news), strategic=view, transcript_len=end)
     if state["strategic_rounds"] >= deps.budgets.max_strategic_rounds:
         summary = f"stopped: the budget of {deps.budgets.max_strategic_rounds} strategic rounds is spent"
-        return {**update, "strategic": added, "outcome": contract.OUTCOME_BUDGET, "summary": summary}
+        return {**update, "outcome": contract.OUTCOME_BUDGET, "summary": summary}
 
-    history = [*state["strategic"], *added]
-    reply = _ask_model(deps, contract.PHASE_STRATEGIC, STRATEGIC_PROMPT, history, CONTROL_TOOLS, state["model_turns"])
-    added.append(reply)
-    update.update(model_turns=state["model_turns"] + 1, strategic_rounds=state["strategic_rounds"] + 1)
+    reply, view, end = _ask_model(deps, STRATEGIC, view, end, CONTROL_TOOLS, state["model_turns"])
+    update.update(model_turns=state["model_turns"] + 1, strategic_rounds=state["strategic_rounds"] + 1, strategic=view)
+    entries = [reply]
     control = _control_call(reply)
     for call in reply.tool_calls:  # every call needs an answer before the next model turn
         answer = "ok" if call is control else "ignored: call exactly one of plan or finish"
-        added.append(ToolMessage(content=answer, tool_call_id=call["id"]))
+        entries.append(ToolMessage(content=answer, tool_call_id=call["id"]))
     if control is None:
-        added.append(HumanMessage(content="Call plan(todos, objective) or finish(summary)."))
-        return {**update, "strategic": added}
+        entries.append(HumanMessage(content="Call plan(todos, objective) or finish(summary)."))
+    end = _write(deps, end, STRATEGIC, entries)
+    update["transcript_len"] = end
+    if control is None:
+        return update
     args = control["args"] or {}
     if control["name"] == "finish":
-        return {**update, "strategic": added, "outcome": contract.OUTCOME_DONE, "summary": str(args.get("summary", ""))}
-    return {**update, "strategic": added, **_plan(deps, state, args)}
+        return {**update, "outcome": contract.OUTCOME_DONE, "summary": str(args.get("summary", ""))}
+    return {**update, **_plan(deps, state, args, end)}
 
 
 def _control_call(reply: AIMessage) -> dict | None:
@@ -227,34 +251,39 @@ def _control_call(reply: AIMessage) -> dict | None:
     return next((c for c in reply.tool_calls if c["name"] in ("plan", "finish")), None)
 
 
-def _plan(deps: Deps, state: AgentState, args: dict) -> AgentState:
-    """Hand the next objective to a fresh tactical phase; the todo list is reported only when it changed."""
+def _plan(deps: Deps, state: AgentState, args: dict, end: int) -> AgentState:
+    """Hand the next objective to a fresh tactical conversation; the todo list is reported only when it changed."""
     todos = [str(t) for t in args.get("todos") or []]
     objective = str(args.get("objective") or (todos[0] if todos else ""))
     if todos != state["todos"]:
         deps.reporter.event(contract.EV_TODO, todos=todos)
     deps.reporter.event(contract.EV_PHASE, phase=contract.PHASE_TACTICAL, objective=objective)
+    first = HumanMessage(content=f"Objective: {objective}\nTodo list: {json.dumps(todos)}")
     return {
         "todos": todos,
         "objective": objective,
         "phase": contract.PHASE_TACTICAL,
-        "tactical": {"reset": [HumanMessage(content=f"Objective: {objective}\nTodo list: {json.dumps(todos)}")]},
+        "tactical": context.new_view(end),
+        "transcript_len": _write(deps, end, TACTICAL, [first]),
         "tactical_calls": 0,
+        "calls_answered": 0,
+        "calls_total": 0,
     }
 
 
 def _tactical(deps: Deps, state: AgentState) -> AgentState:
     """One tactical model turn; an answer without a tool call is the report back to STRATEGIC."""
-    reply = _ask_model(deps, contract.PHASE_TACTICAL, TACTICAL_PROMPT, state["tactical"], deps.tools.schemas(), state["model_turns"])
-    update: AgentState = {"tactical": [reply], "model_turns": state["model_turns"] + 1}
+    reply, view, end = _ask_model(deps, TACTICAL, state["tactical"], state["transcript_len"], deps.tools.schemas(), state["model_turns"])
+    reply_row, end = end, _write(deps, end, TACTICAL, [reply])
+    update: AgentState = {"tactical": view, "transcript_len": end, "model_turns": state["model_turns"] + 1}
     if reply.tool_calls:
-        return update
-    return {**update, **_report(deps, str(reply.content) or "(no report)")}
+        return {**update, "reply": reply_row, "calls_answered": 0, "calls_total": len(reply.tool_calls)}
+    return {**update, "calls_total": 0, **_report(deps, str(reply.content) or "(no report)", end)}
 
 
 def _act(deps: Deps, state: AgentState) -> AgentState:
     """Run exactly one pending tool call (the invariant that makes a crash repeat at most this call)."""
-    call = _next_pending_call(state["tactical"])
+    call = deps.transcript.row(state["reply"]).message.tool_calls[state["calls_answered"]]
     deps.reporter.event(contract.EV_TOOL, name=call["name"], args=_truncate(deps, call["args"]), call_id=call["id"], stage="start")
     started = time.monotonic()
     result = deps.tools.call(call["name"], call["args"] or {})
@@ -268,29 +297,44 @@ def _act(deps: Deps, state: AgentState) -> AgentState:
         seconds=round(time.monotonic() - started, 3),
     )
     answer = ToolMessage(content=result.output, tool_call_id=call["id"], status="success" if result.ok else "error")
+    end = _write(deps, state["transcript_len"], TACTICAL, [answer])
     calls = state["tactical_calls"] + 1
-    update: AgentState = {"tactical": [answer], "tactical_calls": calls, "tool_calls": state["tool_calls"] + 1}
+    update: AgentState = {
+        "transcript_len": end,
+        "calls_answered": state["calls_answered"] + 1,
+        "tactical_calls": calls,
+        "tool_calls": state["tool_calls"] + 1,
+    }
     if calls >= deps.budgets.max_tool_calls:
         report = f"stopped: the budget of {deps.budgets.max_tool_calls} tool calls for this objective is spent"
-        return {**update, **_report(deps, report)}
+        return {**update, **_report(deps, report, end)}
     return update
 
 
-def _ask_model(deps: Deps, phase: str, prompt: str, messages: list[BaseMessage], tools: list[dict], turn: int) -> AIMessage:
-    """A model turn; inside `deps.waiting` (when given) so a long call keeps the heartbeat alive."""
+def _ask_model(deps: Deps, conversation: str, view: View, end: int, tools: list[dict], turn: int) -> tuple[AIMessage, View, int]:
+    """A model turn on the conversation's window (compacted first when over the budget); inside
+    `deps.waiting` (when given) so a long call keeps the heartbeat alive. Returns the reply, the view and
+    the end of the transcript (a compaction writes a summary row)."""
+    budget = context.Budget(deps.budgets.context_tokens)
+    view, end = context.fit(deps.transcript, conversation, view, end, budget)
+    prompt = STRATEGIC_PROMPT if conversation == STRATEGIC else TACTICAL_PROMPT
+    phase = contract.PHASE_STRATEGIC if conversation == STRATEGIC else contract.PHASE_TACTICAL
+    shown = [SystemMessage(content=prompt), *context.messages(deps.transcript, conversation, view, end, budget)]
     if deps.waiting is None:
-        return deps.model.invoke(phase, [SystemMessage(content=prompt), *messages], tools, turn)
+        return deps.model.invoke(phase, shown, tools, turn), view, end
     with deps.waiting(600):
-        return deps.model.invoke(phase, [SystemMessage(content=prompt), *messages], tools, turn)
+        return deps.model.invoke(phase, shown, tools, turn), view, end
 
 
-def _report(deps: Deps, text: str) -> AgentState:
+def _write(deps: Deps, end: int, conversation: str, entries: list[BaseMessage]) -> int:
+    return deps.transcript.write(end, [(conversation, message) for message in entries])
+
+
+def _report(deps: Deps, text: str, end: int) -> AgentState:
     """Back to STRATEGIC with the tactical phase's report as a user message."""
     deps.reporter.event(contract.EV_PHASE, phase=contract.PHASE_STRATEGIC, report=_truncate(deps, text))
-    return {
-        "phase": contract.PHASE_STRATEGIC,
-        "strategic": [HumanMessage(content=f"Report from the tactical phase: {text}")],
-    }
+    report = HumanMessage(content=f"Report from the tactical phase: {text}")
+    return {"phase": contract.PHASE_STRATEGIC, "transcript_len": _write(deps, end, STRATEGIC, [report])}
 
 
 # --- routes --------------------------------------------------------------------
@@ -307,13 +351,4 @@ def _after_tactical(state: AgentState) -> str:
 def _after_act(state: AgentState) -> str:
     if state["phase"] == contract.PHASE_STRATEGIC:
         return "strategic"
-    return "act" if _next_pending_call(state["tactical"]) else "tactical"
-
-
-def _next_pending_call(messages: list[BaseMessage]) -> dict | None:
-    """The first tool call of the last model turn that has no result yet."""
-    answered = {m.tool_call_id for m in messages if isinstance(m, ToolMessage)}
-    for message in reversed(messages):
-        if isinstance(message, AIMessage):
-            return next((c for c in message.tool_calls if c["id"] not in answered), None)
-    return None
+    return "act" if state["calls_answered"] < state["calls_total"] else "tactical"

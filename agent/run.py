@@ -42,6 +42,7 @@ OUTCOME_EXIT = {
     contract.OUTCOME_FAILED: contract.EXIT_FATAL,
 }
 PRUNE_EVERY_STEPS = 10
+MIN_CONTEXT_TOKENS = 1000
 # Debug hook: a file name here makes `main` write the process's modules and threads as it returns, as JSON
 # (tests/agent/test_imports.py checks what a run imports and that no tracing runs unless configured).
 EXIT_REPORT_ENV = contract.ENV_PREFIX + "DEBUG_EXIT_REPORT"
@@ -67,6 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--allow-file-repos", action="store_true", default=allow_file, help="clone file:// repositories (one machine only) [DOCKYARD_ALLOW_FILE_REPOS]")
     parser.add_argument("--max-strategic-rounds", type=int, default=env_default("MAX_STRATEGIC_ROUNDS", "30"), help="budget [DOCKYARD_MAX_STRATEGIC_ROUNDS]")
     parser.add_argument("--max-tool-calls", type=int, default=env_default("MAX_TOOL_CALLS", "40"), help="budget per tactical phase [DOCKYARD_MAX_TOOL_CALLS]")
+    parser.add_argument("--context-tokens", type=int, default=env_default("CONTEXT_TOKENS", "60000"), help="the model's view of a conversation, in estimated tokens [DOCKYARD_CONTEXT_TOKENS]")
     parser.add_argument("--deadline-seconds", type=int, default=env_default("DEADLINE_SECONDS"), help="overall deadline; default from the task's limits [DOCKYARD_DEADLINE_SECONDS]")
     parser.add_argument("--keep-checkpoints", type=int, default=env_default("KEEP_CHECKPOINTS", "20"), help="checkpoints kept per thread [DOCKYARD_KEEP_CHECKPOINTS]")
     return parser
@@ -203,6 +205,8 @@ def _main(argv: list[str] | None) -> int:
     try:
         args = parser.parse_args(argv)
         check_common(args)
+        if args.context_tokens < MIN_CONTEXT_TOKENS:
+            raise UsageError(f"--context-tokens must be at least {MIN_CONTEXT_TOKENS}, got {args.context_tokens}")
         auth = nats_auth(args)
     except SystemExit as exc:  # --help
         return int(exc.code or 0)
@@ -280,6 +284,7 @@ class Run:
         from agent.graph import Budgets, Deps, Inbox, build_graph, initial_state
         from agent.heartbeat import Heartbeat
         from agent.tools import WorkTools
+        from agent.transcript import Transcript
 
         args = self.args
         task = load_task(Path(args.task_file))
@@ -293,19 +298,23 @@ class Run:
         tools = WorkTools(self.workspace, home, proxy_env=proxy_env)
         self.inbox = Inbox(self.workspace / ".dockyard" / "inbox.jsonl")
         heartbeat = Heartbeat(self.workspace / contract.HEARTBEAT_FILE).start()
-        saver = open_saver(self.workspace / contract.checkpoint_path(self.task_id))
+        database = self.workspace / contract.checkpoint_path(self.task_id)
+        saver = open_saver(database)
         deps = Deps(
             model=model,
             tools=tools,
             reporter=self.telemetry,
             inbox=self.inbox,
-            budgets=Budgets(args.max_strategic_rounds, args.max_tool_calls),
+            budgets=Budgets(args.max_strategic_rounds, args.max_tool_calls, args.context_tokens),
             waiting=heartbeat.waiting,
+            transcript=Transcript.open(database),
         )
         graph = build_graph(deps, checkpointer=saver)
         config = {"configurable": {"thread_id": self.task_id}, "recursion_limit": 100_000}
 
         snapshot = graph.get_state(config)
+        if isinstance(snapshot.values.get("strategic"), list):  # messages in the state: before the transcript
+            raise FatalError("the checkpoint was written by a dockyard older than the transcript and cannot be resumed; submit the task again")
         gc.freeze()  # start-up is over (see main): what it made lives as long as the process
         gc.enable()
         resumed = bool(snapshot.values)

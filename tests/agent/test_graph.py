@@ -113,7 +113,7 @@ def test_human_message_reaches_the_next_strategic_phase(tmp_path):
     deps.inbox.append("please also add docs")
     graph = build_graph(deps, checkpointer=open_saver(tmp_path / "c.db"))
     values = run(graph, {"configurable": {"thread_id": "t"}}, initial_state("p"))
-    texts = [m.content for m in values["strategic"]]
+    texts = [row.message.content for row in deps.transcript.all() if row.conversation == "strategic"]
     assert texts.count("Message from a human: please also add docs") == 1
     assert values["inbox_seen"] == 1
 

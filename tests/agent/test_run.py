@@ -331,3 +331,37 @@ def test_a_clone_that_can_never_work_is_fatal_at_once_with_its_reason(tmp_path, 
     (finished,) = [e for e in trace_events(proc.stdout) if e["type"] == contract.EV_STATUS and e.get("state") == contract.STATE_FINISHED]
     assert finished["outcome"] == contract.OUTCOME_FAILED and finished["reason"].startswith(expected)
     assert json.loads((workspace / contract.RESULT_FILE).read_text())["outcome"] == contract.OUTCOME_FAILED
+
+
+def test_a_context_budget_too_small_to_hold_a_turn_is_refused_by_name(tmp_path, agent_env):
+    run = subprocess.run(agent_cmd("small", tmp_path / "ws", EXAMPLE_TASK, "scripted:example", "--context-tokens", "200"), env=agent_env, capture_output=True, text=True, timeout=60)
+    assert run.returncode == contract.EXIT_FATAL
+    assert "--context-tokens must be at least 1000, got 200" in run.stderr
+    assert not (tmp_path / "ws" / contract.checkpoint_path("small")).exists()  # nothing was started
+
+
+def test_a_checkpoint_from_before_the_transcript_is_a_named_fatal_error_not_a_retry_loop(tmp_path, agent_env):
+    from langchain_core.messages import HumanMessage
+    from langgraph.checkpoint.sqlite import SqliteSaver
+    from langgraph.graph import START, StateGraph
+    from typing_extensions import TypedDict
+
+    class OldState(TypedDict):  # the shape of the state before the transcript: messages in the state
+        strategic: list
+        phase: str
+
+    workspace = tmp_path / "ws"
+    db = workspace / contract.checkpoint_path("old")
+    db.parent.mkdir(parents=True)
+    old = StateGraph(OldState)
+    old.add_node("strategic", lambda state: {"phase": "STRATEGIC"})
+    old.add_edge(START, "strategic")
+    with sqlite3.connect(db, check_same_thread=False) as conn:
+        saver = SqliteSaver(conn)
+        saver.setup()
+        old.compile(checkpointer=saver).invoke({"strategic": [HumanMessage(content="Task: x")], "phase": "STRATEGIC"}, {"configurable": {"thread_id": "old"}})
+
+    run = subprocess.run(agent_cmd("old", workspace, EXAMPLE_TASK, "scripted:example"), env=agent_env, capture_output=True, text=True, timeout=60)
+    assert run.returncode == contract.EXIT_FATAL, run.stderr
+    assert "older than the transcript" in run.stderr
+    assert json.loads((workspace / contract.RESULT_FILE).read_text())["outcome"] == contract.OUTCOME_FAILED
