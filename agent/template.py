@@ -50,6 +50,8 @@ import signal
 import sys
 import traceback
 
+from agent.procs import die_with_parent, start_time
+
 COMMANDS = ("run", "restore")  # what a template child may run; the snapshotter stays an exec'd process
 PRELOAD = (
     # Everything `run` and `restore` import up to the first model call, eagerly or lazily
@@ -70,7 +72,6 @@ PRELOAD = (
     "yaml",
     "nats",
 )
-PR_SET_PDEATHSIG = 1
 
 
 def preload() -> None:
@@ -80,23 +81,11 @@ def preload() -> None:
         importlib.import_module(name)
 
 
-def start_time(pid: int) -> int | None:
-    """The process's start time (field 22 of /proc/<pid>/stat): with the pid, a process's identity."""
-    try:
-        raw = open(f"/proc/{pid}/stat", "rb").read()  # noqa: SIM115 - closed by refcount at once
-    except OSError:
-        return None
-    return int(raw[raw.rfind(b")") + 2 :].split()[19])
-
-
 class Template:
     """The template's loop: requests on fd 0, answers on fd 1, one pidfd per child."""
 
     def __init__(self, channel_in: int = 0, channel_out: int = 1):
-        from agent.procs import _PRCTL
-
         self.channel_in, self.channel_out = channel_in, channel_out
-        self.prctl = _PRCTL
         self.poll = select.poll()  # no descriptor of its own, unlike epoll
         self.poll.register(channel_in, select.POLLIN)
         self.children: dict[int, int] = {}  # pidfd -> pid
@@ -155,8 +144,7 @@ class Template:
         try:
             parent = os.getppid()
             os.setsid()
-            if self.prctl is not None:
-                self.prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
+            die_with_parent(signal.SIGTERM)()  # as exec'd children get it, relative to this template
             if os.getppid() != parent:  # the template died before the line above: no signal will come
                 os._exit(128 + signal.SIGTERM)
             for sig in range(1, signal.NSIG):
@@ -179,9 +167,11 @@ class Template:
             os.environ.clear()
             os.environ.update(request["env"])
             sys.argv = [sys.argv[0], *argv]
-            from agent.__main__ import main
-
-            code = main(argv)
+            if argv[0] == "run":
+                from agent.run import main
+            else:
+                from agent.restore import main
+            code = main(argv[1:])
         except SystemExit as exc:
             code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
         except BaseException:  # noqa: BLE001 - a child never returns into the template's loop

@@ -33,8 +33,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from agent.procs import die_with_parent, group_alive, signal_group
-from agent.template import start_time
+from agent.procs import die_with_parent, group_alive, signal_group, start_time
 from functions.core.task import Task
 from functions.runtime.local.state import TaskFolder
 from functions.runtime.local.template import ForkedProcess, TemplateUnavailable, WarmTemplate
