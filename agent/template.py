@@ -54,8 +54,8 @@ from agent.procs import die_with_parent, start_time
 
 COMMANDS = ("run", "restore")  # what a template child may run; the snapshotter stays an exec'd process
 PRELOAD = (
-    # Everything `run` and `restore` import up to the first model call, eagerly or lazily
-    # (a run's modules, from agent.run's DEBUG_EXIT_REPORT hook, minus what these bring).
+    # Everything `run` (scripted model) and `restore` import, eagerly or lazily: with these, a finished
+    # run's modules (agent.run's DEBUG_EXIT_REPORT lists them) are all in the template already.
     "agent.run",
     "agent.graph",
     "agent.checkpoint",

@@ -86,6 +86,14 @@ class WarmTemplate:
         if not self.broken and self._ready is None:
             asyncio.get_running_loop().create_task(self._started(), name="agent-template-warm-up")
 
+    async def ready(self) -> bool:
+        """Start the template if needed and wait for it: True once it takes requests, False if it cannot."""
+        try:
+            await self._started()
+        except TemplateUnavailable:
+            return False
+        return True
+
     async def spawn(self, argv: Sequence[str], env: dict[str, str], cwd: str, log_file: str) -> ForkedProcess:
         """Fork `python -m agent <argv>` from the template; TemplateUnavailable when it cannot."""
         await self._started()
@@ -106,6 +114,9 @@ class WarmTemplate:
     async def close(self) -> None:
         """End the template (closing its stdin ends it; its remaining children get SIGTERM)."""
         self._closing = True
+        if self._ready is not None and not self._ready.done():
+            with contextlib.suppress(Exception):
+                await asyncio.shield(self._ready)  # a start under way: let it finish, then end it
         proc = self.proc
         if proc is None:
             return
