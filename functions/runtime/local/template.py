@@ -158,8 +158,11 @@ class WarmTemplate:
                 raise TemplateUnavailable(f"the template exited before it was ready ({first!r})")
         except Exception as exc:  # noqa: BLE001 - whatever went wrong, exec works
             self.broken = True
-            if self.proc is not None and self.proc.returncode is None:
-                self.proc.kill()
+            if self.proc is not None:
+                if self.proc.returncode is None:
+                    with contextlib.suppress(ProcessLookupError):
+                        self.proc.kill()
+                await self.proc.wait()
             log.warning("the warm agent template did not start (%s); agents are started by exec", exc)
             ready.set_exception(exc if isinstance(exc, TemplateUnavailable) else TemplateUnavailable(str(exc)))
             ready.exception()  # retrieved: a warm-up nobody awaits must not log it again

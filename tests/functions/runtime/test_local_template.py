@@ -28,7 +28,7 @@ from functions.runtime.local import LocalRuntime
 from functions.runtime.local.processes import _is_our_group, exit_code
 from functions.runtime.local.template import WarmTemplate
 from tests.conftest import agent_environment, eventually, eventually_async
-from tests.functions.runtime.local_stand_in import Sink, lines, make_task, wait_finished
+from tests.functions.runtime.local_stand_in import Sink, lines, make_task, runtime_for, wait_backoff, wait_finished
 
 pytestmark = pytest.mark.skipif(not hasattr(os, "pidfd_open"), reason="the template needs Linux pidfds")
 
@@ -255,3 +255,22 @@ def test_a_recorded_group_is_ours_only_with_the_same_start_time(tmp_path):
         proc.kill()
         proc.wait()
     assert not live_group_members(proc.pid)
+
+
+async def test_without_a_template_that_starts_every_child_is_execd(tmp_path, stand_in, clock, caplog):
+    """A template that exits before it is ready (here the stand-in, which knows no `template` command)
+    is not tried again: restore and the agent are exec'd, and the task runs as without one."""
+    sink = Sink()
+    runtime = runtime_for(tmp_path, stand_in, sink, clock, warm=True)
+    assert runtime.template is not None
+    try:
+        await runtime.launch(make_task("exit:1,0"))
+        await wait_backoff(runtime, clock, 1, 2.0)
+        clock.advance(2.0)
+        state = await wait_finished(runtime, sink)
+    finally:
+        await runtime.close()
+    assert (state.outcome, state.exit_codes) == ("done", [1, 0])  # both attempts ran, exec'd
+    assert runtime.template.broken and runtime.template.proc.returncode is not None
+    assert any("did not start" in record.getMessage() for record in caplog.records)
+    assert len(lines(runtime.folder("t-1").workspace / "runs.log")) == 2
