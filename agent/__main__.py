@@ -1,14 +1,15 @@
-"""`python -m agent run|snapshotter|restore ...`: the three processes of an agent pod."""
+"""`python -m agent run|snapshotter|restore ...`: the three processes of an agent pod (and `template`, the local runtime's warm start)."""
 
 from __future__ import annotations
 
 import sys
 
-USAGE = """usage: python -m agent {run,snapshotter,restore} [options]
+USAGE = """usage: python -m agent {run,snapshotter,restore,template} [options]
 
   run           run a task: the STRATEGIC/TACTICAL agent, checkpointing every step
   snapshotter   copy the checkpoint to the object store on request and at shutdown
   restore       bring the newest snapshot back into an empty workspace
+  template      (local runtime only) a pre-imported agent that forks run and restore on request
 
 'python -m agent COMMAND --help' documents each command's flags."""
 
@@ -24,6 +25,8 @@ def main(argv: list[str]) -> int:
         from agent.snapshotter import main as run
     elif command == "restore":
         from agent.restore import main as run
+    elif command == "template":
+        from agent.template import main as run
     else:
         print(f"unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
         return 2

@@ -10,7 +10,8 @@ invariants hold everywhere:
   `signal_group(pid, sig)` reaches everything it started that did not call
   setsid itself. `live_group_members`, `group_alive` and `pid_alive` read
   /proc, because orphans reparented to a PID 1 that never reaps them stay
-  zombies and would count as alive.
+  zombies and would count as alive. `start_time` tells a process from a later
+  one that got its pid.
 
 The signal on parent death is the caller's choice, on purpose: the local runtime
 and the dev stack ask for SIGTERM (an agent stops after its step, nats-server
@@ -87,6 +88,13 @@ def live_group_members(pgid: int) -> list[int]:
         if fields is not None and len(fields) > 2 and int(fields[2]) == pgid and _live(fields):
             found.append(int(entry.name))
     return found
+
+
+def start_time(pid: int) -> int | None:
+    """When the process started (clock ticks since boot, /proc/<pid>/stat): with its pid, a process's
+    identity, since the kernel never gives a live pid to two processes with the same start time."""
+    fields = _stat(Path(f"/proc/{pid}"))
+    return int(fields[19]) if fields is not None and len(fields) > 19 else None
 
 
 def group_alive(pgid: int) -> bool:

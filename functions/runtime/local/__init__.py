@@ -6,6 +6,7 @@ The package, imports one way (top to bottom):
     admission      at most N tasks run at once, the rest wait in submit order
     status_events  the runtime's own status events (queued, retrying) on NATS
     processes      restore, snapshotter and agent as child processes in their own process groups
+    template       the warm template: restore and the agent forked pre-imported, their exit statuses
     job_event      the finished Job and the ApiServerSource CloudEvent carrying it
     state          a task's folder and `supervisor.json`, written atomically
     clock          the Clock every wait and persisted time goes through (a test injects its own)

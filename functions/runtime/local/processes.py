@@ -11,6 +11,14 @@ Invariants
 - A child's output is appended to `logs/<role>.log`, each run after a header
   line, and the offset where the run began is kept for FallbackToLogsOnError.
 - The children get the flags the pod's containers get (`AgentCommand`).
+- With a warm template (template.py), `restore` and the agent are forked from
+  it instead of exec'd, set up the same way (session, parent-death SIGTERM,
+  log, cwd, environment); if it cannot launch, they are exec'd. A recorded
+  group is known by its leader's pid and start time (/proc/<pid>/stat), not by
+  its command line: a forked child keeps the template's, and (pid, start
+  time) is what the kernel never gives two processes, with no library and no
+  rewriting of argv memory (setproctitle) needed; a state file from before
+  start times were recorded falls back to the command line naming the task.
 """
 
 from __future__ import annotations
@@ -25,12 +33,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from agent.procs import die_with_parent, group_alive, signal_group
+from agent.procs import die_with_parent, group_alive, signal_group, start_time
 from functions.core.task import Task
 from functions.runtime.local.state import TaskFolder
+from functions.runtime.local.template import ForkedProcess, TemplateUnavailable, WarmTemplate
 
 log = logging.getLogger("dockyard.runtime.local")
 
+TEMPLATE_ROLES = ("restore", "agent")  # forked from the warm template when there is one; the snapshotter is exec'd
 REAP_POLL_SECONDS = 0.05  # a group that is not our child cannot be waited on, only looked at
 KILL_SETTLE_SECONDS = 10.0  # after SIGKILL: how long a stop waits for the rest of the group to be gone
 
@@ -98,23 +108,36 @@ def exit_code(returncode: int | None) -> int:
     return 128 - returncode if returncode < 0 else returncode
 
 
+Process = asyncio.subprocess.Process | ForkedProcess  # exec'd, or forked from the warm template
+
+
 class Children:
     """The running children of one task, by role. `groups` is the task's persisted record of
     live process groups; `persist` saves it after every change."""
 
-    def __init__(self, folder: TaskFolder, env: dict[str, str], groups: dict[str, int], persist: Callable[[], None]):
+    def __init__(
+        self,
+        folder: TaskFolder,
+        env: dict[str, str],
+        groups: dict[str, int],
+        persist: Callable[[], None],
+        starts: dict[str, int] | None = None,
+        template: WarmTemplate | None = None,
+    ):
         self.folder = folder
         self.env = env
         self.groups = groups
+        self.starts = {} if starts is None else starts  # the group leaders' start times, persisted with `groups`
         self.persist = persist
-        self.procs: dict[str, asyncio.subprocess.Process] = {}
+        self.template = template
+        self.procs: dict[str, Process] = {}
         self.log_offsets: dict[str, int] = {}
 
-    def running(self, role: str) -> asyncio.subprocess.Process | None:
+    def running(self, role: str) -> Process | None:
         proc = self.procs.get(role)
         return proc if proc is not None and proc.returncode is None else None
 
-    async def start(self, role: str, argv: list[str]) -> asyncio.subprocess.Process:
+    async def start(self, role: str, argv: list[str]) -> Process:
         self.folder.logs.mkdir(parents=True, exist_ok=True)
         env = dict(self.env)
         if role == "agent":
@@ -125,20 +148,40 @@ class Children:
             logfile.write(f"--- {stamp} {role} starts\n".encode())
             logfile.flush()
             self.log_offsets[role] = logfile.tell()  # where this run's output begins
-            proc = await asyncio.create_subprocess_exec(
-                *argv,
-                stdin=asyncio.subprocess.DEVNULL,
-                stdout=logfile,
-                stderr=asyncio.subprocess.STDOUT,
-                cwd=str(self.folder.workspace),
-                env=env,
-                start_new_session=True,  # its own process group, so a stop reaches its children too
-                preexec_fn=die_with_parent(signal.SIGTERM),
-            )
+            proc = await self._fork(role, argv, env)
+            if proc is None:
+                proc = await self._exec(argv, env, logfile)
         self.procs[role] = proc
         self.groups[role] = proc.pid
+        start = proc.start if isinstance(proc, ForkedProcess) else start_time(proc.pid)
+        if start is not None:
+            self.starts[role] = start
         self.persist()
         return proc
+
+    async def _fork(self, role: str, argv: list[str], env: dict[str, str]) -> ForkedProcess | None:
+        """`role` forked from the warm template, or None when there is none or it cannot launch (exec then)."""
+        template = self.template
+        if template is None or role not in TEMPLATE_ROLES or tuple(argv[: len(template.argv)]) != template.argv:
+            return None
+        try:
+            return await template.spawn(argv[len(template.argv) :], env, str(self.folder.workspace), str(self.folder.log(role)))
+        except TemplateUnavailable as exc:
+            if not template.broken:
+                log.warning("task %s: the warm template cannot start the %s (%s); starting it by exec", self.folder.root.name, role, exc)
+            return None
+
+    async def _exec(self, argv: list[str], env: dict[str, str], logfile) -> asyncio.subprocess.Process:
+        return await asyncio.create_subprocess_exec(
+            *argv,
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=logfile,
+            stderr=asyncio.subprocess.STDOUT,
+            cwd=str(self.folder.workspace),
+            env=env,
+            start_new_session=True,  # its own process group, so a stop reaches its children too
+            preexec_fn=die_with_parent(signal.SIGTERM),
+        )
 
     async def exited(self, role: str) -> None:
         """After `role` exited on its own: SIGKILL what it left in its group, and forget it."""
@@ -188,15 +231,17 @@ class Children:
             return None
 
     def _forget(self, role: str) -> None:
+        self.starts.pop(role, None)
         if self.groups.pop(role, None) is not None:
             self.persist()
 
 
-async def reap_orphans(groups: dict[str, int], task_id: str, grace: float) -> None:
+async def reap_orphans(groups: dict[str, int], task_id: str, grace: float, starts: dict[str, int] | None = None) -> None:
     """Children of a process that died hard got SIGTERM from the kernel; make sure they are gone.
-    Empties `groups`."""
+    Empties `groups` and `starts`."""
+    starts = {} if starts is None else starts
     for role, pgid in list(groups.items()):
-        if _is_our_group(pgid, task_id):
+        if _is_our_group(pgid, task_id, starts.get(role)):
             log.warning("task %s: stopping the %s left over by the previous process", task_id, role)
             signal_group(pgid, signal.SIGTERM)
             deadline = time.monotonic() + grace
@@ -204,12 +249,17 @@ async def reap_orphans(groups: dict[str, int], task_id: str, grace: float) -> No
                 await asyncio.sleep(REAP_POLL_SECONDS)
             signal_group(pgid, signal.SIGKILL)
     groups.clear()
+    starts.clear()
 
 
-def _is_our_group(pgid: int, task_id: str) -> bool:
-    """A recorded group still alive whose leader's command line names the task: not a reused pid."""
+def _is_our_group(pgid: int, task_id: str, start: int | None = None) -> bool:
+    """A recorded group still alive whose leader is the process recorded (same start time; without one,
+    its command line names the task): not a reused pid."""
     if not group_alive(pgid):
         return False
+    if start is not None:
+        now = start_time(pgid)
+        return now is None or now == start  # leader gone but the group lives: ours, as below
     try:
         cmdline = Path(f"/proc/{pgid}/cmdline").read_bytes().split(b"\0")
     except OSError:

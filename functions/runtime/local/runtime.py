@@ -16,6 +16,10 @@ Invariants
   a task launched but never admitted is `queued` in its folder, so a restart
   queues it again. Cancel of a queued task finishes it `cancelled`, nothing run.
 - All waiting and every persisted time is on the injected `Clock`.
+- With the real agent (`python -m agent`, not a stand-in) restore and the agent
+  are forked from one warm template per runtime (template.py), started by
+  `resume_running()` or the first launch and ended by `close()`; `warm=False`
+  execs every child.
 """
 
 from __future__ import annotations
@@ -41,6 +45,7 @@ from functions.runtime.local.processes import AgentCommand, child_env
 from functions.runtime.local.state import SupervisorState, TaskFolder, TaskFolders
 from functions.runtime.local.status_events import StatusEvents
 from functions.runtime.local.supervisor import EmitJobEvent, Policy, TaskSupervisor
+from functions.runtime.local.template import WarmTemplate
 
 log = logging.getLogger("dockyard.runtime.local")
 
@@ -73,6 +78,7 @@ class LocalRuntime:
         issuer: Issuer | None = None,
         nats_creds: str = "",
         max_running: int | None = None,
+        warm: bool | None = None,
     ):
         self.data_dir = Path(data_dir).resolve()
         self.folders = TaskFolders(self.data_dir / "tasks")
@@ -84,11 +90,15 @@ class LocalRuntime:
         self._shutdown = asyncio.Event()
         self.issuer = issuer
         self._status = StatusEvents(nats_url, nats_creds)
+        argv, environment = tuple(agent_cmd or (sys.executable, "-m", "agent")), child_env(env)
+        if warm is None:  # a stand-in agent (the tests') is exec'd: the template runs the real one only
+            warm = argv == (sys.executable, "-m", "agent")
+        self.template = WarmTemplate(argv, environment) if warm else None
         self.policy = Policy(
             folders=self.folders,
             # `<agent_cmd> run|restore|snapshotter ...`: the agent CLI, or a stand-in in tests.
             command=AgentCommand(
-                tuple(agent_cmd or (sys.executable, "-m", "agent")),
+                argv,
                 store_url,
                 nats_url=nats_url,
                 default_model=default_model,
@@ -98,7 +108,7 @@ class LocalRuntime:
                 allow_file_repos=allow_file_repos,
                 nats_creds=issuer is not None and bool(nats_url),
             ),
-            env=child_env(env),
+            env=environment,
             emit_job_event=emit_job_event,
             status=self._status,
             clock=self.clock,
@@ -109,6 +119,7 @@ class LocalRuntime:
             snapshotter_grace_seconds=snapshotter_grace_seconds,
             admission=Admission(max_running),
             prepare=self._mint_credentials,
+            template=self.template,
         )
         self._supervised: dict[str, TaskSupervisor] = {}
         self._lock = asyncio.Lock()
@@ -183,6 +194,8 @@ class LocalRuntime:
         if resumed:
             log.info("resumed %d task(s): %s", len(resumed), ", ".join(resumed))
         self._start_janitor()
+        if self.template is not None and not self._shutdown.is_set():
+            self.template.warm_up()
         return resumed
 
     async def close(self) -> None:
@@ -199,6 +212,8 @@ class LocalRuntime:
         runners = [sup.runner for sup in self._supervised.values() if sup.runner]
         if runners:
             await asyncio.gather(*runners, return_exceptions=True)
+        if self.template is not None:
+            await self.template.close()
         await self._status.close()
 
     async def sweep(self) -> None:

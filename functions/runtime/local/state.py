@@ -45,6 +45,7 @@ class SupervisorState:
     event_sent: bool = False
     workspace_removed: bool = False
     pgids: dict[str, int] = field(default_factory=dict)  # live process groups, reaped after a crash
+    starts: dict[str, int] = field(default_factory=dict)  # their leaders' start times (/proc/<pid>/stat): not a reused pid
 
     @property
     def finished(self) -> bool:

@@ -51,6 +51,7 @@ from functions.runtime.local.processes import (
 )
 from functions.runtime.local.state import SupervisorState, TaskFolders
 from functions.runtime.local.status_events import StatusEvents
+from functions.runtime.local.template import WarmTemplate
 
 log = logging.getLogger("dockyard.runtime.local")
 
@@ -80,6 +81,7 @@ class Policy:
     snapshotter_grace_seconds: float = 120.0
     admission: Admission = field(default_factory=Admission)
     prepare: Callable[[Task], None] | None = None  # once admitted, before the first child (the task's credentials)
+    template: WarmTemplate | None = None  # forks restore and the agent pre-imported; None: every child is exec'd
 
     def backoff(self, failures: int) -> float:
         """The wait after the `failures`-th failed attempt: doubling, capped."""
@@ -94,7 +96,7 @@ class TaskSupervisor:
         self.state = state
         self.task = task
         self.folder = policy.folders.folder(state.task_id)
-        self.children = Children(self.folder, policy.env, state.pgids, self._save)
+        self.children = Children(self.folder, policy.env, state.pgids, self._save, state.starts, policy.template)
         self.stop_reason: str | None = None  # "cancel" or "shutdown"
         self.interrupt = asyncio.Event()
         self.runner: asyncio.Task | None = None
@@ -123,7 +125,7 @@ class TaskSupervisor:
         policy = self.policy
         try:
             if self.state.pgids:
-                await reap_orphans(self.state.pgids, self.state.task_id, policy.grace_seconds)
+                await reap_orphans(self.state.pgids, self.state.task_id, policy.grace_seconds, self.state.starts)
                 self._save()
             if not self.state.finished:
                 admitted = await self._admitted()
