@@ -1,4 +1,4 @@
-"""What a function process imports to answer its first event.
+"""What a function process imports to answer its first event, and its garbage collector after it.
 
 One real process loads `functions/main.py` as functions-framework does
 (`create_asgi_app(target, source)`, the module named `main`) with the deployed
@@ -11,6 +11,8 @@ asserted: bench/bench_coldstart.py measures the start.
   wants aiohttp only for websocket servers, and aiohttp's import was the
   largest part of a cold start (~100 ms with bytecode). With a ws:// URL the
   websocket transport keeps aiohttp.
+- Start-up runs without collections (`functions.main`): the collector must be
+  on again after the first event, with start-up's objects frozen.
 """
 
 from __future__ import annotations
@@ -25,11 +27,12 @@ from agent import contract
 from tests.conftest import REPO_ROOT, NatsServer, agent_environment
 
 FIRST_EVENT = """
-import asyncio, json, sys
+import asyncio, gc, json, sys
 
 from functions_framework.aio import create_asgi_app
 
 app = create_asgi_app("snapshot_due", sys.argv[1])
+after_start = {"enabled": gc.isenabled(), "frozen": gc.get_freeze_count()}
 
 
 async def post():
@@ -53,8 +56,9 @@ async def post():
 status, body = asyncio.run(post())
 import nats.aio.transport
 
-print(json.dumps({"status": status, "body": body, "modules": sorted(sys.modules),
-                  "websocket_transport": nats.aio.transport.aiohttp is not None}))
+print(json.dumps({"status": status, "body": body, "modules": sorted(sys.modules), "after_start": after_start,
+                  "websocket_transport": nats.aio.transport.aiohttp is not None,
+                  "gc": {"enabled": gc.isenabled(), "frozen": gc.get_freeze_count()}}))
 """
 
 
@@ -83,6 +87,13 @@ def test_a_function_imports_nats_without_aiohttp(first_event):
     aiohttp = [m for m in first_event["modules"] if m.split(".")[0] == "aiohttp"]
     assert not aiohttp, f"a function process over TCP imported aiohttp (nats-py's websocket extra): {aiohttp[:5]}"
     assert not first_event["websocket_transport"]
+
+
+def test_garbage_collection_runs_again_after_start(first_event):
+    """Off while `main` imports and while the first event connects; on again afterwards, start-up frozen."""
+    assert first_event["after_start"]["enabled"] and first_event["after_start"]["frozen"] > 0
+    assert first_event["gc"]["enabled"]
+    assert first_event["gc"]["frozen"] > first_event["after_start"]["frozen"]
 
 
 @pytest.mark.parametrize(("url", "aiohttp"), [("nats://127.0.0.1:4222", False), ("ws://127.0.0.1:8080", True),
