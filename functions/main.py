@@ -82,16 +82,17 @@ def read_settings() -> Settings:
 _settings: Settings = read_settings()
 _runtime: "Runtime | None" = None
 _context: Context | None = None
+_starting = True  # until the first event has tried to make the runtime and connect (see the module docstring)
 
 
 async def get_context() -> Context:
     """The settings read at start, the runtime made once, the bus connected per event loop (lazily)."""
-    global _runtime, _context
+    global _runtime, _context, _starting
     from functions.core import bus
 
-    first = _context is None  # the first event's imports and connect: start-up (see the module docstring)
-    collecting = first and gc.isenabled()
-    if first:
+    starting, _starting = _starting, False  # once per process: a later retry is no start-up
+    collecting = starting and gc.isenabled()
+    if starting:
         gc.disable()
     try:
         if _runtime is None:
@@ -102,7 +103,7 @@ async def get_context() -> Context:
             _runtime = make_runtime(_settings, **extra)
         connected = await bus.connect(_settings)
     finally:
-        if first:
+        if starting:
             gc.freeze()
         if collecting:
             gc.enable()
