@@ -114,8 +114,12 @@ class Bus:
             raise
         try:
             js = nc.jetstream(timeout=PUBLISH_TIMEOUT_SECONDS)
-            await ensure_stream(js, stream_max_age_seconds)
-            registry = await TaskRegistry.open(js)
+            # Two independent lookups, one round trip: a busy machine pays scheduling delay per round trip.
+            found = await asyncio.gather(ensure_stream(js, stream_max_age_seconds), TaskRegistry.open(js), return_exceptions=True)
+            for result in found:
+                if isinstance(result, BaseException):
+                    raise result
+            registry = found[1]
         except BaseException as exc:
             await nc.close()
             if isinstance(exc, Exception) and (_is_nats_error(exc) or isinstance(exc, asyncio.TimeoutError)):
