@@ -8,9 +8,13 @@ Both sides are started as deployed, `python -m functions_framework --target T --
 arrives: a POST is retried every 2 ms until the port accepts it (the same poll on both sides).
 Ours is `snapshot_due` (functions/main.py) receiving one PingSource CloudEvent: the answer needs the lazy
 imports (nats-py, the registry), the NATS connect as the functions' user on an authenticated nats-server
-(operator mode, as deployed), the round claim (one KV write) and the registry listing; the registry is
-empty, so no task is asked. The baseline pays only functions-framework's own start.
-Interleaved, median of --runs each; every run also checks the answer (200).
+(operator mode, as deployed), the round claim (one KV read and write) and the registry listing; the registry
+is empty, so no task is asked. The round window is set to 1 ms so that every run claims a round and lists
+(with the default 240 s, every run after the first would answer "skipped" right after the claim's read).
+The baseline pays only functions-framework's own start.
+Interleaved, median of --runs each; every run also checks the answer (200, a round that ran).
+The CPU figure is the server's whole process tree: functions-framework serves from a gunicorn worker
+forked from the arbiter, and the first event's lazy imports and NATS connect happen in that worker.
 Target (issue 13): ours <= 400 ms with bytecode. Exit status 1 when the target is missed.
 """
 
@@ -78,8 +82,16 @@ def first_answer(port: int, proc: subprocess.Popen, timeout: float = 30.0) -> by
 
 
 def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    """CPU (user + system) of `pid` and of its children (the gunicorn worker), alive as they are now."""
+    total = 0.0
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:  # gone meanwhile
+            continue
+        if stat.parent.name == str(pid) or fields[1] == str(pid):
+            total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return total
 
 
 def cold_start(target: str, source: Path, env: dict) -> tuple[float, float]:
@@ -97,7 +109,7 @@ def cold_start(target: str, source: Path, env: dict) -> tuple[float, float]:
         proc.terminate()
         proc.wait(10)
     status = answer.split(b"\r\n", 1)[0]
-    if b" 200 " not in status + b" ":
+    if b" 200 " not in status + b" " or b'"skipped"' in answer:
         raise RuntimeError(f"{target} answered {status.decode(errors='replace')}: {answer[-300:]!r}")
     return elapsed, cpu
 
@@ -123,7 +135,8 @@ def main(runs: int) -> int:
             hello.write_text(HELLO)
             hello_env = {**base_env, "PYTHONPATH": str(ROOT)}
             ours_env = {**hello_env, "DOCKYARD_NATS_URL": server.url, "DOCKYARD_NATS_CREDS": str(auth.creds("functions")),
-                        "DOCKYARD_RUNTIME": "local", "DOCKYARD_DATA_DIR": str(tmp / "data")}  # fmt: skip
+                        "DOCKYARD_RUNTIME": "local", "DOCKYARD_DATA_DIR": str(tmp / "data"),
+                        "DOCKYARD_SNAPSHOT_MIN_INTERVAL_SECONDS": "0.001"}  # fmt: skip
             sides = {
                 "baseline": lambda: cold_start("hello", hello, hello_env),
                 "ours": lambda: cold_start("snapshot_due", ROOT / "functions" / "main.py", ours_env),
@@ -147,7 +160,7 @@ def main(runs: int) -> int:
     print(f"ours: snapshot_due, first PingSource event (NATS, auth)    median {med['ours']:7.1f} ms  (range {spread['ours']})")
     print(f"ratio ours / baseline                                      {med['ours'] / med['baseline']:7.2f}x")
     print(f"ours above the framework's own start                       {med['ours'] - med['baseline']:7.1f} ms")
-    print(f"CPU of the server process to its first answer (10 ms ticks): ours {med_cpu['ours']:.0f} ms, baseline "
+    print(f"CPU of the server's processes to its first answer (10 ms ticks): ours {med_cpu['ours']:.0f} ms, baseline "
           f"{med_cpu['baseline']:.0f} ms ({med_cpu['ours'] / med_cpu['baseline']:.2f}x; steadier than wall on a busy machine)")
     print(f"target: ours <= {TARGET_MS:.0f} ms                                   {'PASS' if ok else 'FAIL'}")
     return 0 if ok else 1

@@ -19,22 +19,33 @@ imported, i.e. when the process starts; a wrong `DOCKYARD_*` variable stops it
 (exit 3) with a message naming the variable, instead of every event being
 answered 4xx and dead-lettered. Importing is otherwise cheap (no NATS,
 Kubernetes or boto3): they load on the first event, which is what cold start pays for.
+
+Start-up makes most of the objects the process will ever hold (modules, classes, the
+settings' pydantic schemas); a collection during it walks them all again for nothing. The
+collector is off while this module imports and while the first event makes the runtime and
+connects, then what exists is frozen (never walked again; a forked gunicorn worker shares
+it) and collection is on again, as in `agent.run.main`. bench/bench_coldstart.py measures it.
 """
 
 from __future__ import annotations
 
-import logging
-import sys
-from typing import TYPE_CHECKING
+import gc
 
-import functions_framework.aio
+_collecting = gc.isenabled()
+gc.disable()  # until the end of this module (see the docstring)
 
-from agent import contract
-from functions.core.settings import Settings
-from functions.errors import SettingsError
-from functions.handlers import HANDLERS, edge
-from functions.handlers.context import Context
-from functions.handlers.job_finished import handle as handle_job_finished
+import logging  # noqa: E402
+import sys  # noqa: E402
+from typing import TYPE_CHECKING  # noqa: E402
+
+import functions_framework.aio  # noqa: E402
+
+from agent import contract  # noqa: E402
+from functions.core.settings import Settings  # noqa: E402
+from functions.errors import SettingsError  # noqa: E402
+from functions.handlers import HANDLERS, edge  # noqa: E402
+from functions.handlers.context import Context  # noqa: E402
+from functions.handlers.job_finished import handle as handle_job_finished  # noqa: E402
 
 if TYPE_CHECKING:
     from functions.core.runtime_api import Runtime
@@ -71,20 +82,31 @@ def read_settings() -> Settings:
 _settings: Settings = read_settings()
 _runtime: "Runtime | None" = None
 _context: Context | None = None
+_starting = True  # until the first event has tried to make the runtime and connect (see the module docstring)
 
 
 async def get_context() -> Context:
     """The settings read at start, the runtime made once, the bus connected per event loop (lazily)."""
-    global _runtime, _context
+    global _runtime, _context, _starting
     from functions.core import bus
 
-    if _runtime is None:
-        from functions.runtime import make_runtime
+    starting, _starting = _starting, False  # once per process: a later retry is no start-up
+    collecting = starting and gc.isenabled()
+    if starting:
+        gc.disable()
+    try:
+        if _runtime is None:
+            from functions.runtime import make_runtime
 
-        # Outside `dockyard dev` a local runtime's finished Jobs go straight to job_finished.
-        extra = {"emit_job_event": _job_event_to_job_finished} if _settings.runtime == "local" else {}
-        _runtime = make_runtime(_settings, **extra)
-    connected = await bus.connect(_settings)
+            # Outside `dockyard dev` a local runtime's finished Jobs go straight to job_finished.
+            extra = {"emit_job_event": _job_event_to_job_finished} if _settings.runtime == "local" else {}
+            _runtime = make_runtime(_settings, **extra)
+        connected = await bus.connect(_settings)
+    finally:
+        if starting:
+            gc.freeze()
+        if collecting:
+            gc.enable()
     if _context is None or _context.bus is not connected:
         _context = Context(_settings, connected, _runtime)
     return _context
@@ -126,3 +148,7 @@ def create_app(target: str):
 
 
 __all__ = ["Context", "HANDLERS", "create_app", "get_context", "starlette_endpoint", *HANDLERS]
+
+gc.freeze()  # start-up is over: what it made lives as long as the process (see the docstring)
+if _collecting:
+    gc.enable()

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import sys
 from typing import TYPE_CHECKING
 
 from agent import contract
@@ -32,6 +33,27 @@ def being_cancelled() -> bool:
     error; a retry loop that catches those asks this first, so a stop is never taken for NATS trouble."""
     task = asyncio.current_task()
     return task is not None and task.cancelling() > 0
+
+
+def import_nats(url: str) -> None:
+    """Import nats-py without aiohttp, unless `url` names a websocket server (ws://, wss://).
+
+    nats-py imports aiohttp only for its websocket transport and takes an ImportError as
+    "no websocket support" (aiohttp is its optional extra); over TCP it never uses it.
+    Hidden, a function's first event saves aiohttp's import (~100 ms with bytecode: its
+    connector builds TLS contexts at import). A process that imported either library
+    already (tests, `dockyard dev`) is left alone; aiohttp stays importable afterwards.
+    The same as the snapshotter's `agent.snapshotter.import_nats_lean`."""
+    if "nats" in sys.modules or "aiohttp" in sys.modules:
+        return
+    if any(server.strip().startswith(("ws://", "wss://")) for server in url.split(",")):
+        return
+    sys.modules["aiohttp"] = None  # type: ignore[assignment]  # `import aiohttp` raises ImportError meanwhile
+    try:
+        import nats  # noqa: F401
+    finally:
+        if "aiohttp" in sys.modules and sys.modules["aiohttp"] is None:
+            del sys.modules["aiohttp"]
 
 
 def _is_nats_error(exc: BaseException) -> bool:
@@ -56,6 +78,7 @@ class Bus:
                    stream_max_age_seconds: float = contract.STREAM_MAX_AGE_SECONDS) -> "Bus":
         """Connect (as the user of the `.creds` file `creds`, if any) and make sure the stream and the
         bucket exist. Raises Unavailable."""
+        import_nats(url)
         import nats
 
         from functions.core.registry import TaskRegistry
@@ -91,8 +114,12 @@ class Bus:
             raise
         try:
             js = nc.jetstream(timeout=PUBLISH_TIMEOUT_SECONDS)
-            await ensure_stream(js, stream_max_age_seconds)
-            registry = await TaskRegistry.open(js)
+            # Two independent lookups, one round trip: a busy machine pays scheduling delay per round trip.
+            found = await asyncio.gather(ensure_stream(js, stream_max_age_seconds), TaskRegistry.open(js), return_exceptions=True)
+            for result in found:
+                if isinstance(result, BaseException):
+                    raise result
+            registry = found[1]
         except BaseException as exc:
             await nc.close()
             if isinstance(exc, Exception) and (_is_nats_error(exc) or isinstance(exc, asyncio.TimeoutError)):
