@@ -18,7 +18,8 @@ Invariants: the settings are read, validated and printed when this module is
 imported, i.e. when the process starts; a wrong `DOCKYARD_*` variable stops it
 (exit 3) with a message naming the variable, instead of every event being
 answered 4xx and dead-lettered. Importing is otherwise cheap (no NATS,
-Kubernetes or boto3): they load on the first event, which is what cold start pays for.
+Kubernetes or boto3): NATS loads on the first event, which is what cold start pays
+for, and the Kubernetes client on the first event that needs the runtime.
 
 Start-up makes most of the objects the process will ever hold (modules, classes, the
 settings' pydantic schemas); a collection during it walks them all again for nothing. The
@@ -48,6 +49,8 @@ from functions.handlers.context import Context  # noqa: E402
 from functions.handlers.job_finished import handle as handle_job_finished  # noqa: E402
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from functions.core.runtime_api import Runtime
 
 log = logging.getLogger(__name__)
@@ -78,6 +81,22 @@ def read_settings() -> Settings:
     return settings
 
 
+class RuntimeOnFirstUse:
+    """The Kubernetes runtime, made by the first handler that calls it: the Kubernetes client's import
+    (~0.2 s) is not paid by an event that needs no runtime, as a `snapshot_due` ping that finds no task
+    (a cold start every few minutes when the function scales to zero). A configuration that cannot work
+    then fails that first call, with the same answer the event would have had before."""
+
+    def __init__(self, make: "Callable[[], Runtime]"):
+        self._make = make
+        self._runtime: "Runtime | None" = None
+
+    def __getattr__(self, name: str):
+        if self._runtime is None:
+            self._runtime = self._make()
+        return getattr(self._runtime, name)
+
+
 # --- the process-wide context of a functions-framework process ------------
 _settings: Settings = read_settings()
 _runtime: "Runtime | None" = None
@@ -98,9 +117,10 @@ async def get_context() -> Context:
         if _runtime is None:
             from functions.runtime import make_runtime
 
-            # Outside `dockyard dev` a local runtime's finished Jobs go straight to job_finished.
-            extra = {"emit_job_event": _job_event_to_job_finished} if _settings.runtime == "local" else {}
-            _runtime = make_runtime(_settings, **extra)
+            if _settings.runtime == "local":  # outside `dockyard dev` its finished Jobs go straight to job_finished
+                _runtime = make_runtime(_settings, emit_job_event=_job_event_to_job_finished)
+            else:
+                _runtime = RuntimeOnFirstUse(lambda: make_runtime(_settings))
         connected = await bus.connect(_settings)
     finally:
         if starting:

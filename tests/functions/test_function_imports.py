@@ -62,25 +62,63 @@ print(json.dumps({"status": status, "body": body, "modules": sorted(sys.modules)
 """
 
 
-@pytest.fixture(scope="module")
-def first_event(tmp_path_factory) -> dict:
+@pytest.fixture(scope="module", params=["local", "kubernetes"])
+def first_event(request, tmp_path_factory) -> dict:
     tmp = tmp_path_factory.mktemp("function-imports")
     server = NatsServer(tmp / "nats").start()
+    kubeconfig = tmp / "kubeconfig"  # a cluster nobody answers at: an empty registry must not need it
+    kubeconfig.write_text(KUBECONFIG)
     try:
         env = agent_environment({"DOCKYARD_NATS_URL": server.url, "DOCKYARD_NATS_CREDS": server.creds("functions"),
-                    "DOCKYARD_RUNTIME": "local", "DOCKYARD_DATA_DIR": str(tmp / "data")})  # fmt: skip
+                    "DOCKYARD_RUNTIME": request.param, "DOCKYARD_DATA_DIR": str(tmp / "data"),
+                    "KUBECONFIG": str(kubeconfig)})  # fmt: skip
         command = [sys.executable, "-c", FIRST_EVENT, str(REPO_ROOT / "functions" / "main.py"), contract.EVENT_PING]
         done = subprocess.run(command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=60)
     finally:
         server.stop()
     assert done.returncode == 0, done.stderr[-2000:]
-    return json.loads(done.stdout.splitlines()[-1])
+    return {**json.loads(done.stdout.splitlines()[-1]), "runtime": request.param}
+
+
+KUBECONFIG = """
+apiVersion: v1
+kind: Config
+clusters: [{name: c, cluster: {server: "http://127.0.0.1:9"}}]
+users: [{name: u, user: {token: t}}]
+contexts: [{name: x, context: {cluster: c, user: u, namespace: dockyard}}]
+current-context: x
+"""
 
 
 def test_the_first_event_runs_a_round(first_event):
     assert first_event["status"] == 200, first_event["body"]
     assert first_event["body"]["asked"] == 0 and "skipped" not in json.dumps(first_event["body"])
     assert "nats" in first_event["modules"]  # the round went through the bus
+
+
+def test_a_ping_that_finds_no_task_never_imports_the_kubernetes_client(first_event):
+    """`functions.main.RuntimeOnFirstUse`: the Kubernetes runtime is made by the first handler that calls it."""
+    kubernetes = [m for m in first_event["modules"] if m.split(".")[0] == "kubernetes"]
+    assert not kubernetes, f"the {first_event['runtime']} runtime's first ping imported {kubernetes[:5]}"
+
+
+def test_the_kubernetes_runtime_is_made_on_first_use_and_then_kept():
+    from functions.main import RuntimeOnFirstUse
+
+    made = []
+
+    class Runtime:
+        async def job_uid(self, task_id):
+            return f"uid-{task_id}"
+
+    def make():
+        made.append(Runtime())
+        return made[-1]
+
+    lazy = RuntimeOnFirstUse(make)
+    assert made == []
+    assert lazy.job_uid.__self__ is made[0]
+    assert lazy.job_uid.__self__ is made[0] and len(made) == 1
 
 
 def test_a_function_imports_nats_without_aiohttp(first_event):
