@@ -101,33 +101,39 @@ class TaskRegistry:
         entry = await self._entry(task_id)
         return json.loads(entry.value) if entry is not None and entry.value else None
 
-    async def create(self, task_id: str, record: TaskRecord) -> bool:
-        """Store the record unless the task exists; True when this call created it."""
+    async def create(self, task_id: str, record: TaskRecord) -> int | None:
+        """Store the record unless the task exists; its revision when this call created it, else None."""
         from nats.js.errors import KeyWrongLastSequenceError
 
         try:
-            await self.kv.create(task_id, _encode(record))
+            return await self.kv.create(task_id, _encode(record))
         except KeyWrongLastSequenceError:
-            return False
-        return True
+            return None
 
-    async def update(self, task_id: str, mutate: Callable[[TaskRecord], TaskRecord | None]) -> TaskRecord | None:
+    async def update(
+        self, task_id: str, mutate: Callable[[TaskRecord], TaskRecord | None], known: tuple[TaskRecord, int] | None = None
+    ) -> TaskRecord | None:
         """Apply `mutate` to the current record with compare-and-set, retrying on conflict.
 
         `mutate` gets a copy of the record and returns the new record, or None for
-        no change. Returns the record as stored afterwards; None if the task is unknown."""
+        no change. Returns the record as stored afterwards; None if the task is unknown.
+        `known`: a record and its revision the caller just wrote, tried first without reading
+        it back (one round trip less; a conflict falls back to reading)."""
         from nats.js.errors import KeyWrongLastSequenceError
 
         for attempt in range(UPDATE_ATTEMPTS):
-            entry = await self._entry(task_id)
-            if entry is None or not entry.value:
-                return None
-            current = json.loads(entry.value)
-            changed = mutate(json.loads(entry.value))
+            if known is not None:
+                (current, revision), known = known, None
+            else:
+                entry = await self._entry(task_id)
+                if entry is None or not entry.value:
+                    return None
+                current, revision = json.loads(entry.value), entry.revision
+            changed = mutate(json.loads(json.dumps(current)))  # a copy: `mutate` may change what it gets
             if changed is None or changed == current:
                 return current
             try:
-                await self.kv.update(task_id, _encode(changed), last=entry.revision)
+                await self.kv.update(task_id, _encode(changed), last=revision)
                 return changed
             except KeyWrongLastSequenceError:
                 # Someone else wrote in between: back off a little and re-read.

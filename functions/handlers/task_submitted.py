@@ -35,7 +35,8 @@ async def handle(event: CloudEvent, ctx: "Context") -> dict:
                       allow_file_repos=ctx.settings.allow_file_repos)
 
     record = new_record(task.task_id, task=task.to_dict(), spec_hash=task.spec_hash, now=contract.iso_utc())
-    created = await ctx.registry.create(task.task_id, record)
+    revision = await ctx.registry.create(task.task_id, record)
+    created = revision is not None
     if not created:
         existing = await ctx.registry.get(task.task_id)
         if existing is not None and existing.get("spec_hash") not in (None, task.spec_hash):
@@ -50,11 +51,11 @@ async def handle(event: CloudEvent, ctx: "Context") -> dict:
     if created:
         await ctx.bus.publish_event(task.task_id, contract.EV_STATUS, state=contract.STATE_QUEUED)
     await ctx.runtime.launch(task)
-    await _record_job_uid(ctx, task.task_id)
+    await _record_job_uid(ctx, task.task_id, (record, revision) if created else None)
     return {"task_id": task.task_id, "status": "submitted" if created else "already submitted"}
 
 
-async def _record_job_uid(ctx: "Context", task_id: str) -> None:
+async def _record_job_uid(ctx: "Context", task_id: str, known: "tuple[TaskRecord, int] | None") -> None:
     uid = await ctx.runtime.job_uid(task_id)
     if uid is None:
         return  # gone already (cancelled, or expired): nothing to bind
@@ -64,4 +65,4 @@ async def _record_job_uid(ctx: "Context", task_id: str) -> None:
             return None
         return {**current, "job_uid": uid, "updated_at": contract.iso_utc()}
 
-    await ctx.registry.update(task_id, bind)
+    await ctx.registry.update(task_id, bind, known)

@@ -22,8 +22,8 @@ async def test_open_creates_the_bucket_once(bus):
 async def test_create_get_and_missing(bus):
     registry = bus.registry
     assert await registry.get("nope") is None
-    assert await registry.create("t1", record("t1")) is True
-    assert await registry.create("t1", record("t1", spec_hash="other")) is False
+    assert isinstance(await registry.create("t1", record("t1")), int)  # created: its revision
+    assert await registry.create("t1", record("t1", spec_hash="other")) is None
     stored = await registry.get("t1")
     assert stored["spec_hash"] == "h1" and stored["state"] == contract.STATE_QUEUED
     assert stored["finished_uids"] == [] and stored["snapshot_keys"] == []
@@ -31,7 +31,7 @@ async def test_create_get_and_missing(bus):
 
 async def test_concurrent_creates_have_one_winner(bus):
     results = await asyncio.gather(*(bus.registry.create("race", record("race", attempts=i)) for i in range(20)))
-    assert results.count(True) == 1
+    assert sum(result is not None for result in results) == 1
 
 
 async def test_update_is_compare_and_set(bus):
@@ -66,3 +66,29 @@ async def test_list_and_delete(bus):
     assert listed["b"]["phase"] == contract.PHASE_TACTICAL
     assert await registry.get("c") is None
     assert await registry.create("c", record("c"))  # a deleted id can be created again
+
+
+async def test_an_update_from_a_known_revision_skips_the_read_and_falls_back_on_a_conflict(bus):
+    registry = bus.registry
+    created = record("k1")
+    revision = await registry.create("k1", created)
+    reads = []
+    entry = registry._entry
+
+    async def counted(task_id):
+        reads.append(task_id)
+        return await entry(task_id)
+
+    registry._entry = counted
+    stored = await registry.update("k1", lambda r: {**r, "job_uid": "u1"}, (created, revision))
+    assert stored["job_uid"] == "u1" and reads == []  # one round trip: the write
+    assert (await registry.get("k1"))["job_uid"] == "u1"
+
+    # Someone (the tracker) wrote after the caller's create: the known revision is stale, so the
+    # update reads the record again and keeps both changes.
+    stale = await registry.create("k2", record("k2"))
+    await registry.update("k2", lambda r: {**r, "state": contract.STATE_STARTED})
+    reads.clear()
+    stored = await registry.update("k2", lambda r: {**r, "job_uid": "u2"}, (record("k2"), stale))
+    assert reads == ["k2", "k2"]  # the tracker's update read once, the fallback once
+    assert stored["job_uid"] == "u2" and stored["state"] == contract.STATE_STARTED
