@@ -11,6 +11,10 @@ Invariants
   holding the output after the command exits get the same, after a shorter wait.
 - The command sees only the environment it is given (`scrubbed_environment`):
   nothing is inherited from the agent, proxy credentials are stripped.
+- Nothing the command started outlives it. In a `Sandbox` (agent/sandbox.py) the
+  PID namespace ends with the command. Without one (the pod), its process group
+  gets SIGKILL when it ends, and what left the group (setsid, double fork) was
+  reparented to the agent, a child subreaper, which kills and reaps it.
 
 Hand-written rather than `subprocess.run(timeout=...)`: that one kills only the
 direct child (not its group), keeps all output in memory, and blocks on EOF
@@ -30,7 +34,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from agent.procs import die_with_parent, group_alive, signal_group
+from agent.procs import become_subreaper, children, die_with_parent, group_alive, kill_orphans, signal_group
+from agent.sandbox import Sandbox
 
 SYSTEM_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 PROXY_VARIABLES = ("HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY")
@@ -107,12 +112,20 @@ def shell() -> str:
     return shutil.which("bash", path=SYSTEM_PATH) or shutil.which("sh", path=SYSTEM_PATH) or "/bin/sh"
 
 
-def run_command(command: str, cwd: Path, env: dict[str, str], timeout: float, output_cap: int) -> CommandResult:
-    """Run `command` with `shell() -c`. Raises OSError if the shell cannot be started."""
+def run_command(
+    command: str, cwd: Path, env: dict[str, str], timeout: float, output_cap: int, sandbox: Sandbox | None = None
+) -> CommandResult:
+    """Run `command` with `shell() -c`, in `sandbox` when given. Raises OSError if it cannot be started."""
+    if sandbox is not None:
+        argv, popen_env = sandbox.argv(shell(), command, env, cwd), {"PATH": SYSTEM_PATH}
+    else:
+        argv, popen_env = [shell(), "-c", command], env
+        become_subreaper()  # before the start: a double fork's orphan must come to us, not to PID 1
+    known = set(children(os.getpid(), zombies=True))
     proc = subprocess.Popen(
-        [shell(), "-c", command],
+        argv,
         cwd=cwd,
-        env=env,
+        env=popen_env,
         stdin=subprocess.DEVNULL,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
@@ -146,6 +159,9 @@ def run_command(command: str, cwd: Path, env: dict[str, str], timeout: float, ou
         if proc.poll() is None:  # only on an unexpected exception above
             signal_group(proc.pid, signal.SIGKILL)
             proc.wait()
+        signal_group(proc.pid, signal.SIGKILL)  # what is left in its group (nohup ... &)
+        if sandbox is None:
+            kill_orphans(known)  # what left the group (setsid, double fork) and came to us
         reader.close()
         proc.stdout.close()
     return CommandResult(proc.returncode, reader.buf.text(), timed_out, lingering)
