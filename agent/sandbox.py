@@ -115,9 +115,12 @@ class Sandbox:
             out["NO_PROXY"] = out["no_proxy"] = "localhost,127.0.0.1,::1"
         return out
 
-    def argv(self, shell: str, command: str, env: Mapping[str, str], cwd: Path) -> list[str]:
-        """The bwrap command line that runs `shell -c command` in `cwd` with exactly `env`."""
+    def argv(self, shell: str, command: str, env: Mapping[str, str], cwd: Path, status_fd: int | None = None) -> list[str]:
+        """The bwrap command line that runs `shell -c command` in `cwd` with exactly `env`.
+        `status_fd`: where bwrap writes its JSON status, the namespace's PID 1 first (`namespace_init`)."""
         args = [self.bwrap, *_NAMESPACES, *_PROCESS, *self._mounts(), "--chdir", str(cwd), "--clearenv"]
+        if status_fd is not None:
+            args += ["--json-status-fd", str(status_fd)]
         for name, value in self.environment(env).items():
             args += ["--setenv", name, value]
         if self.egress_socket is None:
@@ -142,6 +145,22 @@ class Sandbox:
         if self.egress_socket is not None:
             args += ["--ro-bind", str(self.egress_socket), EGRESS_SOCKET]
         return args
+
+
+def namespace_init(status: bytes) -> int | None:
+    """The host PID of the sandbox's PID 1, from bwrap's JSON status. bwrap reports the command's
+    exit before that process has finished killing the rest of the namespace: it is gone only
+    once everything the command started is."""
+    import json
+
+    for line in status.decode(errors="replace").splitlines():
+        try:
+            pid = json.loads(line).get("child-pid")
+        except (ValueError, AttributeError):
+            continue
+        if isinstance(pid, int):
+            return pid
+    return None
 
 
 def check(egress: bool = True, timeout: float = 20.0) -> str:
