@@ -126,7 +126,13 @@ def run_command(
         deadline = time.monotonic() + timeout
         exited_at: float | None = None
         while True:
-            reader.pump(0.05)
+            if reader.eof:  # wait for the exit itself, not a whole polling interval
+                try:
+                    proc.wait(0.05)
+                except subprocess.TimeoutExpired:
+                    pass
+            else:
+                reader.pump(0.05)
             now = time.monotonic()
             if proc.poll() is not None:
                 if reader.eof:

@@ -11,7 +11,7 @@ Each side is `WorkTools.execute("true")`, the agent's own tool, timed from the c
 - bwrap, no network: the same without the forwarder (a sandbox with no egress socket), to show
            what the forwarder costs.
 Rounds are interleaved (plain, bwrap, bwrap without network, ...); medians and p90 of --runs each.
-Also, for the forwarder choice: the start of `socat -V` against `python3 -I -c "import socket, selectors"`
+Also, for the forwarder choice: the start of `socat -V` against `/usr/bin/python3 -I -c "import socket, selectors"`
 (a minimal Python forwarder's start before it could listen), medians of the same number of runs.
 Target (issue 10, part 4): bwrap − plain ≤ 50 ms per execute (median). Exit status 1 when missed.
 """
@@ -74,7 +74,7 @@ def main() -> int:
         for _ in range(args.runs):
             for name, tools in sides.items():
                 times[name].append(timed(lambda tools=tools: tools.call("execute", {"command": "true"})))
-        starts = {"socat -V": ["socat", "-V"], "python3 forwarder imports": ["python3", "-I", "-c", "import socket, selectors"]}
+        starts = {"socat -V": ["socat", "-V"], "python3 forwarder imports": ["/usr/bin/python3", "-I", "-c", "import socket, selectors"]}
         start_times: dict[str, list[float]] = {name: [] for name in starts}
         for _ in range(args.runs):
             for name, argv in starts.items():
