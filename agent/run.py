@@ -152,6 +152,8 @@ _PERMANENT_GIT_FAILURES = (
     (re.compile(r"repository '.*' not found|repository not found|returned error: 404"), "repository not found"),
     (re.compile(r"does not appear to be a git repository|not a git repository"), "not a git repository"),
     (re.compile(r"could not resolve host|name or service not known|no address associated with hostname"), "host unknown"),
+    (re.compile(r"received http code 403 from proxy|connect tunnel failed, response 403"),
+     "refused by the egress proxy: the host is not on its allowlist (knative/squid/allowlist.txt)"),
     (re.compile(r"authentication failed|could not read username|could not read password|permission denied \(publickey"
                 r"|returned error: 40[13]|host key verification failed"), "access refused"),
     (re.compile(r"did not match any file\(s\) known to git|remote branch .* not found|invalid reference|unknown revision"),
