@@ -11,6 +11,10 @@ Invariants
   holding the output after the command exits get the same, after a shorter wait.
 - The command sees only the environment it is given (`scrubbed_environment`):
   nothing is inherited from the agent, proxy credentials are stripped.
+- Nothing the command started outlives it. In a `Sandbox` (agent/sandbox.py) the
+  PID namespace ends with the command. Without one (the pod), its process group
+  gets SIGKILL when it ends, and what left the group (setsid, double fork) was
+  reparented to the agent, a child subreaper, which kills and reaps it.
 
 Hand-written rather than `subprocess.run(timeout=...)`: that one kills only the
 direct child (not its group), keeps all output in memory, and blocks on EOF
@@ -26,16 +30,18 @@ import signal
 import subprocess
 import time
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from agent.procs import die_with_parent, group_alive, signal_group
+from agent.procs import become_subreaper, children, die_with_parent, group_alive, kill_orphans, pid_alive, signal_group
+from agent.sandbox import Sandbox, namespace_init
 
 SYSTEM_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 PROXY_VARIABLES = ("HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY")
 
 TERM_GRACE_SECONDS = 2.0  # between SIGTERM and SIGKILL of a process group
+NAMESPACE_SETTLE_SECONDS = 10.0  # how long the kernel may take to kill what a sandboxed command left
 LINGER_GRACE_SECONDS = 1.0  # how long background children may hold the output after the command exits
 _READ_CHUNK = 1 << 16
 _READS_PER_TURN = 64  # bound one drain, so an endless writer cannot starve the deadline check
@@ -107,19 +113,11 @@ def shell() -> str:
     return shutil.which("bash", path=SYSTEM_PATH) or shutil.which("sh", path=SYSTEM_PATH) or "/bin/sh"
 
 
-def run_command(command: str, cwd: Path, env: dict[str, str], timeout: float, output_cap: int) -> CommandResult:
-    """Run `command` with `shell() -c`. Raises OSError if the shell cannot be started."""
-    proc = subprocess.Popen(
-        [shell(), "-c", command],
-        cwd=cwd,
-        env=env,
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-        close_fds=True,
-        preexec_fn=die_with_parent(signal.SIGKILL),  # a killed agent's command never completes behind its back
-    )
+def run_command(
+    command: str, cwd: Path, env: dict[str, str], timeout: float, output_cap: int, sandbox: Sandbox | None = None
+) -> CommandResult:
+    """Run `command` with `shell() -c`, in `sandbox` when given. Raises OSError if it cannot be started."""
+    proc, end_leftovers = _start(command, cwd, env, sandbox)
     assert proc.stdout is not None
     reader = _PipeReader(proc.stdout.fileno(), CappedOutput(output_cap))
     timed_out = False
@@ -128,7 +126,13 @@ def run_command(command: str, cwd: Path, env: dict[str, str], timeout: float, ou
         deadline = time.monotonic() + timeout
         exited_at: float | None = None
         while True:
-            reader.pump(0.05)
+            if reader.eof:  # wait for the exit itself, not a whole polling interval
+                try:
+                    proc.wait(0.05)
+                except subprocess.TimeoutExpired:
+                    pass
+            else:
+                reader.pump(0.05)
             now = time.monotonic()
             if proc.poll() is not None:
                 if reader.eof:
@@ -146,9 +150,62 @@ def run_command(command: str, cwd: Path, env: dict[str, str], timeout: float, ou
         if proc.poll() is None:  # only on an unexpected exception above
             signal_group(proc.pid, signal.SIGKILL)
             proc.wait()
+        signal_group(proc.pid, signal.SIGKILL)  # what is left in its group (nohup ... &)
+        end_leftovers()
         reader.close()
         proc.stdout.close()
     return CommandResult(proc.returncode, reader.buf.text(), timed_out, lingering)
+
+
+def _start(command: str, cwd: Path, env: dict[str, str], sandbox: Sandbox | None) -> tuple[subprocess.Popen, Callable[[], None]]:
+    """Start the command; returns it and what ends the processes it leaves outside its group."""
+    if sandbox is None:
+        become_subreaper()  # before the start: a double fork's orphan must come to us, not to PID 1
+        known = set(children(os.getpid(), zombies=True))
+        return _popen([shell(), "-c", command], cwd, env), lambda: kill_orphans(known)
+    status_read, status_write = os.pipe()
+    try:
+        argv = sandbox.argv(shell(), command, env, cwd, status_fd=status_write)
+        proc = _popen(argv, cwd, {"PATH": SYSTEM_PATH}, pass_fds=(status_write,))
+    except BaseException:
+        os.close(status_read)
+        raise
+    finally:
+        os.close(status_write)
+    return proc, lambda: _wait_namespace_gone(status_read)
+
+
+def _popen(argv: list[str], cwd: Path, env: dict[str, str], pass_fds: tuple[int, ...] = ()) -> subprocess.Popen:
+    return subprocess.Popen(
+        argv,
+        cwd=cwd,
+        env=env,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+        close_fds=True,
+        pass_fds=pass_fds,
+        preexec_fn=die_with_parent(signal.SIGKILL),  # a killed agent's command never completes behind its back
+    )
+
+
+def _wait_namespace_gone(status_read: int) -> None:
+    """Wait (bounded) until the sandbox's PID 1, and so everything in its namespace, is gone."""
+    try:
+        os.set_blocking(status_read, False)
+        try:
+            status = os.read(status_read, 1 << 16)
+        except BlockingIOError:
+            status = b""
+    finally:
+        os.close(status_read)
+    init = namespace_init(status)
+    if init is None:
+        return
+    end = time.monotonic() + NAMESPACE_SETTLE_SECONDS
+    while pid_alive(init) and time.monotonic() < end:
+        time.sleep(0.002)
 
 
 class CappedOutput:

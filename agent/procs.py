@@ -13,6 +13,11 @@ invariants hold everywhere:
   zombies and would count as alive. `start_time` tells a process from a later
   one that got its pid.
 
+A third, for the agent's commands outside a sandbox (the pod): the agent makes
+itself a child subreaper (`become_subreaper`), so what a command detached from
+its group (setsid, double fork) is reparented to the agent instead of to PID 1,
+and `kill_orphans` ends it when the command ends.
+
 The signal on parent death is the caller's choice, on purpose: the local runtime
 and the dev stack ask for SIGTERM (an agent stops after its step, nats-server
 shuts down cleanly), the agent's `execute` for SIGKILL (a command of a killed
@@ -29,6 +34,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 PR_SET_PDEATHSIG = 1
+PR_SET_CHILD_SUBREAPER = 36
+ORPHAN_ROUNDS = 100  # a process forking as fast as it is killed is given up on after this many sweeps
 
 
 def _load_prctl():
@@ -116,3 +123,41 @@ def pid_alive(pid: int) -> bool:
         return True
     fields = _stat(Path(f"/proc/{pid}"))
     return fields is not None and _live(fields)
+
+
+def become_subreaper() -> bool:
+    """Make this process the reaper of its orphaned descendants (Linux PR_SET_CHILD_SUBREAPER)."""
+    return _PRCTL is not None and _PRCTL(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0
+
+
+def children(pid: int, zombies: bool = False) -> list[int]:
+    """PIDs of the live (with `zombies`: also the exited, unreaped) children of `pid`, from /proc."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            fields = _stat(entry)
+            if fields is not None and len(fields) > 1 and int(fields[1]) == pid and (zombies or _live(fields)):
+                found.append(int(entry.name))
+    return found
+
+
+def kill_orphans(known: set[int]) -> int:
+    """SIGKILL and reap every child of this process not in `known` (orphans a command left to the
+    subreaper), then the orphans of those, until none is left. Returns how many were killed."""
+    me, killed = os.getpid(), 0
+    for _ in range(ORPHAN_ROUNDS):
+        strays = [pid for pid in children(me, zombies=True) if pid not in known]
+        if not strays:
+            break
+        for pid in strays:
+            try:
+                os.kill(pid, signal.SIGKILL)
+                killed += 1
+            except ProcessLookupError:
+                pass
+        for pid in strays:
+            try:
+                os.waitpid(pid, 0)  # its own children are now ours: the next round gets them
+            except ChildProcessError:
+                pass
+    return killed

@@ -62,6 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--model", default=env_default("MODEL"), help="model spec, e.g. scripted:example or openai:gpt-4o; overrides the task's [DOCKYARD_MODEL]")
     add_nats_arguments(parser, "telemetry and commands; none: trace to stdout")
     parser.add_argument("--home", default=env_default("HOME_DIR", contract.HOME_DIR), help="writable home for tools (PYTHONUSERBASE under it) [DOCKYARD_HOME_DIR]")
+    parser.add_argument("--sandbox", choices=("bwrap", "container", "unsafe-host"), default=env_default("SANDBOX", "container"),
+                        help="where commands run: bwrap (a bubblewrap sandbox, dockyard dev), container (the pod), unsafe-host (dockyard dev --unsafe-no-sandbox) [DOCKYARD_SANDBOX]")
+    parser.add_argument("--egress-socket", default=env_default("EGRESS_SOCKET"), help="with --sandbox bwrap: the egress proxy's Unix socket; none: no network [DOCKYARD_EGRESS_SOCKET]")
     parser.add_argument("--secrets-dir", default=env_default("SECRETS_DIR", contract.SECRETS_DIR), help="directory of secret files [DOCKYARD_SECRETS_DIR]")
     parser.add_argument("--scripts-dir", default=env_default("SCRIPTS_DIR"), help="directory of scripted:NAME model scripts; default the bundled examples [DOCKYARD_SCRIPTS_DIR]")
     allow_file = env_default("ALLOW_FILE_REPOS", "").strip().lower() in ("1", "true", "yes")
@@ -119,9 +122,11 @@ def write_result(workspace: Path, result: dict) -> None:
     os.replace(tmp, path)
 
 
-def clone_repo(repo: dict, workspace: Path, env: dict, *, allow_file: bool = False) -> None:
-    """Clone over https or ssh only (git's GIT_ALLOW_PROTOCOL, submodules included); file:// when `allow_file`."""
-    if urlsplit(repo["url"]).scheme == "file" and not allow_file:
+def clone_repo(repo: dict, workspace: Path, env: dict, *, allow_file: bool = False, wrap=None) -> None:
+    """Clone over https or ssh only (git's GIT_ALLOW_PROTOCOL, submodules included); file:// when `allow_file`.
+    `wrap(argv, cwd, env, read_only) -> (argv, env)` runs git where the task's commands run (WorkTools.wrap)."""
+    scheme = urlsplit(repo["url"]).scheme
+    if scheme == "file" and not allow_file:
         raise FatalError(f"repository {repo['url']!r}: file:// repositories are disabled (dockyard dev --allow-file-repos)")
     env = {**env, "GIT_ALLOW_PROTOCOL": "https:ssh" + (":file" if allow_file else "")}
     target = workspace / contract.REPO_DIR
@@ -129,11 +134,15 @@ def clone_repo(repo: dict, workspace: Path, env: dict, *, allow_file: bool = Fal
         return
     staging = workspace / (contract.REPO_DIR + ".partial")
     subprocess.run(["rm", "-rf", str(staging)], check=False)
-    command = ["git", "clone", "--quiet"]
-    ref = repo.get("ref")
-    subprocess.run([*command, "--", repo["url"], str(staging)], check=True, env=env, capture_output=True, text=True, timeout=600)
-    if ref:
-        subprocess.run(["git", "-C", str(staging), "checkout", "--quiet", ref], check=True, env=env, capture_output=True, text=True, timeout=120)
+    read_only = (Path(urlsplit(repo["url"]).path),) if scheme == "file" else ()
+
+    def git(*args: str, timeout: int) -> None:
+        argv, start_env = (["git", *args], env) if wrap is None else wrap(["git", *args], workspace, env, read_only)
+        subprocess.run(argv, check=True, env=start_env, capture_output=True, text=True, timeout=timeout)
+
+    git("clone", "--quiet", "--", repo["url"], str(staging), timeout=600)
+    if repo.get("ref"):
+        git("-C", str(staging), "checkout", "--quiet", repo["ref"], timeout=120)
     os.replace(staging, target)
 
 
@@ -143,6 +152,8 @@ _PERMANENT_GIT_FAILURES = (
     (re.compile(r"repository '.*' not found|repository not found|returned error: 404"), "repository not found"),
     (re.compile(r"does not appear to be a git repository|not a git repository"), "not a git repository"),
     (re.compile(r"could not resolve host|name or service not known|no address associated with hostname"), "host unknown"),
+    (re.compile(r"received http code 403 from proxy|connect tunnel failed, response 403"),
+     "refused by the egress proxy: the host is not on its allowlist (knative/squid/allowlist.txt)"),
     (re.compile(r"authentication failed|could not read username|could not read password|permission denied \(publickey"
                 r"|returned error: 40[13]|host key verification failed"), "access refused"),
     (re.compile(r"did not match any file\(s\) known to git|remote branch .* not found|invalid reference|unknown revision"),
@@ -295,7 +306,7 @@ class Run:
         model = _load_model(model_spec, Path(args.secrets_dir), args.scripts_dir)
 
         proxy_env = {k: v for k, v in os.environ.items() if k.lower() in ("http_proxy", "https_proxy", "no_proxy")}
-        tools = WorkTools(self.workspace, home, proxy_env=proxy_env)
+        tools = WorkTools(self.workspace, home, proxy_env=proxy_env, sandbox=self._sandbox(home))
         self.inbox = Inbox(self.workspace / ".dockyard" / "inbox.jsonl")
         heartbeat = Heartbeat(self.workspace / contract.HEARTBEAT_FILE).start()
         database = self.workspace / contract.checkpoint_path(self.task_id)
@@ -414,6 +425,23 @@ class Run:
         log.info("task %s finished: %s", self.task_id, outcome)
         return OUTCOME_EXIT.get(outcome, contract.EXIT_DONE)
 
+    def _sandbox(self, home: Path):
+        """The bubblewrap sandbox of `--sandbox bwrap`; None where the container is the boundary.
+        `unsafe-host` warns, in the log and the task's trace, at every start."""
+        from agent.sandbox import MODE_BWRAP, MODE_UNSAFE_HOST, UNSAFE_WARNING, Sandbox, SandboxUnavailable, check
+
+        if self.args.sandbox == MODE_UNSAFE_HOST:
+            log.warning("%s", UNSAFE_WARNING)
+            self.telemetry.event(contract.EV_WARNING, reason="unsafe_no_sandbox", message=UNSAFE_WARNING)
+        if self.args.sandbox != MODE_BWRAP:
+            return None
+        socket = Path(self.args.egress_socket) if self.args.egress_socket else None
+        try:
+            binary = check(egress=socket is not None)
+        except SandboxUnavailable as exc:
+            raise FatalError(str(exc)) from None
+        return Sandbox(self.workspace, home, socket, bwrap=binary)
+
     def _started_at(self, known: float) -> float:
         """The first start time, kept in the workspace so the deadline survives restarts."""
         path = self.workspace / ".dockyard" / "started_at"
@@ -428,7 +456,7 @@ class Run:
     def _clone(self, repo: dict, tools) -> None:
         log.info("cloning %s", repo.get("url"))
         try:
-            clone_repo(repo, self.workspace, tools.environment(), allow_file=self.args.allow_file_repos)
+            clone_repo(repo, self.workspace, tools.environment(), allow_file=self.args.allow_file_repos, wrap=tools.wrap)
         except subprocess.CalledProcessError as exc:
             # Redacted before it is cut: git may echo a URL with its password.
             detail = self.telemetry.redactor.cut(exc.stderr.strip(), 500)

@@ -13,6 +13,9 @@ named):
 * Tools never see secrets (`agent.execute`): a command runs with an
   environment built from scratch, and is killed with its whole process group
   when it outlives its timeout; its output is capped while it is read.
+* With a `Sandbox` (`agent.sandbox`, under `dockyard dev`) every command, and
+  git clone through `wrap`, runs in bubblewrap: it sees the workspace and home,
+  nothing else of the host, and reaches the network only through the proxy.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ import signal
 import stat
 import tempfile
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +38,7 @@ from agent.execute import (
     scrubbed_environment,
     strip_userinfo,
 )
+from agent.sandbox import Sandbox, wrap_argv
 from agent.workspace import PathRefused, Workspace
 
 __all__ = ["SYSTEM_PATH", "ToolResult", "WorkTools", "strip_userinfo"]
@@ -74,6 +78,7 @@ class WorkTools:
         proxy_env: Mapping[str, str] | None = None,
         read_cap: int = 1_000_000,
         list_cap: int = 1_000,
+        sandbox: Sandbox | None = None,
     ):
         self.workspace = Path(workspace)
         self.ws = Workspace(self.workspace)
@@ -85,6 +90,7 @@ class WorkTools:
         self.read_cap = int(read_cap)
         self.list_cap = int(list_cap)
         self.proxy_env = proxy_settings(proxy_env or {})
+        self.sandbox = sandbox
         self._tools: dict[str, tuple[Callable[..., ToolResult], dict[str, Any]]] = {
             "execute": (self._execute, self._execute_params()),
             "read_file": (self._read_file, self._path_params("File to read.")),
@@ -360,7 +366,19 @@ class WorkTools:
     # --- execute -------------------------------------------------------------
     def environment(self) -> dict[str, str]:
         """The scrubbed environment every command runs with (git clone uses it too)."""
-        return scrubbed_environment(self.home, self.proxy_env)
+        env = scrubbed_environment(self.home, self.proxy_env)
+        return env if self.sandbox is None else self.sandbox.environment(env)
+
+    def wrap(
+        self, argv: list[str], cwd: Path, env: Mapping[str, str] | None = None, read_only: tuple[Path, ...] = ()
+    ) -> tuple[list[str], dict[str, str]]:
+        """`argv` as this task's commands run (in the sandbox, if any) and the environment to start it with.
+        `env`: the command's environment (default `environment()`); `read_only`: host paths the sandbox
+        shows read-only (a file:// repository to clone)."""
+        env = dict(self.environment() if env is None else env)
+        if self.sandbox is None:
+            return list(argv), env
+        return wrap_argv(replace(self.sandbox, read_only=read_only), argv, env, cwd), {"PATH": SYSTEM_PATH}
 
     def _execute(self, command: str, timeout_seconds: int | None = None) -> ToolResult:
         if not command.strip():
@@ -372,7 +390,7 @@ class WorkTools:
         if not self.root.is_dir():
             raise ToolError(f"execute: the workspace {self.root} does not exist")
         try:
-            result = run_command(command, self.root, self.environment(), timeout, self.output_cap)
+            result = run_command(command, self.root, self.environment(), timeout, self.output_cap, self.sandbox)
         except OSError as exc:
             raise ToolError(f"execute: cannot start the shell: {exc}") from None
         if result.timed_out:

@@ -6,13 +6,18 @@
     PingSource                  a timer posting the ping event to the broker on the manifest's schedule
     runtime                     LocalRuntime: restore, snapshotter and agent as child processes
     NATS                        an embedded nats-server (unless --nats), store under the data dir
+    egress proxy                Squid with the cluster's config, bridged into each command's
+                                bubblewrap sandbox (functions/devstack/egress_proxy.py, agent/sandbox.py)
 
 The runtime reports a finished task the way ApiServerSource does in the
 cluster: a Job object in a CloudEvent delivered through the broker, so
 `job_finished` runs the same code in both places.
 
-Invariant: on a clean stop (Ctrl-C) agents get SIGTERM, stop after their current
+Invariants: on a clean stop (Ctrl-C) agents get SIGTERM, stop after their current
 step and stay unfinished; the next start over the same data dir resumes them.
+Every command an agent runs is in a bubblewrap sandbox whose only way out is the
+egress proxy; without a working bwrap, dev refuses to start (it names the fix)
+unless `--unsafe-no-sandbox`, and then every task's trace starts with a warning.
 """
 
 from __future__ import annotations
@@ -132,6 +137,28 @@ def create_dev_app(
     return app
 
 
+def sandbox_env(unsafe: bool, egress_socket: Path | None) -> dict[str, str]:
+    """The variables that tell each agent where its commands run (`python -m agent run --sandbox`)."""
+    from agent.sandbox import MODE_BWRAP, MODE_UNSAFE_HOST
+
+    if unsafe:
+        return {contract.ENV_PREFIX + "SANDBOX": MODE_UNSAFE_HOST}
+    return {contract.ENV_PREFIX + "SANDBOX": MODE_BWRAP, contract.ENV_PREFIX + "EGRESS_SOCKET": str(egress_socket)}
+
+
+def start_sandboxing(data_dir: Path, unsafe: bool):
+    """Check bwrap and start the egress proxy: (proxy or None, the agents' variables). Raises
+    SandboxUnavailable or EgressProxyError, whose messages say what to install."""
+    from agent.sandbox import check
+    from functions.devstack.egress_proxy import EgressProxy
+
+    if unsafe:
+        return None, sandbox_env(True, None)
+    check(egress=True)
+    proxy = EgressProxy(data_dir / "egress").start()
+    return proxy, sandbox_env(False, proxy.socket)
+
+
 def banner(url: str, settings, nats_url: str, embedded: bool) -> str:
     from functions.core.settings import mask_url
 
@@ -152,6 +179,28 @@ def main(args) -> int:
     """`dockyard dev`: serve until Ctrl-C (or SIGTERM)."""
     import logging
 
+    from agent.sandbox import UNSAFE_WARNING, SandboxUnavailable
+    from functions.devstack.egress_proxy import EgressProxyError
+
+    data_dir = Path(args.data_dir).resolve()
+    data_dir.mkdir(parents=True, exist_ok=True)
+    unsafe = bool(getattr(args, "unsafe_no_sandbox", False))
+    try:
+        proxy, agent_env = start_sandboxing(data_dir, unsafe)
+    except (SandboxUnavailable, EgressProxyError) as exc:
+        print(f"dockyard dev: refusing to run tasks: {exc}", file=sys.stderr, flush=True)
+        return 2
+    if unsafe:
+        print(f"WARNING: {UNSAFE_WARNING}", file=sys.stderr, flush=True)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    try:
+        return _serve(args, data_dir, proxy, agent_env)
+    finally:
+        if proxy is not None:
+            proxy.stop()
+
+
+def _serve(args, data_dir: Path, proxy, agent_env: dict[str, str]) -> int:
     import uvicorn
 
     from functions.devstack import nats_auth
@@ -159,9 +208,6 @@ def main(args) -> int:
     from functions.stream.auth import ensure_dev_token, own_hosts
     from functions.stream.serving import quiet_gc
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    data_dir = Path(args.data_dir).resolve()
-    data_dir.mkdir(parents=True, exist_ok=True)
     # The embedded server demands credentials: one trust chain per data dir, made on first start.
     auth = None if args.nats else nats_auth.ensure(data_dir / "nats-auth")
     nats = None if args.nats else EmbeddedNats(data_dir, config=auth.server_conf).start()
@@ -170,9 +216,12 @@ def main(args) -> int:
         settings = dev_settings(data_dir, nats_url, args.store, nats_auth=auth)
         token = ensure_dev_token(data_dir, Path(settings.api_tokens_file))
         app = create_dev_app(settings, default_model=args.model, hosts=own_hosts(args.host, args.port),
-                             stream_creds=str(auth.creds("stream")) if auth else "")
+                             stream_creds=str(auth.creds("stream")) if auth else "",
+                             runtime_options={"env": {**os.environ, **agent_env}})
         url = f"http://{args.host}:{args.port}"
         print(banner(url, settings, nats_url, embedded=nats is not None), flush=True)
+        sandbox = "none (--unsafe-no-sandbox)" if proxy is None else f"bubblewrap; egress through Squid on 127.0.0.1:{proxy.port} ({proxy.log})"
+        print(f"  sandbox   {sandbox}", flush=True)
         print(f"  cockpit   {url}/?token={token}", flush=True)
         config = uvicorn.Config(
             app,

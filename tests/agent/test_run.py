@@ -296,6 +296,8 @@ def test_the_agent_refuses_a_file_repository_unless_allowed(tmp_path, agent_env)
     ("fatal: Authentication failed for 'https://git.example/x.git/'", "access refused"),
     ("git@github.com: Permission denied (publickey).\nfatal: Could not read from remote repository.", "access refused"),
     ("error: pathspec 'v9.9' did not match any file(s) known to git", "no such branch, tag or commit"),
+    ("fatal: unable to access 'https://blocked.example/x/': CONNECT tunnel failed, response 403",
+     "refused by the egress proxy: the host is not on its allowlist (knative/squid/allowlist.txt)"),
     ("fatal: unable to access 'https://git.example/x.git/': The requested URL returned error: 503", None),
     ("fatal: unable to access 'https://git.example/x.git/': Failed to connect to git.example port 443: Connection timed out", None),
     ("error: RPC failed; curl 56 Recv failure: Connection reset by peer\nfatal: early EOF", None),

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import shlex
 import threading
 import uuid
 from pathlib import Path
@@ -146,11 +145,11 @@ def test_submit_the_example_and_watch_it_to_the_end(page, dev):
 
 
 def test_the_page_survives_a_crash_of_the_server_without_gap_or_duplicate(page, make_dev, tmp_path, scripts_dir):
-    gate = tmp_path / "gate"  # the second call waits for it: the crash comes mid-task, however slow the machine
+    # The second call waits for `~/gate` (the task's home, which its sandbox shows): the crash comes mid-task, however slow the machine.
     turns = [
         {"content": "Plan.", "tool_calls": [{"name": "plan", "args": {"todos": ["one", "two"], "objective": "Step one"}}]},
         {"tool_calls": [{"name": "execute", "args": {"command": "echo one > one.txt", "timeout_seconds": 30}}]},
-        {"tool_calls": [{"name": "execute", "args": {"command": f"until [ -e {shlex.quote(str(gate))} ]; do sleep 0.02; done; cat one.txt", "timeout_seconds": 120}}]},
+        {"tool_calls": [{"name": "execute", "args": {"command": "until [ -e ~/gate ]; do sleep 0.02; done; cat one.txt", "timeout_seconds": 120}}]},
         {"content": "Step one done."},
         {"tool_calls": [{"name": "plan", "args": {"todos": ["two"], "objective": "Step two"}}]},
         {"tool_calls": [{"name": "execute", "args": {"command": "echo two", "timeout_seconds": 30}}]},
@@ -159,6 +158,7 @@ def test_the_page_survives_a_crash_of_the_server_without_gap_or_duplicate(page, 
     ]
     model = scripted_model(scripts_dir / "gated.json", turns)
     server = make_dev().start()
+    task_id = None
     try:
         page.goto(cockpit(server))
         task_id = submit_from_page(page, "Two steps", model)
@@ -169,7 +169,8 @@ def test_the_page_survives_a_crash_of_the_server_without_gap_or_duplicate(page, 
         server.crash()
         page.wait_for_selector("#tv-conn[data-state=reconnecting]", timeout=10_000)
     finally:
-        gate.touch()  # the agent, told to stop by the crash, finishes the waiting call and exits
+        if task_id is not None:  # the agent, told to stop by the crash, finishes the waiting call and exits
+            (server.data_dir / "tasks" / task_id / "home" / "gate").touch()
     server.start()  # same port, same data dir: the runtime resumes the task
     wait_until_ended(page)
     page.wait_for_selector("#tv-outcome[data-outcome=done]")
@@ -318,7 +319,7 @@ def test_through_the_relay_when_the_broker_is_elsewhere(page, make_dev):
 GATED = [
     {"tool_calls": [{"name": "plan", "args": {"todos": ["wait"], "objective": "wait for the test"}}]},
     {"tool_calls": [{"name": "execute", "args": {
-        "command": "echo started > started.flag; while [ ! -e ../release ]; do sleep 0.1; done"}}]},
+        "command": "echo started > started.flag; while [ ! -e ~/release ]; do sleep 0.1; done"}}]},
     {"tool_calls": [{"name": "finish", "args": {"summary": "released"}}]},
 ]
 
@@ -341,8 +342,8 @@ def test_commands_answer_next_to_the_buttons_while_the_task_runs(page, dev, scri
         assert "error" not in page.get_attribute("#tv-command-result", "class")
         page.click("#tv-cancel")
         page.wait_for_selector("#tv-command-result:text-matches('^cancel: ')")
-        (folder / "release").touch()  # the agent stops after its current step: let that step end
+        (folder / "home" / "release").touch()  # the agent stops after its current step: let that step end
         page.wait_for_selector("#tv-outcome[data-outcome=cancelled]", timeout=END_TIMEOUT_MS)
         page.wait_for_selector("#tv-cancel:disabled")
     finally:
-        (folder / "release").touch()  # whatever happened, let the agent go
+        (folder / "home" / "release").touch()  # whatever happened, let the agent go

@@ -32,11 +32,11 @@ from tests.dev_process import DevServer
 from tests.agent.agent_stream import read_stream
 
 FORGED = "forged-by-the-attacker"
-# Waits inside `execute` until `<task folder>/release` exists (the workspace is the command's cwd).
+# Waits inside `execute` until `<task folder>/home/release` exists (the task's home, which its sandbox shows).
 GATED = [
     {"tool_calls": [{"name": "plan", "args": {"todos": ["wait"], "objective": "wait for the test"}}]},
     {"tool_calls": [{"name": "execute", "args": {
-        "command": "echo started > started.flag; while [ ! -e ../release ]; do sleep 0.1; done; echo released"}}]},
+        "command": "echo started > started.flag; while [ ! -e ~/release ]; do sleep 0.1; done; echo released"}}]},
     {"content": "released"},
     {"tool_calls": [{"name": "finish", "args": {"summary": "ran to its own end"}}]},
 ]
@@ -64,7 +64,7 @@ def record(dev: DevServer, task_id: str) -> dict:
 
 
 def release_and_finish(dev: DevServer, folder: Path) -> dict:
-    (folder / "release").touch()
+    (folder / "home" / "release").touch()
     return eventually(lambda: (r := record(dev, folder.name)).get("finished_uids") and r,
                       f"job_finished to record task {folder.name}'s end", detail=dev.output)
 
@@ -173,7 +173,7 @@ def test_a_task_forges_nothing_but_its_own_trace(dev):
     assert attacker_record["task_id"] == "attacker-own"
     assert record(dev, "victim-own")["state"] != contract.STATE_FINISHED
     assert release_and_finish(dev, victim_folder)["summary"] == "ran to its own end"
-    (attacker_folder / "release").touch()
+    (attacker_folder / "home" / "release").touch()
 
 
 def test_each_process_of_a_task_has_its_own_narrow_user_in_a_private_file(dev):
