@@ -155,6 +155,6 @@ def test_bad_model_specs_are_config_errors(tmp_path, spec, message):
         load_model(spec, secrets_dir=tmp_path)
 
 
-def test_openai_without_key_names_the_secret_file(tmp_path):
-    with pytest.raises(ModelConfigError, match="model/api_key"):
+def test_openai_without_the_gateway_names_the_flag(tmp_path):
+    with pytest.raises(ModelConfigError, match="--model-gateway"):
         load_model("openai:gpt-4o", secrets_dir=tmp_path)
