@@ -148,11 +148,22 @@ def _register_tasks(sub) -> None:
 
 
 def format_tasks(records: list[dict]) -> str:
-    columns = ("task_id", "state", "phase", "outcome", "attempts", "created_at")
-    rows = [[("" if r.get(c) is None else str(r.get(c))) for c in columns] for r in records]
+    columns = ("task_id", "state", "phase", "outcome", "attempts", "tokens", "cost", "created_at")
+    rows = [[_cell(r, c) for c in columns] for r in records]
     header = [c.upper().replace("_", " ") for c in ("task", *columns[1:])]
     widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(header)]
     return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in [header, *rows])
+
+
+def _cell(record: dict, column: str) -> str:
+    """A column of `dockyard tasks`; tokens and cost are the model gateway's totals (none for a scripted model)."""
+    usage = record.get("usage") or {}
+    if column == "tokens":
+        return f"{usage['tokens']:,}" if isinstance(usage.get("tokens"), int) else ""
+    if column == "cost":
+        return f"${usage['cost_usd']:.4f}" if isinstance(usage.get("cost_usd"), (int, float)) and usage.get("cost_usd") else ""
+    value = record.get(column)
+    return "" if value is None else str(value)
 
 
 def _run_tasks(args) -> int:

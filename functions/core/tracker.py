@@ -27,7 +27,8 @@ from functions.core.registry import TaskRecord
 log = logging.getLogger(__name__)
 
 DURABLE = "dockyard-tracker"
-TRACKED = (contract.EV_STATUS, contract.EV_PHASE)
+TRACKED = (contract.EV_STATUS, contract.EV_PHASE, contract.EV_USAGE)
+USAGE_COUNTS = ("input_tokens", "output_tokens", "cached_tokens", "tokens")
 STATES = (
     contract.STATE_QUEUED,
     contract.STATE_STARTED,
@@ -48,6 +49,8 @@ def apply_event(record: TaskRecord, event: dict, seq: int, *, now: str | None = 
     if kind == contract.EV_PHASE:
         if isinstance(event.get("phase"), str):
             updated["phase"] = event["phase"]
+    elif kind == contract.EV_USAGE:
+        updated["usage"] = add_usage(record.get("usage"), event)
     elif kind == contract.EV_STATUS:
         state = event.get("state")
         if state not in STATES:
@@ -61,6 +64,24 @@ def apply_event(record: TaskRecord, event: dict, seq: int, *, now: str | None = 
                 updated["reason"] = event["reason"]
     updated["updated_at"] = now or contract.iso_utc()
     return updated
+
+
+def add_usage(totals: dict | None, event: dict) -> dict:
+    """The task's usage after one `usage` event of the model gateway: each call's own counts are summed
+    (not the gateway's running totals, which start again in a retried pod's new gateway)."""
+    totals = dict(totals or {"calls": 0, "refused": 0, "cost_usd": 0.0, **{name: 0 for name in USAGE_COUNTS}})
+    if event.get("refused"):
+        totals["refused"] = totals.get("refused", 0) + 1
+        return totals
+    totals["calls"] = totals.get("calls", 0) + 1
+    for name in USAGE_COUNTS:
+        value = event.get(name)
+        if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+            totals[name] = totals.get(name, 0) + value
+    cost = event.get("cost_usd")
+    if isinstance(cost, (int, float)) and not isinstance(cost, bool) and 0 <= cost < float("inf"):
+        totals["cost_usd"] = round(totals.get("cost_usd", 0.0) + cost, 6)
+    return totals
 
 
 def _task_id(subject: str) -> str:

@@ -5,6 +5,7 @@
     functions                   task_submitted, job_finished, snapshot_due, task_command, in-process
     PingSource                  a timer posting the ping event to the broker on the manifest's schedule
     runtime                     LocalRuntime: restore, snapshotter and agent as child processes
+    model gateway               one `python -m gateway` child holding the model key; each task has its own token
     NATS                        an embedded nats-server (unless --nats), store under the data dir
 
 The runtime reports a finished task the way ApiServerSource does in the
@@ -75,6 +76,7 @@ def create_dev_app(
     from functions.stream import app as stream
     from functions.stream.auth import HostGuard, TokenAuth, Tokens
     from functions.devstack.broker import Broker, PingTimer, local_targets, ping_from_manifests
+    from functions.devstack.model_gateway import DevGateway
     from functions.handlers import HANDLERS
     from functions.handlers.context import Context
     from functions.runtime import make_runtime
@@ -89,12 +91,15 @@ def create_dev_app(
 
     secrets_dir = Path(settings.data_dir) / "secrets"
     secrets_dir.mkdir(parents=True, exist_ok=True)
+    gateway = DevGateway(Path(settings.data_dir), nats_url=settings.nats_url, nats_creds=settings.nats_creds, prices=settings.model_prices)
     runtime = make_runtime(
         settings,
         emit_job_event=broker.emit,  # the local ApiServerSource: a finished Job goes through the broker
         agent_cmd=agent_cmd,
         default_model=default_model,
         secrets_dir=str(secrets_dir),
+        model_gateway=gateway.url,
+        gateway_grants=gateway.grants_dir,
         **(runtime_options or {}),
     )
     # The stream redacts what the agents know as secrets (their secrets dir) unless told otherwise.
@@ -105,6 +110,7 @@ def create_dev_app(
     @asynccontextmanager
     async def lifespan(app):
         async with stream_app.router.lifespan_context(stream_app):  # the tracker; closes NATS last
+            gateway.start()
             connection = await bus.connect(settings)
             holder["ctx"] = Context(settings, connection, runtime)
             unfinished = [r for r in await connection.registry.list() if r.get("state") not in contract.TERMINAL_STATES]
@@ -115,6 +121,7 @@ def create_dev_app(
             finally:
                 await ping.stop()
                 await runtime.close()
+                gateway.stop()
 
     app = Starlette(
         routes=[
@@ -129,6 +136,7 @@ def create_dev_app(
     )
     app.state.runtime = runtime
     app.state.broker = broker
+    app.state.gateway = gateway
     return app
 
 

@@ -73,6 +73,8 @@ class LocalRuntime:
         issuer: Issuer | None = None,
         nats_creds: str = "",
         max_running: int | None = None,
+        model_gateway: str | None = None,
+        gateway_grants: Path | None = None,
     ):
         self.data_dir = Path(data_dir).resolve()
         self.folders = TaskFolders(self.data_dir / "tasks")
@@ -83,6 +85,7 @@ class LocalRuntime:
         self.sweep_interval_seconds = sweep_interval_seconds
         self._shutdown = asyncio.Event()
         self.issuer = issuer
+        self.gateway_grants = Path(gateway_grants) if gateway_grants else None
         self._status = StatusEvents(nats_url, nats_creds)
         self.policy = Policy(
             folders=self.folders,
@@ -97,6 +100,7 @@ class LocalRuntime:
                 scripts_dir=scripts_dir,
                 allow_file_repos=allow_file_repos,
                 nats_creds=issuer is not None and bool(nats_url),
+                model_gateway=model_gateway,
             ),
             env=child_env(env),
             emit_job_event=emit_job_event,
@@ -252,7 +256,10 @@ class LocalRuntime:
     def _mint_credentials(self, task: Task) -> None:
         """Fresh NATS users for the task's agent and snapshotter, each in its own file, whenever its
         supervision is admitted (after launch, or on resume after a restart): valid for the deadline and
-        an hour more from then, so time spent queued does not eat into them."""
+        an hour more from then, so time spent queued does not eat into them. With a model gateway, a
+        fresh gateway token too (gateway.grants: the gateway keeps the task's totals across tokens)."""
+        if self.gateway_grants is not None:
+            self._grant_model_gateway(task)
         if self.issuer is None or not self.policy.command.nats_creds:
             return
         folder = self.folder(task.task_id)
@@ -260,6 +267,15 @@ class LocalRuntime:
         expires_at = task_credentials_expiry(task.limits.deadline_seconds, time.time())
         for role in TASK_ROLES:
             write_secret_file(folder.nats_creds(role), self.issuer.task_creds(task.task_id, role, expires_at=expires_at))
+
+    def _grant_model_gateway(self, task: Task) -> None:
+        from gateway.grants import Grant, new_token, sha256, write_grant
+
+        folder = self.folder(task.task_id)
+        folder.secrets.mkdir(mode=0o700, parents=True, exist_ok=True)
+        token = new_token(task.task_id)
+        write_grant(self.gateway_grants, Grant(task.task_id, sha256(token), task.limits.max_tokens, task.limits.max_cost_usd))
+        write_secret_file(folder.secrets / contract.GATEWAY_TOKEN_FILE, token)
 
     async def _final_snapshot_stored(self, task_id: str) -> bool:
         from agent.storage import open_store

@@ -228,13 +228,14 @@ def test_logs_of_an_unknown_task(server, capsys):
 def test_tasks_table(server, capsys):
     server.tasks = [
         {"task_id": "t-2", "state": "started", "phase": "TACTICAL", "outcome": None, "attempts": 1, "created_at": "2024-01-01T00:00:01Z"},
-        {"task_id": "t-1", "state": "finished", "phase": "STRATEGIC", "outcome": "done", "attempts": 2, "created_at": "2024-01-01T00:00:00Z"},
+        {"task_id": "t-1", "state": "finished", "phase": "STRATEGIC", "outcome": "done", "attempts": 2, "created_at": "2024-01-01T00:00:00Z",
+         "usage": {"calls": 3, "tokens": 12345, "cost_usd": 0.0421}},
     ]
     assert cli.main(["tasks", "--url", server.url]) == 0
     header, first, second = capsys.readouterr().out.splitlines()
-    assert header.split() == ["TASK", "STATE", "PHASE", "OUTCOME", "ATTEMPTS", "CREATED", "AT"]
+    assert header.split() == ["TASK", "STATE", "PHASE", "OUTCOME", "ATTEMPTS", "TOKENS", "COST", "CREATED", "AT"]
     assert first.split() == ["t-2", "started", "TACTICAL", "1", "2024-01-01T00:00:01Z"]
-    assert second.split()[:4] == ["t-1", "finished", "STRATEGIC", "done"]
+    assert second.split() == ["t-1", "finished", "STRATEGIC", "done", "2", "12,345", "$0.0421", "2024-01-01T00:00:00Z"]
 
 
 def test_the_command_registry_is_a_list_of_register_functions():
