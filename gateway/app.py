@@ -198,6 +198,7 @@ def create_app(gw: Gateway) -> Starlette:
         why = refusal(grant, totals)
         if why is not None:
             totals.refused += 1
+            _save(gw, grant.task_id)
             gw.publisher.publish(grant.task_id, _event(grant, provider, "", path, Usage(), 0.0, 0.0, totals, status=402, refused=why))
             return error(style, 402, BUDGET_EXHAUSTED, why, {REFUSAL_HEADER: BUDGET_EXHAUSTED})
         if int(request.headers.get("content-length") or 0) > MAX_REQUEST_BYTES:
@@ -267,10 +268,14 @@ def _account(gw: Gateway, grant: Grant, provider: str, model: str, path: str, me
     totals.add(usage, cost)
     latency = time.perf_counter() - started
     gw.publisher.publish(grant.task_id, _event(grant, provider, model, path, usage, cost, latency, totals, status=status, stream=stream))
+    _save(gw, grant.task_id)
+
+
+def _save(gw: Gateway, task_id: str) -> None:
     try:
-        gw.save(grant.task_id)
+        gw.save(task_id)
     except OSError as exc:
-        log.warning("gateway: cannot save the totals of %s: %s", grant.task_id, exc)
+        log.warning("gateway: cannot save the totals of %s: %s", task_id, exc)
 
 
 def _event(grant: Grant, provider: str, model: str, path: str, usage: Usage, cost: float, latency: float, totals: Totals, **extra) -> dict:

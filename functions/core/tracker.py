@@ -4,7 +4,8 @@ Invariants:
 - It reads `events.agent.>` through one durable JetStream consumer, so a restart
   continues after the last acknowledged event. A message is acknowledged only
   after the registry holds its effect.
-- Forward-only: a finished record is never changed again, and an event is
+- Forward-only: a finished record is never changed again (but for its `usage`: the model gateway
+  publishes from its own process, so its last event may land after the agent's end), and an event is
   applied only if its stream sequence is above the record's `events_seq`. A
   redelivered event therefore changes nothing, so `attempts` (the count of
   started/resumed events) is not counted twice. Events of one task arrive in
@@ -42,10 +43,12 @@ APPLY_ATTEMPTS = 5  # registry failures for one event before it is left to redel
 
 def apply_event(record: TaskRecord, event: dict, seq: int, *, now: str | None = None) -> TaskRecord | None:
     """The record after `event` (stream sequence `seq`), or None when it changes nothing."""
-    if record.get("state") in contract.TERMINAL_STATES or seq <= (record.get("events_seq") or 0):
+    kind = event.get("type")
+    if seq <= (record.get("events_seq") or 0):
+        return None
+    if record.get("state") in contract.TERMINAL_STATES and kind != contract.EV_USAGE:
         return None
     updated = {**record, "events_seq": seq}
-    kind = event.get("type")
     if kind == contract.EV_PHASE:
         if isinstance(event.get("phase"), str):
             updated["phase"] = event["phase"]

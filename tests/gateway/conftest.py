@@ -53,6 +53,14 @@ def fake_upstream(state: Upstream) -> Starlette:
         inp, out, cached = state.usage
         usage = {"prompt_tokens": inp, "completion_tokens": out, "total_tokens": inp + out, "prompt_tokens_details": {"cached_tokens": cached}}
         base = {"id": "chatcmpl-1", "created": 0, "model": body["model"]}
+        tools = [(t.get("function") or {}).get("name") for t in body.get("tools") or []]
+        if "plan" in tools:  # the agent's strategic phase: plan one objective
+            call = {"id": "call_1", "type": "function", "function": {"name": "plan", "arguments": json.dumps({"todos": ["look"], "objective": "look around"})}}
+            message = {"role": "assistant", "content": None, "tool_calls": [call]}
+            return JSONResponse({**base, "object": "chat.completion", "usage": usage,
+                                 "choices": [{"index": 0, "finish_reason": "tool_calls", "message": message}]})
+        if "execute" in tools and state.gate is not None:  # the tactical phase waits while the test looks at the agent
+            await asyncio.to_thread(state.gate.wait, 60)
         if not body.get("stream"):
             message = {"role": "assistant", "content": "hello from upstream"}
             return JSONResponse({**base, "object": "chat.completion", "usage": usage,

@@ -54,6 +54,9 @@ def test_a_finished_record_never_moves_back():
     assert apply_event(r, {"type": contract.EV_PHASE, "phase": "TACTICAL"}, 10) is None
     # Finished by someone else (job_finished) without any event seen: still final.
     assert apply_event(record(state=contract.STATE_FINISHED), STARTED, 1) is None
+    # Only usage still adds up: the gateway's last event may come after the agent's end.
+    late = apply_event(r, {"type": contract.EV_USAGE, "tokens": 7}, 11)
+    assert (late["state"], late["outcome"], late["usage"]["tokens"]) == ("finished", "done", 7)
 
 
 def test_usage_events_are_summed_per_call_and_a_redelivery_counts_once():
