@@ -21,6 +21,7 @@ Invariants
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
@@ -177,101 +178,155 @@ def error(style: str, status: int, kind: str, message: str, headers: dict | None
     return JSONResponse(body, status_code=status, headers=headers)
 
 
+@dataclass
+class Call:
+    """One model call on its way through: who, where, what."""
+
+    provider: str
+    style: str
+    path: str
+    grant: Grant
+    started: float
+    model: str = ""
+    body: bytes = b""
+    stream: bool = False
+
+
+def admit(gw: Gateway, request: Request, started: float) -> Call | Response:
+    """The call, or the answer that refuses it: unknown provider or path (404), no valid token (401), a spent budget (402)."""
+    provider, path = request.path_params["provider"], request.path_params["path"]
+    if provider not in PROVIDERS:
+        return error(OPENAI, 404, "not_found", f"unknown provider {provider[:40]!r}; use one of {', '.join(PROVIDERS)}")
+    style = PROVIDERS[provider][0]
+    if path not in PATHS[style]:
+        return error(style, 404, "not_found", f"the gateway forwards only {', '.join('/v1/' + p for p in PATHS[style])} for {provider}")
+    grant = gw.authorize(request)
+    if grant is None:
+        return error(style, 401, "authentication_error", "unknown or missing task token for the model gateway")
+    totals = gw.totals_of(grant.task_id)
+    why = refusal(grant, totals)
+    if why is not None:
+        totals.refused += 1
+        _save(gw, grant.task_id)
+        gw.publisher.publish(grant.task_id, _event(grant, provider, "", path, Usage(), 0.0, 0.0, totals, status=402, refused=why))
+        return error(style, 402, BUDGET_EXHAUSTED, why, {REFUSAL_HEADER: BUDGET_EXHAUSTED})
+    return Call(provider, style, path, grant, started)
+
+
+def read_body(call: Call, body: bytes) -> Response | None:
+    """Take the request's model and stream flag; a streamed chat completion is asked to report its usage."""
+    try:
+        data = json.loads(body)
+    except ValueError:
+        data = None
+    if not isinstance(data, dict):
+        return error(call.style, 400, "invalid_request_error", "the request body must be a JSON object")
+    call.model, call.stream, call.body = str(data.get("model") or "")[:200], data.get("stream") is True, body
+    if call.style == OPENAI and call.path == "chat/completions" and call.stream:
+        options = data.get("stream_options") if isinstance(data.get("stream_options"), dict) else {}
+        if options.get("include_usage") is not True:  # the usage arrives in the last chunk only when asked
+            data["stream_options"] = {**options, "include_usage": True}
+            call.body = json.dumps(data).encode()
+    return None
+
+
+def upstream_request(gw: Gateway, call: Call, request: Request, client: httpx.AsyncClient) -> httpx.Request | Response:
+    """The request to the provider: an allowlist of the caller's headers, the key added, never the token."""
+    base, key = gw.upstream(call.provider)
+    if not base:
+        return error(call.style, 502, "gateway_configuration", f"no upstream for {call.provider}: put its base URL in the gateway's secret file base_url")
+    headers = {name: request.headers[name] for name in FORWARDED_HEADERS if name in request.headers}
+    headers["accept-encoding"] = "identity"
+    if key:
+        headers.update({"x-api-key": key} if call.style == ANTHROPIC else {"authorization": f"Bearer {key}"})
+    url = f"{base}/{call.path}" + (f"?{request.url.query}" if request.url.query else "")
+    return client.build_request("POST", url, content=call.body, headers=headers)
+
+
 def create_app(gw: Gateway) -> Starlette:
-    client: httpx.AsyncClient | None = None
+    clients: list[httpx.AsyncClient] = []
 
     async def healthz(request: Request) -> Response:
         return JSONResponse({"ok": True})
 
     async def forward(request: Request) -> Response:
-        started = time.perf_counter()
-        provider, path = request.path_params["provider"], request.path_params["path"]
-        if provider not in PROVIDERS:
-            return error(OPENAI, 404, "not_found", f"unknown provider {provider[:40]!r}; use one of {', '.join(PROVIDERS)}")
-        style = PROVIDERS[provider][0]
-        if path not in PATHS[style]:
-            return error(style, 404, "not_found", f"the gateway forwards only {', '.join('/v1/' + p for p in PATHS[style])} for {provider}")
-        grant = gw.authorize(request)
-        if grant is None:
-            return error(style, 401, "authentication_error", "unknown or missing task token for the model gateway")
-        totals = gw.totals_of(grant.task_id)
-        why = refusal(grant, totals)
-        if why is not None:
-            totals.refused += 1
-            _save(gw, grant.task_id)
-            gw.publisher.publish(grant.task_id, _event(grant, provider, "", path, Usage(), 0.0, 0.0, totals, status=402, refused=why))
-            return error(style, 402, BUDGET_EXHAUSTED, why, {REFUSAL_HEADER: BUDGET_EXHAUSTED})
+        call = admit(gw, request, time.perf_counter())
+        if isinstance(call, Response):
+            return call
         if int(request.headers.get("content-length") or 0) > MAX_REQUEST_BYTES:
-            return error(style, 413, "request_too_large", f"request bodies are limited to {MAX_REQUEST_BYTES} bytes")
-        body = await request.body()
+            return error(call.style, 413, "request_too_large", f"request bodies are limited to {MAX_REQUEST_BYTES} bytes")
+        refused = read_body(call, await request.body())
+        outgoing = refused or upstream_request(gw, call, request, clients[0])
+        if isinstance(outgoing, Response):
+            return outgoing
         try:
-            data = json.loads(body)
-        except ValueError:
-            data = None
-        if not isinstance(data, dict):
-            return error(style, 400, "invalid_request_error", "the request body must be a JSON object")
-        model = str(data.get("model") or "")[:200]
-        if style == OPENAI and path == "chat/completions" and data.get("stream") is True:
-            options = data.get("stream_options") if isinstance(data.get("stream_options"), dict) else {}
-            if options.get("include_usage") is not True:  # the usage arrives in the last chunk only when asked
-                data["stream_options"] = {**options, "include_usage": True}
-                body = json.dumps(data).encode()
-        base, key = gw.upstream(provider)
-        if not base:
-            return error(style, 502, "gateway_configuration", f"no upstream for {provider}: put its base URL in the gateway's secret file base_url")
-        headers = {name: request.headers[name] for name in FORWARDED_HEADERS if name in request.headers}
-        headers["accept-encoding"] = "identity"
-        if key:
-            headers.update({"x-api-key": key} if style == ANTHROPIC else {"authorization": f"Bearer {key}"})
-        url = f"{base}/{path}" + (f"?{request.url.query}" if request.url.query else "")
-        nonlocal client
-        if client is None:
-            timeout = httpx.Timeout(gw.timeout_seconds, connect=15.0)
-            client = httpx.AsyncClient(timeout=timeout, trust_env=True, limits=httpx.Limits(max_connections=200, max_keepalive_connections=50))
-        try:
-            upstream = await client.send(client.build_request("POST", url, content=body, headers=headers), stream=True)
+            upstream = await clients[0].send(outgoing, stream=True)
         except httpx.TimeoutException:
-            return error(style, 504, "upstream_timeout", f"{provider} did not answer in time")
+            return error(call.style, 504, "upstream_timeout", f"{call.provider} did not answer in time")
         except httpx.HTTPError as exc:
-            return error(style, 502, "upstream_unreachable", f"cannot reach {provider}: {type(exc).__name__}")
-        meter = Meter(upstream.headers.get("content-type", ""))
-
-        async def relay():
-            try:
-                async for chunk in upstream.aiter_raw():
-                    meter.feed(chunk)
-                    yield chunk
-            finally:
-                await upstream.aclose()
-                _account(gw, grant, provider, model, path, meter, started, upstream.status_code, data.get("stream") is True)
-
-        response_headers = {k: v for k, v in upstream.headers.items() if k.lower() not in DROPPED_RESPONSE_HEADERS}
-        return StreamingResponse(relay(), status_code=upstream.status_code, headers=response_headers)
+            return error(call.style, 502, "upstream_unreachable", f"cannot reach {call.provider}: {type(exc).__name__}")
+        return await relay(gw, call, upstream)
 
     @asynccontextmanager
     async def lifespan(app):
+        timeout = httpx.Timeout(gw.timeout_seconds, connect=15.0)
+        clients.append(httpx.AsyncClient(timeout=timeout, trust_env=True, limits=httpx.Limits(max_connections=200, max_keepalive_connections=50)))
         try:
             yield
         finally:
-            if client is not None:
-                await client.aclose()
+            await clients[0].aclose()
             await gw.publisher.close()
 
     return Starlette(routes=[Route("/healthz", healthz), Route("/{provider}/v1/{path:path}", forward, methods=["POST"])], lifespan=lifespan)
 
 
-def _account(gw: Gateway, grant: Grant, provider: str, model: str, path: str, meter: Meter, started: float, status: int, stream: bool) -> None:
+async def relay(gw: Gateway, call: Call, upstream: httpx.Response) -> Response:
+    """The provider's answer back to the caller: a stream chunk by chunk, a whole JSON answer in one write."""
+    meter = Meter(upstream.headers.get("content-type", ""))
+    headers = {k: v for k, v in upstream.headers.items() if k.lower() not in DROPPED_RESPONSE_HEADERS}
+    if not meter.stream:  # a whole JSON answer is of no use in parts: one read, one write
+        try:
+            content = await upstream.aread()
+        except httpx.HTTPError as exc:
+            return error(call.style, 502, "upstream_unreachable", f"{call.provider} broke off its answer: {type(exc).__name__}")
+        finally:
+            await upstream.aclose()
+        meter.feed(content)
+        headers.pop("content-encoding", None)  # aread() decoded it, if the upstream encoded it after all
+        _account(gw, call, meter, upstream.status_code)
+        return Response(content, status_code=upstream.status_code, headers=headers)
+
+    async def chunks():
+        try:
+            async for chunk in upstream.aiter_raw():
+                meter.feed(chunk)
+                yield chunk
+        finally:  # also when the caller hung up: what was used is counted
+            await upstream.aclose()
+            _account(gw, call, meter, upstream.status_code)
+
+    return StreamingResponse(chunks(), status_code=upstream.status_code, headers=headers)
+
+
+def _account(gw: Gateway, call: Call, meter: Meter, status: int) -> None:
     """Count the call and publish its usage event (synchronous: it runs also when the caller hung up)."""
     usage = meter.usage()
-    cost = usage.cost(price_of(gw.prices, model))
-    totals = gw.totals_of(grant.task_id)
+    cost = usage.cost(price_of(gw.prices, call.model))
+    totals = gw.totals_of(call.grant.task_id)
     totals.add(usage, cost)
-    latency = time.perf_counter() - started
-    gw.publisher.publish(grant.task_id, _event(grant, provider, model, path, usage, cost, latency, totals, status=status, stream=stream))
-    _save(gw, grant.task_id)
+    latency = time.perf_counter() - call.started
+    event = _event(call.grant, call.provider, call.model, call.path, usage, cost, latency, totals, status=status, stream=call.stream)
+    gw.publisher.publish(call.grant.task_id, event)
+    _save(gw, call.grant.task_id)
 
 
 def _save(gw: Gateway, task_id: str) -> None:
+    """Write the task's totals after this response has gone out (the next loop turn), never in its way."""
+    if gw.state_dir is not None:
+        asyncio.get_running_loop().call_soon(_write_totals, gw, task_id)
+
+
+def _write_totals(gw: Gateway, task_id: str) -> None:
     try:
         gw.save(task_id)
     except OSError as exc:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import threading
 
 import httpx
@@ -10,6 +11,7 @@ from langchain_core.messages import HumanMessage
 
 from agent import contract
 from agent.models import BudgetExhausted, ModelConfigError, load_model
+from tests.conftest import eventually
 from tests.gateway.conftest import ANTHROPIC_KEY, UPSTREAM_KEY
 
 
@@ -103,6 +105,8 @@ def test_totals_survive_a_restart_of_the_gateway(gateway, upstream, tmp_path):
     token = gateway.grant("t-restart", max_tokens=30)
     model = agent_model(gateway, tmp_path, "openai:gpt-test", token)
     ask(model)
+    saved = tmp_path / "usage" / "t-restart.usage.json"
+    eventually(lambda: saved.exists() and json.loads(saved.read_text())["tokens"] == 18, "the totals on disk")
     gateway.gateway.totals.clear()  # what a new process starts with
     ask(model)  # 18 < 30: forwarded; now 36
     with pytest.raises(BudgetExhausted, match="36 tokens used"):
