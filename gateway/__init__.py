@@ -10,10 +10,18 @@ Modules: `app` (routes, forwarding, budgets), `usage` (reading usage from the by
 through, prices), `grants` (per-task tokens and limits; the launcher writes them), `publish`
 (usage events to NATS), `__main__` (`python -m gateway`).
 
-Why a thin Starlette + httpx proxy and not LiteLLM's proxy (bench/bench_gateway.py, docs/SECURITY.md):
-both libraries are already in the lock and the image; LiteLLM's proxy (`litellm[proxy]`) is a
-large install and a large process for what dockyard needs here (forward three paths, add one
-header, read usage, count a budget). The figures are in the README's "Model gateway" section.
+Why a thin Starlette + httpx proxy and not LiteLLM's proxy, measured on the shared 2-core dev machine
+(load 2-11 while measuring):
+* LiteLLM 1.108.7 with `[proxy]` in a fresh venv: 582 MB of site-packages; importing
+  `litellm.proxy.proxy_server` took 13.8 s (59 s under heavier load) and left the process at
+  323-325 MB RSS before serving anything, eight times the 40 MB per task target, in every pod.
+  Its per-call latency was not measured: its memory alone rules it out.
+* This gateway: nothing added to the image (Starlette, httpx, uvicorn and nats-py are in the lock
+  already), 43.6 MB RSS with nats-py loaded (41 MB before; aiohttp, which nats-py would load for
+  a websocket transport we do not use, kept out: 11 MB), about 4 ms of CPU per call, and through it
+  a call costs 2-4.5 ms more at p50 and 4-9 ms more at p99 than calling the upstream directly
+  (bench/bench_gateway.py, 200-300 calls of each kind; the direct call itself 1.3-8 ms there).
+  What dockyard needs is small: forward four paths, swap one header, read usage, count a budget.
 
 Imports: `agent.contract` only from the project; the agent never imports this package, and
 `functions` imports only `gateway.grants` (import-linter contracts in pyproject.toml).

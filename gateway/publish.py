@@ -67,6 +67,11 @@ class Publisher:
                 pass
 
     async def _connect(self):
+        import sys
+
+        # nats-py imports aiohttp (present in the image for the Kubernetes client) only for its websocket
+        # transport, which the gateway does not use (nats:// or tls://): 11 MB of the sidecar's RSS.
+        sys.modules.setdefault("aiohttp", None)  # type: ignore[arg-type]
         import nats
 
         options: dict = {"name": "dockyard-gateway", "max_reconnect_attempts": -1, "reconnect_time_wait": 0.5}

@@ -91,6 +91,8 @@ def _register_submit(sub) -> None:
     p.add_argument("--ref", help="branch, tag or commit of --repo")
     p.add_argument("--deadline", type=int, help="limits.deadline_seconds")
     p.add_argument("--retries", type=int, help="limits.retries")
+    p.add_argument("--max-tokens", type=int, help="limits.max_tokens: the model gateway refuses calls past this many tokens")
+    p.add_argument("--max-cost-usd", type=float, help="limits.max_cost_usd: ... or past this estimated cost")
     p.add_argument("-f", "--follow", action="store_true", help="then follow the task's trace until it ends")
     _add_url(p)
     p.set_defaults(run=_run_submit)
@@ -106,7 +108,8 @@ def _run_submit(args) -> int:
         data["repo"] = {"url": args.repo, **({"ref": args.ref} if args.ref else {})}
     elif args.ref:
         raise CommandError("--ref needs --repo", EXIT_BAD_INPUT)
-    limits = {k: v for k, v in (("deadline_seconds", args.deadline), ("retries", args.retries)) if v is not None}
+    chosen = (("deadline_seconds", args.deadline), ("retries", args.retries), ("max_tokens", args.max_tokens), ("max_cost_usd", args.max_cost_usd))
+    limits = {k: v for k, v in chosen if v is not None}
     if limits:
         data["limits"] = limits
     token = _token(args)

@@ -87,7 +87,8 @@ def server():
 
 
 def test_submit_posts_a_structured_cloudevent_and_prints_the_derived_id(server, capsys):
-    code = cli.main(["submit", "write fizzbuzz", "--model", "scripted:example", "--repo", "https://example.com/r.git", "--ref", "main", "--retries", "1", "--url", server.url])
+    code = cli.main(["submit", "write fizzbuzz", "--model", "scripted:example", "--repo", "https://example.com/r.git", "--ref", "main", "--retries", "1",
+                     "--max-tokens", "5000", "--max-cost-usd", "1.5", "--url", server.url])
     assert code == 0
     (request,) = server.requests
     assert request["path"] == "/"
@@ -99,7 +100,7 @@ def test_submit_posts_a_structured_cloudevent_and_prints_the_derived_id(server, 
         "prompt": "write fizzbuzz",
         "model": "scripted:example",
         "repo": {"url": "https://example.com/r.git", "ref": "main"},
-        "limits": {"retries": 1},
+        "limits": {"retries": 1, "max_tokens": 5000, "max_cost_usd": 1.5},
     }
     assert capsys.readouterr().out.strip() == contract.derive_task_id(event["source"], event["id"])
 
