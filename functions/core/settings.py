@@ -357,6 +357,9 @@ class Settings(BaseSettings):
             raise SettingsError(
                 f"{var('default_retries')}={self.default_retries} is above {var('max_retries')}={self.max_retries}",
                 var("default_retries"))
+        if self.default_max_tokens > self.max_max_tokens:
+            raise SettingsError(f"{var('default_max_tokens')}={self.default_max_tokens} is above {var('max_max_tokens')}={self.max_max_tokens}",
+                                var("default_max_tokens"))
         if self.allow_file_repos and self.runtime == "kubernetes":
             raise SettingsError(
                 f"{var('allow_file_repos')}=true: file:// repositories are for one machine (`dockyard dev`), "
