@@ -45,7 +45,7 @@ from gateway.usage import Meter, Price, Totals, Usage, price_of
 log = logging.getLogger("gateway")
 
 OPENAI, ANTHROPIC = "openai", "anthropic"
-# provider -> (API style, default upstream base with its /v1); `<secrets>/base_url` replaces the base.
+# provider -> (API style, default upstream base with its /v1); `<secrets>/<provider>_base_url` or `base_url` replaces it.
 PROVIDERS = {
     "openai": (OPENAI, "https://api.openai.com/v1"),
     "anthropic": (ANTHROPIC, "https://api.anthropic.com/v1"),
@@ -100,7 +100,7 @@ class Gateway:
     def upstream(self, provider: str) -> tuple[str | None, str | None]:
         """(base URL with /v1, key) of `provider`."""
         style, base = PROVIDERS[provider]
-        configured = self.secret("base_url")
+        configured = self.secret(f"{provider}_base_url", "base_url")
         if configured:
             base = configured.rstrip("/")
             if style == ANTHROPIC and not base.endswith("/v1"):
