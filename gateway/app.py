@@ -301,9 +301,9 @@ async def relay(gw: Gateway, call: Call, upstream: httpx.Response) -> Response:
             async for chunk in upstream.aiter_raw():
                 meter.feed(chunk)
                 yield chunk
-        finally:  # also when the caller hung up: what was used is counted
-            await upstream.aclose()
+        finally:  # also when the caller hung up (cancelled here): what was seen is counted, before any await
             _account(gw, call, meter, upstream.status_code)
+            await upstream.aclose()
 
     return StreamingResponse(chunks(), status_code=upstream.status_code, headers=headers)
 

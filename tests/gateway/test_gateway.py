@@ -82,6 +82,19 @@ def test_a_stream_is_passed_on_before_the_upstream_has_finished_it(gateway, upst
     assert gateway.events[-1]["tokens"] == 18
 
 
+def test_a_caller_that_hangs_up_mid_stream_is_still_counted(gateway, upstream):
+    upstream.gate = threading.Event()
+    token = gateway.grant("t-hangup")
+    body = {"model": "gpt-test", "stream": True, "messages": [{"role": "user", "content": "hi"}]}
+    with httpx.Client(timeout=30) as client:
+        with client.stream("POST", f"{gateway.url}/openai/v1/chat/completions", json=body, headers={"authorization": f"Bearer {token}"}) as response:
+            next(response.iter_raw())
+    # The caller is gone; the upstream still holds its answer. The call is counted all the same.
+    eventually(lambda: gateway.events, "the usage event of the abandoned call")
+    assert gateway.events[-1]["task_id"] == "t-hangup" and gateway.gateway.totals["t-hangup"].calls == 1
+    upstream.gate.set()
+
+
 def test_a_token_budget_refuses_the_next_call_and_names_the_limit(gateway, upstream, tmp_path):
     token = gateway.grant("t-budget", max_tokens=10)
     model = agent_model(gateway, tmp_path, "openai:gpt-test", token)
