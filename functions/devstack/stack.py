@@ -182,6 +182,7 @@ def main(args) -> int:
         url = f"http://{args.host}:{args.port}"
         print(banner(url, settings, nats_url, embedded=nats is not None), flush=True)
         print(f"  cockpit   {url}/?token={token}", flush=True)
+        print(f"  models    {app.state.gateway.url} (the model gateway; key files in {app.state.gateway.secrets_dir})", flush=True)
         config = uvicorn.Config(
             app,
             host=args.host,

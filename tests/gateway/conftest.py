@@ -95,7 +95,29 @@ def fake_upstream(state: Upstream) -> Starlette:
         ]
         return StreamingResponse(_gated(state, _sse(events, named=True)), media_type="text/event-stream")
 
-    return Starlette(routes=[Route("/v1/chat/completions", chat, methods=["POST"]), Route("/v1/messages", messages, methods=["POST"])])
+    async def responses(request: Request):
+        body = await request.json()
+        state.requests.append({"path": request.url.path, "headers": dict(request.headers), "body": body})
+        if request.headers.get("authorization") != f"Bearer {UPSTREAM_KEY}":
+            return JSONResponse({"error": {"message": "bad key", "type": "invalid_request_error", "code": "invalid_api_key"}}, 401)
+        inp, out, cached = state.usage
+        usage = {"input_tokens": inp, "output_tokens": out, "total_tokens": inp + out, "input_tokens_details": {"cached_tokens": cached},
+                 "output_tokens_details": {"reasoning_tokens": 0}}
+        text = {"type": "output_text", "text": "hello from responses", "annotations": []}
+        done = {"id": "resp_1", "object": "response", "created_at": 0, "model": body["model"], "status": "completed",
+                "output": [{"type": "message", "id": "msg_1", "role": "assistant", "status": "completed", "content": [text]}],
+                "usage": usage, "parallel_tool_calls": True, "tool_choice": "auto", "tools": []}
+        if not body.get("stream"):
+            return JSONResponse(done)
+        events = [
+            {"type": "response.created", "sequence_number": 0, "response": {**done, "status": "in_progress", "output": [], "usage": None}},
+            {"type": "response.output_text.delta", "sequence_number": 1, "item_id": "msg_1", "output_index": 0, "content_index": 0, "delta": "hello from responses", "logprobs": []},
+            {"type": "response.completed", "sequence_number": 2, "response": done},
+        ]
+        return StreamingResponse(_gated(state, _sse(events, named=True)), media_type="text/event-stream")
+
+    return Starlette(routes=[Route("/v1/chat/completions", chat, methods=["POST"]), Route("/v1/messages", messages, methods=["POST"]),
+                             Route("/v1/responses", responses, methods=["POST"])])
 
 
 async def _gated(state: Upstream, parts: list[bytes]):

@@ -66,6 +66,19 @@ def test_anthropic_through_the_gateway_whole_and_streamed(gateway, upstream, tmp
     assert last["totals"]["calls"] == len(upstream.requests)
 
 
+def test_the_responses_api_whole_and_streamed_with_the_openai_sdk(gateway, upstream):
+    import openai
+
+    token = gateway.grant("t-responses")
+    client = openai.OpenAI(base_url=f"{gateway.url}/openai/v1", api_key=token, max_retries=0)
+    assert client.responses.create(model="gpt-test", input="hi").output_text == "hello from responses"
+    deltas = [e.delta for e in client.responses.create(model="gpt-test", input="hi", stream=True) if e.type == "response.output_text.delta"]
+    assert deltas == ["hello from responses"]
+    assert [r["path"] for r in upstream.requests] == ["/v1/responses", "/v1/responses"]
+    assert {r["headers"]["authorization"] for r in upstream.requests} == {f"Bearer {UPSTREAM_KEY}"}
+    assert [(e["api"], e["tokens"], e["cached_tokens"], e["stream"]) for e in gateway.events] == [("responses", 18, 3, False), ("responses", 18, 3, True)]
+
+
 def test_a_stream_is_passed_on_before_the_upstream_has_finished_it(gateway, upstream):
     """No buffering: the first chunk reaches the caller while the upstream still holds the rest."""
     upstream.gate = threading.Event()
