@@ -45,6 +45,11 @@ def _sse(events: list[dict], named: bool = False) -> list[bytes]:
 
 
 def fake_upstream(state: Upstream) -> Starlette:
+    return Starlette(routes=[Route("/v1/chat/completions", _chat(state), methods=["POST"]), Route("/v1/messages", _messages(state), methods=["POST"]),
+                             Route("/v1/responses", _responses(state), methods=["POST"])])
+
+
+def _chat(state: Upstream):
     async def chat(request: Request):
         body = await request.json()
         state.requests.append({"path": request.url.path, "headers": dict(request.headers), "body": body})
@@ -72,6 +77,10 @@ def fake_upstream(state: Upstream) -> Starlette:
             events.append({**chunk, "choices": [], "usage": usage})
         return StreamingResponse(_gated(state, [*_sse(events), b"data: [DONE]\n\n"]), media_type="text/event-stream")
 
+    return chat
+
+
+def _messages(state: Upstream):
     async def messages(request: Request):
         body = await request.json()
         state.requests.append({"path": request.url.path, "headers": dict(request.headers), "body": body})
@@ -95,6 +104,10 @@ def fake_upstream(state: Upstream) -> Starlette:
         ]
         return StreamingResponse(_gated(state, _sse(events, named=True)), media_type="text/event-stream")
 
+    return messages
+
+
+def _responses(state: Upstream):
     async def responses(request: Request):
         body = await request.json()
         state.requests.append({"path": request.url.path, "headers": dict(request.headers), "body": body})
@@ -116,8 +129,7 @@ def fake_upstream(state: Upstream) -> Starlette:
         ]
         return StreamingResponse(_gated(state, _sse(events, named=True)), media_type="text/event-stream")
 
-    return Starlette(routes=[Route("/v1/chat/completions", chat, methods=["POST"]), Route("/v1/messages", messages, methods=["POST"]),
-                             Route("/v1/responses", responses, methods=["POST"])])
+    return responses
 
 
 async def _gated(state: Upstream, parts: list[bytes]):
