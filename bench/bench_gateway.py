@@ -9,9 +9,10 @@ alternately straight to the upstream (with the key) and through the gateway (wit
 the tasks in turn): a 1 KB JSON answer, and a streamed answer of 21 chunks (time to the first chunk
 and to the last). Added latency = the percentile through the gateway minus the same percentile
 direct. CPU per call of both processes from /proc (what the gateway costs whatever else the machine
-does). The gateway's RSS is read from /proc after the run (its peak, VmHWM), with nats-py imported
-(it is given an unreachable NATS URL: the usage publisher imports nats-py and keeps retrying), as in
-a pod; the pod's sidecar is this process with one task. Targets (issue 10): <= 5 ms added at p99
+does). The gateway publishes every call's usage event to a real nats-server (operator mode, as
+`dockyard dev`: the functions' user; the AGENT stream created first), counted at the end. The
+gateway's RSS is read from /proc after the run (its peak, VmHWM); the pod's sidecar is this
+process with one task. Then, 3 s after the last call, 10 s idle: the gateway's CPU while its tasks wait. Targets (issue 10): <= 5 ms added at p99
 on loopback; <= 40 MB RSS per task, or shared (dev: one gateway for all tasks). Prints the figures,
 the ratios and the targets; exit 1 when one is missed.
 """
@@ -19,6 +20,7 @@ the ratios and the targets; exit 1 when one is missed.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import os
 import subprocess
 import sys
@@ -31,6 +33,9 @@ import httpx
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from agent import contract  # noqa: E402
+from functions.devstack import nats_auth  # noqa: E402
+from functions.devstack.nats_embedded import EmbeddedNats  # noqa: E402
 from functions.devstack.ports import free_port  # noqa: E402
 
 TARGET_ADDED_P99_MS = 5.0
@@ -92,36 +97,71 @@ def run_calls(args, client: httpx.Client, urls: dict[str, str], tokens: list[str
                 if i >= args.warmup:
                     results.setdefault((name, stream), []).append(timing)
     calls = {"gateway": 2 * args.calls, "upstream": 4 * args.calls}  # the upstream answers both routes
-    return results, {name: (cpu_ms(pid) - cpu[name]) / calls[name] for name, pid in pids.items()}
+    return results, {name: (cpu_ms(pid) - cpu[name]) / calls[name] for name, pid in pids.items()}  # ms per call
+
+
+IDLE_SECONDS = 10.0
+SETTLE_SECONDS = 3.0  # the last usage events published, idle keep-alive connections closed
+
+
+async def agent_stream(url: str, creds: str, create: bool) -> int:
+    """Create the AGENT stream (as the functions do at start), or count its messages."""
+    import nats
+    from nats.js.api import StreamConfig
+
+    nc = await nats.connect(url, user_credentials=creds)
+    try:
+        js = nc.jetstream()
+        if create:
+            await js.add_stream(StreamConfig(**contract.AGENT_STREAM.config()))
+            return 0
+        return (await js.stream_info(contract.STREAM_NAME)).state.messages
+    finally:
+        await nc.close()
 
 
 def measure(args) -> tuple[dict, dict, float, float]:
+    with tempfile.TemporaryDirectory() as tmp:
+        chain = nats_auth.ensure(Path(tmp) / "auth")
+        with EmbeddedNats(Path(tmp) / "nats", config=chain.server_conf) as server:
+            creds = str(chain.creds("functions"))
+            asyncio.run(agent_stream(server.url, creds, create=True))
+            figures = measure_with(args, tmp, server.url, creds)
+            published = asyncio.run(agent_stream(server.url, creds, create=False))
+            figures[1]["published"] = published
+            return figures
+
+
+def measure_with(args, tmp: str, nats_url: str, nats_creds: str) -> tuple[dict, dict, float, float]:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "NO_PROXY": "127.0.0.1", "no_proxy": "127.0.0.1"}
     up_port, gw_port = free_port(), free_port()
-    with tempfile.TemporaryDirectory() as tmp:
-        from gateway.grants import Grant, new_token, sha256, write_grant
+    from gateway.grants import Grant, new_token, sha256, write_grant
 
-        (Path(tmp) / "api_key").write_text("sk-bench\n")
-        (Path(tmp) / "base_url").write_text(f"http://127.0.0.1:{up_port}/v1\n")
-        tokens = [new_token(f"bench-{n}") for n in range(args.tasks)]
-        for n, token in enumerate(tokens):
-            write_grant(Path(tmp) / "grants", Grant(f"bench-{n}", sha256(token), max_tokens=10**12))
-        upstream = subprocess.Popen([sys.executable, str(ROOT / "bench" / "gateway_upstream.py"), str(up_port)], env=env)
-        gateway = subprocess.Popen([sys.executable, "-m", "gateway", "--listen", f"127.0.0.1:{gw_port}", "--secrets-dir", tmp,
-                                    "--grants-dir", str(Path(tmp) / "grants"), "--state-dir", str(Path(tmp) / "usage"),
-                                    "--nats", f"nats://127.0.0.1:{free_port()}", "--prices", "gpt-bench=2.5/10/1.25"],
-                                   env=env, stderr=subprocess.DEVNULL)
-        try:
-            urls = {"direct": f"http://127.0.0.1:{up_port}/v1/chat/completions", "gateway": f"http://127.0.0.1:{gw_port}/openai/v1/chat/completions"}
-            for url in urls.values():
-                wait_up(url)
-            with httpx.Client(timeout=30, trust_env=False) as client:
-                results, cpu = run_calls(args, client, urls, tokens, {"gateway": gateway.pid, "upstream": upstream.pid})
-            return results, cpu, kb(gateway.pid, "VmRSS"), kb(gateway.pid, "VmHWM")
-        finally:
-            for proc in (gateway, upstream):
-                proc.terminate()
-                proc.wait(10)
+    (Path(tmp) / "api_key").write_text("sk-bench\n")
+    (Path(tmp) / "base_url").write_text(f"http://127.0.0.1:{up_port}/v1\n")
+    tokens = [new_token(f"bench-{n}") for n in range(args.tasks)]
+    for n, token in enumerate(tokens):
+        write_grant(Path(tmp) / "grants", Grant(f"bench-{n}", sha256(token), max_tokens=10**12))
+    upstream = subprocess.Popen([sys.executable, str(ROOT / "bench" / "gateway_upstream.py"), str(up_port)], env=env)
+    gateway = subprocess.Popen([sys.executable, "-m", "gateway", "--listen", f"127.0.0.1:{gw_port}", "--secrets-dir", tmp,
+                                "--grants-dir", str(Path(tmp) / "grants"), "--state-dir", str(Path(tmp) / "usage"),
+                                "--nats", nats_url, "--nats-creds", nats_creds, "--prices", "gpt-bench=2.5/10/1.25"],
+                               env=env, stderr=subprocess.DEVNULL)
+    try:
+        urls = {"direct": f"http://127.0.0.1:{up_port}/v1/chat/completions", "gateway": f"http://127.0.0.1:{gw_port}/openai/v1/chat/completions"}
+        for url in urls.values():
+            wait_up(url)
+        with httpx.Client(timeout=30, trust_env=False) as client:
+            results, cpu = run_calls(args, client, urls, tokens, {"gateway": gateway.pid, "upstream": upstream.pid})
+        time.sleep(SETTLE_SECONDS)
+        before = cpu_ms(gateway.pid)
+        time.sleep(IDLE_SECONDS)  # the gateway waiting for calls: what it costs 20 waiting tasks
+        cpu["idle_percent"] = (cpu_ms(gateway.pid) - before) / (IDLE_SECONDS * 1000) * 100
+        return results, cpu, kb(gateway.pid, "VmRSS"), kb(gateway.pid, "VmHWM")
+    finally:
+        for proc in (gateway, upstream):
+            proc.terminate()
+            proc.wait(10)
 
 
 def main() -> int:
@@ -142,6 +182,12 @@ def main() -> int:
         if g99 - d99 > TARGET_ADDED_P99_MS:
             misses.append(f"{label}: {g99 - d99:.2f} ms added at p99 > {TARGET_ADDED_P99_MS} ms")
     print(f"CPU per call: gateway {cpu['gateway']:.2f} ms, the fake upstream {cpu['upstream']:.2f} ms (what the gateway costs whatever the load)")
+    made = 2 * (args.warmup + args.calls)
+    print(f"usage events in the AGENT stream: {cpu['published']} of {made} calls through the gateway")
+    if cpu["published"] != made:
+        misses.append(f"usage events published: {cpu['published']} of {made}")
+    print(f"idle CPU of the gateway over {IDLE_SECONDS:.0f} s with {args.tasks} tasks' grants: {cpu['idle_percent']:.2f}% of one core "
+          "(issue 10's budget for 20 waiting tasks, gateway + agents + snapshotters: <= 2% in total)")
     load = os.getloadavg()[0]
     print(f"load average {load:.1f} on {os.cpu_count()} cores while measuring" + (" (busy: latency percentiles include waiting for a core)" if load > (os.cpu_count() or 1) else ""))
     print(f"gateway RSS {rss:.1f} MB (peak {peak:.1f} MB), shared by {args.tasks} tasks: {peak / args.tasks:.1f} MB per task; "
