@@ -17,10 +17,10 @@ Why a thin Starlette + httpx proxy and not LiteLLM's proxy, measured on the shar
   323-325 MB RSS before serving anything, eight times the 40 MB per task target, in every pod.
   Its per-call latency was not measured: its memory alone rules it out.
 * This gateway: nothing added to the image (Starlette, httpx, uvicorn and nats-py are in the lock
-  already), 43.6 MB RSS with nats-py loaded (41 MB before; aiohttp, which nats-py would load for
-  a websocket transport we do not use, kept out: 11 MB), about 4 ms of CPU per call, and through it
-  a call costs 2-4.5 ms more at p50 and 4-9 ms more at p99 than calling the upstream directly
-  (bench/bench_gateway.py, 200-300 calls of each kind; the direct call itself 1.3-8 ms there).
+  already), 44 MB RSS with nats-py loaded (41 MB before; aiohttp, which nats-py would load for a
+  websocket transport we do not use, kept out: 11 MB), 3.3-4.6 ms of CPU per call, and through it
+  a call costs 2.4-3.3 ms more at p50 and 3.5-17 ms more at p99 than calling the upstream directly
+  at load 1.7-3.9 (bench/bench_gateway.py; bench/README.md has the runs; heavier load, more at p99).
   What dockyard needs is small: forward four paths, swap one header, read usage, count a budget.
 
 Imports: `agent.contract` only from the project; the agent never imports this package, and
