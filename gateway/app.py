@@ -347,6 +347,7 @@ def _event(grant: Grant, provider: str, model: str, path: str, usage: Usage, cos
         "cached_tokens": usage.cached,
         "tokens": usage.total,
         "reported": usage.reported,
+        "response_id": usage.response_id,
         "cost_usd": round(cost, 6),
         "latency_ms": round(latency * 1000, 1),
         "totals": totals.to_dict(),

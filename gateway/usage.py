@@ -66,6 +66,7 @@ class Usage:
     output: int = 0
     cached: int = 0
     reported: bool = False
+    response_id: str = ""  # the provider's id of the answer (chatcmpl-..., msg_..., resp_...): joins a model turn to its usage
 
     @property
     def total(self) -> int:
@@ -86,6 +87,7 @@ class Meter:
         self._size = 0
         self._line = b""
         self._seen: dict[str, int] = {}
+        self._id = ""
 
     def feed(self, chunk: bytes) -> None:
         if not self.stream:
@@ -108,7 +110,9 @@ class Meter:
             except ValueError:
                 pass
             self._parts = []
-        return _normalize(self._seen)
+        usage = _normalize(self._seen)
+        usage.response_id = self._id
+        return usage
 
     def _sse_line(self, line: bytes) -> None:
         if line.startswith(b"data:") and b"usage" in line:
@@ -123,6 +127,8 @@ class Meter:
         for holder in (obj, obj.get("message"), obj.get("response")):
             if isinstance(holder, dict) and isinstance(holder.get("usage"), dict):
                 _collect(holder["usage"], self._seen)
+                if not self._id and isinstance(holder.get("id"), str):
+                    self._id = holder["id"][:100]
 
 
 def _collect(usage: dict, seen: dict[str, int]) -> None:

@@ -40,6 +40,7 @@ def test_openai_through_the_gateway_gets_the_key_added_and_reports_usage(gateway
     # gpt-test: 1000 $/M input, 500 cached, 2000 output: (8*1000 + 3*500 + 7*2000) / 1e6
     assert event["cost_usd"] == pytest.approx(0.0235)
     assert event["totals"]["tokens"] == 18 and event["totals"]["calls"] == 1 and event["latency_ms"] >= 0
+    assert event["response_id"] == "chatcmpl-1" == reply.response_metadata.get("id")  # joins the model turn to its usage
 
 
 def test_openai_streaming_passes_chunks_and_counts_the_usage_it_asked_for(gateway, upstream, tmp_path):

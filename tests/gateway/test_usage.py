@@ -27,13 +27,13 @@ RESPONSES_STREAM = sse(
     {"type": "response.completed", "response": {"id": "r1", "usage": {"input_tokens": 50, "output_tokens": 9, "input_tokens_details": {"cached_tokens": 20}}}},
 )
 ANTHROPIC_STREAM = sse(
-    {"type": "message_start", "message": {"usage": {"input_tokens": 5, "cache_read_input_tokens": 30, "cache_creation_input_tokens": 2, "output_tokens": 1}}},
+    {"type": "message_start", "message": {"id": "msg_7", "usage": {"input_tokens": 5, "cache_read_input_tokens": 30, "cache_creation_input_tokens": 2, "output_tokens": 1}}},
     {"type": "content_block_delta", "delta": {"type": "text_delta", "text": "usage is a word in the text"}},
     {"type": "message_delta", "usage": {"output_tokens": 12}},
 )
 CHAT_STREAM = sse(
     {"choices": [{"delta": {"content": "x"}}], "usage": None},
-    {"choices": [], "usage": {"prompt_tokens": 40, "completion_tokens": 4, "prompt_tokens_details": {"cached_tokens": 8}}},
+    {"id": "chatcmpl-9", "choices": [], "usage": {"prompt_tokens": 40, "completion_tokens": 4, "prompt_tokens_details": {"cached_tokens": 8}}},
 )
 
 
@@ -46,6 +46,7 @@ CHAT_STREAM = sse(
 def test_streamed_usage_of_each_provider_wherever_the_chunks_are_cut(body, expected, cut):
     usage = read("text/event-stream; charset=utf-8", body, cut)
     assert (usage.input, usage.output, usage.cached, usage.reported) == (*expected, True)
+    assert usage.response_id == {CHAT_STREAM: "chatcmpl-9", RESPONSES_STREAM: "r1", ANTHROPIC_STREAM: "msg_7"}[body]
 
 
 @pytest.mark.parametrize("body, expected", [
