@@ -32,6 +32,7 @@ from typing import Any
 
 from agent import contract
 from functions.core.nats_jwt import TASK_ROLES, Issuer, task_credentials_expiry, write_secret_file
+from gateway.grants import grant_path
 from functions.core.task import Task
 from functions.errors import LaunchConflict, TaskNotFound, TransientError
 from functions.runtime.local.admission import Admission
@@ -215,6 +216,8 @@ class LocalRuntime:
             if not state.event_sent:
                 self._supervise(state, self.folders.load_task(task_id))
                 continue
+            if self.gateway_grants is not None:  # a finished task's token opens the model gateway no more
+                grant_path(self.gateway_grants, task_id).unlink(missing_ok=True)
             ttl = self.ttl_succeeded_seconds if state.reason == REASON_COMPLETE else self.ttl_failed_seconds
             if state.workspace_removed or self.clock.time() - (state.finished_at or 0) < ttl:
                 continue
