@@ -135,6 +135,7 @@ EV_SNAPSHOT = "snapshot"
 EV_RESULT = "result"
 EV_MESSAGE = "message"
 EV_WARNING = "warning"
+EV_USAGE = "usage"  # published by the model gateway, one per model call
 
 # Values of "state" in status events and in the KV entry.
 STATE_QUEUED = "queued"
@@ -198,6 +199,8 @@ CHECKPOINT_DIR = "checkpoints"  # relative to the workspace
 REPO_DIR = "repo"  # where a task's repository is cloned, relative to the workspace
 HEARTBEAT_FILE = ".dockyard/heartbeat"  # relative to the workspace
 RESULT_FILE = ".dockyard/result.json"  # written by the agent when it exits
+MODEL_GATEWAY_PORT = 8790  # the pod's model gateway sidecar, on the pod's loopback
+GATEWAY_TOKEN_FILE = "gateway.token"  # the task's model gateway token, relative to the agent's secrets directory
 
 
 def checkpoint_path(task_id: str) -> str:

@@ -36,6 +36,7 @@ from langgraph.graph import END, START, StateGraph
 
 from agent import context, contract
 from agent.context import View
+from agent.models import BudgetExhausted
 from agent.redact import Redactor
 from agent.transcript import Transcript
 
@@ -205,7 +206,7 @@ def build_graph(deps: Deps, checkpointer=None):
     graph.add_node("act", partial(_act, deps))
     graph.add_edge(START, "strategic")
     graph.add_conditional_edges("strategic", _after_strategic, ["strategic", "tactical", END])
-    graph.add_conditional_edges("tactical", _after_tactical, ["act", "strategic"])
+    graph.add_conditional_edges("tactical", _after_tactical, ["act", "strategic", END])
     graph.add_conditional_edges("act", _after_act, ["act", "tactical", "strategic"])
     return graph.compile(checkpointer=checkpointer)
 
@@ -227,7 +228,10 @@ def _strategic(deps: Deps, state: AgentState) -> AgentState:
         summary = f"stopped: the budget of {deps.budgets.max_strategic_rounds} strategic rounds is spent"
         return {**update, "outcome": contract.OUTCOME_BUDGET, "summary": summary}
 
-    reply, view, end = _ask_model(deps, STRATEGIC, view, end, CONTROL_TOOLS, state["model_turns"])
+    try:
+        reply, view, end = _ask_model(deps, STRATEGIC, view, end, CONTROL_TOOLS, state["model_turns"])
+    except BudgetExhausted as exc:  # the model gateway refuses: a token or cost limit is spent
+        return {**update, "outcome": contract.OUTCOME_BUDGET, "summary": f"stopped: {exc}"}
     update.update(model_turns=state["model_turns"] + 1, strategic_rounds=state["strategic_rounds"] + 1, strategic=view)
     entries = [reply]
     control = _control_call(reply)
@@ -273,7 +277,10 @@ def _plan(deps: Deps, state: AgentState, args: dict, end: int) -> AgentState:
 
 def _tactical(deps: Deps, state: AgentState) -> AgentState:
     """One tactical model turn; an answer without a tool call is the report back to STRATEGIC."""
-    reply, view, end = _ask_model(deps, TACTICAL, state["tactical"], state["transcript_len"], deps.tools.schemas(), state["model_turns"])
+    try:
+        reply, view, end = _ask_model(deps, TACTICAL, state["tactical"], state["transcript_len"], deps.tools.schemas(), state["model_turns"])
+    except BudgetExhausted as exc:
+        return {"phase": contract.PHASE_STRATEGIC, "outcome": contract.OUTCOME_BUDGET, "summary": f"stopped: {exc}"}
     reply_row, end = end, _write(deps, end, TACTICAL, [reply])
     update: AgentState = {"tactical": view, "transcript_len": end, "model_turns": state["model_turns"] + 1}
     if reply.tool_calls:
@@ -345,6 +352,8 @@ def _after_strategic(state: AgentState) -> str:
 
 
 def _after_tactical(state: AgentState) -> str:
+    if state.get("outcome"):  # a budget refusal of the model gateway
+        return END
     return "act" if state["phase"] == contract.PHASE_TACTICAL else "strategic"
 
 

@@ -6,8 +6,14 @@
   turn number `turn`, the count of model turns already in the graph state, so a
   resumed run continues with the right turn. `scripted:example` is the bundled demo.
 - `provider:model` (openai, anthropic, ollama, vllm, openai-compatible) goes
-  through LangChain's `init_chat_model` (optional extras). Keys are read from
-  files in the secrets directory, never from the environment.
+  through LangChain's `init_chat_model` (optional extras) to the model gateway
+  (`gateway/`), never to the provider: the agent holds no model key. The base URL
+  is the gateway's `/<provider>/v1` (Anthropic: `/anthropic`, its SDK adds `/v1`),
+  the API key the task's gateway token (`<secrets dir>/gateway.token`; none in a pod,
+  whose sidecar is reached on the pod's loopback only).
+- A call the gateway refuses because a budget of the task is spent (402,
+  `x-dockyard-refusal: budget_exhausted`) raises `BudgetExhausted` with the
+  gateway's message, which names the limit; the graph ends with that outcome.
 """
 
 from __future__ import annotations
@@ -23,11 +29,17 @@ from langchain_core.messages import AIMessage, BaseMessage
 from agent import contract
 
 EXAMPLES_DIR = Path(__file__).parent / "examples"
-OPENAI_COMPATIBLE = {"ollama": "http://ollama:11434/v1", "vllm": "http://vllm:8000/v1", "openai-compatible": None}
+PROVIDERS = ("openai", "anthropic", "ollama", "vllm", "openai-compatible")
+POD_TOKEN = "dockyard-pod"  # the pod's sidecar asks no token; the SDKs want some key
+REFUSAL_HEADER = "x-dockyard-refusal"
 
 
 class ModelConfigError(Exception):
     """The model cannot work with this configuration: fatal, retrying will not help."""
+
+
+class BudgetExhausted(Exception):
+    """The model gateway refused the call: a token or cost limit of the task is spent (the message names it)."""
 
 
 class Model(Protocol):
@@ -97,6 +109,9 @@ class ChatModel:
         try:
             reply = self.chat.bind_tools(tools).invoke(messages)
         except Exception as exc:
+            refusal = _budget_refusal(exc)
+            if refusal:
+                raise BudgetExhausted(refusal) from None
             if _is_auth_error(exc):
                 raise ModelConfigError(f"model {self.spec} rejected the credentials: {exc}") from exc
             raise
@@ -107,6 +122,17 @@ def _is_auth_error(exc: Exception) -> bool:
     name = type(exc).__name__
     status = getattr(exc, "status_code", None)
     return name in ("AuthenticationError", "PermissionDeniedError") or status in (401, 403)
+
+
+def _budget_refusal(exc: Exception) -> str | None:
+    """The gateway's message when `exc` is its budget refusal (both SDKs keep the HTTP response)."""
+    response = getattr(exc, "response", None)
+    if getattr(exc, "status_code", None) != 402 or response is None or response.headers.get(REFUSAL_HEADER) != "budget_exhausted":
+        return None
+    try:
+        return str(response.json()["error"]["message"])
+    except (ValueError, KeyError, TypeError):
+        return "a budget of the task is spent"
 
 
 def _read_secret(secrets_dir: Path, *names: str) -> str | None:
@@ -132,7 +158,9 @@ def script_path(name: str, scripts_dir: Path) -> Path:
     raise ModelConfigError(f"scripted model {name!r}: no file {' or '.join(candidates)} in the scripts directory {scripts_dir}")
 
 
-def load_model(spec: str, *, secrets_dir: Path, scripts_dir: Path = EXAMPLES_DIR, timeout_seconds: float = 300) -> Model:
+def load_model(spec: str, *, secrets_dir: Path, scripts_dir: Path = EXAMPLES_DIR, timeout_seconds: float = 300,
+               gateway: str | None = None) -> Model:
+    """The model of `spec`; LangChain models talk to the model gateway at `gateway` (its base URL)."""
     provider, sep, name = spec.partition(":")
     if not sep or not name:
         raise ModelConfigError(f"model {spec!r} must look like 'provider:model', e.g. 'scripted:example' or 'openai:gpt-4o'")
@@ -148,24 +176,21 @@ def load_model(spec: str, *, secrets_dir: Path, scripts_dir: Path = EXAMPLES_DIR
             f"model {spec!r} needs the LangChain provider extras: install dockyard[openai] or dockyard[anthropic]"
         ) from None
 
-    api_key = _read_secret(secrets_dir, f"model/{provider}_api_key", "model/api_key")
-    base_url = _read_secret(secrets_dir, "model/base_url")
-    kwargs: dict = {"timeout": timeout_seconds, "max_retries": 2}
-    if provider in OPENAI_COMPATIBLE:
-        base_url = base_url or OPENAI_COMPATIBLE[provider]
-        if not base_url:
-            raise ModelConfigError(f"model {spec!r} needs a base URL in {secrets_dir}/model/base_url")
-        kwargs.update(model_provider="openai", base_url=base_url, api_key=api_key or "unused")
-    elif provider in ("openai", "anthropic"):
-        if not api_key:
-            raise ModelConfigError(f"model {spec!r} needs an API key in {secrets_dir}/model/api_key")
-        kwargs.update(model_provider=provider, api_key=api_key)
-        if base_url:
-            kwargs["base_url"] = base_url
-    else:
+    if provider not in PROVIDERS:
         raise ModelConfigError(
-            f"model provider {provider!r} is not supported; use scripted, openai, anthropic, ollama, vllm or openai-compatible"
+            f"model provider {provider!r} is not supported; use scripted, {', '.join(PROVIDERS)}"
         )
+    if not gateway:
+        raise ModelConfigError(
+            f"model {spec!r} needs the model gateway (the agent holds no model key): run the agent with "
+            "--model-gateway URL (dockyard dev and the Job pass it)")
+    token = _read_secret(secrets_dir, contract.GATEWAY_TOKEN_FILE) or POD_TOKEN
+    gateway = gateway.rstrip("/")
+    kwargs: dict = {"timeout": timeout_seconds, "max_retries": 2, "api_key": token}
+    if provider == "anthropic":
+        kwargs.update(model_provider="anthropic", base_url=f"{gateway}/anthropic")
+    else:
+        kwargs.update(model_provider="openai", base_url=f"{gateway}/{provider}/v1")
     try:
         chat = init_chat_model(name, **kwargs)
     except ImportError as exc:

@@ -66,6 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="where commands run: bwrap (a bubblewrap sandbox, dockyard dev), container (the pod), unsafe-host (dockyard dev --unsafe-no-sandbox) [DOCKYARD_SANDBOX]")
     parser.add_argument("--egress-socket", default=env_default("EGRESS_SOCKET"), help="with --sandbox bwrap: the egress proxy's Unix socket; none: no network [DOCKYARD_EGRESS_SOCKET]")
     parser.add_argument("--secrets-dir", default=env_default("SECRETS_DIR", contract.SECRETS_DIR), help="directory of secret files [DOCKYARD_SECRETS_DIR]")
+    parser.add_argument("--model-gateway", default=env_default("MODEL_GATEWAY"), help="base URL of the model gateway, which holds the model key [DOCKYARD_MODEL_GATEWAY]")
     parser.add_argument("--scripts-dir", default=env_default("SCRIPTS_DIR"), help="directory of scripted:NAME model scripts; default the bundled examples [DOCKYARD_SCRIPTS_DIR]")
     allow_file = env_default("ALLOW_FILE_REPOS", "").strip().lower() in ("1", "true", "yes")
     parser.add_argument("--allow-file-repos", action="store_true", default=allow_file, help="clone file:// repositories (one machine only) [DOCKYARD_ALLOW_FILE_REPOS]")
@@ -170,12 +171,12 @@ def permanent_git_failure(stderr: str) -> str | None:
     return None
 
 
-def _load_model(spec: str, secrets_dir: Path, scripts_dir: str | None):
+def _load_model(spec: str, secrets_dir: Path, scripts_dir: str | None, gateway: str | None = None):
     """The model for `spec`; a configuration that cannot work is fatal (no retry)."""
     from agent.models import EXAMPLES_DIR, ModelConfigError, load_model
 
     try:
-        return load_model(spec, secrets_dir=secrets_dir, scripts_dir=Path(scripts_dir) if scripts_dir else EXAMPLES_DIR)
+        return load_model(spec, secrets_dir=secrets_dir, scripts_dir=Path(scripts_dir) if scripts_dir else EXAMPLES_DIR, gateway=gateway)
     except ModelConfigError as exc:
         raise FatalError(str(exc)) from None
 
@@ -303,7 +304,7 @@ class Run:
         deadline_seconds = int(args.deadline_seconds or (task.get("limits") or {}).get("deadline_seconds") or 3600)
         home = Path(args.home)
         home.mkdir(parents=True, exist_ok=True)
-        model = _load_model(model_spec, Path(args.secrets_dir), args.scripts_dir)
+        model = _load_model(model_spec, Path(args.secrets_dir), args.scripts_dir, args.model_gateway)
 
         proxy_env = {k: v for k, v in os.environ.items() if k.lower() in ("http_proxy", "https_proxy", "no_proxy")}
         tools = WorkTools(self.workspace, home, proxy_env=proxy_env, sandbox=self._sandbox(home))

@@ -1,6 +1,6 @@
 # syntax=docker/dockerfile:1
-# The agent image: one image, three containers of an agent Job
-#   python -m agent restore | snapshotter | run
+# The agent image: one image, the four containers of an agent Job
+#   python -m agent restore | snapshotter | run, and python -m gateway (the model gateway sidecar)
 # Build from the repository root:
 #   docker build -f images/agent.Dockerfile -t dev.local/dockyard-agent:0.1.0 .
 #
@@ -36,6 +36,7 @@ RUN python -m pip install --no-cache-dir --disable-pip-version-check "uv==${UV_V
 # The code last: a code change rebuilds only this layer.
 COPY agent /app/agent
 COPY functions /app/functions
+COPY gateway /app/gateway
 RUN python -m compileall -q /app
 
 ENV PYTHONPATH=/app \

@@ -31,6 +31,7 @@ RUN python -m pip install --no-cache-dir --disable-pip-version-check "uv==${UV_V
 
 COPY agent /app/agent
 COPY functions /app/functions
+COPY gateway /app/gateway
 RUN python -m compileall -q /app
 
 # HOME=/tmp: gunicorn creates its control socket under $HOME/.gunicorn.

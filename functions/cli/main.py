@@ -95,6 +95,8 @@ def _register_submit(sub) -> None:
     p.add_argument("--ref", help="branch, tag or commit of --repo")
     p.add_argument("--deadline", type=int, help="limits.deadline_seconds")
     p.add_argument("--retries", type=int, help="limits.retries")
+    p.add_argument("--max-tokens", type=int, help="limits.max_tokens: the model gateway refuses calls past this many tokens")
+    p.add_argument("--max-cost-usd", type=float, help="limits.max_cost_usd: ... or past this estimated cost")
     p.add_argument("-f", "--follow", action="store_true", help="then follow the task's trace until it ends")
     _add_url(p)
     p.set_defaults(run=_run_submit)
@@ -110,7 +112,8 @@ def _run_submit(args) -> int:
         data["repo"] = {"url": args.repo, **({"ref": args.ref} if args.ref else {})}
     elif args.ref:
         raise CommandError("--ref needs --repo", EXIT_BAD_INPUT)
-    limits = {k: v for k, v in (("deadline_seconds", args.deadline), ("retries", args.retries)) if v is not None}
+    chosen = (("deadline_seconds", args.deadline), ("retries", args.retries), ("max_tokens", args.max_tokens), ("max_cost_usd", args.max_cost_usd))
+    limits = {k: v for k, v in chosen if v is not None}
     if limits:
         data["limits"] = limits
     token = _token(args)
@@ -152,11 +155,22 @@ def _register_tasks(sub) -> None:
 
 
 def format_tasks(records: list[dict]) -> str:
-    columns = ("task_id", "state", "phase", "outcome", "attempts", "created_at")
-    rows = [[("" if r.get(c) is None else str(r.get(c))) for c in columns] for r in records]
+    columns = ("task_id", "state", "phase", "outcome", "attempts", "tokens", "cost", "created_at")
+    rows = [[_cell(r, c) for c in columns] for r in records]
     header = [c.upper().replace("_", " ") for c in ("task", *columns[1:])]
     widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(header)]
     return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in [header, *rows])
+
+
+def _cell(record: dict, column: str) -> str:
+    """A column of `dockyard tasks`; tokens and cost are the model gateway's totals (none for a scripted model)."""
+    usage = record.get("usage") or {}
+    if column == "tokens":
+        return f"{usage['tokens']:,}" if isinstance(usage.get("tokens"), int) else ""
+    if column == "cost":
+        return f"${usage['cost_usd']:.4f}" if isinstance(usage.get("cost_usd"), (int, float)) and usage.get("cost_usd") else ""
+    value = record.get(column)
+    return "" if value is None else str(value)
 
 
 def _run_tasks(args) -> int:

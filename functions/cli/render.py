@@ -137,6 +137,19 @@ def _warning(data: dict) -> str:
     return f"! warning: {_one_line(str(text))}"
 
 
+def _usage(data: dict) -> str:
+    """A model call as the model gateway counted it, with the task's running totals."""
+    totals = data.get("totals") if isinstance(data.get("totals"), dict) else {}
+    if data.get("refused"):
+        return f"! model gateway refused a call: {_one_line(str(data['refused']))}"
+    cached = f" ({data.get('cached_tokens')} cached)" if data.get("cached_tokens") else ""
+    cost = f", ${data.get('cost_usd'):.4f}" if isinstance(data.get("cost_usd"), (int, float)) and data.get("cost_usd") else ""
+    seconds = data.get("latency_ms") / 1000 if isinstance(data.get("latency_ms"), (int, float)) else 0.0
+    task = f"; task {totals.get('tokens')} tokens" if totals.get("tokens") is not None else ""
+    return (f"usage: {_one_line(str(data.get('model') or '?'), 40)} {data.get('input_tokens', 0)} in{cached} / "
+            f"{data.get('output_tokens', 0)} out, {seconds:.1f}s{cost}{task}")
+
+
 def _log(data: dict) -> str:
     ts = str(data.get("ts") or "")
     clock = ts[11:19] if len(ts) >= 19 else ts
@@ -156,6 +169,7 @@ _RENDERERS = {
     contract.EV_RESULT: _result,
     contract.EV_MESSAGE: _message,
     contract.EV_WARNING: _warning,
+    contract.EV_USAGE: _usage,
 }
 
 

@@ -11,7 +11,10 @@ Invariants
   escalation, every capability dropped, seccomp RuntimeDefault, read-only root filesystem;
   the only writable places are the workspace PVC and the emptyDirs `/home/agent` and `/tmp`.
 - A secret is mounted only into the container that needs it (object-store credentials into
-  restore and snapshotter, the model key into the agent), as files, never as env.
+  restore and snapshotter, the model key into the `gateway` sidecar only), as files, never as env.
+  The agent container mounts no model secret: it reaches the model through the gateway on the
+  pod's loopback (`DOCKYARD_MODEL_GATEWAY`), which adds the key, counts the task's tokens and
+  refuses calls past `limits.max_tokens` / `limits.max_cost_usd`.
 - The PVC is created after the Job and owned by it (the Job's UID), so deleting the Job
   (propagation Background) or its TTL removes the workspace too.
 - NATS credentials: with an account signing key in the settings (`nats_account`,
@@ -19,7 +22,7 @@ Invariants
   (functions.core.nats_jwt.task_permissions: the task's own subjects only). The launcher
   mints them and puts them in the Secret `agent-<id>` (`render_nats_secret`), owned by the
   Job like the PVC; each container mounts only its own key of it (`agent.creds`,
-  `snapshotter.creds`) and gets `--nats-creds`. Restore never talks to NATS and gets none.
+  `snapshotter.creds`, `gateway.creds`) and gets `--nats-creds`. Restore never talks to NATS and gets none.
   Without a signing key: no Secret, no flag.
 """
 
@@ -41,16 +44,18 @@ AGENT_USER = 1000  # the agent image's user and group
 CONTAINER_RESTORE = "restore"
 CONTAINER_SNAPSHOTTER = "snapshotter"
 CONTAINER_AGENT = "agent"
+CONTAINER_GATEWAY = "gateway"
 # The containers that talk to NATS, each as its own user (the roles of nats_jwt.TASK_ROLES); restore does not.
-NATS_ROLES = (CONTAINER_AGENT, CONTAINER_SNAPSHOTTER)
+NATS_ROLES = (CONTAINER_AGENT, CONTAINER_SNAPSHOTTER, CONTAINER_GATEWAY)
 
-# Where the secrets are mounted: agent/storage.py reads <secrets>/s3/*, agent/models.py <secrets>/model/*.
+# Where the secrets are mounted: agent/storage.py reads <secrets>/s3/*, the gateway <secrets>/model/*.
 S3_SECRETS_DIR = f"{contract.SECRETS_DIR}/s3"
 MODEL_SECRETS_DIR = f"{contract.SECRETS_DIR}/model"
 # <secrets>/nats/<role>.creds: inside the secrets dir, so the agent's redactor knows the values.
 NATS_SECRETS_DIR = f"{contract.SECRETS_DIR}/nats"
 NATS_CREDS_PLACEHOLDER = "minted at launch: a user JWT and nkey seed allowed only this task's subjects"
 TASK_DIR = os.path.dirname(contract.TASK_FILE)
+GATEWAY_URL = f"http://127.0.0.1:{contract.MODEL_GATEWAY_PORT}"
 
 
 # --- rendering -------------------------------------------------------------------
@@ -240,7 +245,7 @@ def _pod_spec(task: Task, settings: Settings) -> dict:
             "fsGroupChangePolicy": "OnRootMismatch",
             "seccompProfile": {"type": "RuntimeDefault"},
         },
-        "initContainers": [_restore(task, settings), _snapshotter(task, settings)],
+        "initContainers": [_restore(task, settings), _snapshotter(task, settings), _gateway(task, settings)],
         "containers": [_agent(task, settings)],
         "volumes": volumes,
     }
@@ -356,18 +361,14 @@ def _agent(task: Task, settings: Settings) -> dict:
         "DOCKYARD_HOME_DIR": contract.HOME_DIR,
         "PYTHONUSERBASE": contract.PYTHONUSERBASE,
         "PATH": f"{contract.PYTHONUSERBASE}/bin:{settings.image_path}",
+        "DOCKYARD_MODEL_GATEWAY": GATEWAY_URL,
+        **_proxy_env(settings),
     }
-    if settings.egress_proxy:
-        no_proxy = ",".join(no_proxy_hosts(settings))
-        for name in ("HTTP_PROXY", "HTTPS_PROXY"):
-            env[name] = env[name.lower()] = settings.egress_proxy
-        env["NO_PROXY"] = env["no_proxy"] = no_proxy
     mounts = [
         _mount("workspace", contract.WORKSPACE_MOUNT),
         _mount("home", contract.HOME_DIR),
         _mount("tmp", "/tmp"),
         _mount("task", TASK_DIR, True),
-        _mount("model-credentials", MODEL_SECRETS_DIR, True),
         *_nats_mounts(settings, CONTAINER_AGENT),
     ]
     container = _container(CONTAINER_AGENT, settings, args, _env(**env), mounts, settings.agent_resources)
@@ -385,6 +386,51 @@ def _agent(task: Task, settings: Settings) -> dict:
     return container
 
 
+def _proxy_env(settings: Settings) -> dict[str, str]:
+    """HTTP(S)_PROXY to the egress proxy, and NO_PROXY (the gateway's loopback among it)."""
+    if not settings.egress_proxy:
+        return {}
+    env = {}
+    for name in ("HTTP_PROXY", "HTTPS_PROXY"):
+        env[name] = env[name.lower()] = settings.egress_proxy
+    env["NO_PROXY"] = env["no_proxy"] = ",".join(no_proxy_hosts(settings))
+    return env
+
+
+def _gateway(task: Task, settings: Settings) -> dict:
+    """The model gateway, a native sidecar: the only container that mounts the model Secret. It serves the
+    providers' APIs on the pod's loopback, to the agent only (no Service, no port), and reaches the provider
+    through the egress proxy. It publishes usage events as its own NATS user (the task's own subjects)."""
+    args = [
+        "--listen", f"127.0.0.1:{contract.MODEL_GATEWAY_PORT}",
+        "--secrets-dir", MODEL_SECRETS_DIR,
+        "--task-id", task.task_id,
+        "--nats", settings.nats_url,
+    ]  # fmt: skip
+    if mints_nats_credentials(settings):
+        args += ["--nats-creds", nats_creds_path(CONTAINER_GATEWAY)]
+    if task.limits.max_tokens is not None:
+        args += ["--max-tokens", str(task.limits.max_tokens)]
+    if task.limits.max_cost_usd is not None:
+        args += ["--max-cost-usd", repr(task.limits.max_cost_usd)]
+    if settings.model_prices:
+        args += ["--prices", settings.model_prices]
+    env = {"HOME": "/tmp", "PYTHONUNBUFFERED": "1", "PYTHONDONTWRITEBYTECODE": "1", **_proxy_env(settings)}
+    mounts = [_mount("model-credentials", MODEL_SECRETS_DIR, True), *_nats_mounts(settings, CONTAINER_GATEWAY)]
+    container = _container(CONTAINER_GATEWAY, settings, args, _env(**env), mounts, settings.sidecar_resources)
+    container["command"] = ["python", "-m", "gateway"]
+    container["restartPolicy"] = "Always"  # a native sidecar: up before the agent starts, stopped after it
+    # The agent starts once this passes: its first model call finds the gateway listening.
+    url = f"{GATEWAY_URL}/healthz"
+    container["startupProbe"] = {
+        "exec": {"command": ["python", "-I", "-S", "-c", f"import urllib.request as u; u.urlopen({url!r}, timeout=2)"]},
+        "periodSeconds": 1,
+        "failureThreshold": 60,
+        "timeoutSeconds": 3,
+    }
+    return container
+
+
 def heartbeat_probe_command(stale_seconds: int) -> list[str]:
     """Fails when the heartbeat file is older than `stale_seconds`. No file yet (the agent has not
     reached its loop) passes. Python is the one tool the agent image surely has; -I -S keep it fast."""
@@ -397,8 +443,10 @@ def heartbeat_probe_command(stale_seconds: int) -> list[str]:
 
 
 def no_proxy_hosts(settings: Settings) -> list[str]:
-    """NO_PROXY: the configured entries plus the NATS and object-store hosts, without duplicates."""
+    """NO_PROXY: the configured entries plus the NATS and object-store hosts and the gateway's loopback, without duplicates."""
     hosts = list(settings.no_proxy)
+    if "127.0.0.1" not in hosts:
+        hosts.append("127.0.0.1")
     for url in (settings.nats_url, settings.s3_endpoint):
         host = urlsplit(url).hostname if url else None
         if host and host not in hosts:

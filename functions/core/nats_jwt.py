@@ -32,7 +32,7 @@ import nkeys
 from agent import contract
 
 UNLIMITED = -1
-TASK_ROLES = ("agent", "snapshotter")
+TASK_ROLES = ("agent", "snapshotter", "gateway")  # gateway: the model gateway sidecar publishes usage events
 CREDENTIALS_MARGIN_SECONDS = 3600  # a task's NATS users expire this long after its deadline
 _HEADER = {"typ": "JWT", "alg": "ed25519-nkey"}
 

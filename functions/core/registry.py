@@ -46,6 +46,7 @@ class TaskRecord(TypedDict):
     last_snapshot_at: NotRequired[str]  # snapshot_due: the last good snapshot
     last_snapshot_key: NotRequired[str | None]
     cancel_requested_at: NotRequired[str]  # task_command
+    usage: NotRequired[dict]  # the tracker: the model gateway's usage events summed (calls, tokens, cost_usd, ...)
 
 
 def new_record(task_id: str, *, task: dict | None, spec_hash: str | None, now: str) -> TaskRecord:

@@ -34,10 +34,10 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal, Mapping
 from urllib.parse import urlsplit, urlunsplit
 
 from pydantic import AfterValidator, Field, ValidationError, field_validator, model_validator
-from pydantic_settings import BaseSettings, EnvSettingsSource, NoDecode, SettingsConfigDict
-from pydantic_settings.sources.utils import parse_env_vars
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from agent import contract
+from functions.core.settings_source import Variables, settings_error
 from functions.core.task import LimitsPolicy, parse_task
 from functions.errors import BadInput, SettingsError
 
@@ -151,6 +151,11 @@ class Settings(BaseSettings):
     max_retries: int = _setting(_LIMITS.max_retries, "the most retries a task may ask for", "task_submitted", ge=0)
     default_storage: str = _setting(_LIMITS.default_storage, "workspace size of a task that sets none", "task_submitted")
     max_storage_gi: int = _setting(_LIMITS.max_storage_gi, "the largest workspace a task may ask for, in Gi", "task_submitted", ge=1)
+    default_max_tokens: int = _setting(0, "token budget (`limits.max_tokens`) of a task that sets none; 0: none", "task_submitted", ge=0)
+    max_max_tokens: int = _setting(_LIMITS.max_max_tokens, "the largest `limits.max_tokens` a task may ask for", "task_submitted", ge=1)
+    model_prices: str = _setting("", "the model gateway's price table, USD per million tokens: `model=input/output[/cached input]`, comma-separated, "
+                                 "longest model prefix wins (e.g. `gpt-4o=2.5/10/1.25,claude-sonnet-4=3/15/0.3`); unknown models cost 0",
+                                 "model gateway (usage events, `limits.max_cost_usd`)")
 
     allow_file_repos: bool = _setting(
         False, "accept `file://` repositories (one machine only: `dockyard dev --allow-file-repos`; never with `kubernetes`)",
@@ -244,13 +249,13 @@ class Settings(BaseSettings):
         try:
             super().__init__(**values)
         except ValidationError as exc:
-            raise _settings_error(type(self), exc) from None
+            raise settings_error(type(self), exc, mask_url) from None
         self._check_together()
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> "Settings":
         """The settings from `DOCKYARD_*` variables in `env` (default: the process environment)."""
-        return cls(**_Variables(cls, os.environ if env is None else env)())
+        return cls(**Variables(cls, os.environ if env is None else env)())
 
     def updated(self, values: Mapping[str, Any], source: str = "settings") -> "Settings":
         """A copy with `values` (field name -> value, as from a YAML settings file) applied and validated.
@@ -301,6 +306,14 @@ class Settings(BaseSettings):
             return tuple(str(item).strip() for item in value if str(item).strip())
         return value
 
+    @field_validator("model_prices")
+    @classmethod
+    def _prices(cls, value: str) -> str:
+        from gateway.usage import parse_prices  # the gateway's own parser: one grammar
+
+        parse_prices(value)
+        return value
+
     @field_validator("default_model")
     @classmethod
     def _model(cls, value: str) -> str:
@@ -344,6 +357,9 @@ class Settings(BaseSettings):
             raise SettingsError(
                 f"{var('default_retries')}={self.default_retries} is above {var('max_retries')}={self.max_retries}",
                 var("default_retries"))
+        if self.default_max_tokens > self.max_max_tokens:
+            raise SettingsError(f"{var('default_max_tokens')}={self.default_max_tokens} is above {var('max_max_tokens')}={self.max_max_tokens}",
+                                var("default_max_tokens"))
         if self.allow_file_repos and self.runtime == "kubernetes":
             raise SettingsError(
                 f"{var('allow_file_repos')}=true: file:// repositories are for one machine (`dockyard dev`), "
@@ -366,6 +382,8 @@ class Settings(BaseSettings):
             max_retries=self.max_retries,
             default_storage=self.default_storage,
             max_storage_gi=self.max_storage_gi,
+            default_max_tokens=self.default_max_tokens or None,
+            max_max_tokens=self.max_max_tokens,
         )
 
     @property
@@ -417,43 +435,6 @@ class Settings(BaseSettings):
                 value = "***"
             lines.append(f"{name} = {value}")
         return "\n".join(lines)
-
-
-class _Variables(EnvSettingsSource):
-    """pydantic-settings' environment source over a given mapping, with our rule for blank values."""
-
-    def __init__(self, settings_cls: type[Settings], env: Mapping[str, str]):
-        self._mapping = env
-        super().__init__(settings_cls)
-
-    def _load_env_vars(self) -> Mapping[str, str | None]:
-        return parse_env_vars(self._mapping, self.case_sensitive, self.env_ignore_empty, self.env_parse_none_str)
-
-    def get_field_value(self, field, field_name: str):
-        value, key, is_complex = super().get_field_value(field, field_name)
-        if isinstance(value, str):
-            value = value.strip()
-            if not value and not field.json_schema_extra["blank"]:
-                value = None  # blank keeps the default
-        return value, key, is_complex
-
-
-def _settings_error(cls: type[Settings], exc: ValidationError) -> SettingsError:
-    """Every problem as `DOCKYARD_X='value': why` (URL passwords masked); `field` is the first variable at fault."""
-    by_key = {**{name: name for name in cls.model_fields}, **{cls.variable(n): n for n in cls.model_fields}}
-    messages, first = [], None
-    for error in exc.errors():
-        why = error["msg"].removeprefix("Value error, ")
-        name = by_key.get(str(error["loc"][0])) if error["loc"] else None
-        if name is None:
-            messages.append(f"{'.'.join(map(str, error['loc']))}: {why}" if error["loc"] else why)
-            continue
-        value = error.get("input")
-        if isinstance(value, str) and cls.model_fields[name].json_schema_extra["url"]:
-            value = mask_url(value)
-        messages.append(f"{cls.variable(name)}={value!r}: {why}")
-        first = first or cls.variable(name)
-    return SettingsError("; ".join(messages), first)
 
 
 # --- the README's configuration table ------------------------------------------------------

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from dataclasses import dataclass, field
 from urllib.parse import urlparse
 
@@ -16,6 +17,7 @@ from functions.errors import BadInput
 
 MAX_PROMPT_BYTES = 64 * 1024
 REPO_SCHEMES = ("https", "ssh", "file")  # file: only with allow_file_repos
+MAX_COST_USD = 100_000.0  # limits.max_cost_usd: a number, not a typo of a few more zeros
 
 
 @dataclass(frozen=True)
@@ -23,6 +25,8 @@ class Limits:
     deadline_seconds: int
     retries: int
     storage: str
+    max_tokens: int | None = None  # the model gateway refuses calls once the task used this many tokens
+    max_cost_usd: float | None = None  # ... or spent this much (estimated from the price table)
 
 
 @dataclass(frozen=True)
@@ -35,6 +39,8 @@ class LimitsPolicy:
     max_retries: int = 10
     default_storage: str = "5Gi"
     max_storage_gi: int = 100
+    default_max_tokens: int | None = None  # None: no token budget unless the task sets one
+    max_max_tokens: int = 1_000_000_000
 
 
 @dataclass(frozen=True)
@@ -56,6 +62,11 @@ class Task:
                 "storage": self.limits.storage,
             },
         }
+        # Only when set: the spec hash of a task without them stays what it was.
+        if self.limits.max_tokens is not None:
+            data["limits"]["max_tokens"] = self.limits.max_tokens
+        if self.limits.max_cost_usd is not None:
+            data["limits"]["max_cost_usd"] = self.limits.max_cost_usd
         if self.repo:
             data["repo"] = dict(self.repo)
         if self.model:
@@ -176,7 +187,7 @@ def _limits(limits: object, policy: LimitsPolicy) -> Limits:
     if limits is None:
         limits = {}
     if not isinstance(limits, dict):
-        raise BadInput("limits must be an object {deadline_seconds?, retries?, storage?}", "limits")
+        raise BadInput("limits must be an object {deadline_seconds?, retries?, storage?, max_tokens?, max_cost_usd?}", "limits")
     deadline = _int_field(limits, "deadline_seconds", policy.default_deadline_seconds, policy.max_deadline_seconds, 1)
     retries = _int_field(limits, "retries", policy.default_retries, policy.max_retries, 0)
     storage = limits.get("storage", policy.default_storage)
@@ -184,4 +195,15 @@ def _limits(limits: object, policy: LimitsPolicy) -> Limits:
         raise BadInput("limits.storage must be a string like '5Gi'", "limits.storage")
     if _storage_gi(storage) > policy.max_storage_gi:
         raise BadInput(f"limits.storage must be at most {policy.max_storage_gi}Gi", "limits.storage")
-    return Limits(deadline_seconds=deadline, retries=retries, storage=storage)
+    max_tokens = policy.default_max_tokens
+    if limits.get("max_tokens") is not None:
+        max_tokens = _int_field(limits, "max_tokens", 0, policy.max_max_tokens, 1)
+    return Limits(deadline_seconds=deadline, retries=retries, storage=storage, max_tokens=max_tokens, max_cost_usd=_cost(limits.get("max_cost_usd")))
+
+
+def _cost(value: object) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or not 0 < value <= MAX_COST_USD:
+        raise BadInput(f"limits.max_cost_usd must be a number of US dollars above 0 and at most {MAX_COST_USD:g}", "limits.max_cost_usd")
+    return float(value)

@@ -4,7 +4,8 @@ Invariants:
 - It reads `events.agent.>` through one durable JetStream consumer, so a restart
   continues after the last acknowledged event. A message is acknowledged only
   after the registry holds its effect.
-- Forward-only: a finished record is never changed again, and an event is
+- Forward-only: a finished record is never changed again (but for its `usage`: the model gateway
+  publishes from its own process, so its last event may land after the agent's end), and an event is
   applied only if its stream sequence is above the record's `events_seq`. A
   redelivered event therefore changes nothing, so `attempts` (the count of
   started/resumed events) is not counted twice. Events of one task arrive in
@@ -27,7 +28,8 @@ from functions.core.registry import TaskRecord
 log = logging.getLogger(__name__)
 
 DURABLE = "dockyard-tracker"
-TRACKED = (contract.EV_STATUS, contract.EV_PHASE)
+TRACKED = (contract.EV_STATUS, contract.EV_PHASE, contract.EV_USAGE)
+USAGE_COUNTS = ("input_tokens", "output_tokens", "cached_tokens", "tokens")
 STATES = (
     contract.STATE_QUEUED,
     contract.STATE_STARTED,
@@ -41,13 +43,17 @@ APPLY_ATTEMPTS = 5  # registry failures for one event before it is left to redel
 
 def apply_event(record: TaskRecord, event: dict, seq: int, *, now: str | None = None) -> TaskRecord | None:
     """The record after `event` (stream sequence `seq`), or None when it changes nothing."""
-    if record.get("state") in contract.TERMINAL_STATES or seq <= (record.get("events_seq") or 0):
+    kind = event.get("type")
+    if seq <= (record.get("events_seq") or 0):
+        return None
+    if record.get("state") in contract.TERMINAL_STATES and kind != contract.EV_USAGE:
         return None
     updated = {**record, "events_seq": seq}
-    kind = event.get("type")
     if kind == contract.EV_PHASE:
         if isinstance(event.get("phase"), str):
             updated["phase"] = event["phase"]
+    elif kind == contract.EV_USAGE:
+        updated["usage"] = add_usage(record.get("usage"), event)
     elif kind == contract.EV_STATUS:
         state = event.get("state")
         if state not in STATES:
@@ -61,6 +67,24 @@ def apply_event(record: TaskRecord, event: dict, seq: int, *, now: str | None = 
                 updated["reason"] = event["reason"]
     updated["updated_at"] = now or contract.iso_utc()
     return updated
+
+
+def add_usage(totals: dict | None, event: dict) -> dict:
+    """The task's usage after one `usage` event of the model gateway: each call's own counts are summed
+    (not the gateway's running totals, which start again in a retried pod's new gateway)."""
+    totals = dict(totals or {"calls": 0, "refused": 0, "cost_usd": 0.0, **{name: 0 for name in USAGE_COUNTS}})
+    if event.get("refused"):
+        totals["refused"] = totals.get("refused", 0) + 1
+        return totals
+    totals["calls"] = totals.get("calls", 0) + 1
+    for name in USAGE_COUNTS:
+        value = event.get(name)
+        if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+            totals[name] = totals.get(name, 0) + value
+    cost = event.get("cost_usd")
+    if isinstance(cost, (int, float)) and not isinstance(cost, bool) and 0 <= cost < float("inf"):
+        totals["cost_usd"] = round(totals.get("cost_usd", 0.0) + cost, 6)
+    return totals
 
 
 def _task_id(subject: str) -> str:

@@ -5,6 +5,7 @@
     functions                   task_submitted, job_finished, snapshot_due, task_command, in-process
     PingSource                  a timer posting the ping event to the broker on the manifest's schedule
     runtime                     LocalRuntime: restore, snapshotter and agent as child processes
+    model gateway               one `python -m gateway` child holding the model key; each task has its own token
     NATS                        an embedded nats-server (unless --nats), store under the data dir
     egress proxy                Squid with the cluster's config, bridged into each command's
                                 bubblewrap sandbox (functions/devstack/egress_proxy.py, agent/sandbox.py)
@@ -80,6 +81,7 @@ def create_dev_app(
     from functions.stream import app as stream
     from functions.stream.auth import HostGuard, TokenAuth, Tokens
     from functions.devstack.broker import Broker, PingTimer, local_targets, ping_from_manifests
+    from functions.devstack.model_gateway import DevGateway
     from functions.handlers import HANDLERS
     from functions.handlers.context import Context
     from functions.runtime import make_runtime
@@ -94,12 +96,15 @@ def create_dev_app(
 
     secrets_dir = Path(settings.data_dir) / "secrets"
     secrets_dir.mkdir(parents=True, exist_ok=True)
+    gateway = DevGateway(Path(settings.data_dir), nats_url=settings.nats_url, nats_creds=settings.nats_creds, prices=settings.model_prices)
     runtime = make_runtime(
         settings,
         emit_job_event=broker.emit,  # the local ApiServerSource: a finished Job goes through the broker
         agent_cmd=agent_cmd,
         default_model=default_model,
         secrets_dir=str(secrets_dir),
+        model_gateway=gateway.url,
+        gateway_grants=gateway.grants_dir,
         **(runtime_options or {}),
     )
     # The stream redacts what the agents know as secrets (their secrets dir) unless told otherwise.
@@ -110,6 +115,7 @@ def create_dev_app(
     @asynccontextmanager
     async def lifespan(app):
         async with stream_app.router.lifespan_context(stream_app):  # the tracker; closes NATS last
+            gateway.start()
             connection = await bus.connect(settings)
             holder["ctx"] = Context(settings, connection, runtime)
             unfinished = [r for r in await connection.registry.list() if r.get("state") not in contract.TERMINAL_STATES]
@@ -120,6 +126,7 @@ def create_dev_app(
             finally:
                 await ping.stop()
                 await runtime.close()
+                gateway.stop()
 
     app = Starlette(
         routes=[
@@ -134,6 +141,7 @@ def create_dev_app(
     )
     app.state.runtime = runtime
     app.state.broker = broker
+    app.state.gateway = gateway
     return app
 
 
@@ -223,6 +231,7 @@ def _serve(args, data_dir: Path, proxy, agent_env: dict[str, str]) -> int:
         sandbox = "none (--unsafe-no-sandbox)" if proxy is None else f"bubblewrap; egress through Squid on 127.0.0.1:{proxy.port} ({proxy.log})"
         print(f"  sandbox   {sandbox}", flush=True)
         print(f"  cockpit   {url}/?token={token}", flush=True)
+        print(f"  models    {app.state.gateway.url} (the model gateway; key files in {app.state.gateway.secrets_dir})", flush=True)
         config = uvicorn.Config(
             app,
             host=args.host,

@@ -88,6 +88,32 @@ def test_strategic_budget_ends_with_a_clear_outcome(tmp_path):
     assert "3 strategic rounds" in values["summary"]
 
 
+@pytest.mark.parametrize("refused_turn", [0, 1, 3])  # strategic, tactical, tactical after a tool call
+def test_a_gateway_budget_refusal_ends_the_run_with_budget_exhausted_naming_the_limit(tmp_path, refused_turn):
+    from agent.models import BudgetExhausted
+
+    turns = [
+        {"tool_calls": [{"name": "plan", "args": {"todos": ["a"], "objective": "work"}}]},
+        {"tool_calls": [{"name": "list_dir", "args": {"path": "."}}]},
+        {"tool_calls": [{"name": "list_dir", "args": {"path": "."}}]},
+        {"content": "never reached"},
+    ]
+    deps, _ = make_deps(tmp_path, turns)
+    scripted = deps.model
+
+    class Gateway:
+        def invoke(self, phase, messages, tools, turn):
+            if turn >= refused_turn:
+                raise BudgetExhausted("the task's token budget is spent: limits.max_tokens = 100, 120 tokens used")
+            return scripted.invoke(phase, messages, tools, turn)
+
+    deps.model = Gateway()
+    values = run(build_graph(deps, checkpointer=open_saver(tmp_path / "c.db")), {"configurable": {"thread_id": "t"}}, initial_state("p"))
+    assert values["outcome"] == contract.OUTCOME_BUDGET
+    assert values["summary"] == "stopped: the task's token budget is spent: limits.max_tokens = 100, 120 tokens used"
+    assert values["model_turns"] == refused_turn
+
+
 def test_tool_budget_returns_to_strategic_phase(tmp_path):
     call = {"tool_calls": [{"name": "list_dir", "args": {"path": "."}}]}
     turns = [
@@ -155,6 +181,6 @@ def test_bad_model_specs_are_config_errors(tmp_path, spec, message):
         load_model(spec, secrets_dir=tmp_path)
 
 
-def test_openai_without_key_names_the_secret_file(tmp_path):
-    with pytest.raises(ModelConfigError, match="model/api_key"):
+def test_openai_without_the_gateway_names_the_flag(tmp_path):
+    with pytest.raises(ModelConfigError, match="--model-gateway"):
         load_model("openai:gpt-4o", secrets_dir=tmp_path)

@@ -9,6 +9,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 from langchain_core.messages import HumanMessage
 
+from agent import contract
 from agent.graph import CONTROL_TOOLS
 from agent.models import ModelConfigError, load_model
 
@@ -58,33 +59,36 @@ def openai_server():
     server.shutdown()
 
 
-def secrets(tmp_path, base_url: str, key: str = "sk-test-key-123456"):
-    (tmp_path / "model").mkdir()
-    (tmp_path / "model" / "api_key").write_text(key + "\n")
-    (tmp_path / "model" / "base_url").write_text(base_url + "\n")
+def gateway_of(openai_server: str) -> str:
+    """The fake server stands in for the model gateway: it sees what the agent sends to it."""
+    return openai_server.removesuffix("/v1")
+
+
+def secrets(tmp_path, token: str = "dyg.t1.task-token-123456"):
+    (tmp_path / contract.GATEWAY_TOKEN_FILE).write_text(token + "\n")
     return tmp_path
 
 
-def test_openai_compatible_endpoint_returns_tool_calls(tmp_path, openai_server):
-    model = load_model("openai:local-model", secrets_dir=secrets(tmp_path, openai_server))
+def test_a_provider_model_talks_to_the_gateway_with_the_task_token(tmp_path, openai_server):
+    model = load_model("openai:local-model", secrets_dir=secrets(tmp_path), gateway=gateway_of(openai_server))
     reply = model.invoke("STRATEGIC", [HumanMessage(content="Task: x")], CONTROL_TOOLS, 0)
     assert [(c["name"], c["args"]) for c in reply.tool_calls] == [("plan", {"todos": ["a"], "objective": "a"})]
     sent = FakeOpenAI.requests[0]
-    assert sent["path"] == "/v1/chat/completions"
-    assert sent["auth"] == "Bearer sk-test-key-123456"  # the key came from the secret file
+    assert sent["path"] == "/openai/v1/chat/completions"
+    assert sent["auth"] == "Bearer dyg.t1.task-token-123456"  # the task's gateway token, never a model key
     assert [t["function"]["name"] for t in sent["body"]["tools"]] == ["plan", "finish"]
 
 
-def test_ollama_uses_the_base_url_and_needs_no_key(tmp_path, openai_server):
-    (tmp_path / "model").mkdir()
-    (tmp_path / "model" / "base_url").write_text(openai_server)
-    model = load_model("ollama:llama3", secrets_dir=tmp_path)
+def test_ollama_goes_to_its_own_gateway_path_and_a_pod_needs_no_token(tmp_path, openai_server):
+    model = load_model("ollama:llama3", secrets_dir=tmp_path, gateway=gateway_of(openai_server))
     assert model.invoke("STRATEGIC", [HumanMessage(content="x")], CONTROL_TOOLS, 0).tool_calls
+    assert FakeOpenAI.requests[0]["path"] == "/ollama/v1/chat/completions"
+    assert FakeOpenAI.requests[0]["auth"] == "Bearer dockyard-pod"
 
 
 def test_rejected_credentials_are_a_config_error(tmp_path, openai_server):
     FakeOpenAI.status = 401
-    model = load_model("openai:local-model", secrets_dir=secrets(tmp_path, openai_server))
+    model = load_model("openai:local-model", secrets_dir=secrets(tmp_path), gateway=gateway_of(openai_server))
     with pytest.raises(ModelConfigError, match="rejected the credentials"):
         model.invoke("STRATEGIC", [HumanMessage(content="x")], CONTROL_TOOLS, 0)
 

@@ -58,6 +58,7 @@ class AgentCommand:
     scripts_dir: str | None = None  # where `scripted:NAME` is looked up; None: the agent's bundled examples
     allow_file_repos: bool = False
     nats_creds: bool = False  # each process gets its own `.creds` in the task's secrets folder (the launcher minted them)
+    model_gateway: str | None = None  # the dev stack's model gateway: the agent's secrets dir is then its task's own folder
 
     def line(self, task: Task, command: str, folder: TaskFolder) -> list[str]:
         """The command line of one container, the flags as the pod's containers get them."""
@@ -75,7 +76,9 @@ class AgentCommand:
         if model:
             argv += ["--model", model]
         argv += self._nats(folder, "agent")
-        if self.secrets_dir:
+        if self.model_gateway:  # the key stays with the gateway; the agent's secrets are its task's token and NATS user
+            argv += ["--model-gateway", self.model_gateway, "--secrets-dir", str(folder.secrets)]
+        elif self.secrets_dir:
             argv += ["--secrets-dir", self.secrets_dir]
         if self.scripts_dir:
             argv += ["--scripts-dir", str(Path(self.scripts_dir).absolute())]

@@ -36,6 +36,7 @@ from typing import Any
 
 from agent import contract
 from functions.core.nats_jwt import TASK_ROLES, Issuer, task_credentials_expiry, write_secret_file
+from gateway.grants import grant_path
 from functions.core.task import Task
 from functions.errors import LaunchConflict, TaskNotFound, TransientError
 from functions.runtime.local.admission import Admission
@@ -79,6 +80,8 @@ class LocalRuntime:
         nats_creds: str = "",
         max_running: int | None = None,
         warm: bool | None = None,
+        model_gateway: str | None = None,
+        gateway_grants: Path | None = None,
     ):
         self.data_dir = Path(data_dir).resolve()
         self.folders = TaskFolders(self.data_dir / "tasks")
@@ -89,6 +92,7 @@ class LocalRuntime:
         self.sweep_interval_seconds = sweep_interval_seconds
         self._shutdown = asyncio.Event()
         self.issuer = issuer
+        self.gateway_grants = Path(gateway_grants) if gateway_grants else None
         self._status = StatusEvents(nats_url, nats_creds)
         argv, environment = tuple(agent_cmd or (sys.executable, "-m", "agent")), child_env(env)
         if warm is None:  # a stand-in agent (the tests') is exec'd: the template runs the real one only
@@ -107,6 +111,7 @@ class LocalRuntime:
                 scripts_dir=scripts_dir,
                 allow_file_repos=allow_file_repos,
                 nats_creds=issuer is not None and bool(nats_url),
+                model_gateway=model_gateway,
             ),
             env=environment,
             emit_job_event=emit_job_event,
@@ -226,6 +231,8 @@ class LocalRuntime:
             if not state.event_sent:
                 self._supervise(state, self.folders.load_task(task_id))
                 continue
+            if self.gateway_grants is not None:  # a finished task's token opens the model gateway no more
+                grant_path(self.gateway_grants, task_id).unlink(missing_ok=True)
             ttl = self.ttl_succeeded_seconds if state.reason == REASON_COMPLETE else self.ttl_failed_seconds
             if state.workspace_removed or self.clock.time() - (state.finished_at or 0) < ttl:
                 continue
@@ -267,7 +274,10 @@ class LocalRuntime:
     def _mint_credentials(self, task: Task) -> None:
         """Fresh NATS users for the task's agent and snapshotter, each in its own file, whenever its
         supervision is admitted (after launch, or on resume after a restart): valid for the deadline and
-        an hour more from then, so time spent queued does not eat into them."""
+        an hour more from then, so time spent queued does not eat into them. With a model gateway, a
+        fresh gateway token too (gateway.grants: the gateway keeps the task's totals across tokens)."""
+        if self.gateway_grants is not None:
+            self._grant_model_gateway(task)
         if self.issuer is None or not self.policy.command.nats_creds:
             return
         folder = self.folder(task.task_id)
@@ -275,6 +285,15 @@ class LocalRuntime:
         expires_at = task_credentials_expiry(task.limits.deadline_seconds, time.time())
         for role in TASK_ROLES:
             write_secret_file(folder.nats_creds(role), self.issuer.task_creds(task.task_id, role, expires_at=expires_at))
+
+    def _grant_model_gateway(self, task: Task) -> None:
+        from gateway.grants import Grant, new_token, sha256, write_grant
+
+        folder = self.folder(task.task_id)
+        folder.secrets.mkdir(mode=0o700, parents=True, exist_ok=True)
+        token = new_token(task.task_id)
+        write_grant(self.gateway_grants, Grant(task.task_id, sha256(token), task.limits.max_tokens, task.limits.max_cost_usd))
+        write_secret_file(folder.secrets / contract.GATEWAY_TOKEN_FILE, token)
 
     async def _final_snapshot_stored(self, task_id: str) -> bool:
         from agent.storage import open_store

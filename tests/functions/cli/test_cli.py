@@ -87,7 +87,8 @@ def server():
 
 
 def test_submit_posts_a_structured_cloudevent_and_prints_the_derived_id(server, capsys):
-    code = cli.main(["submit", "write fizzbuzz", "--model", "scripted:example", "--repo", "https://example.com/r.git", "--ref", "main", "--retries", "1", "--url", server.url])
+    code = cli.main(["submit", "write fizzbuzz", "--model", "scripted:example", "--repo", "https://example.com/r.git", "--ref", "main", "--retries", "1",
+                     "--max-tokens", "5000", "--max-cost-usd", "1.5", "--url", server.url])
     assert code == 0
     (request,) = server.requests
     assert request["path"] == "/"
@@ -99,7 +100,7 @@ def test_submit_posts_a_structured_cloudevent_and_prints_the_derived_id(server, 
         "prompt": "write fizzbuzz",
         "model": "scripted:example",
         "repo": {"url": "https://example.com/r.git", "ref": "main"},
-        "limits": {"retries": 1},
+        "limits": {"retries": 1, "max_tokens": 5000, "max_cost_usd": 1.5},
     }
     assert capsys.readouterr().out.strip() == contract.derive_task_id(event["source"], event["id"])
 
@@ -228,13 +229,14 @@ def test_logs_of_an_unknown_task(server, capsys):
 def test_tasks_table(server, capsys):
     server.tasks = [
         {"task_id": "t-2", "state": "started", "phase": "TACTICAL", "outcome": None, "attempts": 1, "created_at": "2024-01-01T00:00:01Z"},
-        {"task_id": "t-1", "state": "finished", "phase": "STRATEGIC", "outcome": "done", "attempts": 2, "created_at": "2024-01-01T00:00:00Z"},
+        {"task_id": "t-1", "state": "finished", "phase": "STRATEGIC", "outcome": "done", "attempts": 2, "created_at": "2024-01-01T00:00:00Z",
+         "usage": {"calls": 3, "tokens": 12345, "cost_usd": 0.0421}},
     ]
     assert cli.main(["tasks", "--url", server.url]) == 0
     header, first, second = capsys.readouterr().out.splitlines()
-    assert header.split() == ["TASK", "STATE", "PHASE", "OUTCOME", "ATTEMPTS", "CREATED", "AT"]
+    assert header.split() == ["TASK", "STATE", "PHASE", "OUTCOME", "ATTEMPTS", "TOKENS", "COST", "CREATED", "AT"]
     assert first.split() == ["t-2", "started", "TACTICAL", "1", "2024-01-01T00:00:01Z"]
-    assert second.split()[:4] == ["t-1", "finished", "STRATEGIC", "done"]
+    assert second.split() == ["t-1", "finished", "STRATEGIC", "done", "2", "12,345", "$0.0421", "2024-01-01T00:00:00Z"]
 
 
 def test_the_command_registry_is_a_list_of_register_functions():

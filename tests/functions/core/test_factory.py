@@ -112,7 +112,7 @@ def test_pod_is_restricted(job):
     }
     assert spec["terminationGracePeriodSeconds"] == Settings().termination_grace_seconds >= 120
     names = [c["name"] for c in spec["initContainers"]] + [c["name"] for c in spec["containers"]]
-    assert names == ["restore", "snapshotter", "agent"]
+    assert names == ["restore", "snapshotter", "gateway", "agent"]
     for c in spec["initContainers"] + spec["containers"]:
         assert c["securityContext"] == {
             "allowPrivilegeEscalation": False,
@@ -124,6 +124,12 @@ def test_pod_is_restricted(job):
         assert set(c["resources"]) == {"requests", "limits"}
         assert set(c["resources"]["requests"]) == set(c["resources"]["limits"]) == {"cpu", "memory"}
         assert c["image"] == Settings().agent_image and c["imagePullPolicy"] == "IfNotPresent"
+        # Secrets are files, never environment variables.
+        assert all("valueFrom" not in item for item in c["env"])
+        if c["name"] == "gateway":  # the model gateway: neither the workspace nor a writable place
+            assert c["command"] == ["python", "-m", "gateway"]
+            assert "/workspace" not in mounts(c) and "/tmp" not in mounts(c)
+            continue
         assert c["command"] == ["python", "-m", "agent"]
         assert mounts(c)["/workspace"]["name"] == "workspace"
         assert "/tmp" in mounts(c)
@@ -171,9 +177,42 @@ def test_secrets_only_where_needed(job):
         m = mounts(container(job, name))
         assert m[s3_dir] == {"name": "s3-credentials", "mountPath": s3_dir, "readOnly": True}
         assert model_dir not in m
-    m = mounts(container(job, "agent"))
+    m = mounts(container(job, "gateway"))
     assert m[model_dir] == {"name": "model-credentials", "mountPath": model_dir, "readOnly": True}
     assert s3_dir not in m
+    m = mounts(container(job, "agent"))
+    assert s3_dir not in m and model_dir not in m
+
+
+@pytest.mark.parametrize("nats", [False, True])
+def test_the_agent_container_mounts_no_model_secret_only_the_gateway_does(task, nats):
+    """Issue 10: `cat /var/secrets/model/api_key` in the agent's container found the key. Now no volume of the
+    model Secret is mounted there, under any path, and no env var refers to a Secret."""
+    job = render_job(task, Settings(**(NATS_SETTINGS if nats else {})))
+    model_volumes = {name for name, v in volumes(job).items() if v.get("secret", {}).get("secretName") == Settings().model_secret}
+    assert model_volumes == {"model-credentials"}
+    holders = [c["name"] for c in pod(job)["initContainers"] + pod(job)["containers"]
+               if any(m["name"] in model_volumes for m in c["volumeMounts"])]
+    assert holders == ["gateway"]
+    agent = container(job, "agent")
+    assert "secretKeyRef" not in json.dumps(agent) and "envFrom" not in agent
+    assert env(agent)["DOCKYARD_MODEL_GATEWAY"] == f"http://127.0.0.1:{contract.MODEL_GATEWAY_PORT}"
+    assert "127.0.0.1" in env(agent)["NO_PROXY"].split(",")  # the SDK reaches the gateway directly, not via the proxy
+
+
+def test_the_gateway_is_a_native_sidecar_with_the_task_budget(task):
+    budgeted = make_task(limits={"max_tokens": 5000, "max_cost_usd": 1.5})
+    gateway = container(render_job(budgeted, Settings(model_prices="gpt-4o=2.5/10")), "gateway")
+    assert gateway["restartPolicy"] == "Always" and "startupProbe" in gateway
+    args = gateway["args"]
+    assert args[args.index("--task-id") + 1] == "t1" and args[args.index("--listen") + 1] == f"127.0.0.1:{contract.MODEL_GATEWAY_PORT}"
+    assert (args[args.index("--max-tokens") + 1], args[args.index("--max-cost-usd") + 1]) == ("5000", "1.5")
+    assert args[args.index("--prices") + 1] == "gpt-4o=2.5/10"
+    assert env(gateway)["HTTPS_PROXY"] == Settings().egress_proxy  # to the provider through the egress proxy
+    assert "--max-tokens" not in container(render_job(task, Settings()), "gateway")["args"]
+    # It publishes usage as its own NATS user, on the task's own subjects only.
+    nats_gateway = container(render_job(task, Settings(**NATS_SETTINGS)), "gateway")
+    assert nats_gateway["args"][nats_gateway["args"].index("--nats-creds") + 1] == factory.nats_creds_path("gateway")
 
 
 def test_agent_environment_home_path_and_proxy(job):
@@ -194,7 +233,7 @@ def test_agent_environment_home_path_and_proxy(job):
 def test_no_proxy_names_the_store_endpoint_and_an_empty_proxy_means_none(task):
     settings = Settings(s3_endpoint="http://minio.storage.svc:9000", no_proxy=("10.0.0.0/8",))
     agent = container(render_job(task, settings), "agent")
-    assert env(agent)["NO_PROXY"] == f"10.0.0.0/8,{NATS_HOST},minio.storage.svc"
+    assert env(agent)["NO_PROXY"] == f"10.0.0.0/8,127.0.0.1,{NATS_HOST},minio.storage.svc"
     assert env(container(render_job(task, settings), "snapshotter"))["DOCKYARD_S3_ENDPOINT"] == "http://minio.storage.svc:9000"
     assert "HTTP_PROXY" not in env(container(render_job(task, Settings(egress_proxy="")), "agent"))
 
@@ -294,7 +333,7 @@ def args_value(c: dict, flag: str) -> str | None:
 
 
 def test_the_nats_secret_is_named_after_the_job_owned_by_it_and_holds_one_key_per_process(task):
-    creds = {"agent": "agent's creds text", "snapshotter": "snapshotter's creds text"}
+    creds = {"agent": "agent's creds text", "snapshotter": "snapshotter's creds text", "gateway": "gateway's creds text"}
     secret = factory.render_nats_secret(task, Settings(**NATS_SETTINGS), "1234-uid", creds)
     assert secret["apiVersion"] == "v1" and secret["kind"] == "Secret" and secret["type"] == "Opaque"
     assert secret["immutable"] is True
@@ -305,7 +344,8 @@ def test_the_nats_secret_is_named_after_the_job_owned_by_it_and_holds_one_key_pe
         {"apiVersion": "batch/v1", "kind": "Job", "name": "agent-t1", "uid": "1234-uid", "controller": True, "blockOwnerDeletion": True}
     ]
     assert {k: base64.b64decode(v).decode() for k, v in secret["data"].items()} == {
-        "agent.creds": "agent's creds text", "snapshotter.creds": "snapshotter's creds text"}
+        "agent.creds": "agent's creds text", "snapshotter.creds": "snapshotter's creds text",
+        "gateway.creds": "gateway's creds text"}
 
 
 @pytest.mark.parametrize("creds", [{"agent": "x"}, {"agent": "x", "snapshotter": ""}, {"agent": "x", "snapshotter": "y", "restore": "z"}])
@@ -345,9 +385,9 @@ def test_without_a_signing_key_no_secret_no_volume_no_flag(task, job):
 
 def test_render_with_an_issuer_gives_job_secret_pvc_in_creation_order(task):
     settings = Settings(**NATS_SETTINGS)
-    job, secret, pvc = render(task, settings, job_uid="u-1", creds={"agent": "a", "snapshotter": "s"})
+    job, secret, pvc = render(task, settings, job_uid="u-1", creds={"agent": "a", "snapshotter": "s", "gateway": "g"})
     assert (job["kind"], secret["kind"], pvc["kind"]) == ("Job", "Secret", "PersistentVolumeClaim")
-    assert secret == factory.render_nats_secret(task, settings, "u-1", {"agent": "a", "snapshotter": "s"})
+    assert secret == factory.render_nats_secret(task, settings, "u-1", {"agent": "a", "snapshotter": "s", "gateway": "g"})
     # Without creds (dockyard manifests job): placeholders, never real credentials.
     _, placeholder, _ = render(task, settings)
     assert {base64.b64decode(v).decode() for v in placeholder["data"].values()} == {factory.NATS_CREDS_PLACEHOLDER}

@@ -91,6 +91,8 @@ def test_from_env_of_nothing_is_the_defaults():
         ({"DOCKYARD_CORS_ORIGINS": "https://cockpit.example/"}, "DOCKYARD_CORS_ORIGINS='https://cockpit.example/': 'https://cockpit.example/' is not an origin"),
         ({"DOCKYARD_AGENT_CPU_LIMIT": "two"}, "DOCKYARD_AGENT_CPU_LIMIT='two': not a Kubernetes quantity"),
         ({"DOCKYARD_DEFAULT_MODEL": "gpt-4o"}, "DOCKYARD_DEFAULT_MODEL='gpt-4o': use provider:model"),
+        ({"DOCKYARD_MODEL_PRICES": "gpt-4o=2.5"}, "DOCKYARD_MODEL_PRICES='gpt-4o=2.5': 'gpt-4o=2.5': use model=input/output[/cached]"),
+        ({"DOCKYARD_DEFAULT_MAX_TOKENS": "-1"}, "DOCKYARD_DEFAULT_MAX_TOKENS='-1'"),
     ],
 )
 def test_a_wrong_variable_is_a_settings_error_naming_it(variables, message):

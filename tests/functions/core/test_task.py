@@ -76,6 +76,14 @@ def test_full_task_round_trips():
         ({"prompt": "x", "limits": {"retries": True}}, "limits.retries", 400),
         ({"prompt": "x", "limits": {"storage": "5GB"}}, "limits.storage", 400),
         ({"prompt": "x", "limits": {"storage": "1000Gi"}}, "limits.storage", 400),
+        ({"prompt": "x", "limits": {"max_tokens": 0}}, "limits.max_tokens", 400),
+        ({"prompt": "x", "limits": {"max_tokens": "1000"}}, "limits.max_tokens", 400),
+        ({"prompt": "x", "limits": {"max_tokens": 10**12}}, "limits.max_tokens", 400),
+        ({"prompt": "x", "limits": {"max_cost_usd": 0}}, "limits.max_cost_usd", 400),
+        ({"prompt": "x", "limits": {"max_cost_usd": "5"}}, "limits.max_cost_usd", 400),
+        ({"prompt": "x", "limits": {"max_cost_usd": True}}, "limits.max_cost_usd", 400),
+        ({"prompt": "x", "limits": {"max_cost_usd": float("nan")}}, "limits.max_cost_usd", 400),
+        ({"prompt": "x", "limits": {"max_cost_usd": 1e9}}, "limits.max_cost_usd", 400),
     ],
 )
 def test_bad_input_names_the_field(data, field, status):
@@ -95,6 +103,16 @@ def test_policy_bounds_limits():
     assert parse({"prompt": "x"}, policy=policy).limits.deadline_seconds == 30
     with pytest.raises(BadInput):
         parse({"prompt": "x", "limits": {"deadline_seconds": 61}}, policy=policy)
+
+
+def test_token_and_cost_budgets_are_kept_and_only_then_change_the_spec():
+    plain = parse({"prompt": "x", "task_id": "t1"})
+    assert (plain.limits.max_tokens, plain.limits.max_cost_usd) == (None, None)
+    assert "max_tokens" not in plain.to_dict()["limits"]  # a task without them hashes as before
+    budgeted = parse({"prompt": "x", "task_id": "t1", "limits": {"max_tokens": 5000, "max_cost_usd": 2.5}})
+    assert (budgeted.limits.max_tokens, budgeted.limits.max_cost_usd) == (5000, 2.5)
+    assert budgeted.to_dict()["limits"]["max_tokens"] == 5000 and budgeted.spec_hash != plain.spec_hash
+    assert parse({"prompt": "x"}, policy=LimitsPolicy(default_max_tokens=900)).limits.max_tokens == 900
 
 
 CONTROL = ["\x00", "\n", "\r", "\x1b", "\x07", "\x7f", "\x85", "\x9b"]  # NUL, LF, CR, ESC, BEL, DEL, C1 NEL and CSI

@@ -54,6 +54,22 @@ def test_a_finished_record_never_moves_back():
     assert apply_event(r, {"type": contract.EV_PHASE, "phase": "TACTICAL"}, 10) is None
     # Finished by someone else (job_finished) without any event seen: still final.
     assert apply_event(record(state=contract.STATE_FINISHED), STARTED, 1) is None
+    # Only usage still adds up: the gateway's last event may come after the agent's end.
+    late = apply_event(r, {"type": contract.EV_USAGE, "tokens": 7}, 11)
+    assert (late["state"], late["outcome"], late["usage"]["tokens"]) == ("finished", "done", 7)
+
+
+def test_usage_events_are_summed_per_call_and_a_redelivery_counts_once():
+    call = {"type": contract.EV_USAGE, "input_tokens": 100, "output_tokens": 20, "cached_tokens": 40, "tokens": 120,
+            "cost_usd": 0.0015, "totals": {"tokens": 120}}
+    r = apply_event(record(), call, 3)
+    r = apply_event(r, {**call, "totals": {"tokens": 120}}, 4)  # a retried pod's gateway counts from 0 again
+    assert apply_event(r, call, 4) is None
+    r = apply_event(r, {"type": contract.EV_USAGE, "refused": "limits.max_tokens = 200", "tokens": 0}, 5)
+    assert r["usage"] == {"calls": 2, "refused": 1, "input_tokens": 200, "output_tokens": 40, "cached_tokens": 80, "tokens": 240, "cost_usd": 0.003}
+    # Whatever the agent's commands forge on their own subject: nonsense is not added.
+    r = apply_event(r, {"type": contract.EV_USAGE, "tokens": -5, "cost_usd": "lots", "input_tokens": True}, 6)
+    assert r["usage"]["tokens"] == 240 and r["usage"]["calls"] == 3
 
 
 # --- the tracker on a real stream -------------------------------------------------

@@ -70,7 +70,7 @@ async def test_launch_creates_a_secret_owned_by_the_job_with_one_user_per_proces
     assert versions == sorted(versions)
 
     creds = secret_creds(secret)
-    assert sorted(creds) == ["agent.creds", "snapshotter.creds"]
+    assert sorted(creds) == ["agent.creds", "gateway.creds", "snapshotter.creds"]
     claims = {role: decode_claims(user_jwt(creds[f"{role}.creds"])) for role in TASK_ROLES}
     assert claims["agent"]["sub"] != claims["snapshotter"]["sub"]  # two users, not one shared
     for role, claim in claims.items():

@@ -287,3 +287,27 @@ async def test_with_an_issuer_each_process_gets_its_own_credentials_file(tmp_pat
     assert "--nats-creds" not in runtime.command_line(make_task("exit:0"), "restore")
     assert folder.nats_creds("agent").read_text() != folder.nats_creds("snapshotter").read_text()
     assert folder.secrets.stat().st_mode & 0o777 == 0o700 and not folder.secrets.is_relative_to(folder.workspace)
+
+
+async def test_with_a_model_gateway_each_task_gets_its_own_token_and_a_finished_task_loses_its_grant(tmp_path, stand_in, clock):
+    from gateway.grants import matches, read_grant, task_of
+
+    sink = Sink()
+    grants_dir = tmp_path / "gateway" / "grants"
+    runtime = runtime_for(tmp_path, stand_in, sink, clock, model_gateway="http://127.0.0.1:9", gateway_grants=grants_dir, sweep_interval_seconds=10**9)
+    try:
+        task = make_task("exit:0", task_id="gw-task", max_tokens=500)
+        argv = runtime.command_line(task, "run")
+        # The agent learns where the gateway is and gets its own task's folder, not the dev stack's secrets.
+        assert argv[argv.index("--model-gateway") + 1] == "http://127.0.0.1:9"
+        assert argv[argv.index("--secrets-dir") + 1] == str(runtime.folder("gw-task").secrets)
+        await runtime.launch(task)
+        await eventually_async(lambda: len(sink.events) == 1, "the job event")
+        token = (runtime.folder("gw-task").secrets / contract.GATEWAY_TOKEN_FILE).read_text()
+        grant = read_grant(grants_dir, "gw-task")
+        assert task_of(token) == "gw-task" and matches(grant, token) and grant.max_tokens == 500
+        assert token not in (grants_dir / "gw-task.json").read_text()  # the gateway keeps a hash only
+        await runtime.sweep()
+        assert read_grant(grants_dir, "gw-task") is None  # finished: the token opens nothing any more
+    finally:
+        await runtime.close()
