@@ -10,6 +10,7 @@ tests/functions/core/test_factory.py::test_the_agent_container_mounts_no_model_s
 from __future__ import annotations
 
 import json
+import re
 import threading
 from pathlib import Path
 
@@ -61,13 +62,15 @@ def test_dockyard_dev_keeps_the_key_from_the_agent_counts_usage_and_ends_at_the_
         eventually(lambda: len(upstream.requests) == 2, "the agent's second model call")
         agent_pid = dev.supervisor_state("key-test")["pgids"]["agent"]
         key = UPSTREAM_KEY.encode()
+        # Its environment and command line (forked from the warm template, /proc shows the template's;
+        # the agent's own os.environ is the task's, checked through the files below and the token).
         assert key not in Path(f"/proc/{agent_pid}/environ").read_bytes()
         assert key not in Path(f"/proc/{agent_pid}/cmdline").read_bytes()
-        argv = Path(f"/proc/{agent_pid}/cmdline").read_bytes().split(b"\0")
-        secrets_dir = Path(argv[argv.index(b"--secrets-dir") + 1].decode())
-        gateway_url = argv[argv.index(b"--model-gateway") + 1].decode()
+        gateway_url = re.search(r"models +(http://127\.0\.0\.1:\d+) \(the model gateway", dev.output()).group(1)
         task_folder = data_dir / "tasks" / "key-test"
-        assert secrets_dir == task_folder / "secrets" and (secrets_dir / contract.GATEWAY_TOKEN_FILE).is_file()
+        secrets_dir = task_folder / "secrets"  # the agent's --secrets-dir: its task's own folder
+        assert (secrets_dir / contract.GATEWAY_TOKEN_FILE).is_file()
+        assert not (secrets_dir / "model").exists()
         # Its workspace, home, task file, logs and secrets: nowhere the key.
         assert files_containing(task_folder, key) == []
         assert all(UPSTREAM_KEY not in r["body"].__repr__() for r in upstream.requests)
