@@ -292,7 +292,7 @@ class Run:
 
     # --- the run ---------------------------------------------------------------
     def execute(self) -> int:
-        from agent.checkpoint import open_saver
+        from agent.checkpoint import WalCheckpointer, open_saver
         from agent.graph import Budgets, Deps, Inbox, build_graph, initial_state
         from agent.heartbeat import Heartbeat
         from agent.tools import WorkTools
@@ -311,7 +311,8 @@ class Run:
         self.inbox = Inbox(self.workspace / ".dockyard" / "inbox.jsonl")
         heartbeat = Heartbeat(self.workspace / contract.HEARTBEAT_FILE).start()
         database = self.workspace / contract.checkpoint_path(self.task_id)
-        saver = open_saver(database)
+        saver = open_saver(database, autocheckpoint=False)  # WalCheckpointer's thread copies the WAL instead
+        self.wal = WalCheckpointer(database).start()  # a daemon: a WAL left at exit is read by every reader
         deps = Deps(
             model=model,
             tools=tools,
@@ -319,7 +320,7 @@ class Run:
             inbox=self.inbox,
             budgets=Budgets(args.max_strategic_rounds, args.max_tool_calls, args.context_tokens),
             waiting=heartbeat.waiting,
-            transcript=Transcript.open(database),
+            transcript=Transcript.open(database, autocheckpoint=False),
         )
         graph = build_graph(deps, checkpointer=saver)
         config = {"configurable": {"thread_id": self.task_id}, "recursion_limit": 100_000}
@@ -378,6 +379,7 @@ class Run:
         try:
             with closing(updates):  # a stop ends the stream here, before the heartbeat stops
                 for update in updates:
+                    self.wal.nudge()
                     heartbeat.beat()
                     self.control.step += 1
                     self._track(update)

@@ -115,10 +115,10 @@ class Transcript:
         self._singles: dict[int, Row] = {}
 
     @classmethod
-    def open(cls, db_path: Path) -> "Transcript":
+    def open(cls, db_path: Path, *, autocheckpoint: bool = True) -> "Transcript":
         from agent.checkpoint import connect
 
-        return cls(connect(db_path))
+        return cls(connect(db_path, autocheckpoint=autocheckpoint))
 
     @classmethod
     def in_memory(cls) -> "Transcript":

@@ -6,7 +6,7 @@ SqliteSaver), in the same run.
 
 Each run is one TACTICAL phase of --steps steps (a model turn, then one `read_file` of a file of SIZE bytes, and
 so on), checkpointed with durability "sync". Both SQLite runs use the agent's connection settings (WAL,
-synchronous=NORMAL) and prune to the newest 20 checkpoints every 10 steps, as `python -m agent run` does, so the
+synchronous=NORMAL; ours copies the WAL from a thread of its own, as `python -m agent run` does) and prune to the newest 20 checkpoints every 10 steps, as `python -m agent run` does, so the
 difference is the design: what a checkpoint holds. Measured per step: wall time (from one streamed update to the
 next) and bytes written (`wchar` of /proc/self/io: the WAL, the database and its checkpoints).
 
@@ -37,7 +37,7 @@ from langgraph.checkpoint.memory import InMemorySaver  # noqa: E402
 from langgraph.checkpoint.sqlite import SqliteSaver  # noqa: E402
 from langgraph.graph import START, MessagesState, StateGraph  # noqa: E402
 
-from agent.checkpoint import connect, open_saver, prune  # noqa: E402
+from agent.checkpoint import WalCheckpointer, connect, open_saver, prune  # noqa: E402
 from agent.graph import Budgets, Deps, Inbox, build_graph, initial_state  # noqa: E402
 from agent.models import ScriptedModel  # noqa: E402
 from agent.tools import WorkTools  # noqa: E402
@@ -80,12 +80,13 @@ def turns_for(steps: int) -> list[dict]:
     return turns + [{"content": "read"}, {"tool_calls": [{"name": "finish", "args": {"summary": "ok"}}]}]
 
 
-def measure(updates, db: Path | None, saver, thread: str, quarter: int) -> dict:
+def measure(updates, db: Path | None, saver, thread: str, quarter: int, after_step=lambda: None) -> dict:
     """Per-step wall time and bytes written while streaming; the database's size at half way and at the end."""
     times, written, sizes = [], [], {}
     last, last_bytes, step = time.perf_counter(), written_bytes(), 0
     for _ in updates:
         step += 1
+        after_step()
         if step % PRUNE_EVERY == 0 and db is not None:
             prune(saver, thread, keep=KEEP)
         now, now_bytes = time.perf_counter(), written_bytes()
@@ -119,13 +120,16 @@ def ours(root: Path, steps: int, durable: bool, context_tokens: int) -> dict:
         reporter=Quiet(),
         inbox=Inbox(root / "ws" / "inbox.jsonl"),
         budgets=Budgets(max_strategic_rounds=10, max_tool_calls=100_000, context_tokens=context_tokens),
-        transcript=Transcript.open(db) if durable else Transcript.in_memory(),
+        transcript=Transcript.open(db, autocheckpoint=False) if durable else Transcript.in_memory(),
     )
-    saver = open_saver(db) if durable else InMemorySaver()
+    saver = open_saver(db, autocheckpoint=False) if durable else InMemorySaver()
+    checkpointer = WalCheckpointer(db).start() if durable else None  # as agent.run: no step copies the WAL
     graph = build_graph(deps, checkpointer=saver)
     config = {"configurable": {"thread_id": "bench"}, "recursion_limit": 100_000}
     updates = graph.stream(initial_state("bench"), config, durability="sync", stream_mode="updates")
-    result = measure(updates, db if durable else None, saver, "bench", steps // 4)
+    result = measure(updates, db if durable else None, saver, "bench", steps // 4, checkpointer.nudge if checkpointer else lambda: None)
+    if checkpointer is not None:
+        checkpointer.stop()
     return {**result, "context_tokens": model.last_tokens}
 
 

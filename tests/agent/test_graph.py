@@ -184,3 +184,28 @@ def test_bad_model_specs_are_config_errors(tmp_path, spec, message):
 def test_openai_without_the_gateway_names_the_flag(tmp_path):
     with pytest.raises(ModelConfigError, match="--model-gateway"):
         load_model("openai:gpt-4o", secrets_dir=tmp_path)
+
+
+def test_the_wal_is_copied_by_the_checkpointer_thread_not_by_the_runs_connections(tmp_path):
+    import sqlite3
+
+    from agent.checkpoint import WalCheckpointer, connect
+
+    db = tmp_path / "c.db"
+    conn = connect(db, autocheckpoint=False)
+    conn.execute("CREATE TABLE t (x BLOB)")
+    with conn:
+        conn.executemany("INSERT INTO t VALUES (?)", [(b"x" * 4000,)] * 2000)  # ~2000 pages: past SQLite's 1000
+
+    def rows_in_the_database_file() -> int:  # immutable: the file alone, without the WAL
+        with sqlite3.connect(f"file:{db}?immutable=1", uri=True) as reader:
+            try:
+                return reader.execute("SELECT count(*) FROM t").fetchone()[0]
+            except sqlite3.OperationalError:  # not even the table is in the file yet
+                return 0
+
+    assert rows_in_the_database_file() == 0  # the run's own connection copied nothing
+    checkpointer = WalCheckpointer(db).start()
+    checkpointer.nudge()
+    checkpointer.stop()  # the last copy ends before stop returns
+    assert rows_in_the_database_file() == 2000
