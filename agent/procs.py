@@ -32,6 +32,10 @@ import signal
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import subprocess
 
 PR_SET_PDEATHSIG = 1
 PR_SET_CHILD_SUBREAPER = 36
@@ -161,3 +165,19 @@ def kill_orphans(known: set[int]) -> int:
             except ChildProcessError:
                 pass
     return killed
+
+
+def terminate(proc: "subprocess.Popen", timeout: float) -> bool:
+    """SIGTERM a child, wait up to `timeout` seconds, then SIGKILL it; True when SIGTERM was enough."""
+    import subprocess
+
+    if proc.poll() is not None:
+        return True
+    proc.terminate()
+    try:
+        proc.wait(timeout)
+        return True
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+        return False

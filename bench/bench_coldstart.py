@@ -39,17 +39,9 @@ sys.path.insert(0, str(ROOT))
 from agent import contract  # noqa: E402
 from functions.devstack import nats_auth  # noqa: E402
 from functions.devstack.nats_embedded import EmbeddedNats  # noqa: E402
-from tests.conftest import free_port  # noqa: E402
+from tests.conftest import UNREACHABLE_KUBECONFIG, free_port  # noqa: E402
 
 TARGET_MS = 400.0
-KUBECONFIG = """
-apiVersion: v1
-kind: Config
-clusters: [{name: c, cluster: {server: "http://127.0.0.1:9"}}]
-users: [{name: u, user: {token: t}}]
-contexts: [{name: x, context: {cluster: c, user: u, namespace: dockyard}}]
-current-context: x
-"""
 
 HELLO = textwrap.dedent(
     """
@@ -144,7 +136,7 @@ def main(runs: int) -> int:
             hello.write_text(HELLO)
             hello_env = {**base_env, "PYTHONPATH": str(ROOT)}
             kubeconfig = tmp / "kubeconfig"  # as deployed: the Kubernetes runtime (an empty registry never calls it)
-            kubeconfig.write_text(KUBECONFIG)
+            kubeconfig.write_text(UNREACHABLE_KUBECONFIG)
             ours_env = {**hello_env, "DOCKYARD_NATS_URL": server.url, "DOCKYARD_NATS_CREDS": str(auth.creds("functions")),
                         "DOCKYARD_RUNTIME": "kubernetes", "KUBECONFIG": str(kubeconfig), "DOCKYARD_DATA_DIR": str(tmp / "data"),
                         "DOCKYARD_SNAPSHOT_MIN_INTERVAL_SECONDS": "0.001"}  # fmt: skip

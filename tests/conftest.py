@@ -23,6 +23,16 @@ from functions.devstack.ports import free_port  # noqa: F401  (tests import it f
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
+# A kubeconfig whose cluster nobody answers at (port 9, discard): for processes that must not need one.
+UNREACHABLE_KUBECONFIG = """
+apiVersion: v1
+kind: Config
+clusters: [{name: c, cluster: {server: "http://127.0.0.1:9"}}]
+users: [{name: u, user: {token: t}}]
+contexts: [{name: x, context: {cluster: c, user: u, namespace: dockyard}}]
+current-context: x
+"""
+
 
 # Generous on purpose: these bound a wait on state, never decide which code path runs, so a
 # loaded machine only makes the wait longer, never the test wrong.

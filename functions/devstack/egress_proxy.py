@@ -32,7 +32,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from agent.procs import die_with_parent
+from agent.procs import die_with_parent, terminate
 from functions.core import egress
 from functions.devstack.ports import free_port
 
@@ -126,14 +126,8 @@ class EgressProxy:
 
     def stop(self, timeout: float = 10.0) -> None:
         for proc in (self.bridge, self.squid):
-            if proc is None or proc.poll() is not None:
-                continue
-            proc.terminate()
-            try:
-                proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+            if proc is not None:
+                terminate(proc, timeout)
         self.bridge = self.squid = None
         if self.socket_dir is not None:
             shutil.rmtree(self.socket_dir, ignore_errors=True)

@@ -22,7 +22,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from agent.procs import die_with_parent
+from agent.procs import die_with_parent, terminate
 
 log = logging.getLogger("dockyard.gateway")
 
@@ -68,12 +68,6 @@ class DevGateway:
         return self
 
     def stop(self, timeout: float = 10.0) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                log.warning("the model gateway ignored SIGTERM; killing it")
-                self.proc.kill()
-                self.proc.wait()
+        if self.proc is not None and not terminate(self.proc, timeout):
+            log.warning("the model gateway ignored SIGTERM for %.0f s; it was killed", timeout)
         self.sock.close()

@@ -17,7 +17,7 @@ import sys
 import time
 from pathlib import Path
 
-from agent.procs import die_with_parent
+from agent.procs import die_with_parent, terminate
 
 class NatsServerError(Exception):
     pass
@@ -99,14 +99,8 @@ class EmbeddedNats:
 
     def stop(self, timeout: float = 10.0) -> None:
         proc, self.proc = self.proc, None
-        if proc is None or proc.poll() is not None:
-            return
-        proc.terminate()
-        try:
-            proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        if proc is not None:
+            terminate(proc, timeout)
 
     def __enter__(self) -> "EmbeddedNats":
         return self.start() if self.proc is None else self

@@ -24,7 +24,7 @@ import sys
 import pytest
 
 from agent import contract
-from tests.conftest import REPO_ROOT, NatsServer, agent_environment
+from tests.conftest import REPO_ROOT, UNREACHABLE_KUBECONFIG, NatsServer, agent_environment
 
 FIRST_EVENT = """
 import asyncio, gc, json, sys
@@ -67,7 +67,7 @@ def first_event(request, tmp_path_factory) -> dict:
     tmp = tmp_path_factory.mktemp("function-imports")
     server = NatsServer(tmp / "nats").start()
     kubeconfig = tmp / "kubeconfig"  # a cluster nobody answers at: an empty registry must not need it
-    kubeconfig.write_text(KUBECONFIG)
+    kubeconfig.write_text(UNREACHABLE_KUBECONFIG)
     try:
         env = agent_environment({"DOCKYARD_NATS_URL": server.url, "DOCKYARD_NATS_CREDS": server.creds("functions"),
                     "DOCKYARD_RUNTIME": request.param, "DOCKYARD_DATA_DIR": str(tmp / "data"),
@@ -80,14 +80,6 @@ def first_event(request, tmp_path_factory) -> dict:
     return {**json.loads(done.stdout.splitlines()[-1]), "runtime": request.param}
 
 
-KUBECONFIG = """
-apiVersion: v1
-kind: Config
-clusters: [{name: c, cluster: {server: "http://127.0.0.1:9"}}]
-users: [{name: u, user: {token: t}}]
-contexts: [{name: x, context: {cluster: c, user: u, namespace: dockyard}}]
-current-context: x
-"""
 
 
 def test_the_first_event_runs_a_round(first_event):
