@@ -10,7 +10,7 @@ started with the factory's own command and configuration) and on the rendered Jo
 from __future__ import annotations
 
 import asyncio
-import json
+from pathlib import Path
 
 import nats
 import nats.errors
@@ -18,9 +18,10 @@ import pytest
 
 from agent import contract
 from functions.core import factory
+from functions.core.nats_jwt import decode_claims
 from functions.core.settings import Settings
 from functions.core.task import parse_task
-from tests.conftest import NatsServer, eventually
+from tests.conftest import NatsServer, eventually_async
 from tests.nats_leaf import NATS_SETTINGS, NatsLeaf
 
 ATTACKER, VICTIM = "t-attacker", "t-victim"
@@ -75,26 +76,20 @@ async def _through_the_leaf(hub: NatsServer, leaf: NatsLeaf) -> tuple[list[tuple
         # The control: its own task's subject does cross (so the watch would have seen the rest).
         await attacker.publish(contract.subject_events(ATTACKER), b"own")
         await attacker.flush()
-        await _eventually_async(lambda: (contract.subject_events(ATTACKER), b"own") in seen, "the hub to see the attacker's own event")
+        await eventually_async(lambda: (contract.subject_events(ATTACKER), b"own") in seen, "the hub to see the attacker's own event")
         # The hub side commands and feeds the victim: nothing of it may reach the attacker's pod.
         for subject in (contract.subject_cmd(VICTIM), contract.subject_events(VICTIM), f"{contract.inbox_prefix(VICTIM)}.x"):
             await watcher.publish(subject, b"for the victim only")
         await watcher.publish(contract.subject_cmd(ATTACKER), b"for the attacker")  # the control: its own commands do
         await watcher.flush()
-        await _eventually_async(lambda: (contract.subject_cmd(ATTACKER), b"for the attacker") in received,
-                                "the attacker's own command to reach its pod")
+        await eventually_async(lambda: (contract.subject_cmd(ATTACKER), b"for the attacker") in received,
+                               "the attacker's own command to reach its pod")
         await attacker.flush()
         await watcher.flush()
         return list(seen), list(received)
     finally:
         await attacker.close()
         await watcher.close()
-
-
-async def _eventually_async(predicate, what: str) -> None:
-    from tests.conftest import eventually_async
-
-    await eventually_async(predicate, what)
 
 
 def test_a_command_on_the_leaf_cannot_forge_command_or_read_another_task(hub, leaf):
@@ -112,10 +107,9 @@ def test_the_leaf_serves_loopback_only_without_jetstream_and_its_user_is_the_tas
     assert "jetstream" not in conf.lower() and "authorization" not in conf
     # The leaf's remote is the task's agent user: the hub lists one leaf connection in its account, and the
     # credentials file is the one the launcher minted for the agent role.
-    claims_user = json.loads(__import__("base64").urlsafe_b64decode(
-        (jwt := open(leaf.creds).read().split("-----BEGIN NATS USER JWT-----\n")[1].split("\n")[0]).split(".")[1] + "=="))
-    assert claims_user["name"] == f"task-{ATTACKER}-agent" and jwt
-    assert claims_user["nats"]["pub"]["allow"] == [contract.subject_events(ATTACKER), contract.subject_logs(ATTACKER),
+    claims = decode_claims(Path(leaf.creds).read_text().split("-----BEGIN NATS USER JWT-----\n")[1].split("\n")[0])
+    assert claims["name"] == f"task-{ATTACKER}-agent"
+    assert claims["nats"]["pub"]["allow"] == [contract.subject_events(ATTACKER), contract.subject_logs(ATTACKER),
                                                    f"{contract.command_reply_prefix(ATTACKER)}.>"]
 
 
