@@ -126,6 +126,13 @@ def inbox_prefix(task_id: str) -> str:
     return f"_INBOX.{task_id}"
 
 
+def command_reply_prefix(task_id: str) -> str:
+    """Where the answers to a task's commands go (`_INBOX.<id>.cmd.<nuid>`): the task's agent user may publish
+    there. A requester's own `_INBOX.<nuid>` would do for a direct client (its response permission), but not
+    through the pod's leaf node: interest crosses a leaf connection only on subjects its user may publish."""
+    return f"{inbox_prefix(task_id)}.cmd"
+
+
 # Event kinds published on events.agent.<id> (field "type" of the JSON body).
 EV_STATUS = "status"
 EV_PHASE = "phase"

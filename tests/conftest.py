@@ -121,10 +121,12 @@ class NatsServer:
     Tests connect as a user of that chain: `creds("admin")` (no limits) by default, `creds("functions")`,
     `creds("stream")`, ... or a task's own from `auth.issuer()`."""
 
-    def __init__(self, store_dir: Path, port: int | None = None):
+    def __init__(self, store_dir: Path, port: int | None = None, *, leafnodes: bool = False):
         from functions.devstack.nats_auth import ensure
 
         self.port = port or free_port()
+        # A leafnode port too, as the cluster's server has one (the agent pods' nats-leaf sidecars connect there).
+        self.leafnode_port = free_port() if leafnodes else None
         self.store_dir = store_dir
         self.auth = ensure(store_dir / "auth")
         self.log_file = store_dir / "server.log"
@@ -182,10 +184,22 @@ class NatsServer:
 
         return await nats.connect(self.url, **{**self.connect_options, **kw})
 
+    @property
+    def leafnode_url(self) -> str:
+        return f"nats-leaf://127.0.0.1:{self.leafnode_port}"
+
+    def _conf(self) -> Path:
+        if self.leafnode_port is None:
+            return self.auth.server_conf
+        conf = self.store_dir / "hub.conf"
+        conf.write_text(f'include "{os.path.relpath(self.auth.server_conf, self.store_dir)}"\n'
+                        f'leafnodes {{ listen: "127.0.0.1:{self.leafnode_port}" }}\n')
+        return conf
+
     def start(self) -> "NatsServer":
         with open(self.log_file, "ab") as log:
             self.proc = subprocess.Popen(
-                [nats_server_binary(), "-c", str(self.auth.server_conf), "-a", "127.0.0.1", "-p", str(self.port),
+                [nats_server_binary(), "-c", str(self._conf()), "-a", "127.0.0.1", "-p", str(self.port),
                  "-js", "-sd", str(self.store_dir)],
                 stdout=subprocess.DEVNULL,
                 stderr=log,

@@ -7,7 +7,8 @@ reads an existing one back). This command then writes, next to it:
     nats-values.yaml   values for the nats Helm chart (nats-io/k8s, helm/charts/nats):
                        `config.merge` puts the operator JWT, the system account,
                        `resolver: MEMORY` and `resolver_preload` (the account JWTs)
-                       into nats.conf; nats-box's default context uses the admin user
+                       into nats.conf, and the leafnode port 7422 (the agent pods'
+                       `nats-leaf` sidecars); nats-box's default context uses the admin user
                        from the Secret dockyard-nats-admin (namespace nats-io)
     config-nats.yaml   eventing-natss's ConfigMap `config-nats` (knative-eventing):
                        its `eventing-nats` key with `auth.credentialFile.secret`
@@ -100,9 +101,10 @@ def server_settings(conf: Path) -> dict:
 
 
 def helm_values(server: dict) -> dict:
-    """Values for the nats chart: its `config.merge` is merged into nats.conf as it is (operator mode)."""
+    """Values for the nats chart: its `config.merge` is merged into nats.conf as it is (operator mode);
+    the leafnode port (7422) is where each agent pod's `nats-leaf` sidecar connects as the task's agent user."""
     return {
-        "config": {"merge": server},
+        "config": {"merge": server, "leafnodes": {"enabled": True, "port": 7422}},
         "natsBox": {"contexts": {"default": {"creds": {"secretName": ADMIN_SECRET, "key": CREDS_KEY}}}},
     }
 

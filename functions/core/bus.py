@@ -142,12 +142,18 @@ class Bus:
             raise
         return ack.seq
 
-    async def request(self, subject: str, body: dict, timeout: float) -> dict:
-        """Request/reply with JSON bodies. Raises NoReply when nobody answers in time."""
+    async def request(self, subject: str, body: dict, timeout: float, *, reply_prefix: str | None = None) -> dict:
+        """Request/reply with JSON bodies. Raises NoReply when nobody answers in time.
+
+        `reply_prefix`: the answer comes on `<reply_prefix>.<random>` instead of this connection's inbox
+        (a task's commands: `contract.command_reply_prefix`, where its agent user may answer)."""
         import nats.errors
 
         try:
-            msg = await self.nc.request(subject, json.dumps(body).encode(), timeout=timeout)
+            if reply_prefix:
+                msg = await self._request_via(reply_prefix, subject, json.dumps(body).encode(), timeout)
+            else:
+                msg = await self.nc.request(subject, json.dumps(body).encode(), timeout=timeout)
         except nats.errors.NoRespondersError as exc:
             raise NoReply(f"nobody listens on {subject}") from exc
         except (nats.errors.TimeoutError, asyncio.TimeoutError) as exc:
@@ -161,6 +167,26 @@ class Bus:
         except ValueError:
             reply = {"ok": False, "error": f"reply on {subject} is not JSON"}
         return reply if isinstance(reply, dict) else {"ok": False, "error": f"reply on {subject} is not a JSON object"}
+
+    async def _request_via(self, reply_prefix: str, subject: str, payload: bytes, timeout: float):
+        """One request whose reply subject is `<reply_prefix>.<random>`; raises as nats-py's request does."""
+        import secrets
+
+        import nats.errors
+
+        inbox = f"{reply_prefix}.{secrets.token_hex(12)}"
+        sub = await self.nc.subscribe(inbox, max_msgs=1)
+        try:
+            await self.nc.publish(subject, payload, reply=inbox)
+            msg = await sub.next_msg(timeout=timeout)
+        finally:
+            try:
+                await sub.unsubscribe()
+            except nats.errors.Error:
+                pass  # already gone (max_msgs reached, or the connection closed)
+        if msg.headers and msg.headers.get("Status") == "503" and not msg.data:
+            raise nats.errors.NoRespondersError
+        return msg
 
     async def close(self) -> None:
         if not self.nc.is_closed:

@@ -21,9 +21,16 @@ Invariants
   `nats_signing_key_file`), each task's agent and snapshotter get their own NATS user
   (functions.core.nats_jwt.task_permissions: the task's own subjects only). The launcher
   mints them and puts them in the Secret `agent-<id>` (`render_nats_secret`), owned by the
-  Job like the PVC; each container mounts only its own key of it (`agent.creds`,
-  `snapshotter.creds`, `gateway.creds`) and gets `--nats-creds`. Restore never talks to NATS and gets none.
-  Without a signing key: no Secret, no flag.
+  Job like the PVC; each container mounts only its own key of it and gets `--nats-creds`:
+  `snapshotter.creds` the snapshotter, `gateway.creds` the gateway, and `agent.creds` the
+  `nats-leaf` sidecar, never the agent container. Restore never talks to NATS and gets none.
+  Without a signing key: no Secret, no flag, no leaf (the agent connects to `nats_url` itself).
+- The agent container mounts no secret at all. With minted credentials it reaches NATS through
+  the native sidecar `nats-leaf`: a nats-server in leaf-node mode on the pod's loopback (no
+  local auth, no JetStream) whose one remote is the cluster's leafnode port
+  (`nats_leaf_url`), authenticated as the task's agent user. The hub applies that user's
+  permissions to everything crossing the leaf connection, so a command in the pod can act as
+  its own task while the pod lives, but can never carry the credentials away.
 """
 
 from __future__ import annotations
@@ -34,6 +41,15 @@ from typing import Any, Mapping
 from urllib.parse import urlsplit
 
 from agent import contract
+from functions.core.nats_leaf import (  # noqa: F401  (the leaf's names, as the Job's readers know them)
+    NATS_LEAF_CONF_ENV,
+    NATS_LEAF_MONITOR_PORT,
+    NATS_LEAF_PORT,
+    NATS_LEAF_URL,
+    leaf_launch_command,
+    leaf_probe_command,
+    render_leaf_conf,
+)
 from functions.core.settings import Resources, Settings
 from functions.core.task import Task
 
@@ -45,7 +61,9 @@ CONTAINER_RESTORE = "restore"
 CONTAINER_SNAPSHOTTER = "snapshotter"
 CONTAINER_AGENT = "agent"
 CONTAINER_GATEWAY = "gateway"
-# The containers that talk to NATS, each as its own user (the roles of nats_jwt.TASK_ROLES); restore does not.
+CONTAINER_NATS_LEAF = "nats-leaf"
+# The NATS users of a task (the roles of nats_jwt.TASK_ROLES); restore has none. The agent's user is
+# mounted into the `nats-leaf` sidecar, which connects as it on the agent's behalf.
 NATS_ROLES = (CONTAINER_AGENT, CONTAINER_SNAPSHOTTER, CONTAINER_GATEWAY)
 
 # Where the secrets are mounted: agent/storage.py reads <secrets>/s3/*, the gateway <secrets>/model/*.
@@ -245,7 +263,8 @@ def _pod_spec(task: Task, settings: Settings) -> dict:
             "fsGroupChangePolicy": "OnRootMismatch",
             "seccompProfile": {"type": "RuntimeDefault"},
         },
-        "initContainers": [_restore(task, settings), _snapshotter(task, settings), _gateway(task, settings)],
+        "initContainers": [_restore(task, settings), _snapshotter(task, settings), _gateway(task, settings),
+                           *([_nats_leaf(task, settings)] if mints_nats_credentials(settings) else [])],
         "containers": [_agent(task, settings)],
         "volumes": volumes,
     }
@@ -344,12 +363,14 @@ def _snapshotter(task: Task, settings: Settings) -> dict:
 
 
 def _agent(task: Task, settings: Settings) -> dict:
+    # With minted credentials: the leaf on loopback, no credentials (the leaf holds them).
+    nats = ["--nats", NATS_LEAF_URL] if mints_nats_credentials(settings) else ["--nats", settings.nats_url]
     args = [
         "run",
         "--task-id", task.task_id,
         "--workspace", contract.WORKSPACE_MOUNT,
         "--task-file", contract.TASK_FILE,
-        *_nats_args(settings, CONTAINER_AGENT),
+        *nats,
         "--home", contract.HOME_DIR,
         "--secrets-dir", contract.SECRETS_DIR,
     ]  # fmt: skip
@@ -369,7 +390,6 @@ def _agent(task: Task, settings: Settings) -> dict:
         _mount("home", contract.HOME_DIR),
         _mount("tmp", "/tmp"),
         _mount("task", TASK_DIR, True),
-        *_nats_mounts(settings, CONTAINER_AGENT),
     ]
     container = _container(CONTAINER_AGENT, settings, args, _env(**env), mounts, settings.agent_resources)
     container["livenessProbe"] = {
@@ -426,6 +446,27 @@ def _gateway(task: Task, settings: Settings) -> dict:
         "exec": {"command": ["python", "-I", "-S", "-c", f"import urllib.request as u; u.urlopen({url!r}, timeout=2)"]},
         "periodSeconds": 1,
         "failureThreshold": 60,
+        "timeoutSeconds": 3,
+    }
+    return container
+
+
+def _nats_leaf(task: Task, settings: Settings) -> dict:
+    """The agent's NATS: a nats-server leaf node, a native sidecar, the only container that mounts `agent.creds`.
+    The agent connects to it on loopback without credentials; everything it sends or receives crosses the leaf
+    connection, which the cluster's server checks against the task's agent user (its own subjects only)."""
+    conf = render_leaf_conf(settings.nats_leaf_url, nats_creds_path(CONTAINER_AGENT))
+    env = {NATS_LEAF_CONF_ENV: conf, "HOME": "/tmp"}
+    mounts = _nats_mounts(settings, CONTAINER_AGENT)
+    container = _container(CONTAINER_NATS_LEAF, settings, [], _env(**env), mounts, settings.sidecar_resources)
+    container["command"] = leaf_launch_command()
+    del container["args"]
+    container["restartPolicy"] = "Always"  # a native sidecar: up before the agent starts, stopped after it
+    # The agent starts once the leaf is connected to the cluster: its first events find the stream's interest.
+    container["startupProbe"] = {
+        "exec": {"command": leaf_probe_command()},
+        "periodSeconds": 1,
+        "failureThreshold": 120,
         "timeoutSeconds": 3,
     }
     return container

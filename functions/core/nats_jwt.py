@@ -148,11 +148,15 @@ def task_permissions(task_id: str) -> Permissions:
 
     No JetStream API at all: the AGENT stream exists before a task is launched (the
     functions create it), the publisher's acks come back on the task's inbox, and
-    stream info (which lists other tasks' subjects) stays out of reach."""
+    stream info (which lists other tasks' subjects) stays out of reach.
+
+    Publishing to `_INBOX.<id>.cmd.>` answers the task's commands (`contract.command_reply_prefix`): the
+    functions ask there, so the answer crosses the pod's leaf node, which forwards only what its user
+    may publish. Only the task's own requesters listen there."""
     if not contract.is_valid_task_id(task_id):
         raise CredentialsSetupError(f"task id {task_id!r} is not valid")
     return Permissions(
-        publish=(contract.subject_events(task_id), contract.subject_logs(task_id)),
+        publish=(contract.subject_events(task_id), contract.subject_logs(task_id), f"{contract.command_reply_prefix(task_id)}.>"),
         subscribe=(contract.subject_cmd(task_id), f"{contract.inbox_prefix(task_id)}.>"),
         responses=True,
     )

@@ -48,6 +48,7 @@ if TYPE_CHECKING:
 # `pip install --user` works on a read-only root; an env PATH replaces the image's, hence the copy.
 DEFAULT_IMAGE_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 _NATS_SCHEMES = ("nats", "tls", "ws", "wss")
+_LEAF_SCHEMES = ("nats-leaf", "nats", "tls", "ws", "wss")
 _STORE_SCHEMES = ("s3", "file")
 _HTTP_SCHEMES = ("http", "https")
 _RESOURCE_PARTS = ("cpu_request", "memory_request", "cpu_limit", "memory_limit")
@@ -143,6 +144,10 @@ class Settings(BaseSettings):
     nats_account: str = _setting("", "public key of the NATS account of the tasks' users (`account.pub`)", "functions (the launcher)")
     nats_signing_key_file: str = _setting("", "seed file of a signing key of that account: the launcher mints each task's own NATS users with it; "
                                           "none: tasks get no NATS credentials", "functions (the launcher)")
+    nats_leaf_url: str = _setting(
+        "nats-leaf://nats.nats-io.svc.cluster.local:7422",
+        "the NATS server's leafnode port: with minted credentials, each agent pod's `nats-leaf` sidecar connects there "
+        "as the task's agent user (the agent container holds no credentials)", "Kubernetes runtime (the Job)", url=_LEAF_SCHEMES)
 
     # --- a task's limits: defaults and maxima ---------------------------------------
     default_deadline_seconds: int = _setting(_LIMITS.default_deadline_seconds, "deadline of a task that sets none", "task_submitted", ge=1)
@@ -330,7 +335,7 @@ class Settings(BaseSettings):
                 raise ValueError(f"{origin!r} is not an origin like https://cockpit.example:8443 (no path, no trailing slash)")
         return value
 
-    @field_validator("nats_url", "store", "s3_endpoint", "egress_proxy", "broker_url")
+    @field_validator("nats_url", "nats_leaf_url", "store", "s3_endpoint", "egress_proxy", "broker_url")
     @classmethod
     def _url(cls, value: str, info) -> str:
         schemes = cls.model_fields[info.field_name].json_schema_extra["url"]

@@ -59,7 +59,8 @@ async def _snapshot(ctx: "Context", record: "TaskRecord", now: datetime) -> str:
     task_id = record["task_id"]
     try:
         reply = await ctx.bus.request(
-            contract.subject_cmd(task_id), {"op": "snapshot"}, timeout=ctx.settings.snapshot_timeout_seconds
+            contract.subject_cmd(task_id), {"op": "snapshot"}, timeout=ctx.settings.snapshot_timeout_seconds,
+            reply_prefix=contract.command_reply_prefix(task_id),
         )
     except NoReply as exc:
         reply = {"ok": False, "error": str(exc)}

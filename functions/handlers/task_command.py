@@ -83,7 +83,8 @@ async def handle(event: CloudEvent, ctx: "Context") -> dict:
         at = contract.iso_utc()
         await ctx.registry.update(task_id, lambda r: {**r, "cancel_requested_at": r.get("cancel_requested_at") or at})
         try:
-            reply = await ctx.bus.request(subject, {"op": "cancel"}, timeout=ctx.settings.cancel_timeout_seconds)
+            reply = await ctx.bus.request(subject, {"op": "cancel"}, timeout=ctx.settings.cancel_timeout_seconds,
+                                           reply_prefix=contract.command_reply_prefix(task_id))
         except NoReply:
             reply = {"ok": False}
         if reply.get("ok") is True:
@@ -95,7 +96,8 @@ async def handle(event: CloudEvent, ctx: "Context") -> dict:
     if finished:
         raise BadInput(f"task {task_id} has finished; it takes no more messages", "task_id", 409)
     try:
-        reply = await ctx.bus.request(subject, {"op": "message", "text": text}, timeout=ctx.settings.command_timeout_seconds)
+        reply = await ctx.bus.request(subject, {"op": "message", "text": text}, timeout=ctx.settings.command_timeout_seconds,
+                                       reply_prefix=contract.command_reply_prefix(task_id))
     except NoReply as exc:
         raise NoReply(f"the agent of task {task_id} did not take the message: {exc}") from exc
     if reply.get("ok") is not True:

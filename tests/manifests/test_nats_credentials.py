@@ -108,9 +108,14 @@ def test_the_launcher_s_jobs_get_their_secret_and_each_container_its_own_user():
     job, secret, pvc = rendered_manifests()["launcher"]
     assert (secret["kind"], secret["metadata"]["name"]) == ("Secret", contract.job_name("all-limits"))
     spec = pod_template(job)["spec"]
+    held_by = {"nats-leaf": "agent", "snapshotter": "snapshotter", "gateway": "gateway"}  # the leaf holds the agent's user
     for c in spec["initContainers"] + spec["containers"]:
-        creds = c["args"][c["args"].index("--nats-creds") + 1] if "--nats-creds" in c["args"] else None
-        assert creds == (factory.nats_creds_path(c["name"]) if c["name"] in factory.NATS_ROLES else None), c["name"]
+        args = c.get("args", [])
+        creds = args[args.index("--nats-creds") + 1] if "--nats-creds" in args else None
+        if c["name"] == "nats-leaf":  # nats-server: the path is in its configuration, not a flag
+            conf = {e["name"]: e["value"] for e in c["env"]}[factory.NATS_LEAF_CONF_ENV]
+            creds = factory.nats_creds_path("agent") if f'credentials: "{factory.nats_creds_path("agent")}"' in conf else None
+        assert creds == (factory.nats_creds_path(held_by[c["name"]]) if c["name"] in held_by else None), c["name"]
 
 
 def test_the_readme_creates_the_secrets_with_the_keys_the_manifests_mount():

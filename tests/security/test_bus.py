@@ -187,7 +187,8 @@ def test_each_process_of_a_task_has_its_own_narrow_user_in_a_private_file(dev):
         claims = decode_claims(path.read_text().split("-----BEGIN NATS USER JWT-----\n")[1].split("\n")[0])
         users[role] = claims["sub"]
         nats_claims = claims["nats"]
-        assert nats_claims["pub"]["allow"] == [contract.subject_events("narrow"), contract.subject_logs("narrow")]
+        assert nats_claims["pub"]["allow"] == [contract.subject_events("narrow"), contract.subject_logs("narrow"),
+                                               f"{contract.command_reply_prefix('narrow')}.>"]  # answers to its own commands
         assert nats_claims["sub"]["allow"] == [contract.subject_cmd("narrow"), f"{contract.inbox_prefix('narrow')}.>"]
         assert claims["exp"] > claims["iat"]
     assert users["agent"] != users["snapshotter"]

@@ -109,6 +109,7 @@ async def test_the_helm_values_alone_configure_the_same_server(made, tmp_path):
     assert merge["resolver"] == "MEMORY" and merge["system_account"] == auth.system_account
     assert set(merge["resolver_preload"]) == {auth.system_account, auth.account, auth.eventing_account}
     assert decode_claims(merge["operator"])["nats"] == {"type": "operator", "system_account": auth.system_account, "version": 2}
+    assert values["config"]["leafnodes"] == {"enabled": True, "port": 7422}  # the agent pods' nats-leaf sidecars
     assert values["natsBox"] == {"contexts": {"default": {"creds": {"secretName": "dockyard-nats-admin", "key": "nats.creds"}}}}
     # The chart renders config.merge as JSON into nats.conf: run nats-server on exactly that.
     conf = tmp_path / "nats.conf"

@@ -354,30 +354,70 @@ def test_the_nats_secret_needs_exactly_the_two_roles(task, creds):
         factory.render_nats_secret(task, Settings(**NATS_SETTINGS), "u", creds)
 
 
+# Who holds each NATS user: the agent's is held by the nats-leaf sidecar on the agent's behalf.
+HOLDERS = {"agent": "nats-leaf", "snapshotter": "snapshotter", "gateway": "gateway"}
+
+
+def leaf_conf(job: dict) -> str:
+    return env(container(job, "nats-leaf"))[factory.NATS_LEAF_CONF_ENV]
+
+
 def test_each_container_mounts_only_its_own_nats_user(nats_job):
     vols = volumes(nats_job)
-    for role in ("agent", "snapshotter"):
-        c = container(nats_job, role)
+    for role, holder in HOLDERS.items():
+        c = container(nats_job, holder)
         mount = mounts(c)[NATS_DIR]
         assert mount == {"name": f"nats-{role}", "mountPath": NATS_DIR, "readOnly": True}
         # The volume projects only this role's key: the other user's file is not in the container at all.
         assert vols[mount["name"]] == {"name": f"nats-{role}", "secret": {
             "secretName": "agent-t1", "defaultMode": 0o440, "items": [{"key": f"{role}.creds", "path": f"{role}.creds"}]}}
-        assert args_value(c, "--nats-creds") == f"{NATS_DIR}/{role}.creds" == factory.nats_creds_path(role)
-        assert args_value(c, "--nats") == Settings().nats_url
+        if holder == "nats-leaf":  # nats-server reads it: the remote's credentials in its configuration
+            assert f'credentials: "{factory.nats_creds_path(role)}"' in leaf_conf(nats_job)
+        else:
+            assert args_value(c, "--nats-creds") == f"{NATS_DIR}/{role}.creds" == factory.nats_creds_path(role)
+            assert args_value(c, "--nats") == Settings().nats_url
         assert not [m for m in c["volumeMounts"] if m["name"].startswith("nats-") and m["name"] != f"nats-{role}"]
+    # The agent container holds none of them: it talks to the leaf on loopback, without credentials.
+    agent = container(nats_job, "agent")
+    assert NATS_DIR not in mounts(agent) and args_value(agent, "--nats-creds") is None
+    assert args_value(agent, "--nats") == factory.NATS_LEAF_URL == "nats://127.0.0.1:4222"
     # Restore never talks to NATS: no user, no flag.
     restore = container(nats_job, "restore")
     assert NATS_DIR not in mounts(restore) and "--nats" not in restore["args"] and "--nats-creds" not in restore["args"]
     # Readable by the agent's user (1000) through the pod's fsGroup, like the other secrets; never by others.
     assert pod(nats_job)["securityContext"]["fsGroup"] == factory.AGENT_USER
     assert {v["secret"]["defaultMode"] for v in vols.values() if "secret" in v} == {0o440}
-    # Inside the agent's secrets dir: its redactor knows the values (agent/redact.py reads the whole tree).
-    assert args_value(container(nats_job, "agent"), "--secrets-dir") == contract.SECRETS_DIR and NATS_DIR.startswith(contract.SECRETS_DIR + "/")
+
+
+def test_the_nats_leaf_is_a_restricted_native_sidecar_on_loopback_started_before_the_agent(nats_job):
+    spec = pod(nats_job)
+    names = [c["name"] for c in spec["initContainers"]] + [c["name"] for c in spec["containers"]]
+    assert names == ["restore", "snapshotter", "gateway", "nats-leaf", "agent"]
+    leaf = container(nats_job, "nats-leaf")
+    assert leaf["restartPolicy"] == "Always"  # native sidecar: its startupProbe gates the agent's start
+    assert leaf["securityContext"] == container(nats_job, "agent")["securityContext"]
+    assert leaf["securityContext"]["readOnlyRootFilesystem"] is True and leaf["securityContext"]["runAsNonRoot"] is True
+    assert set(mounts(leaf)) == {NATS_DIR}  # no workspace, no writable place: the config comes on stdin
+    assert "args" not in leaf and leaf["command"][:4] == ["python", "-I", "-S", "-c"] and "nats-server" in leaf["command"][-1]
+    conf = leaf_conf(nats_job)
+    assert conf == factory.render_leaf_conf(Settings().nats_leaf_url, factory.nats_creds_path("agent"))
+    assert 'listen: "127.0.0.1:4222"' in conf and 'http: "127.0.0.1:8222"' in conf  # the pod's loopback only
+    assert f'url: "{Settings().nats_leaf_url}"' in conf and "jetstream" not in conf and "authorization" not in conf
+    probe = leaf["startupProbe"]
+    assert probe["exec"]["command"] == factory.leaf_probe_command() and "/leafz" in probe["exec"]["command"][-1]
+    assert probe["periodSeconds"] * probe["failureThreshold"] >= 60
+
+
+@pytest.mark.parametrize("value", ["nats-leaf://h:7422\n}\nauthorization {", "nats-leaf://$HOST:7422"])
+def test_the_leaf_conf_refuses_text_that_would_change_its_meaning(value):
+    with pytest.raises(ValueError):
+        factory.render_leaf_conf(value, "/var/secrets/nats/agent.creds")
 
 
 def test_without_a_signing_key_no_secret_no_volume_no_flag(task, job):
     assert not [v for v in volumes(job) if v.startswith("nats-")]
+    assert "nats-leaf" not in [c["name"] for c in pod(job)["initContainers"]]  # no user to hold: the agent connects itself
+    assert args_value(container(job, "agent"), "--nats") == Settings().nats_url
     for name in ("restore", "snapshotter", "agent"):
         assert "--nats-creds" not in container(job, name)["args"] and NATS_DIR not in mounts(container(job, name))
     assert [m["kind"] for m in render(task, Settings())] == ["Job", "PersistentVolumeClaim"]

@@ -52,7 +52,7 @@ def test_a_user_signed_by_another_account_key_is_refused(nats_server):
 
 def test_task_permissions_name_only_the_task_and_refuse_bad_ids():
     p = task_permissions("t-1")
-    assert p.publish == ("events.agent.t-1", "logs.agent.t-1")
+    assert p.publish == ("events.agent.t-1", "logs.agent.t-1", "_INBOX.t-1.cmd.>")  # the last: answers to its commands
     assert p.subscribe == ("cmd.agent.t-1", "_INBOX.t-1.>") and p.responses
     for bad in ("*", ">", "a.b", "t-1\n", ""):
         with pytest.raises(CredentialsSetupError):
