@@ -14,7 +14,18 @@ What a real API server does and plain kmock does not, added here:
   the reference; a Job deleted without a policy orphans, as batch/v1 does;
 - lists honour `labelSelector` (`=`, `==`, `!=`, `in`, `notin`, `key`, `!key`);
 - `set_job_status()` plays the Job controller, `set_pod_status()` the kubelet; `fail_next()` injects an error
-  answer (or a delay) for the next matching request.
+  answer (or a delay) for the next matching request;
+- authentication and RBAC, when given `tokens` (bearer token -> user) and `rbac` (an `Rbac` parsed from
+  Role/ClusterRole and RoleBinding/ClusterRoleBinding YAML): every request is authenticated (no or an
+  unknown token: 401) and authorized as the API server does, verb from method and path (GET one: get,
+  GET collection: list, `?watch`: watch, POST: create, PUT: update, PATCH: patch, DELETE one: delete,
+  DELETE collection: deletecollection), against the rules' apiGroups, resources (`jobs/status`:
+  subresources), verbs and resourceNames; refused is a 403 `Forbidden` Status in the API server's words.
+  With it, OwnerReferencesPermissionEnforcement: an ownerReference with `blockOwnerDeletion` needs `update`
+  on the owner's `finalizers`. A user in `system:masters` (the tests' admin) may do anything. The test
+  fixture (conftest_kube.py) binds knative/rbac.yaml: the runtime's client is the functions'
+  ServiceAccount, so a call the Role does not grant fails its tests, and a grant no call needs fails
+  tests/functions/runtime/test_kubernetes_rbac.py: the Role and the code cannot drift apart.
 
 The client is synchronous: call it through `asyncio.to_thread` (as the runtime
 does), or the test's event loop, which serves the HTTP, is blocked.
@@ -143,6 +154,8 @@ def selector_matches(requirements: list[tuple[str, str, set[str]]], labels: dict
 
 @attrs.define(kw_only=True)
 class KubeEmulator(KubernetesEmulator):
+    tokens: dict[str, str] | None = None  # bearer token -> user; None: no authentication nor authorization
+    rbac: "Rbac | None" = None
     _faults: list[Fault] = attrs.field(factory=list, init=False)
     _versions: Any = attrs.field(factory=lambda: itertools.count(1000), init=False)
 
@@ -203,6 +216,7 @@ class KubeEmulator(KubernetesEmulator):
         return str(next(self._versions))
 
     async def _handle(self, request):
+        self._authorize(request)
         res = request.resource
         if res is None or not res.plural or request.action is None or request.subresource not in (None, "status"):
             return await super()._handle(request)
@@ -232,6 +246,39 @@ class KubeEmulator(KubernetesEmulator):
         if fault is not None:
             await asyncio.sleep(fault.delay)  # done, but answered late: a client timeout does not undo it
         return response
+
+    def _authorize(self, request) -> None:
+        """401 without a known token; 403 for a verb the user's bindings do not grant (as the API server words it)."""
+        if self.tokens is None:
+            return
+        header = request.headers.get("Authorization") or request.headers.get("authorization") or ""
+        user = self.tokens.get(header[len("Bearer "):]) if header.startswith("Bearer ") else None
+        if user is None:
+            raise status_error(401, "Unauthorized")
+        res = request.resource
+        if res is None or not res.plural or user in ADMINS:
+            return  # non-resource URLs (discovery): allowed to everyone authenticated, as system:discovery does
+        verb = request_verb(getattr(request.method, "value", str(request.method)).upper(), request.name, request.params)
+        resource = f"{res.plural}/{request.subresource}" if request.subresource else str(res.plural)
+        rbac = self.rbac or Rbac([], [])
+        if not rbac.allows(user, verb, res.group or "", resource, request.namespace, request.name):
+            raise forbidden(user, verb, res.group or "", resource, request.namespace, request.name)
+        if verb == "create" and isinstance(request.data, dict):
+            # OwnerReferencesPermissionEnforcement (admission): blockOwnerDeletion needs update on the owner's finalizers.
+            for ref in (request.data.get("metadata") or {}).get("ownerReferences") or []:
+                if not ref.get("blockOwnerDeletion"):
+                    continue
+                group = ref.get("apiVersion", "v1").rpartition("/")[0]
+                plural = OWNER_PLURALS.get(ref.get("kind"), f"{str(ref.get('kind', '')).lower()}s")
+                if not rbac.allows(user, "update", group, f"{plural}/finalizers", request.namespace, ref.get("name")):
+                    denied = forbidden(user, "update", group, f"{plural}/finalizers", request.namespace, None).message
+                    name = (request.data.get("metadata") or {}).get("name")
+                    raise status_error(
+                        403,
+                        f'{_qualified(res)} "{name}" is forbidden: cannot set blockOwnerDeletion if an ownerReference refers to a '
+                        f"resource you can't set finalizers on: {denied.split(': ', 1)[1]}, {ref}",
+                        res=res, name=name,
+                    )
 
     async def _take_fault(self, request) -> Fault | None:
         """The fault for this request, if any: an error status is raised here (after its delay)."""
@@ -303,6 +350,111 @@ class KubeEmulator(KubernetesEmulator):
         version = f"{request.resource.group}/{request.resource.version}" if request.resource.group else request.resource.version
         answer.update(apiVersion=version, kind=f"{kind}List", metadata={"resourceVersion": str(next(self._versions))})
         return answer
+
+
+# --- authorization ---------------------------------------------------------------------
+
+ADMINS = {"kubernetes-admin"}  # in group system:masters: every verb, as on a real cluster
+OWNER_PLURALS = {"Job": "jobs", "Pod": "pods", "PersistentVolumeClaim": "persistentvolumeclaims", "Secret": "secrets"}
+
+
+def request_verb(method: str, name: str | None, params: dict) -> str:
+    """The authorization verb of an HTTP request, as the API server's RequestInfoFactory derives it."""
+    if method == "GET" and str(params.get("watch", "")).lower() in ("true", "1"):
+        return "watch"
+    one = name is not None
+    return {
+        "GET": "get" if one else "list",
+        "HEAD": "get" if one else "list",
+        "POST": "create",
+        "PUT": "update",
+        "PATCH": "patch",
+        "DELETE": "delete" if one else "deletecollection",
+    }.get(method, method.lower())
+
+
+def forbidden(user: str, verb: str, group: str, resource: str, namespace: str | None, name: str | None) -> KubernetesError:
+    """The API server's 403 for an RBAC refusal (k8s.io/apiserver endpoints/handlers/responsewriters.ForbiddenStatusError)."""
+    plural, _, sub = resource.partition("/")
+    qualified = f"{plural}.{group}" if group else plural
+    subject = f'{qualified} "{name}"' if name else qualified
+    reason = f'User "{user}" cannot {verb} resource "{resource}" in API group "{group}"'
+    reason += f' in the namespace "{namespace}"' if namespace else " at the cluster scope"
+    details: dict[str, Any] = {"group": group, "kind": plural}
+    if name:
+        details["name"] = name
+    return KubernetesError(status=403, reason="Forbidden", message=f"{subject} is forbidden: {reason}", details=details)
+
+
+@dataclass(frozen=True)
+class Rule:
+    api_groups: frozenset[str]
+    resources: frozenset[str]
+    verbs: frozenset[str]
+    resource_names: frozenset[str]
+
+    def allows(self, verb: str, group: str, resource: str, name: str | None) -> bool:
+        return (
+            (verb in self.verbs or "*" in self.verbs)
+            and (group in self.api_groups or "*" in self.api_groups)
+            and (resource in self.resources or "*" in self.resources
+                 or ("/" in resource and f"*/{resource.split('/', 1)[1]}" in self.resources))
+            and (not self.resource_names or name in self.resource_names)
+        )  # fmt: skip
+
+
+@dataclass
+class Rbac:
+    """Roles and bindings as the RBAC authorizer reads them: a user may do what a rule of a role bound to it allows
+    (a Role's rules in its namespace, a ClusterRole's everywhere through a ClusterRoleBinding)."""
+
+    roles: list[tuple[str, str | None, str, list[Rule]]]  # (kind, namespace, name, rules)
+    bindings: list[tuple[str | None, str, str, set[str]]]  # (namespace or None if cluster-wide, role kind, role name, users)
+
+    @classmethod
+    def from_objects(cls, objects: list[dict]) -> "Rbac":
+        roles, bindings = [], []
+        for obj in objects:
+            if not isinstance(obj, dict) or obj.get("apiVersion") != "rbac.authorization.k8s.io/v1":
+                continue
+            meta = obj.get("metadata") or {}
+            if obj["kind"] in ("Role", "ClusterRole"):
+                rules = [
+                    Rule(frozenset(r.get("apiGroups") or []), frozenset(r.get("resources") or []),
+                         frozenset(r.get("verbs") or []), frozenset(r.get("resourceNames") or []))
+                    for r in obj.get("rules") or []
+                ]  # fmt: skip
+                roles.append((obj["kind"], meta.get("namespace") if obj["kind"] == "Role" else None, meta["name"], rules))
+            elif obj["kind"] in ("RoleBinding", "ClusterRoleBinding"):
+                users = set()
+                for subject in obj.get("subjects") or []:
+                    if subject.get("kind") == "ServiceAccount":
+                        users.add(f"system:serviceaccount:{subject.get('namespace') or meta.get('namespace')}:{subject['name']}")
+                    elif subject.get("kind") == "User":
+                        users.add(subject["name"])
+                ref = obj["roleRef"]
+                namespace = meta.get("namespace") if obj["kind"] == "RoleBinding" else None
+                bindings.append((namespace, ref["kind"], ref["name"], users))
+        return cls(roles, bindings)
+
+    @classmethod
+    def from_yaml(cls, text: str) -> "Rbac":
+        import yaml
+
+        return cls.from_objects(list(yaml.safe_load_all(text)))
+
+    def allows(self, user: str, verb: str, group: str, resource: str, namespace: str | None, name: str | None) -> bool:
+        for binding_ns, role_kind, role_name, users in self.bindings:
+            if user not in users or (binding_ns is not None and binding_ns != namespace):
+                continue
+            for kind, role_ns, name_, rules in self.roles:
+                if kind != role_kind or name_ != role_name:
+                    continue
+                if kind == "Role" and role_ns != binding_ns:
+                    continue  # a RoleBinding names a Role of its own namespace
+                if any(rule.allows(verb, group, resource, name) for rule in rules):
+                    return True
+        return False
 
 
 def job_condition(type_: str, status: str = "True", reason: str | None = None, message: str = "") -> dict:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 
 import pytest
-from conftest_kube import kube, kube_client  # noqa: F401  (fixtures of the Kubernetes runtime tests)
+from conftest_kube import kube, kube_admin, kube_client  # noqa: F401  (fixtures of the Kubernetes runtime tests)
 
 from tests.functions.runtime.fake_clock import FakeClock
 from tests.functions.runtime.local_stand_in import STAND_IN

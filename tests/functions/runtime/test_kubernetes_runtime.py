@@ -9,7 +9,7 @@ import asyncio
 import json
 
 import pytest
-from conftest_kube import api_client_for
+from conftest_kube import SA_TOKEN, api_client_for
 from kube_emulator import JOBS, PVCS, job_condition, parse_selector, selector_matches
 
 from agent import contract
@@ -78,10 +78,10 @@ async def test_same_id_with_another_spec_is_a_conflict(kube, runtime):
     assert "one thing" in kube.get(JOBS, NS, "agent-t1")["metadata"]["annotations"][contract.ANNOTATION_TASK]
 
 
-async def test_a_job_dockyard_does_not_manage_is_a_conflict(kube, kube_client, runtime):
+async def test_a_job_dockyard_does_not_manage_is_a_conflict(kube, kube_admin, runtime):
     foreign = render_job(make_task(), Settings())
     foreign["metadata"]["labels"] = {"app": "someone-else"}
-    await asyncio.to_thread(_create_job, kube_client, foreign)
+    await asyncio.to_thread(_create_job, kube_admin, foreign)
     with pytest.raises(LaunchConflict, match="does not manage"):
         await runtime.launch(make_task())
     assert kube.get(PVCS, NS, "workspace-t1") is None
@@ -179,12 +179,12 @@ async def test_cancel_deletes_the_job_and_the_pvc_goes_with_it(kube, runtime):
     assert await runtime.finished_job("t1") is None
 
 
-async def test_the_emulator_orphans_a_jobs_dependents_by_default(kube, kube_client, runtime):
+async def test_the_emulator_orphans_a_jobs_dependents_by_default(kube, kube_admin, runtime):
     """Why cancel must ask for Background: batch/v1 orphans by default, leaving the workspace behind."""
     from kubernetes import client
 
     await runtime.launch(make_task())
-    await asyncio.to_thread(client.BatchV1Api(kube_client).delete_namespaced_job, "agent-t1", NS)
+    await asyncio.to_thread(client.BatchV1Api(kube_admin).delete_namespaced_job, "agent-t1", NS)
     pvc = kube.get(PVCS, NS, "workspace-t1")
     assert kube.get(JOBS, NS, "agent-t1") is None
     assert pvc is not None and not pvc["metadata"].get("ownerReferences")
@@ -244,11 +244,11 @@ def test_label_selectors():
         parse_selector("app=x=y")
 
 
-async def test_emulator_answers_status_bodies(kube, kube_client):
+async def test_emulator_answers_status_bodies(kube, kube_admin):
     from kubernetes import client
     from kubernetes.client.exceptions import ApiException
 
-    api = client.BatchV1Api(kube_client)
+    api = client.BatchV1Api(kube_admin)
     body = render_job(make_task(), Settings())
     created = await asyncio.to_thread(api.create_namespaced_job, NS, body)
     assert created.metadata.uid and created.metadata.resource_version and created.metadata.creation_timestamp
@@ -281,7 +281,7 @@ async def test_make_runtime_reads_the_kubeconfig_and_the_job_settings_from_the_e
                 "apiVersion": "v1",
                 "kind": "Config",
                 "clusters": [{"name": "emulator", "cluster": {"server": str(kube.url).rstrip("/")}}],
-                "users": [{"name": "tester", "user": {"token": "t0ken"}}],
+                "users": [{"name": "tester", "user": {"token": SA_TOKEN}}],
                 "contexts": [{"name": "test", "context": {"cluster": "emulator", "user": "tester"}}],
                 "current-context": "test",
             }
@@ -340,12 +340,15 @@ async def test_a_job_with_only_the_interim_conditions_of_1_31_is_not_finished_ye
 _STATUS_FIELDS = {"image": "agent", "imageID": "sha256:0", "ready": False, "restartCount": 1}
 
 
-async def _agent_pod(kube, runtime, name: str, created: str, terminated: dict, *, last: bool = False) -> None:
-    """A pod of Job agent-t1 as the Job controller makes it, then its status as the kubelet writes it."""
+async def _agent_pod(kube, admin, name: str, created: str, terminated: dict, *, last: bool = False) -> None:
+    """A pod of Job agent-t1 as the Job controller makes it (with the `admin` client: the runtime may not create
+    pods), then its status as the kubelet writes it."""
+    from kubernetes import client
+
     pod = {"apiVersion": "v1", "kind": "Pod",
            "metadata": {"name": name, "labels": {"batch.kubernetes.io/job-name": "agent-t1", **contract.agent_labels("t1")}},
            "spec": {"containers": [{"name": "agent", "image": "agent"}]}}
-    await asyncio.to_thread(runtime.core.create_namespaced_pod, NS, pod)
+    await asyncio.to_thread(client.CoreV1Api(admin).create_namespaced_pod, NS, pod)
     state = {"lastState" if last else "state": {"terminated": terminated}}
     await kube.set_pod_status(NS, name, created=created, containerStatuses=[
         {"name": "snapshotter", "state": {"terminated": {"exitCode": 0, "reason": "Completed"}}, **_STATUS_FIELDS},
@@ -353,13 +356,13 @@ async def _agent_pod(kube, runtime, name: str, created: str, terminated: dict, *
     ])
 
 
-async def test_a_finished_job_carries_its_agent_container_s_end_and_last_words(kube, runtime):
+async def test_a_finished_job_carries_its_agent_container_s_end_and_last_words(kube, kube_admin, runtime):
     """Issue 11, defect 7: a Job carries no termination message (the Pod does), so an OOM-killed agent left
     no reason and no last lines. The runtime now reads the newest pod's agent container."""
     await runtime.launch(make_task())
-    await _agent_pod(kube, runtime, "agent-t1-b", "2026-12-01T10:05:00Z",
+    await _agent_pod(kube, kube_admin, "agent-t1-b", "2026-12-01T10:05:00Z",
                      {"exitCode": 137, "reason": "OOMKilled", "message": "step 41: cloning\nKilled\n"}, last=True)
-    await _agent_pod(kube, runtime, "agent-t1-a", "2026-12-01T10:00:00Z", {"exitCode": 1, "reason": "Error", "message": "first try"})
+    await _agent_pod(kube, kube_admin, "agent-t1-a", "2026-12-01T10:00:00Z", {"exitCode": 1, "reason": "Error", "message": "first try"})
     await kube.set_job_status(NS, "agent-t1", active=0, failed=2, conditions=[job_condition("Failed", reason="BackoffLimitExceeded")])
 
     job = await runtime.finished_job("t1")
