@@ -12,7 +12,7 @@ import json
 
 import pytest
 from conftest_kube import FUNCTIONS_USER, api_client_for, knative_rbac
-from kube_emulator import JOBS, PVCS, SECRETS, Rbac, Rule, job_condition
+from kube_emulator import JOBS, PVCS, SECRETS, Rbac, job_condition
 
 from agent import contract
 from functions.core.settings import Settings
@@ -91,10 +91,14 @@ async def test_the_runtime_maps_a_refusal_by_rbac_to_a_permanent_error_naming_th
 
 
 async def test_without_a_known_token_the_api_answers_401(kube):
-    runtime = KubernetesRuntime(Settings(), api_client_for(str(kube.url), "not-a-token"), request_timeout=2)
-    with pytest.raises(ApiRejected, match="rejected the credentials") as caught:
-        await runtime.launch(make_task())
-    assert caught.value.api_status == 401
+    api_client = api_client_for(str(kube.url), "not-a-token")
+    runtime = KubernetesRuntime(Settings(), api_client, request_timeout=2)
+    try:
+        with pytest.raises(ApiRejected, match="rejected the credentials") as caught:
+            await runtime.launch(make_task())
+    finally:
+        api_client.close()
+    assert caught.value.api_status == 401 and kube.live(JOBS) == []
 
 
 async def test_block_owner_deletion_needs_update_on_the_job_s_finalizers(kube, kube_client):
