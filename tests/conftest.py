@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from agent.procs import terminate
 from functions.devstack.ports import free_port  # noqa: F401  (tests import it from here)
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -214,13 +215,8 @@ class NatsServer:
         return port_open(self.port)
 
     def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        if self.proc:
+            terminate(self.proc, 5)
         self.proc = None
 
     def restart(self) -> None:

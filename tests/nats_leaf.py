@@ -11,6 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from agent.procs import terminate
 from functions.core import factory
 from functions.core.settings import Settings
 from functions.core.task import parse_task
@@ -75,11 +76,6 @@ class NatsLeaf:
         return self.log_file.read_text() if self.log_file.exists() else ""
 
     def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        if self.proc:
+            terminate(self.proc, 5)
         self.proc = None
