@@ -231,6 +231,14 @@ def nats_server(tmp_path_factory):
     server.stop()
 
 
+@pytest.fixture
+def hub(tmp_path_factory):
+    """A nats-server in operator mode with its leafnode port open: the cluster's NATS a pod's `nats-leaf` joins."""
+    server = NatsServer(tmp_path_factory.mktemp("hub"), leafnodes=True).start()
+    yield server
+    server.stop()
+
+
 @pytest.fixture(scope="session")
 def s3_endpoint():
     """moto's S3 server over real HTTP; tests use boto3 against it."""

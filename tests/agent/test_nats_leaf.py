@@ -20,13 +20,6 @@ TASK = "t-leaf"
 
 
 @pytest.fixture
-def hub(tmp_path_factory):
-    server = NatsServer(tmp_path_factory.mktemp("hub"), leafnodes=True).start()
-    yield server
-    server.stop()
-
-
-@pytest.fixture
 def leaf(hub, tmp_path):
     node = NatsLeaf(hub, TASK, tmp_path).start()
     yield node

@@ -29,13 +29,6 @@ FORGED = b"forged-through-the-leaf"
 
 
 @pytest.fixture
-def hub(tmp_path_factory):
-    server = NatsServer(tmp_path_factory.mktemp("hub"), leafnodes=True).start()
-    yield server
-    server.stop()
-
-
-@pytest.fixture
 def leaf(hub, tmp_path):
     node = NatsLeaf(hub, ATTACKER, tmp_path).start()
     node.wait_connected()
