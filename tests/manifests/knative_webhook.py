@@ -1,0 +1,328 @@
+"""The Knative admission-webhook rules dockyard relies on that the CRD schemas do not carry.
+
+Each rule is transcribed from the upstream file named beside it, at the tags pinned in
+tests/manifests/versions.py (serving `knative-v1.20.0`, eventing `knative-v1.20.0`). The
+CRD schemas (crd_schema.py) accept a whole PodSpec; Knative's webhook then refuses every
+field its field masks do not copy, unless a feature flag of the `config-features`
+ConfigMap (namespace knative-serving) lets it through. So the checker takes the flags as
+input: the upstream defaults, overridden by a `config-features` that dockyard ships (if it
+ever does). A rule we depend on that is off by default therefore fails the manifests test
+until our manifests turn its flag on.
+
+Invariants: every function returns the list of problems, each naming the field path; an
+empty list means the webhook would admit the object. Nothing here is hand-invented: a
+field not listed is one upstream's masks drop, and the list names its Go mask.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from tests.manifests import versions
+
+SERVING = f"knative/serving@{versions.KNATIVE_SERVING}"
+EVENTING = f"knative/eventing@{versions.KNATIVE_EVENTING}"
+
+# serving pkg/apis/config/features.go, defaultFeaturesConfig() (the values
+# config/core/configmaps/features.yaml documents). Only the flags the masks below consult.
+DEFAULT_FEATURES: dict[str, str] = {
+    "multi-container": "enabled",
+    "secure-pod-defaults": "disabled",
+    "kubernetes.podspec-affinity": "disabled",
+    "kubernetes.podspec-topologyspreadconstraints": "disabled",
+    "kubernetes.podspec-hostaliases": "disabled",
+    "kubernetes.podspec-nodeselector": "disabled",
+    "kubernetes.podspec-tolerations": "disabled",
+    "kubernetes.podspec-fieldref": "disabled",
+    "kubernetes.podspec-runtimeclassname": "disabled",
+    "kubernetes.podspec-dnspolicy": "disabled",
+    "kubernetes.podspec-dnsconfig": "disabled",
+    "kubernetes.podspec-securitycontext": "disabled",
+    "kubernetes.podspec-shareprocessnamespace": "disabled",
+    "kubernetes.podspec-hostipc": "disabled",
+    "kubernetes.podspec-hostpid": "disabled",
+    "kubernetes.podspec-hostnetwork": "disabled",
+    "kubernetes.podspec-priorityclassname": "disabled",
+    "kubernetes.podspec-schedulername": "disabled",
+    "kubernetes.containerspec-addcapabilities": "disabled",
+    "kubernetes.podspec-volumes-emptydir": "enabled",
+    "kubernetes.podspec-volumes-image": "disabled",
+    "kubernetes.podspec-volumes-hostpath": "disabled",
+    "kubernetes.podspec-volumes-csi": "disabled",
+    "kubernetes.podspec-init-containers": "disabled",
+    "kubernetes.podspec-persistent-volume-claim": "disabled",
+    "kubernetes.podspec-persistent-volume-write": "disabled",
+    "kubernetes.podspec-volumes-mount-propagation": "disabled",
+}
+
+# serving pkg/apis/config/defaults.go (DefaultMaxRevisionTimeoutSeconds = 10*60,
+# DefaultContainerConcurrencyMaxLimit = 1000, allow-container-concurrency-zero true),
+# the values config/core/configmaps/defaults.yaml documents.
+DEFAULT_DEFAULTS: dict[str, str] = {
+    "max-revision-timeout-seconds": "600",
+    "revision-timeout-seconds": "300",
+    "container-concurrency-max-limit": "1000",
+    "allow-container-concurrency-zero": "true",
+}
+
+# ---- field masks: serving pkg/apis/serving/fieldmask.go -----------------------------------
+# PodSpecMask: always copied (automountServiceAccountToken only when false, checked below).
+POD_SPEC_FIELDS = {"serviceAccountName", "containers", "volumes", "imagePullSecrets", "enableServiceLinks", "automountServiceAccountToken"}
+# PodSpecMask: copied when the flag is not "disabled".
+POD_SPEC_FLAGGED = {
+    "affinity": "kubernetes.podspec-affinity",
+    "topologySpreadConstraints": "kubernetes.podspec-topologyspreadconstraints",
+    "hostAliases": "kubernetes.podspec-hostaliases",
+    "nodeSelector": "kubernetes.podspec-nodeselector",
+    "runtimeClassName": "kubernetes.podspec-runtimeclassname",
+    "tolerations": "kubernetes.podspec-tolerations",
+    "shareProcessNamespace": "kubernetes.podspec-shareprocessnamespace",
+    "priorityClassName": "kubernetes.podspec-priorityclassname",
+    "schedulerName": "kubernetes.podspec-schedulername",
+    "initContainers": "kubernetes.podspec-init-containers",
+    "dnsPolicy": "kubernetes.podspec-dnspolicy",
+    "dnsConfig": "kubernetes.podspec-dnsconfig",
+    "hostIPC": "kubernetes.podspec-hostipc",
+    "hostPID": "kubernetes.podspec-hostpid",
+    "hostNetwork": "kubernetes.podspec-hostnetwork",
+}
+# RevisionSpec's own fields beside the inlined PodSpec (serving pkg/apis/serving/v1/revision_types.go).
+REVISION_SPEC_FIELDS = {"containerConcurrency", "timeoutSeconds", "responseStartTimeoutSeconds", "idleTimeoutSeconds"}
+# ContainerMask.
+CONTAINER_FIELDS = {
+    "name", "args", "command", "env", "workingDir", "envFrom", "image", "imagePullPolicy", "livenessProbe", "ports",
+    "readinessProbe", "resources", "securityContext", "startupProbe", "terminationMessagePath",
+    "terminationMessagePolicy", "volumeMounts",
+}  # fmt: skip
+# SecurityContextMask (privileged only when false, checked below).
+SECURITY_CONTEXT_FIELDS = {"capabilities", "readOnlyRootFilesystem", "runAsUser", "runAsGroup", "runAsNonRoot", "allowPrivilegeEscalation", "seccompProfile", "privileged"}
+# PodSecurityContextMask, with kubernetes.podspec-securitycontext on.
+POD_SECURITY_CONTEXT_FIELDS = {"runAsUser", "runAsGroup", "runAsNonRoot", "fsGroup", "supplementalGroups", "seccompProfile"}
+# VolumeSourceMask: always, and by flag.
+VOLUME_SOURCES = {"secret", "configMap", "projected"}
+VOLUME_SOURCES_FLAGGED = {
+    "emptyDir": "kubernetes.podspec-volumes-emptydir",
+    "persistentVolumeClaim": "kubernetes.podspec-persistent-volume-claim",
+    "hostPath": "kubernetes.podspec-volumes-hostpath",
+    "csi": "kubernetes.podspec-volumes-csi",
+    "image": "kubernetes.podspec-volumes-image",
+}
+# VolumeMountMask (mountPropagation by flag).
+VOLUME_MOUNT_FIELDS = {"name", "readOnly", "mountPath", "subPath"}
+# EnvVarSourceMask (fieldRef and resourceFieldRef when kubernetes.podspec-fieldref is not disabled).
+ENV_VALUE_FROM_FIELDS = {"configMapKeyRef", "secretKeyRef"}
+# VolumeProjectionMask.
+PROJECTION_SOURCES = {"secret", "configMap", "serviceAccountToken", "downwardAPI"}
+
+# ---- k8s_validation.go: names and values ------------------------------------------------
+RESERVED_CONTAINER_NAMES = {"queue-proxy"}
+RESERVED_ENV_VARS = {"PORT", "K_SERVICE", "K_CONFIGURATION", "K_REVISION"}
+MAX_ID = 2**31 - 1  # minUserID/maxUserID, minGroupID/maxGroupID: 0..math.MaxInt32
+
+
+class Config:
+    """The flags and defaults the webhook reads: upstream's, overridden by our ConfigMaps."""
+
+    def __init__(self, features: Mapping[str, str] | None = None, defaults: Mapping[str, str] | None = None):
+        self.features = {**DEFAULT_FEATURES, **{k: str(v).lower() for k, v in (features or {}).items()}}
+        self.defaults = {**DEFAULT_DEFAULTS, **(defaults or {})}
+
+    @classmethod
+    def from_documents(cls, bodies: list[dict]) -> Config:
+        """The `config-features` / `config-defaults` ConfigMaps of knative-serving among `bodies`, if any."""
+
+        def data(name: str) -> dict:
+            for b in bodies:
+                meta = b.get("metadata") or {}
+                if b.get("kind") == "ConfigMap" and meta.get("name") == name and meta.get("namespace") == "knative-serving":
+                    return b.get("data") or {}
+            return {}
+
+        return cls(data("config-features"), data("config-defaults"))
+
+    def allowed(self, flag: str) -> bool:
+        """Masks copy a field when its flag is not Disabled ("enabled" or "allowed")."""
+        return self.features[flag] != "disabled"
+
+    def enabled(self, flag: str) -> bool:
+        return self.features[flag] == "enabled"
+
+
+def _unknown(obj: Mapping, allowed: set[str], path: str) -> list[str]:
+    # apis.CheckDisallowedFields: a set field the mask did not copy.
+    return [f"{path}.{k}: must not set the field(s)" for k in sorted(obj) if k not in allowed]
+
+
+def check_service(body: dict, config: Config) -> list[str]:
+    """serving.knative.dev/v1 Service: its revision template's spec."""
+    spec = ((body.get("spec") or {}).get("template") or {}).get("spec") or {}
+    return check_revision_spec(spec, config, "spec.template.spec")
+
+
+def check_revision_spec(spec: dict, config: Config, path: str) -> list[str]:
+    found: list[str] = []
+    allowed = POD_SPEC_FIELDS | REVISION_SPEC_FIELDS | {f for f, flag in POD_SPEC_FLAGGED.items() if config.allowed(flag)}
+    # PodSpecMask: securityContext passes with podspec-securitycontext or secure-pod-defaults.
+    if config.allowed("kubernetes.podspec-securitycontext") or config.allowed("secure-pod-defaults"):
+        allowed.add("securityContext")
+    found += _unknown(spec, allowed, path)
+    if spec.get("automountServiceAccountToken") is True:  # PodSpecMask: "Only allow setting ... to false"
+        found.append(f"{path}.automountServiceAccountToken: must not set the field(s)")
+    if "securityContext" in spec and "securityContext" in allowed:
+        found += _pod_security_context(spec["securityContext"], config, f"{path}.securityContext")
+
+    # revision_validation.go validateTimeoutSeconds: 0 < timeoutSeconds <= max-revision-timeout-seconds.
+    timeout = spec.get("timeoutSeconds")
+    top = int(config.defaults["max-revision-timeout-seconds"])
+    if timeout is not None and timeout != 0 and not 0 <= timeout <= top:
+        found.append(f"{path}.timeoutSeconds: expected 0 <= {timeout} <= {top}")
+    # metadata_validation.go ValidateContainerConcurrency: 0..container-concurrency-max-limit, 0 if allowed.
+    cc = spec.get("containerConcurrency")
+    if cc is not None:
+        low = 0 if config.defaults["allow-container-concurrency-zero"] == "true" else 1
+        high = int(config.defaults["container-concurrency-max-limit"])
+        if not low <= cc <= high:
+            found.append(f"{path}.containerConcurrency: expected {low} <= {cc} <= {high}")
+
+    containers = spec.get("containers") or []
+    if not containers:
+        found.append(f"{path}.containers: missing field(s)")
+    if len(containers) > 1 and not config.enabled("multi-container"):  # validateContainers
+        found.append(f"{path}: multi-container is off, but found {len(containers)} containers")
+    init = spec.get("initContainers") or []
+    if init and not config.enabled("kubernetes.podspec-init-containers"):  # validateInitContainers
+        found.append(f"{path}: pod spec support for init-containers is off, but found {len(init)} init containers")
+    volumes = {v.get("name"): v for v in spec.get("volumes") or []}
+    mounted = {m.get("name") for c in [*containers, *init] for m in c.get("volumeMounts") or []}
+    for i, volume in enumerate(spec.get("volumes") or []):
+        found += _volume(volume, mounted, config, f"{path}.volumes[{i}]")
+    for kind, group in (("containers", containers), ("initContainers", init)):
+        for i, container in enumerate(group):
+            found += _container(container, volumes, config, f"{path}.{kind}[{i}]", sidecar=kind == "initContainers" or (len(group) > 1 and not container.get("ports")))
+    return found
+
+
+def _pod_security_context(sc: dict, config: Config, path: str) -> list[str]:
+    # PodSecurityContextMask: secure-pod-defaults alone lets only seccompProfile RuntimeDefault/Unconfined through.
+    if config.allowed("kubernetes.podspec-securitycontext"):
+        found = _unknown(sc, POD_SECURITY_CONTEXT_FIELDS, path)
+    else:
+        found = _unknown(sc, {"seccompProfile"}, path)
+        if (sc.get("seccompProfile") or {}).get("type") not in (None, "RuntimeDefault", "Unconfined"):
+            found.append(f"{path}.seccompProfile: must not set the field(s)")
+    for key in ("runAsUser", "runAsGroup"):  # ValidatePodSecurityContext
+        if key in sc and not 0 <= sc[key] <= MAX_ID:
+            found.append(f"{path}.{key}: expected 0 <= {sc[key]} <= {MAX_ID}")
+    return found
+
+
+def _volume(volume: dict, mounted: set, config: Config, path: str) -> list[str]:
+    found = _unknown(volume, {"name"} | VOLUME_SOURCES | set(VOLUME_SOURCES_FLAGGED), path)
+    name = volume.get("name")
+    if name not in mounted:  # ValidateVolumes
+        found.append(f'{path}.name: volume with name "{name}" not mounted')
+    sources = [k for k in volume if k != "name"]
+    for source in sources:
+        flag = VOLUME_SOURCES_FLAGGED.get(source)
+        # validateVolume: "... support is disabled, but found ..." needs the flag Enabled.
+        if flag and not config.enabled(flag):
+            found.append(f"{path}.{source}: {source} volume support is disabled ({flag}), but found volume {name}")
+    if len(sources) != 1:
+        found.append(f"{path}: expected exactly one volume source, got {sources}")
+    pvc = volume.get("persistentVolumeClaim")
+    if pvc is not None and not pvc.get("readOnly") and not config.enabled("kubernetes.podspec-persistent-volume-write"):
+        found.append(f"{path}.persistentVolumeClaim: Persistent volume write support is disabled, but found persistent volume claim {pvc.get('claimName')} that is not read-only")
+    for i, projection in enumerate((volume.get("projected") or {}).get("sources") or []):
+        found += _unknown(projection, PROJECTION_SOURCES, f"{path}.projected.sources[{i}]")
+        if len(projection) != 1:
+            found.append(f"{path}.projected.sources[{i}]: expected exactly one of {sorted(PROJECTION_SOURCES)}")
+    return found
+
+
+def _container(c: dict, volumes: dict, config: Config, path: str, *, sidecar: bool) -> list[str]:
+    found = _unknown(c, CONTAINER_FIELDS, path)
+    if c.get("name") in RESERVED_CONTAINER_NAMES:
+        found.append(f'{path}.name: "{c["name"]}" is a reserved container name')
+    if not c.get("image"):
+        found.append(f"{path}.image: missing field(s)")
+    # getReservedEnvVarsPerContainerType: sidecars and init containers may set PORT.
+    reserved = RESERVED_ENV_VARS - {"PORT"} if sidecar else RESERVED_ENV_VARS
+    for i, env in enumerate(c.get("env") or []):
+        if env.get("name") in reserved:
+            found.append(f'{path}.env[{i}].name: "{env["name"]}" is a reserved environment variable')
+        value_from = env.get("valueFrom")
+        if value_from is not None:
+            allowed = ENV_VALUE_FROM_FIELDS | ({"fieldRef", "resourceFieldRef"} if config.allowed("kubernetes.podspec-fieldref") else set())
+            found += _unknown(value_from, allowed, f"{path}.env[{i}].valueFrom")
+    sc = c.get("securityContext")
+    if sc is not None:
+        found += _unknown(sc, SECURITY_CONTEXT_FIELDS, f"{path}.securityContext")
+        if sc.get("privileged") is True:  # SecurityContextMask: "Only allow setting Privileged to false"
+            found.append(f"{path}.securityContext.privileged: must not set the field(s)")
+        for key in ("runAsUser", "runAsGroup"):  # validateSecurityContext
+            if key in sc and not 0 <= sc[key] <= MAX_ID:
+                found.append(f"{path}.securityContext.{key}: expected 0 <= {sc[key]} <= {MAX_ID}")
+        found += _capabilities(sc.get("capabilities"), config, f"{path}.securityContext.capabilities")
+    mount_fields = VOLUME_MOUNT_FIELDS | ({"mountPropagation"} if config.allowed("kubernetes.podspec-volumes-mount-propagation") else set())
+    for i, mount in enumerate(c.get("volumeMounts") or []):
+        found += _unknown(mount, mount_fields, f"{path}.volumeMounts[{i}]")
+        if mount.get("name") not in volumes:  # validateVolumeMounts
+            found.append(f"{path}.volumeMounts[{i}].name: volumeMount has no matching volume")
+    return found
+
+
+def _capabilities(caps: dict | None, config: Config, path: str) -> list[str]:
+    # CapabilitiesMask: drop always; add with containerspec-addcapabilities Enabled, or exactly
+    # [NET_BIND_SERVICE] under secure-pod-defaults (Enabled or AllowRootBounded).
+    if caps is None:
+        return []
+    found = _unknown(caps, {"drop", "add"}, path)
+    add = caps.get("add")
+    if add and not config.enabled("kubernetes.containerspec-addcapabilities"):
+        if not (config.features["secure-pod-defaults"] in ("enabled", "allowrootbounded") and add == ["NET_BIND_SERVICE"]):
+            found.append(f"{path}.add: must not set the field(s)")
+    return found
+
+
+# ---- eventing pkg/apis/eventing/v1 --------------------------------------------------------
+BROKER_CLASS = "eventing.knative.dev/broker.class"  # broker_validation.go BrokerClassAnnotationKey
+
+
+def check_broker(body: dict, original: dict | None = None) -> list[str]:
+    """broker_validation.go Broker.Validate / CheckImmutableFields."""
+    found = []
+    annotations = (body.get("metadata") or {}).get("annotations") or {}
+    if not annotations.get(BROKER_CLASS):
+        found.append(f"metadata.annotations.{BROKER_CLASS}: missing field(s)")
+    if original is not None:
+        # "Only Delivery options are mutable."
+        old = {k: v for k, v in (original.get("spec") or {}).items() if k != "delivery"}
+        new = {k: v for k, v in (body.get("spec") or {}).items() if k != "delivery"}
+        if old != new:
+            found.append("spec: Immutable fields changed (-old +new)")
+        elif ((original.get("metadata") or {}).get("annotations") or {}).get(BROKER_CLASS) != annotations.get(BROKER_CLASS):
+            found.append("annotations: Immutable annotations changed (-old +new)")
+    return found
+
+
+def check_trigger(body: dict, original: dict | None = None) -> list[str]:
+    """trigger_validation.go TriggerSpec.Validate / Trigger.CheckImmutableFields."""
+    found = []
+    spec = body.get("spec") or {}
+    if bool(spec.get("broker")) == bool(spec.get("brokerRef")):
+        found.append("spec: expected exactly one, got both or neither: broker, brokerRef")
+    if original is not None and (original.get("spec") or {}).get("broker") != spec.get("broker"):
+        found.append("spec.broker: Immutable fields changed (-old +new)")
+    return found
+
+
+def check(body: dict, config: Config, original: dict | None = None) -> list[str]:
+    """The webhook's verdict on one object (an update when `original` is given); other kinds pass."""
+    kind = (body.get("apiVersion"), body.get("kind"))
+    if kind == ("serving.knative.dev/v1", "Service"):
+        return check_service(body, config)
+    if kind == ("eventing.knative.dev/v1", "Broker"):
+        return check_broker(body, original)
+    if kind == ("eventing.knative.dev/v1", "Trigger"):
+        return check_trigger(body, original)
+    return []
