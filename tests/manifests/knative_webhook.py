@@ -171,18 +171,7 @@ def check_revision_spec(spec: dict, config: Config, path: str) -> list[str]:
     if "securityContext" in spec and "securityContext" in allowed:
         found += _pod_security_context(spec["securityContext"], config, f"{path}.securityContext")
 
-    # revision_validation.go validateTimeoutSeconds: 0 < timeoutSeconds <= max-revision-timeout-seconds.
-    timeout = spec.get("timeoutSeconds")
-    top = int(config.defaults["max-revision-timeout-seconds"])
-    if timeout is not None and timeout != 0 and not 0 <= timeout <= top:
-        found.append(f"{path}.timeoutSeconds: expected 0 <= {timeout} <= {top}")
-    # metadata_validation.go ValidateContainerConcurrency: 0..container-concurrency-max-limit, 0 if allowed.
-    cc = spec.get("containerConcurrency")
-    if cc is not None:
-        low = 0 if config.defaults["allow-container-concurrency-zero"] == "true" else 1
-        high = int(config.defaults["container-concurrency-max-limit"])
-        if not low <= cc <= high:
-            found.append(f"{path}.containerConcurrency: expected {low} <= {cc} <= {high}")
+    found += _bounds(spec, config, path)
 
     containers = spec.get("containers") or []
     if not containers:
@@ -199,6 +188,23 @@ def check_revision_spec(spec: dict, config: Config, path: str) -> list[str]:
     for kind, group in (("containers", containers), ("initContainers", init)):
         for i, container in enumerate(group):
             found += _container(container, volumes, config, f"{path}.{kind}[{i}]", sidecar=kind == "initContainers" or (len(group) > 1 and not container.get("ports")))
+    return found
+
+
+def _bounds(spec: dict, config: Config, path: str) -> list[str]:
+    found = []
+    # revision_validation.go validateTimeoutSeconds: 0 < timeoutSeconds <= max-revision-timeout-seconds.
+    timeout = spec.get("timeoutSeconds")
+    top = int(config.defaults["max-revision-timeout-seconds"])
+    if timeout is not None and timeout != 0 and not 0 <= timeout <= top:
+        found.append(f"{path}.timeoutSeconds: expected 0 <= {timeout} <= {top}")
+    # metadata_validation.go ValidateContainerConcurrency: 0..container-concurrency-max-limit, 0 if allowed.
+    cc = spec.get("containerConcurrency")
+    if cc is not None:
+        low = 0 if config.defaults["allow-container-concurrency-zero"] == "true" else 1
+        high = int(config.defaults["container-concurrency-max-limit"])
+        if not low <= cc <= high:
+            found.append(f"{path}.containerConcurrency: expected {low} <= {cc} <= {high}")
     return found
 
 
