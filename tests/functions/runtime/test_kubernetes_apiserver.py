@@ -290,3 +290,36 @@ async def test_finished_job_waits_for_the_terminal_condition(kube, kube_client, 
     job = await runtime.finished_job("t1")
     assert job["status"]["conditions"][-1]["type"] == terminal and job["status"]["terminating"] == 0
     assert job["status"]["conditions"][-1]["reason"] == job["status"]["conditions"][0]["reason"]
+
+
+@pytest.fixture
+def runtime(kube_client, settings):
+    """The functions' runtime (for `post`, tests/functions/conftest.py): Kubernetes, on the emulator."""
+    return KubernetesRuntime(settings, kube_client, request_timeout=5)
+
+
+async def test_job_finished_records_the_end_once_and_only_on_the_terminal_condition(kube, post, bus, events):
+    """Every update of the Job reaches job_finished (the ApiServerSource): the interim condition is ignored,
+    a forged terminal one is ignored (the runtime's Job is the truth), the terminal one records the end,
+    and its redelivery changes nothing."""
+    from tests.functions.handlers.test_functions import submitted
+
+    await submitted(post, "t1")
+    target = await kube.job_reaches_target(NS, "agent-t1", "Failed", reason="DeadlineExceeded")
+    response = await post("job_finished", contract.EVENT_JOB_UPDATE, target)
+    assert response.json() == {"status": "ignored", "reason": "job not finished"}
+
+    forged = copy.deepcopy(target)
+    forged["status"]["conditions"].append({"type": "Failed", "status": "True", "reason": "DeadlineExceeded"})
+    response = await post("job_finished", contract.EVENT_JOB_UPDATE, forged)
+    assert response.json()["status"] == "ignored" and "no finished Job" in response.json()["reason"]
+    assert (await bus.registry.get("t1"))["state"] == contract.STATE_QUEUED
+
+    failed = await kube.job_pods_gone(NS, "agent-t1")
+    response = await post("job_finished", contract.EVENT_JOB_UPDATE, failed)
+    assert response.json()["status"] == "finished"
+    response = await post("job_finished", contract.EVENT_JOB_UPDATE, failed)  # redelivered
+    assert response.json() == {"task_id": "t1", "status": "already handled"}
+    record = await bus.registry.get("t1")
+    assert record["state"] == contract.STATE_FINISHED and record["finished_uids"] == [failed["metadata"]["uid"]]
+    assert [e["state"] for e in await events("t1")].count(contract.STATE_FINISHED) == 1
