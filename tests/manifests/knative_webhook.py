@@ -61,6 +61,9 @@ DEFAULT_FEATURES: dict[str, str] = {
 DEFAULT_DEFAULTS: dict[str, str] = {
     "max-revision-timeout-seconds": "600",
     "revision-timeout-seconds": "300",
+    # Unset, revision-response-start-timeout-seconds takes revision-timeout-seconds' value (defaults.go).
+    "revision-response-start-timeout-seconds": "300",
+    "revision-idle-timeout-seconds": "0",
     "container-concurrency-max-limit": "1000",
     "allow-container-concurrency-zero": "true",
 }
@@ -189,6 +192,18 @@ def check_revision_spec(spec: dict, config: Config, path: str) -> list[str]:
         for i, container in enumerate(group):
             found += _container(container, volumes, config, f"{path}.{kind}[{i}]", sidecar=kind == "initContainers" or (len(group) > 1 and not container.get("ports")))
     return found
+
+
+def revision_timeouts(spec: dict, config: Config) -> dict[str, int | None]:
+    """The timeouts a revision runs with, as serving pkg/apis/serving/v1/revision_defaults.go
+    RevisionSpec.SetDefaults fills them in: timeoutSeconds (unset or 0: revision-timeout-seconds);
+    idle and response-start only from a non-zero default below timeoutSeconds (None: no timer)."""
+    timeout = spec.get("timeoutSeconds") or int(config.defaults["revision-timeout-seconds"])
+    out: dict[str, int | None] = {"timeoutSeconds": timeout}
+    for field, key in (("idleTimeoutSeconds", "revision-idle-timeout-seconds"), ("responseStartTimeoutSeconds", "revision-response-start-timeout-seconds")):
+        default = int(config.defaults[key])
+        out[field] = spec.get(field, default if 0 < default < timeout else None)
+    return out
 
 
 def _bounds(spec: dict, config: Config, path: str) -> list[str]:

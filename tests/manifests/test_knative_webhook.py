@@ -45,6 +45,32 @@ def test_the_stream_timeout_is_knatives_ceiling():
     assert stream["spec"]["template"]["spec"]["timeoutSeconds"] == int(CONFIG.defaults["max-revision-timeout-seconds"])
 
 
+def test_the_stream_ends_its_responses_before_knative_cuts_them():
+    """An SSE response is ended cleanly by the stream at DOCKYARD_STREAM_MAX_SECONDS (README "Settings"),
+    before the revision's timeoutSeconds; the response-start timer Knative defaults (300 s) is met at once
+    (the stream sends its headers when it opens)."""
+    from functions.core.settings import Settings
+
+    stream = one(DOCS, "Service", "serving.knative.dev", "stream").body["spec"]["template"]["spec"]
+    timeouts = webhook.revision_timeouts(stream, CONFIG)
+    assert timeouts == {"timeoutSeconds": 600, "idleTimeoutSeconds": None, "responseStartTimeoutSeconds": 300}
+    assert Settings().stream_max_seconds < timeouts["timeoutSeconds"]
+
+
+def test_the_functions_run_under_the_default_revision_timeout():
+    """No function sets timeoutSeconds: each request is cut at revision-timeout-seconds (300 s)."""
+    for name in ("task-submitted", "job-finished", "snapshot-due", "task-command", "dead-letter"):
+        spec = one(DOCS, "Service", "serving.knative.dev", name).body["spec"]["template"]["spec"]
+        assert webhook.revision_timeouts(spec, CONFIG)["timeoutSeconds"] == 300, name
+
+
+def test_the_readme_asks_for_no_knative_feature_flag():
+    """The flags are cluster-wide (config-features in knative-serving): if the README ever asked for one,
+    this checker must read it from a ConfigMap we ship (Config.from_documents), not assume the default."""
+    readme = (ROOT / "README.md").read_text()
+    assert "config-features" not in readme and "kubernetes.podspec-" not in readme
+
+
 # ---- each rule rejects a crafted object ---------------------------------------------------
 
 
