@@ -15,8 +15,10 @@ What a real API server does and plain kmock does not, added here:
   409 `AlreadyExists`;
 - an update or patch carrying a `metadata.resourceVersion` other than the stored one is a
   409 `Conflict` ("the object has been modified; please apply your changes to the latest
-  version and try again"); its unknown fields are handled as on create. A PUT merges like a
-  patch (kmock's storage), it does not replace the object;
+  version and try again"); its unknown fields are handled as on create; a PUT replaces the
+  object (keeping its status, or on /status only taking the status, and the system's metadata),
+  a PATCH is a JSON merge patch (a strategic merge patch's lists are replaced, not merged);
+  the result is validated (422);
 - `dryRun=All` on create, update, patch and delete: everything above runs and the answer is
   given, nothing is stored or deleted;
 - answers are proper `Status` bodies: 404 `NotFound` for a missing object, 400 `BadRequest`
@@ -132,6 +134,10 @@ def invalid_error(res: resource, name: str, causes: list[kube_rules.Cause]) -> K
     )  # fmt: skip
 
 
+def _method(request) -> str:
+    return getattr(request.method, "value", str(request.method)).upper()
+
+
 def _dry_run(request) -> bool:
     """`dryRun=All`: the request is decoded, defaulted, admitted and validated, and answered; nothing is stored."""
     values = [v for k, v in request.url.query.items() if k == "dryRun"]
@@ -152,6 +158,21 @@ def _replace(target: dict, new: dict) -> None:
     """Replace the contents of `target` (kmock stores the request's own dict)."""
     target.clear()
     target.update(new)
+
+
+# What a client cannot change on update (the registry copies them from the stored object).
+_SYSTEM_METADATA = {"name", "namespace", "uid", "creationTimestamp", "generation", "deletionTimestamp", "selfLink"}
+
+
+def _patch_from(old: dict, new: dict) -> dict:
+    """The merge patch that turns `old` into `new` (null for every key `new` lacks)."""
+    patch: dict = {key: None for key in old if key not in new}
+    for key, value in new.items():
+        if isinstance(value, dict) and isinstance(old.get(key), dict):
+            patch[key] = _patch_from(old[key], value)
+        elif old.get(key) != value or key not in old:
+            patch[key] = copy.deepcopy(value)
+    return patch
 
 
 def _merge(target: dict, patch: dict) -> dict:
@@ -305,9 +326,13 @@ class KubeEmulator(KubernetesEmulator):
     async def _handle(self, request):
         self._authorize(request)
         res = request.resource
-        if res is None or not res.plural or request.action is None or request.subresource not in (None, "status"):
+        if res is None or not res.plural or request.subresource not in (None, "status"):
+            return await super()._handle(request)
+        if request.action is None and not (_method(request) == "PUT" and request.name):
             return await super()._handle(request)
 
+        if request.action is None and _method(request) == "PUT" and request.name:
+            return await self._replace_object(request)  # kmock routes no PUT
         fault = await self._take_fault(request)
         answer, warnings, deleted_uid = self._admit(request, _dry_run(request))
         if answer is not None:
@@ -321,6 +346,24 @@ class KubeEmulator(KubernetesEmulator):
             await asyncio.sleep(fault.delay)  # done, but answered late: a client timeout does not undo it
         return response
 
+    async def _replace_object(self, request):
+        """PUT: an update that replaces the object (`_prepare_update`), stored here as kmock stores a patch."""
+        res = request.resource
+        existing = self.get(res, request.namespace, request.name)
+        if existing is None:
+            raise status_error(404, f'{_qualified(res)} "{request.name}" not found', res=res, name=request.name)
+        if not isinstance(request.data, dict):
+            raise status_error(400, "the request body must be a JSON object")
+        result, warnings = self._prepare_update(request, existing)
+        if _dry_run(request):
+            return _json(result, 200, warnings)
+        async with self._lock:
+            result["metadata"]["resourceVersion"] = self._next_version()
+            obj = self.objects[(res, request.namespace, request.name)]
+            obj.patch(_patch_from(existing, result))
+            await self._buses[res].put({"type": "MODIFIED", "object": obj.raw})
+        return _json(obj.raw, 200, warnings)
+
     def _admit(self, request, dry_run: bool) -> tuple[aiohttp.web.Response | None, list[str], str | None]:
         """Before kmock stores anything: (a dry run's answer, the `Warning`s to send, the uid a delete removes)."""
         res = request.resource
@@ -332,10 +375,11 @@ class KubeEmulator(KubernetesEmulator):
             if existing is None:
                 raise status_error(404, f'{_qualified(res)} "{request.name}" not found', res=res, name=request.name)
             if request.action == action.UPDATE and isinstance(request.data, dict):
-                warnings = self._prepare_update(request, existing)
+                result, warnings = self._prepare_update(request, existing)
                 if dry_run:
-                    return _json(_merge(copy.deepcopy(existing), request.data), 200, warnings), warnings, None
-                request.data.setdefault("metadata", {})["resourceVersion"] = self._next_version()
+                    return _json(result, 200, warnings), warnings, None
+                result["metadata"]["resourceVersion"] = self._next_version()
+                _replace(request.data, _patch_from(existing, result))  # kmock merges it into what it stores
                 return None, warnings, None
             if request.action == action.DELETE:
                 return (_json(existing, 200, []) if dry_run else None), [], existing.get("metadata", {}).get("uid")
@@ -420,11 +464,14 @@ class KubeEmulator(KubernetesEmulator):
         body["metadata"]["resourceVersion"] = self._next_version()
         return warnings
 
-    def _prepare_update(self, request, existing: dict) -> list[str]:
-        """An update or patch: unknown fields as on create; a stale `metadata.resourceVersion` is a 409 Conflict
-        (optimistic concurrency: the API server compares it with the stored one, when the body carries one)."""
+    def _prepare_update(self, request, existing: dict) -> tuple[dict, list[str]]:
+        """(the object an update or patch leaves, the `Warning`s): unknown fields as on create; a stale
+        `metadata.resourceVersion` is a 409 Conflict (optimistic concurrency: compared with the stored one when
+        the body carries one); a PUT replaces the object, but not its status (nor, on /status, anything else)
+        and not the system's metadata; a patch is a JSON merge patch; the result is validated (422)."""
         res = request.resource
-        warnings = self._decode(request, _KNOWN[res][0])
+        kind = _KNOWN[res][0]
+        warnings = self._decode(request, kind)
         sent = (request.data.get("metadata") or {}).get("resourceVersion")
         if sent is not None and sent != existing["metadata"]["resourceVersion"]:
             raise status_error(
@@ -433,7 +480,22 @@ class KubeEmulator(KubernetesEmulator):
                 "please apply your changes to the latest version and try again",
                 reason="Conflict", res=res, name=request.name,
             )  # fmt: skip
-        return warnings
+        if _method(request) != "PUT":
+            result = _merge(copy.deepcopy(existing), request.data)
+        elif request.subresource == "status":
+            result = {**copy.deepcopy(existing), "status": copy.deepcopy(request.data.get("status"))}
+        else:
+            result = copy.deepcopy(request.data)
+            if "status" in existing:
+                result["status"] = copy.deepcopy(existing["status"])
+            meta = result.setdefault("metadata", {})
+            meta.update({k: v for k, v in existing["metadata"].items() if k in _SYSTEM_METADATA})
+            result = kube_rules.defaulted(result, kind)
+        result.setdefault("metadata", {})["resourceVersion"] = existing["metadata"]["resourceVersion"]
+        causes = kube_rules.invalid(result, kind)
+        if causes:
+            raise invalid_error(res, request.name, causes)
+        return result, warnings
 
     @staticmethod
     def _decode(request, kind: str) -> list[str]:

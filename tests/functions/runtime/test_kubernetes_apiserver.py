@@ -133,6 +133,29 @@ async def test_a_stale_resource_version_is_a_conflict(kube, api):
     assert response.status_code == 200
 
 
+async def test_put_replaces_the_object_but_not_its_status_nor_the_systems_metadata(kube, api):
+    created = (await api.post(jobs_url(), json=a_job())).json()
+    await kube.set_job_status(NS, "agent-t1", active=1)
+    current = kube.get(JOBS, NS, "agent-t1")
+    body = copy.deepcopy(current)
+    del body["metadata"]["annotations"]  # gone after a PUT (a merge would keep it)
+    body["metadata"]["uid"] = "forged"
+    body["status"] = {"succeeded": 5}
+    response = await api.put(jobs_url(name="agent-t1"), json=body)
+    assert response.status_code == 200
+    stored = kube.get(JOBS, NS, "agent-t1")
+    assert "annotations" not in stored["metadata"]
+    assert stored["metadata"]["uid"] == created["metadata"]["uid"] and stored["status"] == {"active": 1}
+    assert int(stored["metadata"]["resourceVersion"]) > int(current["metadata"]["resourceVersion"])
+    # The same PUT again carries the old resourceVersion: a conflict.
+    assert status_of(await api.put(jobs_url(name="agent-t1"), json=body))[:2] == (409, "Conflict")
+    # An invalid result is refused whole.
+    body = copy.deepcopy(kube.get(JOBS, NS, "agent-t1"))
+    body["metadata"]["labels"]["bad"] = "x" * 64
+    assert status_of(await api.put(jobs_url(name="agent-t1"), json=body))[:2] == (422, "Invalid")
+    assert "bad" not in kube.get(JOBS, NS, "agent-t1")["metadata"]["labels"]
+
+
 # --- field validation ---------------------------------------------------------------------------
 
 
