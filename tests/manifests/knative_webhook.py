@@ -121,6 +121,13 @@ PROJECTION_SOURCES = {"secret", "configMap", "serviceAccountToken", "downwardAPI
 RESERVED_CONTAINER_NAMES = {"queue-proxy"}
 RESERVED_ENV_VARS = {"PORT", "K_SERVICE", "K_CONFIGURATION", "K_REVISION"}
 MAX_ID = 2**31 - 1  # minUserID/maxUserID, minGroupID/maxGroupID: 0..math.MaxInt32
+# reservedPorts: pkg/networking/constants.go (BackendHTTPPort 8012, BackendHTTP2Port 8013, QueueAdminPort 8022,
+# AutoscalingQueueMetricsPort 9090, UserQueueMetricsPort 9091) and knative.dev/pkg ProfilingDefaultPort 8008.
+RESERVED_PORTS = {8012, 8013, 8022, 9090, 9091, 8008}
+VALID_PORT_NAMES = {"h2c", "http1", ""}  # validPortNames
+CONTAINER_PORT_FIELDS = {"containerPort", "name", "protocol"}  # ContainerPortMask (hostIP, hostPort dropped)
+PROBE_FIELDS = {"initialDelaySeconds", "timeoutSeconds", "periodSeconds", "successThreshold", "failureThreshold"}  # ProbeMask
+PROBE_HANDLERS = {"httpGet", "tcpSocket", "exec", "grpc"}  # HandlerMask
 
 
 class Config:
@@ -275,20 +282,73 @@ def _container(c: dict, volumes: dict, config: Config, path: str, *, sidecar: bo
         if value_from is not None:
             allowed = ENV_VALUE_FROM_FIELDS | ({"fieldRef", "resourceFieldRef"} if config.allowed("kubernetes.podspec-fieldref") else set())
             found += _unknown(value_from, allowed, f"{path}.env[{i}].valueFrom")
-    sc = c.get("securityContext")
-    if sc is not None:
-        found += _unknown(sc, SECURITY_CONTEXT_FIELDS, f"{path}.securityContext")
-        if sc.get("privileged") is True:  # SecurityContextMask: "Only allow setting Privileged to false"
-            found.append(f"{path}.securityContext.privileged: must not set the field(s)")
-        for key in ("runAsUser", "runAsGroup"):  # validateSecurityContext
-            if key in sc and not 0 <= sc[key] <= MAX_ID:
-                found.append(f"{path}.securityContext.{key}: expected 0 <= {sc[key]} <= {MAX_ID}")
-        found += _capabilities(sc.get("capabilities"), config, f"{path}.securityContext.capabilities")
+    if c.get("securityContext") is not None:
+        found += _security_context(c["securityContext"], config, f"{path}.securityContext")
+    found += _ports(c.get("ports") or [], f"{path}.ports", init=path.split(".")[-1].startswith("initContainers"))
+    port_name = ((c.get("ports") or [{}])[0].get("name")) or "http"  # validateContainersPorts: unnamed is "http"
+    for probe in ("livenessProbe", "readinessProbe", "startupProbe"):
+        if isinstance(c.get(probe), dict):
+            found += _probe(c[probe], port_name, f"{path}.{probe}", user=not sidecar, readiness=probe == "readinessProbe")
     mount_fields = VOLUME_MOUNT_FIELDS | ({"mountPropagation"} if config.allowed("kubernetes.podspec-volumes-mount-propagation") else set())
     for i, mount in enumerate(c.get("volumeMounts") or []):
         found += _unknown(mount, mount_fields, f"{path}.volumeMounts[{i}]")
         if mount.get("name") not in volumes:  # validateVolumeMounts
             found.append(f"{path}.volumeMounts[{i}].name: volumeMount has no matching volume")
+    return found
+
+
+def _security_context(sc: dict, config: Config, path: str) -> list[str]:
+    found = _unknown(sc, SECURITY_CONTEXT_FIELDS, path)
+    if sc.get("privileged") is True:  # SecurityContextMask: "Only allow setting Privileged to false"
+        found.append(f"{path}.privileged: must not set the field(s)")
+    for key in ("runAsUser", "runAsGroup"):  # validateSecurityContext
+        if key in sc and not 0 <= sc[key] <= MAX_ID:
+            found.append(f"{path}.{key}: expected 0 <= {sc[key]} <= {MAX_ID}")
+    return found + _capabilities(sc.get("capabilities"), config, f"{path}.capabilities")
+
+
+def _ports(ports: list[dict], path: str, *, init: bool) -> list[str]:
+    # validateContainerPorts (the serving container: its first port) / validateInitContainerPorts (each).
+    found = []
+    for i, port in enumerate(ports if init else ports[:1]):
+        where = f"{path}[{i}]"
+        found += _unknown(port, CONTAINER_PORT_FIELDS, where)
+        number = port.get("containerPort", 0)
+        if number in RESERVED_PORTS:
+            found.append(f"{where}.containerPort: {number} is a reserved port")
+        if not 0 <= number <= 65535:
+            found.append(f"{where}.containerPort: expected 0 <= {number} <= 65535")
+        if not init and port.get("protocol", "TCP") != "TCP":
+            found.append(f"{where}.protocol: invalid value: {port['protocol']}")
+        if not init and port.get("name", "") not in VALID_PORT_NAMES:
+            found.append(f"{where}: Port name {port['name']} is not allowed")
+    return found
+
+
+def _probe(probe: dict, port_name: str, path: str, *, user: bool, readiness: bool) -> list[str]:
+    # validateProbe: one handler; the serving container's probe port, if named, is its port's name (an
+    # unnamed or numeric one is rewritten by Knative); a sidecar's must be given.
+    found = _unknown(probe, PROBE_FIELDS | PROBE_HANDLERS, path)
+    handlers = [h for h in PROBE_HANDLERS if h in probe]
+    if not handlers and user and readiness:
+        handlers = ["tcpSocket"]  # revision_defaults.go applyUserContainerDefaultReadinessProbe
+    if len(handlers) != 1:
+        found.append(f"{path}: expected exactly one of {sorted(PROBE_HANDLERS)}, got {handlers}")
+    for handler in ("httpGet", "tcpSocket"):
+        port = (probe.get(handler) or {}).get("port") if handler in probe else None
+        if handler in probe and user and isinstance(port, str) and port != port_name:
+            found.append(f"{path}.{handler}.port: Probe port must match container port")
+        if handler in probe and not user and not port:
+            found.append(f"{path}.{handler}.port: Probe port must be specified")
+    if readiness:
+        # validateReadinessProbe: periodSeconds 0 is Knative's aggressive probe, which takes no
+        # failureThreshold or timeoutSeconds; otherwise both must be at least 1.
+        # With periodSeconds set, revision_defaults.go applyReadinessProbeDefaults first fills an unset or
+        # zero failureThreshold (3) and timeoutSeconds (1), so only a negative one is refused.
+        if probe.get("periodSeconds", 0) == 0:
+            found += [f"{path}.{k}: {k} is disallowed when periodSeconds is zero" for k in ("failureThreshold", "timeoutSeconds") if probe.get(k)]
+        else:
+            found += [f"{path}.{k}: expected 1 <= {probe[k]}" for k in ("timeoutSeconds", "failureThreshold") if probe.get(k, 0) < 0]
     return found
 
 

@@ -258,6 +258,38 @@ def test_init_containers_need_their_flag():
     assert "spec.template.spec: pod spec support for init-containers is off, but found 1 init containers" in _refused(body)
 
 
+@pytest.mark.parametrize(
+    ("port", "expected"),
+    [
+        ({"containerPort": 8012}, "spec.template.spec.containers[0].ports[0].containerPort: 8012 is a reserved port"),
+        ({"containerPort": 8080, "name": "web"}, "spec.template.spec.containers[0].ports[0]: Port name web is not allowed"),
+        ({"containerPort": 8080, "hostPort": 80}, "spec.template.spec.containers[0].ports[0].hostPort: must not set the field(s)"),
+        ({"containerPort": 8080, "protocol": "UDP"}, "spec.template.spec.containers[0].ports[0].protocol: invalid value: UDP"),
+    ],
+)
+def test_the_serving_port_rules(port, expected):
+    body = _service()
+    _container(body)["ports"] = [port]
+    assert _refused(body) == [expected]
+
+
+def test_probe_rules():
+    body = _service()
+    probe = _container(body)["readinessProbe"]
+    probe["httpGet"]["port"] = "metrics"
+    assert _refused(body) == ["spec.template.spec.containers[0].readinessProbe.httpGet.port: Probe port must match container port"]
+    probe["httpGet"].pop("port")
+    probe["failureThreshold"] = 3  # with periodSeconds unset (0): Knative's own aggressive probe
+    assert _refused(body) == ["spec.template.spec.containers[0].readinessProbe.failureThreshold: failureThreshold is disallowed when periodSeconds is zero"]
+    probe["periodSeconds"] = 5
+    assert webhook.check(body, CONFIG) == []
+    probe["timeoutSeconds"] = -1
+    assert _refused(body) == ["spec.template.spec.containers[0].readinessProbe.timeoutSeconds: expected 1 <= -1"]
+    del probe["timeoutSeconds"]
+    probe["exec"] = {"command": ["true"]}
+    assert "expected exactly one of" in _refused(body)[0]
+
+
 def test_a_flag_set_in_a_shipped_config_features_is_read():
     config = webhook.Config.from_documents(
         [{"kind": "ConfigMap", "metadata": {"name": "config-features", "namespace": "knative-serving"}, "data": {"kubernetes.podspec-nodeselector": "Enabled"}}]
