@@ -9,6 +9,14 @@ input: the upstream defaults, overridden by a `config-features` that dockyard sh
 ever does). A rule we depend on that is off by default therefore fails the manifests test
 until our manifests turn its flag on.
 
+Sources (paths in knative/serving): pkg/apis/serving/fieldmask.go (the masks),
+pkg/apis/serving/k8s_validation.go (volumes, env, ports, probes, securityContext bounds, reserved
+names), pkg/apis/serving/v1/revision_validation.go (timeoutSeconds), revision_defaults.go (the
+timeouts and probe defaults applied before validation), pkg/apis/serving/metadata_validation.go
+(containerConcurrency), pkg/apis/config/features.go and defaults.go (the defaults of
+config-features and config-defaults), pkg/networking/constants.go (reserved ports); in
+knative/eventing: pkg/apis/eventing/v1/broker_validation.go and trigger_validation.go.
+
 Invariants: every function returns the list of problems, each naming the field path; an
 empty list means the webhook would admit the object. Nothing here is hand-invented: a
 field not listed is one upstream's masks drop, and the list names its Go mask.
