@@ -17,7 +17,10 @@ Invariants
   concurrent delivery and is kept. The pod may be scheduled before the Secret exists:
   the kubelet retries the (non-optional) secret volume's mount until it appears.
 - Errors are sorted once, in `_call`: 400/401/403/404/422 are non-transient (the
-  message says what to fix), 429, 5xx, timeouts and connection errors transient.
+  message says what to fix), 429, 5xx, timeouts and connection errors transient; so is
+  a body the client's models refuse before sending (a field it does not know).
+- Every create asks for `fieldValidation=Strict`: a field the API server does not know
+  (e.g. one newer than the cluster) is a 400 naming it, never silently dropped.
 - The official client is synchronous; every call runs in a thread.
 """
 
@@ -32,6 +35,7 @@ from typing import Any, Callable
 
 from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
+from pydantic import ValidationError
 from urllib3.exceptions import HTTPError as Urllib3Error
 
 from agent import contract
@@ -253,6 +257,11 @@ class KubernetesRuntime:
             raise self._error(what, exc.status, _status_body(exc)) from None
         except (Urllib3Error, OSError) as exc:  # timeouts, refused or reset connections, DNS
             raise ApiUnavailable(f"{what}: the Kubernetes API did not answer ({exc}); retry later") from None
+        except ValidationError as exc:  # the client checks a body against its models before sending it
+            raise ApiRejected(
+                f"{what} was refused by the Kubernetes client before sending: {_first_error(exc)}. Fix the Job settings "
+                "(`dockyard manifests job` prints what is sent)",
+            ) from None
 
     def _error(self, what: str, status: int | None, body: dict) -> ApiRejected | ApiUnavailable:
         ns = self.settings.namespace
@@ -282,6 +291,12 @@ class KubernetesRuntime:
         if status == 429 or status is None or status == 0 or status >= 500:
             return ApiUnavailable(f"{what}: the Kubernetes API answered {status or 'nothing'}: {detail}; retry later", status)
         return ApiRejected(f"{what}: the Kubernetes API answered {status}: {detail}", status)
+
+
+def _first_error(exc: ValidationError) -> str:
+    error = exc.errors()[0]
+    where = ".".join(str(part) for part in error["loc"][1:])  # loc[0] is the argument's position
+    return f"{where}: {error['msg']}"
 
 
 def _status_body(exc: ApiException) -> dict:

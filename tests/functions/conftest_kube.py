@@ -18,6 +18,7 @@ from kmock import Server
 from kube_emulator import KubeEmulator, Rbac
 
 RBAC_YAML = Path(__file__).resolve().parents[2] / "knative" / "rbac.yaml"
+NAMESPACES_YAML = Path(__file__).resolve().parents[2] / "knative" / "namespaces.yaml"
 FUNCTIONS_USER = "system:serviceaccount:dockyard:dockyard-functions"
 SA_TOKEN = "dockyard-functions-token"
 ADMIN_TOKEN = "kubernetes-admin-token"
@@ -27,11 +28,19 @@ def knative_rbac() -> Rbac:
     return Rbac.from_yaml(RBAC_YAML.read_text())
 
 
+def knative_namespaces() -> set[str]:
+    """The namespaces knative/ creates: the only ones the emulator's cluster has."""
+    import yaml
+
+    return {d["metadata"]["name"] for d in yaml.safe_load_all(NAMESPACES_YAML.read_text()) if d and d.get("kind") == "Namespace"}
+
+
 @pytest.fixture
 async def kube():
-    """The API emulator, served over HTTP on 127.0.0.1 and a free port for this test, enforcing knative/rbac.yaml."""
+    """The API emulator, served over HTTP on 127.0.0.1 and a free port for this test, enforcing knative/rbac.yaml,
+    with the namespaces of knative/namespaces.yaml."""
     tokens = {SA_TOKEN: FUNCTIONS_USER, ADMIN_TOKEN: "kubernetes-admin"}
-    async with KubeEmulator(tokens=tokens, rbac=knative_rbac()) as emulator, Server(emulator):
+    async with KubeEmulator(tokens=tokens, rbac=knative_rbac(), namespaces=knative_namespaces()) as emulator, Server(emulator):
         yield emulator
 
 

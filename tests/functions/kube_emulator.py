@@ -6,14 +6,30 @@ What a real API server does and plain kmock does not, added here:
 
 - create assigns `metadata.uid`, `resourceVersion`, `creationTimestamp`,
   `generation` and the namespace from the URL; every change bumps `resourceVersion`;
-- answers are proper `Status` bodies: 409 `AlreadyExists` on a duplicate create,
-  404 `NotFound` for a missing object, 400 `BadRequest` for a bad label selector
-  or a namespace that contradicts the URL;
+- a create runs the API server's steps in its order (kube_rules.py): decoding with
+  `fieldValidation` (Strict: unknown fields are a 400 in the server's words; Warn, the default:
+  a `Warning` header each; Ignore: silence; unknown fields are never stored), defaulting (the
+  core/v1 and batch/v1 defaulters and the Job strategy's selector and labels), the namespace
+  must exist (`namespaces`: else 404 `namespaces "x" not found`), validation (422 `Invalid`
+  with `details.causes`: names, label keys and values, a Job's restartPolicy), then
+  409 `AlreadyExists`;
+- an update or patch carrying a `metadata.resourceVersion` other than the stored one is a
+  409 `Conflict` ("the object has been modified; please apply your changes to the latest
+  version and try again"); its unknown fields are handled as on create; a PUT replaces the
+  object (keeping its status, or on /status only taking the status, and the system's metadata),
+  a PATCH is a JSON merge patch (a strategic merge patch's lists are replaced, not merged);
+  the result is validated (422);
+- `dryRun=All` on create, update, patch and delete: everything above runs and the answer is
+  given, nothing is stored or deleted;
+- answers are proper `Status` bodies: 404 `NotFound` for a missing object, 400 `BadRequest`
+  for a bad label selector or a namespace that contradicts the URL;
 - deleting an object deletes its dependents (objects whose `ownerReferences`
   name its UID), recursively. `propagationPolicy: Orphan` keeps them and strips
   the reference; a Job deleted without a policy orphans, as batch/v1 does;
 - lists honour `labelSelector` (`=`, `==`, `!=`, `in`, `notin`, `key`, `!key`);
-- `set_job_status()` plays the Job controller, `set_pod_status()` the kubelet; `fail_next()` injects an error
+- `set_job_status()` plays the Job controller, `set_pod_status()` the kubelet; `job_reaches_target()` then
+  `job_pods_gone()` play the 1.31+ controller's ending (`SuccessCriteriaMet`/`FailureTarget` first, the
+  terminal `Complete`/`Failed` only once the pods are gone); `fail_next()` injects an error
   answer (or a delay) for the next matching request;
 - authentication and RBAC, when given `tokens` (bearer token -> user) and `rbac` (an `Rbac` parsed from
   Role/ClusterRole and RoleBinding/ClusterRoleBinding YAML): every request is authenticated (no or an
@@ -34,6 +50,7 @@ does), or the test's event loop, which serves the HTTP, is blocked.
 from __future__ import annotations
 
 import asyncio
+import copy
 import itertools
 import re
 import uuid
@@ -41,8 +58,11 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
 
+import aiohttp.web
 import attrs
 from kmock import KubernetesEmulator, KubernetesError, ResourceInfo, action, resource
+
+import kube_rules
 
 JOBS = resource("batch", "v1", "jobs")
 PVCS = resource("", "v1", "persistentvolumeclaims")
@@ -64,7 +84,7 @@ _STATUS_REASONS = {
     401: "Unauthorized",
     403: "Forbidden",
     404: "NotFound",
-    409: "AlreadyExists",
+    409: "Conflict",
     422: "Invalid",
     429: "TooManyRequests",
     500: "InternalError",
@@ -98,10 +118,73 @@ def status_error(status: int, message: str, *, reason: str | None = None, res: r
     """A `KubernetesError` rendered by kmock as a `Status` body with this code."""
     details: dict[str, Any] = {}
     if res is not None:
-        details = {"group": _KNOWN.get(res, (None, res.group))[1], "kind": res.plural}
+        group = _KNOWN.get(res, (None, res.group))[1]
+        details = {"group": group, "kind": res.plural} if group else {"kind": res.plural}  # the core group is omitted
         if name:
             details["name"] = name
     return KubernetesError(status=status, reason=reason or _STATUS_REASONS.get(status, "Unknown"), message=message, details=details)
+
+
+def invalid_error(res: resource, name: str, causes: list[kube_rules.Cause]) -> KubernetesError:
+    """422 Invalid with `details.causes`, as apierrors.NewInvalid renders a field.ErrorList."""
+    kind, group = _KNOWN[res]
+    return KubernetesError(
+        status=422, reason="Invalid", message=kube_rules.invalid_message(kind, group, name, causes),
+        details={"name": name, "group": group, "kind": kind, "causes": [c.as_status_cause() for c in causes]},
+    )  # fmt: skip
+
+
+def _method(request) -> str:
+    return getattr(request.method, "value", str(request.method)).upper()
+
+
+def _dry_run(request) -> bool:
+    """`dryRun=All`: the request is decoded, defaulted, admitted and validated, and answered; nothing is stored."""
+    values = [v for k, v in request.url.query.items() if k == "dryRun"]
+    for value in values:
+        if value != "All":
+            raise status_error(400, f'dryRun: Unsupported value: "{value}": supported values: "All"')
+    return bool(values)
+
+
+def _json(body: dict, status: int, warnings: list[str]) -> aiohttp.web.Response:
+    response = aiohttp.web.json_response(body, status=status)
+    for warning in warnings:
+        response.headers.add("Warning", warning)
+    return response
+
+
+def _replace(target: dict, new: dict) -> None:
+    """Replace the contents of `target` (kmock stores the request's own dict)."""
+    target.clear()
+    target.update(new)
+
+
+# What a client cannot change on update (the registry copies them from the stored object).
+_SYSTEM_METADATA = {"name", "namespace", "uid", "creationTimestamp", "generation", "deletionTimestamp", "selfLink"}
+
+
+def _patch_from(old: dict, new: dict) -> dict:
+    """The merge patch that turns `old` into `new` (null for every key `new` lacks)."""
+    patch: dict = {key: None for key in old if key not in new}
+    for key, value in new.items():
+        if isinstance(value, dict) and isinstance(old.get(key), dict):
+            patch[key] = _patch_from(old[key], value)
+        elif old.get(key) != value or key not in old:
+            patch[key] = copy.deepcopy(value)
+    return patch
+
+
+def _merge(target: dict, patch: dict) -> dict:
+    """A JSON merge patch (RFC 7386): null deletes, objects merge, anything else replaces."""
+    for key, value in patch.items():
+        if value is None:
+            target.pop(key, None)
+        elif isinstance(value, dict) and isinstance(target.get(key), dict):
+            _merge(target[key], value)
+        else:
+            target[key] = copy.deepcopy(value)
+    return target
 
 
 # --- label selectors ----------------------------------------------------------------
@@ -156,6 +239,8 @@ def selector_matches(requirements: list[tuple[str, str, set[str]]], labels: dict
 class KubeEmulator(KubernetesEmulator):
     tokens: dict[str, str] | None = None  # bearer token -> user; None: no authentication nor authorization
     rbac: "Rbac | None" = None
+    # The namespaces that exist: creating anything elsewhere is the NamespaceLifecycle 404.
+    namespaces: set[str] = attrs.field(factory=set)
     _faults: list[Fault] = attrs.field(factory=list, init=False)
     _versions: Any = attrs.field(factory=lambda: itertools.count(1000), init=False)
 
@@ -210,6 +295,29 @@ class KubeEmulator(KubernetesEmulator):
         self.objects[key].patch({"status": status, "metadata": meta})
         return self.objects[key].raw
 
+    async def job_reaches_target(self, namespace: str, name: str, terminal: str, *, reason: str | None = None, message: str = "") -> dict:
+        """Play the Job controller of Kubernetes 1.31+ at the moment a Job's outcome is decided while its pods
+        still terminate: `SuccessCriteriaMet` (for `Complete`) or `FailureTarget` (for `Failed`) is added,
+        the terminal condition is not there yet (pkg/controller/job/job_controller.go; KEP-4368 made it GA)."""
+        interim = {"Complete": "SuccessCriteriaMet", "Failed": "FailureTarget"}[terminal]
+        reason = reason or {"Complete": "CompletionsReached", "Failed": "BackoffLimitExceeded"}[terminal]
+        job = self.get(JOBS, namespace, name) or {}
+        conditions = [*((job.get("status") or {}).get("conditions") or []), job_condition(interim, reason=reason, message=message)]
+        return await self.set_job_status(namespace, name, active=0, terminating=1, conditions=conditions,
+                                         startTime=(job.get("status") or {}).get("startTime") or _now())  # fmt: skip
+
+    async def job_pods_gone(self, namespace: str, name: str) -> dict:
+        """...and once every pod has terminated, the terminal condition, with the interim one's reason and message
+        (and `completionTime` for `Complete`)."""
+        job = self.get(JOBS, namespace, name) or {}
+        status = job.get("status") or {}
+        conditions = status.get("conditions") or []
+        interim = next(c for c in reversed(conditions) if c["type"] in ("SuccessCriteriaMet", "FailureTarget"))
+        terminal = "Complete" if interim["type"] == "SuccessCriteriaMet" else "Failed"
+        extra = {"completionTime": _now(), "succeeded": 1} if terminal == "Complete" else {"failed": max(1, status.get("failed") or 0)}
+        conditions = [*conditions, job_condition(terminal, reason=interim["reason"], message=interim.get("message", ""))]
+        return await self.set_job_status(namespace, name, terminating=0, conditions=conditions, **extra)
+
     # --- the server side ---------------------------------------------------------
 
     def _next_version(self) -> str:
@@ -218,34 +326,69 @@ class KubeEmulator(KubernetesEmulator):
     async def _handle(self, request):
         self._authorize(request)
         res = request.resource
-        if res is None or not res.plural or request.action is None or request.subresource not in (None, "status"):
+        if res is None or not res.plural or request.subresource not in (None, "status"):
+            return await super()._handle(request)
+        if request.action is None and not (_method(request) == "PUT" and request.name):
             return await super()._handle(request)
 
+        if request.action is None and _method(request) == "PUT" and request.name:
+            return await self._replace_object(request)  # kmock routes no PUT
         fault = await self._take_fault(request)
-        verb = request.action.value.lower()
-        deleted_uid = None
-        if request.action == action.CREATE:
-            self._prepare_create(request)
-        elif request.action in (action.FETCH, action.UPDATE, action.DELETE):
-            existing = self.get(res, request.namespace, request.name)
-            if existing is None:
-                raise status_error(404, f'{_qualified(res)} "{request.name}" not found', res=res, name=request.name)
-            if request.action == action.UPDATE and isinstance(request.data, dict):
-                request.data.setdefault("metadata", {})["resourceVersion"] = self._next_version()
-            if request.action == action.DELETE:
-                deleted_uid = existing.get("metadata", {}).get("uid")
-        elif verb == "list" and request.params.get("labelSelector"):
-            try:
-                parse_selector(request.params["labelSelector"])
-            except ValueError as exc:
-                raise status_error(400, f"unable to parse labelSelector: {exc}") from None
-
+        answer, warnings, deleted_uid = self._admit(request, _dry_run(request))
+        if answer is not None:
+            return answer
         response = await super()._handle(request)
+        for warning in warnings:
+            response.headers.add("Warning", warning)
         if deleted_uid and response.status < 300:
             await self._collect_dependents(deleted_uid, self._propagation(request, res))
         if fault is not None:
             await asyncio.sleep(fault.delay)  # done, but answered late: a client timeout does not undo it
         return response
+
+    async def _replace_object(self, request):
+        """PUT: an update that replaces the object (`_prepare_update`), stored here as kmock stores a patch."""
+        res = request.resource
+        existing = self.get(res, request.namespace, request.name)
+        if existing is None:
+            raise status_error(404, f'{_qualified(res)} "{request.name}" not found', res=res, name=request.name)
+        if not isinstance(request.data, dict):
+            raise status_error(400, "the request body must be a JSON object")
+        result, warnings = self._prepare_update(request, existing)
+        if _dry_run(request):
+            return _json(result, 200, warnings)
+        async with self._lock:
+            result["metadata"]["resourceVersion"] = self._next_version()
+            obj = self.objects[(res, request.namespace, request.name)]
+            obj.patch(_patch_from(existing, result))
+            await self._buses[res].put({"type": "MODIFIED", "object": obj.raw})
+        return _json(obj.raw, 200, warnings)
+
+    def _admit(self, request, dry_run: bool) -> tuple[aiohttp.web.Response | None, list[str], str | None]:
+        """Before kmock stores anything: (a dry run's answer, the `Warning`s to send, the uid a delete removes)."""
+        res = request.resource
+        if request.action == action.CREATE:
+            warnings = self._prepare_create(request)
+            return (_json(request.data, 201, warnings) if dry_run else None), warnings, None
+        if request.action in (action.FETCH, action.UPDATE, action.DELETE):
+            existing = self.get(res, request.namespace, request.name)
+            if existing is None:
+                raise status_error(404, f'{_qualified(res)} "{request.name}" not found', res=res, name=request.name)
+            if request.action == action.UPDATE and isinstance(request.data, dict):
+                result, warnings = self._prepare_update(request, existing)
+                if dry_run:
+                    return _json(result, 200, warnings), warnings, None
+                result["metadata"]["resourceVersion"] = self._next_version()
+                _replace(request.data, _patch_from(existing, result))  # kmock merges it into what it stores
+                return None, warnings, None
+            if request.action == action.DELETE:
+                return (_json(existing, 200, []) if dry_run else None), [], existing.get("metadata", {}).get("uid")
+        elif request.action.value.lower() == "list" and request.params.get("labelSelector"):
+            try:
+                parse_selector(request.params["labelSelector"])
+            except ValueError as exc:
+                raise status_error(400, f"unable to parse labelSelector: {exc}") from None
+        return None, [], None
 
     def _authorize(self, request) -> None:
         """401 without a known token; 403 for a verb the user's bindings do not grant (as the API server words it)."""
@@ -291,22 +434,82 @@ class KubeEmulator(KubernetesEmulator):
                 return fault
         return None
 
-    def _prepare_create(self, request) -> None:
+    def _prepare_create(self, request) -> list[str]:
+        """The create's body as the API server would store it, in its order: decoding (unknown fields),
+        defaulting, the namespace's existence (admission), validation (422), then AlreadyExists.
+        Returns the `Warning` headers to answer with."""
         res, body = request.resource, request.data
         if not isinstance(body, dict):
             raise status_error(400, "the request body must be a JSON object")
+        kind = _KNOWN[res][0]
+        warnings = self._decode(request, kind)
         meta = body.setdefault("metadata", {})
         name = meta.get("name")
         if not name:
             raise status_error(422, f"{_qualified(res)} is invalid: metadata.name: Required value", reason="Invalid", res=res)
         if request.namespace and meta.get("namespace") not in (None, request.namespace):
             raise status_error(400, "the namespace of the provided object does not match the namespace sent on the request")
-        if self.get(res, request.namespace or meta.get("namespace"), name) is not None:
-            raise status_error(409, f'{_qualified(res)} "{name}" already exists', res=res, name=name)
-        if request.namespace:
-            meta["namespace"] = request.namespace
-        meta.update(uid=str(uuid.uuid4()), resourceVersion=self._next_version(), creationTimestamp=_now(), generation=1)
+        namespace = request.namespace or meta.get("namespace")
+        meta["namespace"] = namespace
+        meta.update(uid=str(uuid.uuid4()), creationTimestamp=_now(), generation=1)
         body.pop("status", None)  # a create never sets the status
+        _replace(body, kube_rules.defaulted(body, kind))
+        if namespace not in self.namespaces:
+            raise status_error(404, f'namespaces "{namespace}" not found', res=resource("", "v1", "namespaces"), name=namespace)
+        causes = kube_rules.invalid(body, kind)
+        if causes:
+            raise invalid_error(res, name, causes)
+        if self.get(res, namespace, name) is not None:
+            raise status_error(409, f'{_qualified(res)} "{name}" already exists', reason="AlreadyExists", res=res, name=name)
+        body["metadata"]["resourceVersion"] = self._next_version()
+        return warnings
+
+    def _prepare_update(self, request, existing: dict) -> tuple[dict, list[str]]:
+        """(the object an update or patch leaves, the `Warning`s): unknown fields as on create; a stale
+        `metadata.resourceVersion` is a 409 Conflict (optimistic concurrency: compared with the stored one when
+        the body carries one); a PUT replaces the object, but not its status (nor, on /status, anything else)
+        and not the system's metadata; a patch is a JSON merge patch; the result is validated (422)."""
+        res = request.resource
+        kind = _KNOWN[res][0]
+        warnings = self._decode(request, kind)
+        sent = (request.data.get("metadata") or {}).get("resourceVersion")
+        if sent is not None and sent != existing["metadata"]["resourceVersion"]:
+            raise status_error(
+                409,
+                f'Operation cannot be fulfilled on {_qualified(res)} "{request.name}": the object has been modified; '
+                "please apply your changes to the latest version and try again",
+                reason="Conflict", res=res, name=request.name,
+            )  # fmt: skip
+        if _method(request) != "PUT":
+            result = _merge(copy.deepcopy(existing), request.data)
+        elif request.subresource == "status":
+            result = {**copy.deepcopy(existing), "status": copy.deepcopy(request.data.get("status"))}
+        else:
+            result = copy.deepcopy(request.data)
+            if "status" in existing:
+                result["status"] = copy.deepcopy(existing["status"])
+            meta = result.setdefault("metadata", {})
+            meta.update({k: v for k, v in existing["metadata"].items() if k in _SYSTEM_METADATA})
+            result = kube_rules.defaulted(result, kind)
+        result.setdefault("metadata", {})["resourceVersion"] = existing["metadata"]["resourceVersion"]
+        causes = kube_rules.invalid(result, kind)
+        if causes:
+            raise invalid_error(res, request.name, causes)
+        return result, warnings
+
+    @staticmethod
+    def _decode(request, kind: str) -> list[str]:
+        """`fieldValidation`: Strict refuses unknown fields (400), Warn (the default) answers a `Warning` for
+        each, Ignore says nothing; none of them is stored."""
+        directive = request.params.get("fieldValidation") or "Warn"
+        if directive not in ("Strict", "Warn", "Ignore"):
+            raise status_error(400, f"fieldValidation: Unsupported value: {directive!r}: supported values: \"Ignore\", \"Strict\", \"Warn\"")
+        pruned, unknown = kube_rules.prune(request.data, kind)
+        if unknown and directive == "Strict":
+            version = request.resource.version
+            raise status_error(400, kube_rules.strict_decoding_message(kind, version, unknown))
+        _replace(request.data, pruned)
+        return [kube_rules.warning_header(path) for path in unknown] if directive == "Warn" else []
 
     @staticmethod
     def _propagation(request, res: resource) -> str:

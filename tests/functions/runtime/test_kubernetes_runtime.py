@@ -11,6 +11,7 @@ import json
 import pytest
 from conftest_kube import SA_TOKEN, api_client_for
 from kube_emulator import JOBS, PVCS, job_condition, parse_selector, selector_matches
+from kube_rules import defaulted
 
 from agent import contract
 from functions.core.factory import render_job
@@ -33,6 +34,11 @@ def runtime(kube_client):
     return KubernetesRuntime(Settings(), kube_client, request_timeout=2)
 
 
+def as_stored(rendered: dict, uid: str) -> dict:
+    """A rendered Job as the API server stores it: its uid, then its defaults."""
+    return defaulted({**rendered, "metadata": {**rendered["metadata"], "uid": uid}}, "Job")
+
+
 def owner_uid(pvc: dict) -> str:
     (ref,) = pvc["metadata"]["ownerReferences"]
     assert (ref["kind"], ref["name"], ref["controller"], ref["blockOwnerDeletion"]) == ("Job", pvc["metadata"]["name"].replace("workspace-", "agent-"), True, True)
@@ -50,7 +56,8 @@ async def test_launch_creates_the_job_then_a_pvc_owned_by_its_uid(kube, runtime)
     pvc = kube.get(PVCS, NS, "workspace-t1")
     assert job["metadata"]["uid"] and pvc is not None
     assert owner_uid(pvc) == job["metadata"]["uid"]
-    assert job["spec"] == render_job(task, Settings())["spec"]
+    # What was sent, as the API server defaults it (and nothing pruned: the runtime asks for Strict).
+    assert job["spec"] == as_stored(render_job(task, Settings()), job["metadata"]["uid"])["spec"]
     # The Job went first: its UID was known when the PVC was created, and it was stored before.
     assert int(job["metadata"]["resourceVersion"]) < int(pvc["metadata"]["resourceVersion"])
 
