@@ -31,7 +31,10 @@ RUN groupadd --gid 1000 agent \
  && mkdir -p /workspace \
  && chown 1000:1000 /workspace
 
-# Dependencies exactly as locked (versions and hashes from uv.lock) into /opt/venv.
+# Dependencies exactly as locked (versions and hashes from uv.lock) into /opt/venv, but
+# for the functions' own (the Kubernetes client, functions-framework, cloudevents, and what
+# only they need: over 150 MB): the agent and the gateway never import functions/
+# (import-linter), and tests/images imports every module of theirs in this image.
 # --system-site-packages keeps the user site on, so `pip install --user` works (into
 # PYTHONUSERBASE). uv lives in a throwaway venv of this one RUN: no uv, no cache in any
 # layer. pip and uv verify TLS with the CA bundle at the system path, which the build
@@ -49,9 +52,11 @@ RUN export PIP_CERT=/etc/ssl/certs/ca-certificates.crt SSL_CERT_FILE=/etc/ssl/ce
  && /tmp/uv/bin/pip install -q "uv==${UV_VERSION}" \
  && cd /src \
  && /tmp/uv/bin/uv export --frozen --no-dev --extra openai --extra anthropic --no-emit-project \
+      --prune kubernetes --prune functions-framework --prune cloudevents \
       --format requirements-txt --output-file /tmp/requirements.txt \
  && /tmp/uv/bin/uv pip install --python /opt/venv/bin/python --no-cache --compile-bytecode \
       --require-hashes -r /tmp/requirements.txt \
+ && /tmp/uv/bin/uv pip uninstall -q --python /opt/venv/bin/python setuptools \
  && rm -rf /tmp/uv /tmp/uv-cache /src /tmp/requirements.txt /root/.cache \
  && printf '#!/bin/sh\nexec /opt/venv/bin/%s "$@"\n' python > /usr/local/bin/python \
  && printf '#!/bin/sh\nexec /opt/venv/bin/%s "$@"\n' pip > /usr/local/bin/pip \

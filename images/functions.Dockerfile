@@ -37,6 +37,7 @@ RUN export PIP_CERT=/etc/ssl/certs/ca-certificates.crt SSL_CERT_FILE=/etc/ssl/ce
  && /tmp/uv/bin/uv export --frozen --no-dev --no-emit-project --format requirements-txt --output-file /tmp/requirements.txt \
  && /tmp/uv/bin/uv pip install --python /opt/venv/bin/python --no-cache --compile-bytecode \
       --require-hashes -r /tmp/requirements.txt \
+ && /tmp/uv/bin/uv pip uninstall -q --python /opt/venv/bin/python setuptools \
  && rm -rf /tmp/uv /tmp/uv-cache /src /tmp/requirements.txt /root/.cache
 
 # HOME=/tmp: gunicorn creates its control socket under $HOME/.gunicorn.

@@ -123,6 +123,20 @@ def test_the_agents_commands_find_the_venvs_python_and_pip_on_the_system_path(im
     assert out.startswith("/opt/venv True\n") and "/opt/venv/" in out
 
 
+def test_the_agent_image_has_every_dependency_of_the_agent_and_the_gateway(images):
+    """The image leaves out the functions' own dependencies (agent.Dockerfile): every module of agent/ and
+    gateway/ still imports, and what is installed is consistent (`pip check`)."""
+    code = (
+        "import importlib, pkgutil, agent, gateway; "
+        "names = [m.name for p in (agent, gateway) for m in pkgutil.walk_packages(p.__path__, p.__name__ + '.') "
+        "if not m.name.endswith('__main__')]; "
+        "[importlib.import_module(n) for n in names]; print(len(names))"
+    )
+    assert int(run(AGENT_IMAGE, "python", "-c", code).stdout) > 20
+    assert "No broken requirements" in run(AGENT_IMAGE, "python", "-m", "pip", "check").stdout
+    assert run(AGENT_IMAGE, "python", "-c", "import kubernetes", check=False).returncode != 0  # ~130 MB it does not need
+
+
 @pytest.mark.parametrize(("age_seconds", "code"), [(None, 0), (0, 0), (3600, 1)], ids=["no-file", "fresh", "stale"])
 def test_the_heartbeat_probe(images, age_seconds, code):
     probe = heartbeat_probe_command(stale_seconds=60)
