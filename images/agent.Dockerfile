@@ -36,8 +36,9 @@ RUN groupadd --gid 1000 agent \
 # only they need: over 150 MB): the agent and the gateway never import functions/
 # (import-linter), and tests/images imports every module of theirs in this image.
 # --system-site-packages keeps the user site on, so `pip install --user` works (into
-# PYTHONUSERBASE). uv lives in a throwaway venv of this one RUN: no uv, no cache in any
-# layer. pip and uv verify TLS with the CA bundle at the system path, which the build
+# PYTHONUSERBASE). uv lives in a throwaway venv of this one RUN, and pip's and uv's
+# downloads in a cache mount (shared by both images' builds): neither is in any layer.
+# pip and uv verify TLS with the CA bundle at the system path, which the build
 # MOUNTS there (the build machine's, never copied); PIP_INDEX_URL/UV_INDEX_URL pass an
 # index through. The agent's commands run with the system PATH (agent/execute.py), where
 # `python` and `pip` are wrappers that exec the venv's (a symlink would lose the venv).
@@ -45,8 +46,10 @@ ARG UV_VERSION=0.13.8
 ARG PIP_INDEX_URL
 ARG UV_INDEX_URL
 COPY pyproject.toml uv.lock /src/
-RUN export PIP_CERT=/etc/ssl/certs/ca-certificates.crt SSL_CERT_FILE=/etc/ssl/certs/ca-certificates.crt \
-      UV_NATIVE_TLS=1 UV_CACHE_DIR=/tmp/uv-cache PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 \
+RUN --mount=type=cache,target=/var/cache/dockyard-build \
+    export PIP_CERT=/etc/ssl/certs/ca-certificates.crt SSL_CERT_FILE=/etc/ssl/certs/ca-certificates.crt \
+      UV_NATIVE_TLS=1 UV_CACHE_DIR=/var/cache/dockyard-build/uv UV_LINK_MODE=copy \
+      PIP_CACHE_DIR=/var/cache/dockyard-build/pip PIP_DISABLE_PIP_VERSION_CHECK=1 \
  && python3 -m venv --system-site-packages /opt/venv \
  && python3 -m venv /tmp/uv \
  && /tmp/uv/bin/pip install -q "uv==${UV_VERSION}" \
@@ -54,10 +57,10 @@ RUN export PIP_CERT=/etc/ssl/certs/ca-certificates.crt SSL_CERT_FILE=/etc/ssl/ce
  && /tmp/uv/bin/uv export --frozen --no-dev --extra openai --extra anthropic --no-emit-project \
       --prune kubernetes --prune functions-framework --prune cloudevents \
       --format requirements-txt --output-file /tmp/requirements.txt \
- && /tmp/uv/bin/uv pip install --python /opt/venv/bin/python --no-cache --compile-bytecode \
+ && /tmp/uv/bin/uv pip install -q --python /opt/venv/bin/python --compile-bytecode \
       --require-hashes -r /tmp/requirements.txt \
  && /tmp/uv/bin/uv pip uninstall -q --python /opt/venv/bin/python setuptools \
- && rm -rf /tmp/uv /tmp/uv-cache /src /tmp/requirements.txt /root/.cache \
+ && rm -rf /tmp/uv /src /tmp/requirements.txt /root/.cache \
  && printf '#!/bin/sh\nexec /opt/venv/bin/%s "$@"\n' python > /usr/local/bin/python \
  && printf '#!/bin/sh\nexec /opt/venv/bin/%s "$@"\n' pip > /usr/local/bin/pip \
  && chmod 755 /usr/local/bin/python /usr/local/bin/pip

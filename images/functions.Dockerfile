@@ -23,22 +23,24 @@ RUN groupadd --gid 1000 dockyard \
  && useradd --uid 1000 --gid 1000 --no-create-home --home-dir /tmp --shell /usr/sbin/nologin dockyard
 
 # Dependencies exactly as locked (versions and hashes from uv.lock); uv only for this RUN,
-# TLS verified with the mounted CA bundle (see agent.Dockerfile).
+# downloads in a cache mount, TLS verified with the mounted CA bundle (see agent.Dockerfile).
 ARG UV_VERSION=0.13.8
 ARG PIP_INDEX_URL
 ARG UV_INDEX_URL
 COPY pyproject.toml uv.lock /src/
-RUN export PIP_CERT=/etc/ssl/certs/ca-certificates.crt SSL_CERT_FILE=/etc/ssl/certs/ca-certificates.crt \
-      UV_NATIVE_TLS=1 UV_CACHE_DIR=/tmp/uv-cache PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 \
+RUN --mount=type=cache,target=/var/cache/dockyard-build \
+    export PIP_CERT=/etc/ssl/certs/ca-certificates.crt SSL_CERT_FILE=/etc/ssl/certs/ca-certificates.crt \
+      UV_NATIVE_TLS=1 UV_CACHE_DIR=/var/cache/dockyard-build/uv UV_LINK_MODE=copy \
+      PIP_CACHE_DIR=/var/cache/dockyard-build/pip PIP_DISABLE_PIP_VERSION_CHECK=1 \
  && python3 -m venv /opt/venv \
  && python3 -m venv /tmp/uv \
  && /tmp/uv/bin/pip install -q "uv==${UV_VERSION}" \
  && cd /src \
  && /tmp/uv/bin/uv export --frozen --no-dev --no-emit-project --format requirements-txt --output-file /tmp/requirements.txt \
- && /tmp/uv/bin/uv pip install --python /opt/venv/bin/python --no-cache --compile-bytecode \
+ && /tmp/uv/bin/uv pip install -q --python /opt/venv/bin/python --compile-bytecode \
       --require-hashes -r /tmp/requirements.txt \
  && /tmp/uv/bin/uv pip uninstall -q --python /opt/venv/bin/python setuptools \
- && rm -rf /tmp/uv /tmp/uv-cache /src /tmp/requirements.txt /root/.cache
+ && rm -rf /tmp/uv /src /tmp/requirements.txt /root/.cache
 
 # HOME=/tmp: gunicorn creates its control socket under $HOME/.gunicorn.
 ENV PYTHONPATH=/app \

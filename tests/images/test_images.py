@@ -166,7 +166,7 @@ def test_the_nats_leaf_launch_command_becomes_nats_server(images):
 
 
 def test_the_agent_image_keeps_no_build_tooling_and_compiled_its_bytecode(images):
-    leftovers = "find / -xdev \\( -name uv -o -name 'uv-*.dist-info' -o -path /root/.cache -o -path /src \\) -print"
+    leftovers = "find / -xdev \\( -name uv -o -name 'uv-*.dist-info' -o -path /root/.cache -o -path '/var/cache/dockyard-build/*' -o -path /src \\) -print"
     assert podman("run", "--rm", "--user", "0", "--entrypoint", "sh", AGENT_IMAGE, "-c", leftovers).stdout == ""
     code = "import importlib.util as u, agent.run, langgraph.graph as g; print(all(__import__('os').path.exists(u.cache_from_source(m.__file__)) for m in (agent.run, g)))"
     assert run(AGENT_IMAGE, "python", "-c", code).stdout.strip() == "True"
