@@ -43,13 +43,15 @@ RUN groupadd --gid 1000 agent \
 # index through. The agent's commands run with the system PATH (agent/execute.py), where
 # `python` and `pip` are wrappers that exec the venv's (a symlink would lose the venv).
 ARG UV_VERSION=0.13.8
-ARG PIP_INDEX_URL
-ARG UV_INDEX_URL
+ARG PIP_INDEX_URL=
+ARG UV_INDEX_URL=
 COPY pyproject.toml uv.lock /src/
 RUN --mount=type=cache,target=/var/cache/dockyard-build \
     export PIP_CERT=/etc/ssl/certs/ca-certificates.crt SSL_CERT_FILE=/etc/ssl/certs/ca-certificates.crt \
-      UV_NATIVE_TLS=1 UV_CACHE_DIR=/var/cache/dockyard-build/uv UV_LINK_MODE=copy \
+      UV_SYSTEM_CERTS=1 UV_CACHE_DIR=/var/cache/dockyard-build/uv UV_LINK_MODE=copy \
       PIP_CACHE_DIR=/var/cache/dockyard-build/pip PIP_DISABLE_PIP_VERSION_CHECK=1 \
+ && if [ -z "${PIP_INDEX_URL:-}" ]; then unset PIP_INDEX_URL; fi \
+ && if [ -z "${UV_INDEX_URL:-}" ]; then unset UV_INDEX_URL; fi \
  && python3 -m venv --system-site-packages /opt/venv \
  && python3 -m venv /tmp/uv \
  && /tmp/uv/bin/pip install -q "uv==${UV_VERSION}" \
