@@ -41,7 +41,8 @@ RUN groupadd --gid 1000 agent \
 # pip and uv verify TLS with the CA bundle at the system path, which the build
 # MOUNTS there (the build machine's, never copied); PIP_INDEX_URL/UV_INDEX_URL pass an
 # index through. The agent's commands run with the system PATH (agent/execute.py), where
-# `python` and `pip` are wrappers that exec the venv's (a symlink would lose the venv).
+# `python` and `pip` are wrappers that exec the venv's (a symlink would lose the venv;
+# python:3.11-slim's own are removed first, not written through: its python is a symlink).
 ARG UV_VERSION=0.13.8
 ARG PIP_INDEX_URL=
 ARG UV_INDEX_URL=
@@ -63,6 +64,7 @@ RUN --mount=type=cache,target=/var/cache/dockyard-build \
       --require-hashes -r /tmp/requirements.txt \
  && /tmp/uv/bin/uv pip uninstall -q --python /opt/venv/bin/python setuptools \
  && rm -rf /tmp/uv /src /tmp/requirements.txt /root/.cache \
+ && rm -f /usr/local/bin/python /usr/local/bin/pip \
  && printf '#!/bin/sh\nexec /opt/venv/bin/%s "$@"\n' python > /usr/local/bin/python \
  && printf '#!/bin/sh\nexec /opt/venv/bin/%s "$@"\n' pip > /usr/local/bin/pip \
  && chmod 755 /usr/local/bin/python /usr/local/bin/pip
