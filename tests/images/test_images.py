@@ -194,3 +194,24 @@ def test_the_images_ca_bundle_is_debians_not_the_build_machines(images):
 def test_the_functions_image_starts_functions_framework_as_uid_1000(images):
     assert "Usage: functions-framework" in run(FUNCTIONS_IMAGE, "functions-framework", "--help").stdout
     assert podman("run", "--rm", "--entrypoint", "id", FUNCTIONS_IMAGE, "-u").stdout.strip() == "1000"
+
+
+def test_the_functions_image_serves_a_function_restricted(images):
+    """As a Knative Service runs it: FUNCTION_TARGET and PORT set, read-only root, /tmp writable. Input that is
+    not a CloudEvent gets its 400 naming the field, so the function itself answered."""
+    name = f"dockyard-test-functions-{uuid.uuid4().hex[:8]}"
+    podman("run", "-d", "--rm", "--name", name, *RESTRICTED, "--env", "FUNCTION_TARGET=task_submitted", "--env", "PORT=8080", FUNCTIONS_IMAGE)
+    try:
+        post = (
+            "import urllib.request as u, urllib.error as e\n"
+            "try: u.urlopen(u.Request('http://127.0.0.1:8080/', data=b'{}', headers={'content-type': 'application/json'}), timeout=5)\n"
+            "except e.HTTPError as x: print(x.code, x.read().decode())\n"
+        )
+        deadline = time.monotonic() + TIMEOUT
+        while (answer := podman("exec", name, "python", "-c", post, check=False)).returncode != 0 or not answer.stdout:
+            assert time.monotonic() < deadline, f"the function never answered: {answer.stderr}\n{podman('logs', name, check=False).stderr}"
+            time.sleep(0.2)
+        code, body = answer.stdout.split(" ", 1)
+        assert code == "400" and '"field":"ce-specversion"' in body.replace(" ", "")
+    finally:
+        podman("rm", "-f", "-t", "0", name, check=False)
