@@ -44,9 +44,10 @@ from functions.errors import BadInput, SettingsError
 if TYPE_CHECKING:
     from functions.core.nats_jwt import Issuer
 
-# The agent image's PATH (python:3.x-slim). The factory puts /home/agent/.local/bin in front so that
-# `pip install --user` works on a read-only root; an env PATH replaces the image's, hence the copy.
-DEFAULT_IMAGE_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+# The agent image's PATH (images/agent.Dockerfile): its venv, then the system's. The factory puts
+# /home/agent/.local/bin in front so that `pip install --user` works on a read-only root; an env PATH
+# replaces the image's, hence the copy.
+DEFAULT_IMAGE_PATH = "/opt/venv/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 _NATS_SCHEMES = ("nats", "tls", "ws", "wss")
 _LEAF_SCHEMES = ("nats-leaf", "nats", "tls", "ws", "wss")
 _STORE_SCHEMES = ("s3", "file")
