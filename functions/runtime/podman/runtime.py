@@ -84,7 +84,7 @@ class PodmanRuntime(LocalRuntime):
 
     def _make_pod(self, sup: TaskSupervisor):
         task, state = sup.task, sup.state
-        spec = plan(factory.render(task, self.job_settings, state.uid, self._placeholder_creds()), {}, **self._where(sup)).spec
+        spec = plan(factory.render(task, self.job_settings, state.uid, self._placeholder_creds()), self._secrets(), **self._where(sup)).spec
 
         def make_plan():
             return plan(factory.render(task, self.job_settings, state.uid, self._creds(sup)), self._secrets(), **self._where(sup))
@@ -106,8 +106,10 @@ class PodmanRuntime(LocalRuntime):
         return {role: sup.folder.nats_creds(role).read_text() for role in factory.NATS_ROLES}
 
     def _secrets(self) -> dict[str, dict[str, bytes]]:
+        """The Secrets the Job mounts, from their directories; the object store's is empty without one (the pods
+        then have no S3 credentials; a mounted empty Secret, as an empty directory)."""
         found = {
-            self.settings.object_store_secret: read_secret_dir(self.settings.object_store_secret_dir),
+            self.settings.object_store_secret: read_secret_dir(self.settings.object_store_secret_dir) or {},
             self.settings.model_secret: read_secret_dir(self.settings.model_secret_dir),
         }
         return {name: data for name, data in found.items() if data is not None}
