@@ -23,10 +23,26 @@ from pathlib import Path
 MEMORY_V1 = Path("/sys/fs/cgroup/memory")
 
 
+def memory_cgroup(pid: int) -> str | None:
+    """The cgroup v1 memory controller's path of process `pid` (the container's, after `podman init`)."""
+    try:
+        lines = Path(f"/proc/{pid}/cgroup").read_text().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        _, controllers, path = line.split(":", 2)
+        if "memory" in controllers.split(","):
+            return path
+    return None
+
+
 class OomWatch:
-    def __init__(self, cgroup_path: str):
-        self.dir = MEMORY_V1 / cgroup_path.lstrip("/")
+    def __init__(self, pid: int):
         self.efd: int | None = None
+        cgroup = memory_cgroup(pid) if pid > 0 else None
+        self.dir = MEMORY_V1 / (cgroup or "/nonexistent").lstrip("/")
+        if cgroup is None:
+            return
         try:
             efd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
             ofd = os.open(self.dir / "memory.oom_control", os.O_RDONLY | os.O_CLOEXEC)

@@ -174,7 +174,7 @@ class PodmanPod:
         cname = self._cname(agent.name)
         await self.podman.run("init", cname)
         info = await self.podman.inspect("container", cname) or {}
-        watch = OomWatch(((info.get("State") or {}).get("CgroupPath")) or "")
+        watch = OomWatch(int((info.get("State") or {}).get("Pid") or 0))  # the container's init, in its cgroup
         self.agent_stopped.clear()
         try:
             await self.podman.run("start", cname)
