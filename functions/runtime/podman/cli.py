@@ -43,6 +43,9 @@ class Podman:
             proc.kill()
             await proc.wait()
             raise PodmanError(f"podman {' '.join(args[:3])} ...: no answer in {timeout}s") from None
+        except asyncio.CancelledError:  # e.g. a `podman wait` given up for a stop: leave no podman behind
+            proc.kill()
+            raise
         code = proc.returncode or 0
         if check and code != 0:
             raise PodmanError(f"podman {' '.join(args[:4])} ... exited {code}: {err.decode(errors='replace').strip()[-600:]}")

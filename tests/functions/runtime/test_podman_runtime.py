@@ -62,6 +62,10 @@ def stand_in_image(podman_ready, tmp_path):
         "if sys.argv[1:2] == ['run']:\n"
         "    for i in range(120):\n"
         "        print(f'stand-in agent line {i}', flush=True)\n"
+        "    if os.environ.get('DOCKYARD_TASK_ID', '').startswith('slow'):\n"
+        "        import signal, time\n"
+        "        signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # as the agent: stop after the step\n"
+        "        time.sleep(600)\n"
         "    if os.environ.get('DOCKYARD_TASK_ID', '').startswith('oom'):\n"
         "        hog = [bytearray(1 << 20) for _ in range(4096)]  # 4 GiB against a small limit\n"
         "    sys.exit(2)\n"
@@ -200,3 +204,46 @@ async def test_a_crashing_agent_is_retried_backofflimit_times_then_reports_error
         assert state.exit_codes == [2, 2]
     finally:
         _cleanup(runtime, task_id)
+
+
+async def test_a_shutdown_stops_the_pod_the_next_runtime_runs_it_again_and_cancel_stops_it(podman_settings, stand_in_image):
+    settings = podman_settings.updated({"agent_image": stand_in_image})
+    task_id = f"slow-{uuid.uuid4().hex[:8]}"
+    agent = f"{contract.job_name(task_id)}-agent"
+    events: list[dict] = []
+
+    async def emit(event: dict) -> None:
+        events.append(event)
+
+    def agent_running() -> bool:
+        out = subprocess.run(["podman", "inspect", "--format", "{{.State.Running}}", agent], env=PODMAN_ENV, capture_output=True, text=True)
+        return out.stdout.strip() == "true"
+
+    first = make_runtime(settings, emit_job_event=emit)
+    try:
+        await first.launch(_task(task_id))
+        await eventually_async(agent_running, "the agent container running", TASK_SECONDS, interval=0.2)
+    finally:
+        await first.close()  # a clean stop: SIGTERM, the agent exits 143, the task stays unfinished
+    assert _inspect(agent)["State"]["ExitCode"] == 143
+    state = first.folders.load(task_id)
+    assert not state.finished and state.attempts == 1
+
+    second = make_runtime(settings, emit_job_event=emit)
+    try:
+        assert await second.resume_running() == [task_id]
+        await eventually_async(lambda: agent_running() and second.folders.load(task_id).attempts == 2,
+                               "the agent running again in a new pod", TASK_SECONDS, interval=0.2)
+        began = time.monotonic()
+        await second.cancel(task_id)
+        assert time.monotonic() - began < settings.termination_grace_seconds + 15
+        await eventually_async(lambda: events, "the job event", TASK_SECONDS, interval=0.2)
+        assert events[0]["data"]["status"]["conditions"][0]["reason"] == "Cancelled"
+        assert not agent_running()
+        # The sidecars were stopped too (the snapshotter's final upload done): nothing of the pod runs.
+        out = subprocess.run(["podman", "ps", "--filter", f"pod={contract.job_name(task_id)}", "--format", "{{.Names}}"],
+                             env=PODMAN_ENV, capture_output=True, text=True).stdout.split()
+        assert [name for name in out if not name.endswith("-infra")] == [], out
+    finally:
+        await second.close()
+        _cleanup(second, task_id)
