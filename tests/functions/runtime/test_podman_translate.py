@@ -145,3 +145,11 @@ def _bytes(quantity: str) -> int:
 
 def _cpus(quantity: str) -> float:
     return int(quantity[:-1]) / 1000 if quantity.endswith("m") else float(quantity)
+
+
+def test_the_design_lists_every_gap():
+    from tests.conftest import REPO_ROOT
+
+    design = (REPO_ROOT / "docs" / "DESIGN.md").read_text()
+    missing = [gap for gap in GAPS if f"- {gap}" not in design]
+    assert not missing, f"docs/DESIGN.md, 'Podman runtime': add {missing}"
