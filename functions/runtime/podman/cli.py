@@ -32,7 +32,7 @@ class Podman:
         if containers_conf:
             self.env["CONTAINERS_CONF"] = containers_conf
 
-    async def run(self, *args: str, check: bool = True, timeout: float | None = 120) -> tuple[int, str, str]:
+    async def run(self, *args: str, check: bool = True, timeout: float | None = 300) -> tuple[int, str, str]:
         proc = await asyncio.create_subprocess_exec(
             self.binary, *args, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE, env=self.env,

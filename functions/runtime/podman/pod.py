@@ -30,7 +30,7 @@ from pathlib import Path
 from agent import contract
 from functions.runtime.local.pod import TERMINATION_MESSAGE_BYTES, AttemptEnd, JobSpec, Supervised, log_tail
 from functions.runtime.local.processes import wait_or_stop
-from functions.runtime.podman.cli import Podman
+from functions.runtime.podman.cli import Podman, PodmanError
 from functions.runtime.podman.oom import OomWatch
 from functions.runtime.podman.translate import ContainerPlan, PodPlan, Probe
 
@@ -59,8 +59,25 @@ class PodmanPod:
             await self._stop_pod()
 
     async def run_attempt(self) -> AttemptEnd:
+        """One attempt. A pod podman cannot make or start is a failed attempt (the Job controller counts a
+        pod that fails to start), with podman's error as its termination message: retried with backoff."""
         sup, state = self.sup, self.sup.state
         plan = self.make_plan()
+        try:
+            return await self._attempt(plan)
+        except PodmanError as exc:
+            log.warning("task %s: the pod failed: %s", state.task_id, exc)
+            await self.podman.run("pod", "stop", "--time", "0", self.name, check=False)
+            if len(state.exit_codes) >= state.attempts:  # not counted yet (the agent's start counts it)
+                state.attempts += 1
+            state.exit_codes.append(1)
+            state.termination_message = f"the pod could not run: {exc}"[:TERMINATION_MESSAGE_BYTES]
+            state.agent_exit = None
+            sup.save()
+            return AttemptEnd(1, None, "pod")
+
+    async def _attempt(self, plan: PodPlan) -> AttemptEnd:
+        sup, state = self.sup, self.sup.state
         await self._create(plan)
         began = time.time()
         for container in plan.containers:
@@ -116,6 +133,8 @@ class PodmanPod:
 
     async def _create(self, plan: PodPlan) -> None:
         await self.podman.run("pod", "rm", "--force", "--time", "0", self.name, check=False)
+        if await self.podman.inspect("pod", self.name) is not None:
+            raise PodmanError(f"the pod {self.name} of an earlier attempt cannot be removed")
         self._write_files(plan)
         workspace = self.sup.folder.workspace
         workspace.mkdir(parents=True, exist_ok=True)

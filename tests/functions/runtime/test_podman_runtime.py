@@ -247,3 +247,30 @@ async def test_a_shutdown_stops_the_pod_the_next_runtime_runs_it_again_and_cance
     finally:
         await second.close()
         _cleanup(second, task_id)
+
+
+async def test_the_jobs_deadline_stops_the_pod(podman_settings, stand_in_image):
+    settings = podman_settings.updated({"agent_image": stand_in_image})
+    task_id = f"slow-{uuid.uuid4().hex[:8]}"
+    job, _, runtime = await _run(settings, _task(task_id, deadline_seconds=15))
+    try:
+        condition = job["status"]["conditions"][0]
+        assert (condition["type"], condition["reason"]) == ("Failed", "DeadlineExceeded"), job["status"]
+        assert job["spec"]["activeDeadlineSeconds"] == 15
+        agent = _inspect(f"{contract.job_name(task_id)}-agent")["State"]
+        assert (agent["Running"], agent["ExitCode"]) == (False, 143)  # SIGTERM: it stopped after its step
+    finally:
+        _cleanup(runtime, task_id)
+
+
+async def test_a_pod_podman_cannot_make_is_a_failed_attempt_with_podmans_error(podman_settings):
+    settings = podman_settings.updated({"agent_image": "localhost/dockyard-no-such-image:0", "image_pull_policy": "Never"})
+    task_id = f"noimage-{uuid.uuid4().hex[:8]}"
+    job, _, runtime = await _run(settings, _task(task_id, retries=1))
+    try:
+        status = job["status"]
+        assert status["conditions"][0]["reason"] == "BackoffLimitExceeded", status
+        assert status["failed"] == 2
+        assert "the pod could not run" in status["terminationMessage"] and "dockyard-no-such-image" in status["terminationMessage"]
+    finally:
+        _cleanup(runtime, task_id)
