@@ -37,6 +37,11 @@ GAPS = (
     "OOMKilled: podman's State.OOMKilled, or, where conmon misses it (cgroup v1), the kernel's OOM notification "
     "on the container's memory cgroup (cgroup.event_control).",
     "imagePullPolicy: IfNotPresent is `--pull missing`; images come from the local store (scripts/build-images).",
+    "Native sidecars (restartPolicy Always) are not restarted when they exit during an attempt; the attempt goes on without them.",
+    "ttlSecondsAfterFinished: the pod and the workspace volume go with the local runtime's TTL janitor "
+    "(DOCKYARD_TTL_SUCCEEDED_SECONDS / DOCKYARD_TTL_FAILED_SECONDS, once the final snapshot is stored).",
+    "podFailurePolicy onPodConditions (DisruptionTarget: Ignore): nothing evicts a podman pod; only the FailJob exit-code rules apply.",
+    "suspend and the Kueue label: the local runtime's admission queue (DOCKYARD_MAX_RUNNING) holds the task instead.",
 )
 
 MANAGED_LABEL = "dockyard.dev/runtime"  # on every pod, container and volume the podman runtime makes
