@@ -109,13 +109,13 @@ def _task(task_id: str, **limits):
     return parse_task(data, source="test", event_id=task_id, policy=Settings().limits)
 
 
-async def _run(settings: Settings, task) -> tuple[dict, float, object]:
+async def _run(settings: Settings, task, **runtime_options) -> tuple[dict, float, object]:
     events: list[dict] = []
 
     async def emit(event: dict) -> None:
         events.append(event)
 
-    runtime = make_runtime(settings, emit_job_event=emit, backoff_seconds=0.5)
+    runtime = make_runtime(settings, emit_job_event=emit, backoff_seconds=0.5, **runtime_options)
     began = time.monotonic()
     try:
         assert await runtime.launch(task) is True
@@ -150,7 +150,8 @@ async def test_the_example_task_runs_to_done_in_a_podman_pod_with_its_final_snap
     from agent.storage import open_store
 
     task_id = f"pod-{uuid.uuid4().hex[:8]}"
-    job, seconds, runtime = await _run(podman_settings, _task(task_id))
+    settings = podman_settings.updated({"ttl_succeeded_seconds": 0})
+    job, seconds, runtime = await _run(settings, _task(task_id), sweep_interval_seconds=3600)
     try:
         print(f"\nexample task under podman: {seconds:.1f}s from launch to the job event")
         condition = job["status"]["conditions"][0]
@@ -168,6 +169,12 @@ async def test_the_example_task_runs_to_done_in_a_podman_pod_with_its_final_snap
             assert info["EffectiveCaps"] in (None, []), (container, info["EffectiveCaps"])
             assert "no-new-privileges" in info["HostConfig"]["SecurityOpt"], container
             assert info["State"]["ExitCode"] in (0, 143), (container, info["State"])  # sidecars stop on SIGTERM
+        # Past its TTL (0 here), with the final snapshot stored: the janitor removes the pod and the volume.
+        await runtime.sweep()
+        assert runtime.folders.load(task_id).workspace_removed
+        for kind, name in (("pod", contract.job_name(task_id)), ("volume", contract.pvc_name(task_id))):
+            exists = subprocess.run(["podman", kind, "exists", name], env=PODMAN_ENV).returncode == 0
+            assert not exists, f"{kind} {name} is still there"
     finally:
         _cleanup(runtime, task_id)
 
