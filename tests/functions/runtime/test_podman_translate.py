@@ -153,3 +153,21 @@ def test_the_design_lists_every_gap():
     design = (REPO_ROOT / "docs" / "DESIGN.md").read_text()
     missing = [gap for gap in GAPS if f"- {gap}" not in design]
     assert not missing, f"docs/DESIGN.md, 'Podman runtime': add {missing}"
+
+
+def test_the_job_is_rendered_with_loopback_urls_naming_the_podman_host():
+    from functions.errors import SettingsError
+    from functions.runtime.podman.runtime import pod_settings
+
+    settings = _settings(nats_url="nats://u:pw@127.0.0.1:4222", nats_leaf_url="nats-leaf://localhost:7422",
+                         s3_endpoint="http://127.0.0.1:9000", egress_proxy="http://127.0.0.1:3128", podman_host="10.0.2.2")
+    rendered = pod_settings(settings)
+    assert (rendered.nats_url, rendered.nats_leaf_url) == ("nats://u:pw@10.0.2.2:4222", "nats-leaf://10.0.2.2:7422")
+    assert (rendered.s3_endpoint, rendered.egress_proxy) == ("http://10.0.2.2:9000", "http://10.0.2.2:3128")
+    other = _settings(nats_url="nats://nats.example:4222")
+    assert pod_settings(other).nats_url == "nats://nats.example:4222"  # not this machine: as it is
+    job = _rendered(rendered)[0]
+    agent_env = {e["name"]: e["value"] for e in job["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert agent_env["HTTPS_PROXY"] == "http://10.0.2.2:3128" and "10.0.2.2" in agent_env["NO_PROXY"].split(",")
+    with pytest.raises(SettingsError, match="DOCKYARD_STORE"):
+        pod_settings(_settings(store="file:///tmp/store"))
