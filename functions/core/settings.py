@@ -248,19 +248,16 @@ class Settings(BaseSettings):
     default_model: str = _setting("", "model of a task that names none, e.g. `openai:gpt-4o`; none: the agent's default", _JOBS)
 
     # --- the podman runtime (functions/runtime/podman) ------------------------------------
-    podman_host: Name = _setting(
-        "10.0.2.2", "this machine as the pods see it: loopback URLs (NATS, its leafnode port, S3, the egress proxy) name it in the Job",
-        _PODMAN)
+    podman_host: Name = _setting("10.0.2.2", "this machine as the pods see it: loopback URLs (NATS, its leafnode port, S3, "
+                                 "the egress proxy) name it in the Job", _PODMAN)
     podman_network: Name = _setting("slirp4netns:allow_host_loopback=true", "`podman pod create --network` of each task's pod", _PODMAN)
     podman_binary: Name = _setting("podman", "the podman command", _PODMAN)
-    podman_containers_conf: str = _setting(
-        "", "CONTAINERS_CONF of the runtime's podman calls", _PODMAN, shown="`images/containers.conf` of this checkout when present")
-    object_store_secret_dir: str = _setting(
-        "", "the object store's Secret (`DOCKYARD_OBJECT_STORE_SECRET`) as a directory, one file per key "
-        "(`access_key_id`, `secret_access_key`, `region`, ...); none: no credentials", _PODMAN)
-    model_secret_dir: str = _setting(
-        "", "the model's Secret (`DOCKYARD_MODEL_SECRET`) as a directory, one file per key; none: no model key in the pods "
-        "(`dockyard dev`: its model gateway's key directory)", _PODMAN)
+    podman_containers_conf: str = _setting("", "CONTAINERS_CONF of the runtime's podman calls", _PODMAN,
+                                           shown="`images/containers.conf` of this checkout when present")
+    object_store_secret_dir: str = _setting("", "the object store's Secret (`DOCKYARD_OBJECT_STORE_SECRET`) as a directory, one file per "
+                                            "key (`access_key_id`, `secret_access_key`, `region`, ...); none: no credentials", _PODMAN)
+    model_secret_dir: str = _setting("", "the model's Secret (`DOCKYARD_MODEL_SECRET`) as a directory, one file per key; none: no model "
+                                     "key in the pods (`dockyard dev`: its model gateway's key directory)", _PODMAN)
 
     # --- construction ------------------------------------------------------------------
     @classmethod

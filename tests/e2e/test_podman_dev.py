@@ -9,6 +9,7 @@ S3 is moto's server over HTTP (the tests' fixture), reached from the pods at the
 from __future__ import annotations
 
 import asyncio
+import subprocess
 
 import pytest
 
@@ -43,6 +44,13 @@ def podman_dev(podman_ready, tmp_path, s3_store_url, s3_endpoint):  # noqa: F811
     yield start
     for dev in started:
         dev.stop()
+        for task in (dev.data_dir / "tasks").iterdir() if (dev.data_dir / "tasks").is_dir() else ():
+            _remove_pod(task.name)
+
+
+def _remove_pod(task_id: str) -> None:
+    subprocess.run(["podman", "pod", "rm", "-f", "-t", "0", contract.job_name(task_id)], env=PODMAN_ENV, capture_output=True)
+    subprocess.run(["podman", "volume", "rm", "-f", contract.pvc_name(task_id)], env=PODMAN_ENV, capture_output=True)
 
 
 def test_the_example_task_is_done_through_dockyard_dev_with_the_podman_runtime(podman_dev):

@@ -32,7 +32,7 @@ from functions.runtime.local.pod import TERMINATION_MESSAGE_BYTES, AttemptEnd, J
 from functions.runtime.local.processes import wait_or_stop
 from functions.runtime.podman.cli import Podman, PodmanError
 from functions.runtime.podman.oom import OomWatch
-from functions.runtime.podman.translate import ContainerPlan, PodPlan, Probe
+from functions.runtime.podman.translate import JOB_UID_LABEL, ContainerPlan, PodPlan, Probe
 
 log = logging.getLogger("dockyard.runtime.podman")
 
@@ -54,7 +54,8 @@ class PodmanPod:
     # --- the Pod protocol -----------------------------------------------------
 
     async def recover(self) -> None:
-        if await self.podman.inspect("pod", self.name) is not None:
+        pod = await self.podman.inspect("pod", self.name)
+        if pod is not None and _job_uid(pod) == self.sup.state.uid and pod.get("State") == "Running":
             log.warning("task %s: stopping the pod %s left by the previous process", self.sup.state.task_id, self.name)
             await self._stop_pod()
 
@@ -132,6 +133,14 @@ class PodmanPod:
     # --- steps ----------------------------------------------------------------
 
     async def _create(self, plan: PodPlan) -> None:
+        """A fresh pod; the workspace volume kept from an earlier attempt. A pod or volume of the same name
+        that belongs to another Job (another launch: another data dir, or one removed) is removed when it
+        no longer runs, or when its workspace folder is gone; else it is a conflict, named."""
+        uid = self.sup.state.uid
+        pod = await self.podman.inspect("pod", self.name)
+        if pod is not None and _job_uid(pod) != uid and pod.get("State") == "Running":
+            raise PodmanError(f"the pod {self.name} runs for another Job (uid {_job_uid(pod)}): another `dockyard dev` "
+                              f"with a task {self.sup.state.task_id}? (`podman pod rm -f {self.name}` if not)")
         await self.podman.run("pod", "rm", "--force", "--time", "0", self.name, check=False)
         if await self.podman.inspect("pod", self.name) is not None:
             raise PodmanError(f"the pod {self.name} of an earlier attempt cannot be removed")
@@ -139,7 +148,16 @@ class PodmanPod:
         workspace = self.sup.folder.workspace
         workspace.mkdir(parents=True, exist_ok=True)
         os.chown(workspace, *plan.owner)
-        if await self.podman.inspect("volume", plan.volume) is None:
+        volume = await self.podman.inspect("volume", plan.volume)
+        if volume is not None and _job_uid(volume) != uid:
+            device = ((volume.get("Options") or {}).get("device")) or ""
+            if device and Path(device).exists():
+                raise PodmanError(f"the volume {plan.volume} holds the workspace {device} of another Job (uid "
+                                  f"{_job_uid(volume)}); (`podman volume rm {plan.volume}` if it is not wanted)")
+            log.warning("task %s: removing the volume %s of a Job that is gone (%s)", self.sup.state.task_id, plan.volume, device)
+            await self.podman.run("volume", "rm", "--force", plan.volume)
+            volume = None
+        if volume is None:
             await self.podman.run("volume", "create", *plan.volume_args)
         await self.podman.run("pod", "create", *plan.pod_args)
         for container in plan.containers:
@@ -271,3 +289,9 @@ class PodmanPod:
 
     def _cname(self, container: str) -> str:
         return f"{self.name}-{container}"
+
+
+def _job_uid(inspected: dict) -> str | None:
+    """The Job uid label of an inspected pod or volume."""
+    labels = inspected.get("Labels") or (inspected.get("Config") or {}).get("Labels") or {}
+    return labels.get(JOB_UID_LABEL)

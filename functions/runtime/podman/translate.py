@@ -45,6 +45,7 @@ GAPS = (
 )
 
 MANAGED_LABEL = "dockyard.dev/runtime"  # on every pod, container and volume the podman runtime makes
+JOB_UID_LABEL = "dockyard.dev/job-uid"  # whose they are: the Job's uid (the PVC's owner), one per launch
 KNOWN_CONTAINER_KEYS = {
     "name", "image", "imagePullPolicy", "command", "args", "env", "volumeMounts", "resources", "securityContext",
     "terminationMessagePolicy", "restartPolicy", "startupProbe", "livenessProbe",
@@ -122,7 +123,8 @@ def plan(manifests: list[dict], secrets: dict[str, dict[str, bytes]], *, workspa
     uid, gid = int(security.get("runAsUser", 0)), int(security.get("runAsGroup", 0))
     fs_group = int(security.get("fsGroup", gid))
     name = job["metadata"]["name"]
-    labels = {**template["metadata"].get("labels", {}), MANAGED_LABEL: runtime_label}
+    owner_uid = pvc["metadata"]["ownerReferences"][0]["uid"]
+    labels = {**template["metadata"].get("labels", {}), MANAGED_LABEL: runtime_label, JOB_UID_LABEL: owner_uid}
 
     volumes, files = {}, []
     for volume in pod_spec["volumes"]:
