@@ -281,3 +281,25 @@ async def test_a_pod_podman_cannot_make_is_a_failed_attempt_with_podmans_error(p
         assert "the pod could not run" in status["terminationMessage"] and "dockyard-no-such-image" in status["terminationMessage"]
     finally:
         _cleanup(runtime, task_id)
+
+
+async def test_a_stale_volume_left_by_a_job_that_is_gone_is_replaced(podman_settings, tmp_path):
+    from functions.runtime.podman.translate import JOB_UID_LABEL
+
+    settings = podman_settings.updated({"agent_image": "localhost/dockyard-no-such-image:0", "image_pull_policy": "Never"})
+    task_id = f"stale-{uuid.uuid4().hex[:8]}"
+    volume = contract.pvc_name(task_id)
+    subprocess.run(["podman", "volume", "create", "--label", f"{JOB_UID_LABEL}=another", "--opt", "type=none", "--opt", "o=bind",
+                    "--opt", f"device={tmp_path / 'gone'}", volume], env=PODMAN_ENV, check=True, capture_output=True)
+    job, _, runtime = await _run(settings, _task(task_id, retries=0))
+    try:
+        labels = _inspect_volume(volume)["Labels"]
+        assert labels[JOB_UID_LABEL] == job["metadata"]["uid"]  # ours now: the old one's workspace folder was gone
+        assert "dockyard-no-such-image" in job["status"]["terminationMessage"]  # and the attempt went on to the image
+    finally:
+        _cleanup(runtime, task_id)
+
+
+def _inspect_volume(name: str) -> dict:
+    out = subprocess.run(["podman", "volume", "inspect", name], env=PODMAN_ENV, capture_output=True, text=True, check=True).stdout
+    return json.loads(out)[0]
