@@ -37,6 +37,7 @@ from functions.runtime.podman.translate import JOB_UID_LABEL, ContainerPlan, Pod
 log = logging.getLogger("dockyard.runtime.podman")
 
 LOG_TAIL_LINES = 80
+POD_RM_TRIES = 5
 
 
 class PodmanPod:
@@ -141,9 +142,13 @@ class PodmanPod:
         if pod is not None and _job_uid(pod) != uid and pod.get("State") == "Running":
             raise PodmanError(f"the pod {self.name} runs for another Job (uid {_job_uid(pod)}): another `dockyard dev` "
                               f"with a task {self.sup.state.task_id}? (`podman pod rm -f {self.name}` if not)")
-        await self.podman.run("pod", "rm", "--force", "--time", "0", self.name, check=False)
-        if await self.podman.inspect("pod", self.name) is not None:
-            raise PodmanError(f"the pod {self.name} of an earlier attempt cannot be removed")
+        for _ in range(POD_RM_TRIES):  # podman 4.3 sometimes finds a container's shm still busy: a moment later it is not
+            code, _, err = await self.podman.run("pod", "rm", "--force", "--time", "0", self.name, check=False)
+            if await self.podman.inspect("pod", self.name) is None:
+                break
+            await asyncio.sleep(0.5)
+        else:
+            raise PodmanError(f"the pod {self.name} of an earlier attempt cannot be removed: {err.strip()[-400:]}")
         self._write_files(plan)
         workspace = self.sup.folder.workspace
         workspace.mkdir(parents=True, exist_ok=True)
