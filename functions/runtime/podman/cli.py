@@ -26,8 +26,10 @@ def default_containers_conf() -> str:
 
 
 class Podman:
-    def __init__(self, binary: str = "podman", containers_conf: str = ""):
+    def __init__(self, binary: str = "podman", containers_conf: str = "", cwd: Path | None = None):
         self.binary = shutil.which(binary) or binary
+        # conmon 2.1 on cgroup v1 writes its `oom` marker file into the working directory: keep it out of the checkout.
+        self.cwd = cwd
         self.env = dict(os.environ)
         if containers_conf:
             self.env["CONTAINERS_CONF"] = containers_conf
@@ -35,7 +37,7 @@ class Podman:
     async def run(self, *args: str, check: bool = True, timeout: float | None = 300) -> tuple[int, str, str]:
         proc = await asyncio.create_subprocess_exec(
             self.binary, *args, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE, env=self.env,
+            stderr=asyncio.subprocess.PIPE, env=self.env, cwd=self.cwd,
         )  # fmt: skip
         try:
             out, err = await asyncio.wait_for(proc.communicate(), timeout)

@@ -1,6 +1,8 @@
 """Whether a container was OOM-killed, where podman's own answer (State.OOMKilled) cannot be trusted.
 
-On cgroup v1 conmon 2.1 misses the kernel's OOM kill (State.OOMKilled stays false, the exit code is 137).
+On cgroup v1 podman 4.3 with conmon 2.1 misses the kernel's OOM kill: conmon notices it but writes its
+`oom` marker into its working directory instead of where podman looks (State.OOMKilled stays false, the
+exit code is 137; the runtime runs podman in `<data dir>/podman` so the marker lands there).
 The kernel tells anyone who asks: an eventfd registered on the container's `memory.oom_control` through
 `cgroup.event_control` is signalled once per OOM event, and once more when the cgroup is removed.
 

@@ -64,7 +64,9 @@ class PodmanRuntime(LocalRuntime):
     def __init__(self, settings: Settings, emit_job_event: EmitJobEvent, *, podman: Podman | None = None, **kw: Any):
         self.settings = settings
         self.job_settings = pod_settings(settings)
-        self.podman = podman or Podman(settings.podman_binary, settings.podman_containers_conf or default_containers_conf())
+        scratch = Path(settings.data_dir).resolve() / "podman"
+        scratch.mkdir(parents=True, exist_ok=True)
+        self.podman = podman or Podman(settings.podman_binary, settings.podman_containers_conf or default_containers_conf(), scratch)
         kw.setdefault("grace_seconds", settings.termination_grace_seconds)
         kw.setdefault("ttl_succeeded_seconds", settings.ttl_succeeded_seconds)
         kw.setdefault("ttl_failed_seconds", settings.ttl_failed_seconds)
