@@ -17,7 +17,7 @@ from agent import contract
 from functions.cli import client
 from tests.dev_process import DevServer
 from tests.functions.devstack.test_dev import collect, example_task, wait_record
-from tests.functions.runtime.test_podman_runtime import PODMAN_ENV, podman_ready, stand_in_image  # noqa: F401 (fixtures)
+from tests.functions.runtime.test_podman_runtime import CONTAINERS_CONF, PODMAN_ENV, podman_ready, stand_in_image  # noqa: F401 (fixtures)
 
 
 @pytest.fixture
@@ -31,11 +31,11 @@ def podman_dev(podman_ready, tmp_path, s3_store_url, s3_endpoint):  # noqa: F811
 
     def start(**env: str) -> DevServer:
         base = {
-            "CONTAINERS_CONF": PODMAN_ENV["CONTAINERS_CONF"],
             "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
             "DOCKYARD_S3_ENDPOINT": s3_endpoint,
             "DOCKYARD_OBJECT_STORE_SECRET_DIR": str(secret_dir),
             "DOCKYARD_TERMINATION_GRACE_SECONDS": "20",
+            **({"CONTAINERS_CONF": CONTAINERS_CONF} if CONTAINERS_CONF else {}),
         }  # fmt: skip
         dev = DevServer(tmp_path / "data", env={**base, **env}, args=("--runtime", "podman", "--store", s3_store_url))
         started.append(dev.start())

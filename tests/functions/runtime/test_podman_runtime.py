@@ -29,7 +29,8 @@ from tests.conftest import REPO_ROOT, eventually_async
 
 AGENT_IMAGE = Settings.default("agent_image")
 # The runtime's own default (images/containers.conf), unless the environment names one.
-PODMAN_ENV = {**os.environ, "CONTAINERS_CONF": os.environ.get("CONTAINERS_CONF") or default_containers_conf()}
+CONTAINERS_CONF = os.environ.get("CONTAINERS_CONF") or default_containers_conf()
+PODMAN_ENV = {**os.environ, **({"CONTAINERS_CONF": CONTAINERS_CONF} if CONTAINERS_CONF else {})}
 TASK_SECONDS = 240  # generous: a loaded 2-core machine, sidecars with startup probes
 
 
@@ -99,7 +100,7 @@ def podman_settings(podman_ready, tmp_path, hub, s3_store_url, s3_endpoint):
         object_store_secret_dir=str(secret_dir),
         termination_grace_seconds=20,
         snapshot_interval_seconds=0,
-        podman_containers_conf=PODMAN_ENV["CONTAINERS_CONF"],
+        podman_containers_conf=CONTAINERS_CONF,
     )
 
 
