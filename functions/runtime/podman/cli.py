@@ -60,14 +60,3 @@ class Podman:
             return None
         data = json.loads(out or "null")
         return (data[0] if isinstance(data, list) and data else data) or None
-
-    async def ids(self, kind: str, label: str) -> list[str]:
-        """Names of the pods (or volumes) carrying `label` (key=value)."""
-        if kind == "pod":
-            _, out, _ = await self.run("pod", "ps", "--filter", f"label={label}", "--format", "{{.Name}}")
-        else:
-            _, out, _ = await self.run("volume", "ls", "--filter", f"label={label}", "--format", "{{.Name}}")
-        return [line for line in out.split() if line]
-
-    def available(self) -> bool:
-        return shutil.which(self.binary) is not None

@@ -25,11 +25,12 @@ from urllib.parse import urlsplit, urlunsplit
 from functions.core import factory
 from functions.core.settings import Settings
 from functions.errors import SettingsError
+from functions.runtime.local.processes import AgentCommand
 from functions.runtime.local.runtime import LocalRuntime
 from functions.runtime.local.supervisor import EmitJobEvent, TaskSupervisor
 from functions.runtime.podman.cli import Podman, default_containers_conf
 from functions.runtime.podman.pod import PodmanPod
-from functions.runtime.podman.translate import MANAGED_LABEL, plan
+from functions.runtime.podman.translate import plan
 
 log = logging.getLogger("dockyard.runtime.podman")
 
@@ -77,9 +78,8 @@ class PodmanRuntime(LocalRuntime):
                        "allow_file_repos", "env"):  # the pod's Job says all that; the dev stack passes them to any runtime
             kw.pop(unused, None)
         super().__init__(settings.data_dir, settings.nats_url, settings.store, emit_job_event, warm=False, **kw)
-        # The minted NATS users go into the Job's Secret: LocalRuntime mints them only when its agents get them.
-        self.policy.command = type(self.policy.command)(self.policy.command.argv, settings.store, nats_url=settings.nats_url,
-                                                        nats_creds=self.issuer is not None)
+        # LocalRuntime mints a task's NATS users at admission when its command takes them; here they go into the Job's Secret.
+        self.policy.command = AgentCommand((), settings.store, nats_url=settings.nats_url, nats_creds=self.issuer is not None)
         self.policy.make_pod = self._make_pod
 
     # --- the pod of a task ------------------------------------------------------------
@@ -132,7 +132,3 @@ class PodmanRuntime(LocalRuntime):
 
         await self.podman.run("pod", "rm", "--force", "--time", "0", contract.job_name(task_id), check=False)
         await self.podman.run("volume", "rm", "--force", contract.pvc_name(task_id), check=False)
-
-    async def pods(self) -> list[str]:
-        """The pods this runtime made (label `dockyard.dev/runtime=podman`)."""
-        return await self.podman.ids("pod", f"{MANAGED_LABEL}=podman")
