@@ -15,6 +15,7 @@ import pytest
 
 from agent import contract
 from functions.cli import client
+from tests.conftest import eventually
 from tests.dev_process import DevServer
 from tests.functions.devstack.test_dev import collect, example_task, wait_record
 from tests.functions.runtime.test_podman_runtime import CONTAINERS_CONF, PODMAN_ENV, podman_ready, stand_in_image  # noqa: F401 (fixtures)
@@ -76,3 +77,25 @@ def test_an_oom_killed_agent_puts_oomkilled_and_its_last_lines_in_the_record_and
     finished = [m.data for m in messages if m.event == contract.EV_STATUS and m.data.get("state") == contract.STATE_FINISHED]
     assert finished and finished[-1]["reason"] == "OOMKilled (exit code 137)", finished
     assert "stand-in agent line 119" in finished[-1]["termination_message"]
+
+
+def test_after_dev_crashes_its_running_pod_is_stopped_and_the_task_runs_again_in_a_new_one(podman_dev, stand_in_image):  # noqa: F811
+    """The stand-in agent of a `slow-` task sleeps (SIGTERM: exit 143): dev dies hard with it running; podman
+    keeps the pod; the next dev stops that pod (the agent gets SIGTERM) and runs the task again from its checkpoint."""
+    dev = podman_dev(DOCKYARD_AGENT_IMAGE=stand_in_image)
+    task_id = client.submit_task(dev.url, {**example_task(), "task_id": "slow-dev"}, dev.token)
+    agent = f"{contract.job_name(task_id)}-agent"
+
+    def running() -> bool:
+        out = subprocess.run(["podman", "inspect", "--format", "{{.State.Running}} {{.State.StartedAt}}", agent],
+                             env=PODMAN_ENV, capture_output=True, text=True).stdout.split(" ", 1)
+        return out[0] == "true" and out[1].strip()
+
+    first_start = eventually(running, "the agent container running", 120, interval=0.2)
+    dev.crash()
+    assert running(), "the pod outlives a dev killed hard (podman keeps it)"
+
+    dev.start()
+    eventually(lambda: running() and running() != first_start and dev.supervisor_state(task_id)["attempts"] == 2,
+               "the task running again in a new pod", 120, interval=0.2, detail=dev.output)
+    assert f"stopping the pod {contract.job_name(task_id)} left by the previous process" in dev.output()

@@ -56,7 +56,7 @@ class PodmanPod:
 
     async def recover(self) -> None:
         pod = await self.podman.inspect("pod", self.name)
-        if pod is not None and _job_uid(pod) == self.sup.state.uid and pod.get("State") == "Running":
+        if pod is not None and _job_uid(pod) == self.sup.state.uid and _live(pod):
             log.warning("task %s: stopping the pod %s left by the previous process", self.sup.state.task_id, self.name)
             await self._stop_pod()
 
@@ -139,7 +139,7 @@ class PodmanPod:
         no longer runs, or when its workspace folder is gone; else it is a conflict, named."""
         uid = self.sup.state.uid
         pod = await self.podman.inspect("pod", self.name)
-        if pod is not None and _job_uid(pod) != uid and pod.get("State") == "Running":
+        if pod is not None and _job_uid(pod) != uid and _live(pod):
             raise PodmanError(f"the pod {self.name} runs for another Job (uid {_job_uid(pod)}): another `dockyard dev` "
                               f"with a task {self.sup.state.task_id}? (`podman pod rm -f {self.name}` if not)")
         for _ in range(POD_RM_TRIES):  # podman 4.3 sometimes finds a container's shm still busy: a moment later it is not
@@ -294,6 +294,11 @@ class PodmanPod:
 
     def _cname(self, container: str) -> str:
         return f"{self.name}-{container}"
+
+
+def _live(pod: dict) -> bool:
+    """Some container of the pod runs (podman says Degraded when others have exited, as the init container has)."""
+    return pod.get("State") in ("Running", "Degraded")
 
 
 def _job_uid(inspected: dict) -> str | None:
