@@ -69,6 +69,10 @@ def _register_dev(sub) -> None:
         help="accept file:// repositories (tasks then read any repository this user can read; off by default)")
     p.add_argument("--max-running", type=int, metavar="N", help="run at most N tasks at once, queue the rest (default: the number of cores)")
     p.add_argument(
+        "--runtime", choices=("local", "podman"),
+        help="where agents run: child processes (local, the default) or each task's Job as a podman pod "
+        "(needs podman, the agent image and an s3:// --store; DOCKYARD_RUNTIME)")
+    p.add_argument(
         "--unsafe-no-sandbox", action="store_true",
         help="run the agents' commands on this machine as you, without bubblewrap and the egress proxy "
         "(they can then read your files and reach any address; every task warns)")

@@ -105,6 +105,7 @@ _LIMITS = LimitsPolicy()  # the defaults of a task's limits live with the rule t
 _FUNCTIONS = "functions"
 _STREAM = "stream"
 _JOBS = "Kubernetes runtime (the Job)"
+_PODMAN = "podman runtime"
 
 
 class Settings(BaseSettings):
@@ -135,7 +136,8 @@ class Settings(BaseSettings):
     s3_endpoint: str = _setting(
         "", "S3 endpoint for MinIO; none: AWS (or the agents' secret file `s3/endpoint`)",
         "agents, functions (S3 client)", url=_HTTP_SCHEMES)
-    runtime: Literal["local", "kubernetes"] = _setting("local", "where agents run: `local` (child processes) or `kubernetes` (Jobs)", _FUNCTIONS)
+    runtime: Literal["local", "kubernetes", "podman"] = _setting(
+        "local", "where agents run: `local` (child processes), `kubernetes` (Jobs) or `podman` (each task's Job as a podman pod)", _FUNCTIONS)
     max_running: int = _setting(0, "tasks the local runtime runs at once; the rest wait in submit order (`dockyard dev --max-running`); 0: the number of cores",
                                 "local runtime", ge=0)
 
@@ -245,6 +247,18 @@ class Settings(BaseSettings):
     model_secret: Name = _setting("dockyard-model", "Secret with the model's API key and base URL (optional)", _JOBS)
     kueue_queue: str = _setting("", "a Kueue LocalQueue: Jobs are created suspended for Kueue to admit; none: no Kueue", _JOBS)
     default_model: str = _setting("", "model of a task that names none, e.g. `openai:gpt-4o`; none: the agent's default", _JOBS)
+
+    # --- the podman runtime (functions/runtime/podman) ------------------------------------
+    podman_host: Name = _setting("10.0.2.2", "this machine as the pods see it: loopback URLs (NATS, its leafnode port, S3, "
+                                 "the egress proxy) name it in the Job", _PODMAN)
+    podman_network: Name = _setting("slirp4netns:allow_host_loopback=true", "`podman pod create --network` of each task's pod", _PODMAN)
+    podman_binary: Name = _setting("podman", "the podman command", _PODMAN)
+    podman_containers_conf: str = _setting("", "CONTAINERS_CONF of the runtime's podman calls", _PODMAN,
+                                           shown="`images/containers.conf` of this checkout when present")
+    object_store_secret_dir: str = _setting("", "the object store's Secret (`DOCKYARD_OBJECT_STORE_SECRET`) as a directory, one file per "
+                                            "key (`access_key_id`, `secret_access_key`, `region`, ...); none: no credentials", _PODMAN)
+    model_secret_dir: str = _setting("", "the model's Secret (`DOCKYARD_MODEL_SECRET`) as a directory, one file per key; none: no model "
+                                     "key in the pods (`dockyard dev`: its model gateway's key directory)", _PODMAN)
 
     # --- construction ------------------------------------------------------------------
     @classmethod

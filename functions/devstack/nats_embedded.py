@@ -9,6 +9,7 @@ the data dir, so streams and the task bucket survive a restart of `dev`.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import signal
 import socket
@@ -34,12 +35,34 @@ def nats_server_binary() -> str:
 class EmbeddedNats:
     """`with EmbeddedNats(data_dir) as nats: nats.url` — a JetStream server on 127.0.0.1."""
 
-    def __init__(self, data_dir: Path | str, port: int | None = None, host: str = "127.0.0.1", config: Path | None = None):
+    def __init__(self, data_dir: Path | str, port: int | None = None, host: str = "127.0.0.1", config: Path | None = None,
+                 leafnodes: bool = False):
         self.data_dir = Path(data_dir)
         self.config = config  # a configuration file (the trust chain: functions.devstack.nats_auth)
         self.host = host
         self.port = port
+        # A leafnode port as the cluster's server has (the podman runtime's `nats-leaf` sidecars connect there).
+        self.leafnode_port: int | None = None
+        self.leafnodes = leafnodes
         self.proc: subprocess.Popen | None = None
+
+    @property
+    def leafnode_url(self) -> str:
+        if self.leafnode_port is None:
+            raise NatsServerError("the server has no leafnode port")
+        return f"nats-leaf://{self.host}:{self.leafnode_port}"
+
+    def _config(self) -> Path | None:
+        """The configuration file: the trust chain, and the leafnode port when asked for."""
+        if not self.leafnodes:
+            return self.config
+        from functions.devstack.ports import free_port
+
+        self.leafnode_port = free_port()
+        conf = self.data_dir / "nats-leafnodes.conf"
+        include = f'include "{os.path.relpath(self.config, self.data_dir)}"\n' if self.config else ""
+        conf.write_text(f'{include}leafnodes {{ listen: "{self.host}:{self.leafnode_port}" }}\n')
+        return conf
 
     @property
     def store_dir(self) -> Path:
@@ -62,9 +85,10 @@ class EmbeddedNats:
         for stale in ports_dir.glob("*.ports"):
             stale.unlink()
         # "-p -1" lets the server pick a free port and report it in a ports file: no race.
+        config = self._config()
         argv = [
             nats_server_binary(),
-            *(["-c", str(self.config)] if self.config else []),
+            *(["-c", str(config)] if config else []),
             "-a", self.host,
             "-p", str(self.port if self.port else -1),
             "-js", "-sd", str(self.store_dir),

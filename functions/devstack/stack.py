@@ -4,7 +4,8 @@
     GET  /api/stream/{id}       the live trace (SSE), /api/tasks, /healthz: the stream app
     functions                   task_submitted, job_finished, snapshot_due, task_command, in-process
     PingSource                  a timer posting the ping event to the broker on the manifest's schedule
-    runtime                     LocalRuntime: restore, snapshotter and agent as child processes
+    runtime                     LocalRuntime: restore, snapshotter and agent as child processes; or, with
+                                `--runtime podman`, PodmanRuntime: each task's Job as a podman pod
     model gateway               one `python -m gateway` child holding the model key; each task has its own token
     NATS                        an embedded nats-server (unless --nats), store under the data dir
     egress proxy                Squid with the cluster's config, bridged into each command's
@@ -32,11 +33,14 @@ from typing import Any, Sequence
 from agent import contract
 
 
-def dev_settings(data_dir: Path, nats_url: str, store: str | None = None, base_env: dict | None = None, nats_auth=None):
+def dev_settings(data_dir: Path, nats_url: str, store: str | None = None, base_env: dict | None = None, nats_auth=None,
+                 runtime: str = "local", pods: dict[str, str] | None = None):
     """Settings as `Settings.from_env` reads them, with the command line's choices on top
     (as variables, so that the store's default follows the data dir). `nats_auth`: the
     embedded server's trust chain (`nats_auth.NatsAuth`): the functions' user, the
-    tracker's, and the account signing key that mints each task's users."""
+    tracker's, and the account signing key that mints each task's users. `runtime`: local
+    or podman; `pods`: for podman, the settings the pods need from this stack (its NATS
+    leafnode URL, its egress proxy, its model key directory), by field name, unless set."""
     from functions.core.settings import Settings
 
     env = dict(os.environ if base_env is None else base_env)
@@ -47,7 +51,9 @@ def dev_settings(data_dir: Path, nats_url: str, store: str | None = None, base_e
         env[Settings.variable("tracker_nats_creds")] = str(nats_auth.creds("tracker"))
         env[Settings.variable("nats_account")] = nats_auth.account
         env[Settings.variable("nats_signing_key_file")] = str(nats_auth.signing_key_file)
-    env[Settings.variable("runtime")] = "local"
+    env[Settings.variable("runtime")] = runtime
+    for name, value in (pods or {}).items():
+        env.setdefault(Settings.variable(name), value)
     if not env.get(Settings.variable("api_tokens_file")):
         env[Settings.variable("api_tokens_file")] = str(Path(data_dir).resolve() / "api-tokens")
     if store:
@@ -154,14 +160,17 @@ def sandbox_env(unsafe: bool, egress_socket: Path | None) -> dict[str, str]:
     return {contract.ENV_PREFIX + "SANDBOX": MODE_BWRAP, contract.ENV_PREFIX + "EGRESS_SOCKET": str(egress_socket)}
 
 
-def start_sandboxing(data_dir: Path, unsafe: bool):
+def start_sandboxing(data_dir: Path, unsafe: bool, runtime: str = "local"):
     """Check bwrap and start the egress proxy: (proxy or None, the agents' variables). Raises
-    SandboxUnavailable or EgressProxyError, whose messages say what to install."""
+    SandboxUnavailable or EgressProxyError, whose messages say what to install. Under podman
+    the container is the sandbox: no bwrap, the proxy only (the pods reach it on its port)."""
     from agent.sandbox import check
     from functions.devstack.egress_proxy import EgressProxy
 
     if unsafe:
         return None, sandbox_env(True, None)
+    if runtime == "podman":
+        return EgressProxy(data_dir / "egress").start(), {}
     check(egress=True)
     proxy = EgressProxy(data_dir / "egress").start()
     return proxy, sandbox_env(False, proxy.socket)
@@ -194,7 +203,7 @@ def main(args) -> int:
     data_dir.mkdir(parents=True, exist_ok=True)
     unsafe = bool(getattr(args, "unsafe_no_sandbox", False))
     try:
-        proxy, agent_env = start_sandboxing(data_dir, unsafe)
+        proxy, agent_env = start_sandboxing(data_dir, unsafe, _runtime(args))
     except (SandboxUnavailable, EgressProxyError) as exc:
         print(f"dockyard dev: refusing to run tasks: {exc}", file=sys.stderr, flush=True)
         return 2
@@ -208,6 +217,14 @@ def main(args) -> int:
             proxy.stop()
 
 
+def _runtime(args) -> str:
+    """`--runtime`, else DOCKYARD_RUNTIME (local or podman: dev never runs Kubernetes Jobs)."""
+    from functions.core.settings import Settings
+
+    chosen = getattr(args, "runtime", None) or os.environ.get(Settings.variable("runtime")) or "local"
+    return "local" if chosen == "kubernetes" else chosen
+
+
 def _serve(args, data_dir: Path, proxy, agent_env: dict[str, str]) -> int:
     import uvicorn
 
@@ -217,11 +234,20 @@ def _serve(args, data_dir: Path, proxy, agent_env: dict[str, str]) -> int:
     from functions.stream.serving import quiet_gc
 
     # The embedded server demands credentials: one trust chain per data dir, made on first start.
+    runtime = _runtime(args)
     auth = None if args.nats else nats_auth.ensure(data_dir / "nats-auth")
-    nats = None if args.nats else EmbeddedNats(data_dir, config=auth.server_conf).start()
+    nats = None if args.nats else EmbeddedNats(data_dir, config=auth.server_conf, leafnodes=runtime == "podman").start()
     try:
         nats_url = args.nats or nats.url
-        settings = dev_settings(data_dir, nats_url, args.store, nats_auth=auth)
+        pods = {}
+        if runtime == "podman":  # what the pods reach on this machine (the runtime names it by the podman host address)
+            pods["model_secret_dir"] = str(data_dir / "secrets" / "model")
+            if args.model:  # the Job's agent gets it as DOCKYARD_DEFAULT_MODEL renders it
+                pods["default_model"] = args.model
+            pods["egress_proxy"] = f"http://127.0.0.1:{proxy.port}" if proxy is not None else ""
+            if nats is not None:
+                pods["nats_leaf_url"] = nats.leafnode_url
+        settings = dev_settings(data_dir, nats_url, args.store, nats_auth=auth, runtime=runtime, pods=pods)
         token = ensure_dev_token(data_dir, Path(settings.api_tokens_file))
         app = create_dev_app(settings, default_model=args.model, hosts=own_hosts(args.host, args.port),
                              stream_creds=str(auth.creds("stream")) if auth else "",
@@ -229,6 +255,8 @@ def _serve(args, data_dir: Path, proxy, agent_env: dict[str, str]) -> int:
         url = f"http://{args.host}:{args.port}"
         print(banner(url, settings, nats_url, embedded=nats is not None), flush=True)
         sandbox = "none (--unsafe-no-sandbox)" if proxy is None else f"bubblewrap; egress through Squid on 127.0.0.1:{proxy.port} ({proxy.log})"
+        if runtime == "podman":
+            sandbox = f"podman pods ({settings.agent_image}); egress through Squid on 127.0.0.1:{proxy.port}" if proxy else "podman pods, no egress proxy"
         print(f"  sandbox   {sandbox}", flush=True)
         print(f"  cockpit   {url}/?token={token}", flush=True)
         print(f"  models    {app.state.gateway.url} (the model gateway; key files in {app.state.gateway.secrets_dir})", flush=True)

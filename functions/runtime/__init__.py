@@ -14,7 +14,7 @@ if TYPE_CHECKING:
 
 def make_runtime(settings: "Settings", **kw: Any) -> "Runtime":
     """The runtime for this process. `kw` goes to the implementation's constructor
-    (for the local one: `emit_job_event` is required, `agent_cmd` and the timings are optional)."""
+    (for the local and podman ones: `emit_job_event` is required, `agent_cmd` and the timings are optional)."""
     if settings.runtime == "local":
         from functions.runtime.local import LocalRuntime
 
@@ -30,4 +30,8 @@ def make_runtime(settings: "Settings", **kw: Any) -> "Runtime":
         from functions.runtime.kubernetes import KubernetesRuntime
 
         return KubernetesRuntime(settings, **kw)
-    raise ValueError(f"DOCKYARD_RUNTIME={settings.runtime!r}: use 'local' or 'kubernetes'")
+    if settings.runtime == "podman":
+        from functions.runtime.podman import PodmanRuntime
+
+        return PodmanRuntime(settings, **kw)
+    raise ValueError(f"DOCKYARD_RUNTIME={settings.runtime!r}: use 'local', 'kubernetes' or 'podman'")

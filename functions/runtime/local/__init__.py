@@ -4,8 +4,10 @@ The package, imports one way (top to bottom):
     runtime        LocalRuntime: launch, cancel, finished_job, resume after a restart, the TTL janitor
     supervisor     one task's Job controller: attempts, retries with backoff, deadline, the job event
     admission      at most N tasks run at once, the rest wait in submit order
+    pod            the seam: where an attempt's containers run (a Pod) and the Job rules it obeys (JobSpec);
+                   functions.runtime.podman plugs its podman pods in here
     status_events  the runtime's own status events (queued, retrying) on NATS
-    processes      restore, snapshotter and agent as child processes in their own process groups
+    processes      restore, snapshotter and agent as child processes in their own process groups (LocalPod)
     template       the warm template: restore and the agent forked pre-imported, their exit statuses
     job_event      the finished Job and the ApiServerSource CloudEvent carrying it
     state          a task's folder and `supervisor.json`, written atomically

@@ -52,6 +52,8 @@ def job_object(state: SupervisorState, task: Task) -> dict:
         status["completionTime"] = kube_time(finished_at)
     if state.termination_message:
         status["terminationMessage"] = state.termination_message
+    if state.agent_exit:  # as KubernetesRuntime puts the pod's agent container end on the Job
+        status["agentExit"] = dict(state.agent_exit)
     return {
         "apiVersion": "batch/v1",
         "kind": "Job",

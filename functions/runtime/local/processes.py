@@ -33,13 +33,16 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from agent import contract
 from agent.procs import die_with_parent, group_alive, signal_group, start_time
 from functions.core.task import Task
+from functions.runtime.local.pod import TERMINATION_MESSAGE_BYTES, AttemptEnd, JobSpec, Supervised, log_tail
 from functions.runtime.local.state import TaskFolder
 from functions.runtime.local.template import ForkedProcess, TemplateUnavailable, WarmTemplate
 
 log = logging.getLogger("dockyard.runtime.local")
 
+ROLES = ("restore", "agent", "snapshotter")
 TEMPLATE_ROLES = ("restore", "agent")  # forked from the warm template when there is one; the snapshotter is exec'd
 REAP_POLL_SECONDS = 0.05  # a group that is not our child cannot be waited on, only looked at
 KILL_SETTLE_SECONDS = 10.0  # after SIGKILL: how long a stop waits for the rest of the group to be gone
@@ -268,3 +271,106 @@ def _is_our_group(pgid: int, task_id: str, start: int | None = None) -> bool:
     except OSError:
         return True  # leader gone but the group lives: ours, since group ids are not reused while alive
     return task_id.encode() in cmdline
+
+
+class LocalPod:
+    """A task's attempts as child processes (the `Pod` of pod.py): every attempt runs `restore`, then
+    the agent; the snapshotter runs beside the agent for the whole task and gets SIGTERM only once the
+    agent has exited for good, so its final upload sees the final workspace."""
+
+    def __init__(self, sup: Supervised, command: AgentCommand, env: dict[str, str], spec: JobSpec,
+                 snapshotter_grace_seconds: float, read_summary: Callable[[], object], template: WarmTemplate | None = None):
+        self.sup = sup
+        self.command = command
+        self.spec = spec
+        self.snapshotter_grace_seconds = snapshotter_grace_seconds
+        self.read_summary = read_summary
+        state = sup.state
+        self.children = Children(sup.folder, env, state.pgids, sup.save, state.starts, template)
+
+    async def recover(self) -> None:
+        state = self.sup.state
+        if state.pgids:
+            await reap_orphans(state.pgids, state.task_id, self.spec.grace_seconds, state.starts)
+            self.sup.save()
+
+    async def run_attempt(self) -> AttemptEnd:
+        """Run restore, then the agent."""
+        sup, state = self.sup, self.sup.state
+        code, stopped_by = await self._run_child("restore", self.command.line(sup.task, "restore", sup.folder))
+        if stopped_by or code != 0:
+            if not stopped_by:
+                state.attempts += 1
+                state.exit_codes.append(code)
+                state.termination_message = f"restore exited with code {code}; see {sup.folder.log('restore')}"
+                sup.save()
+            return AttemptEnd(code, stopped_by, "restore")
+        await self._ensure_snapshotter()
+        state.attempts += 1
+        sup.save()
+        began = time.time()  # compared with the result file's mtime: the real clock, as the file system's
+        code, stopped_by = await self._run_child("agent", self.command.line(sup.task, "run", sup.folder))
+        state.exit_codes.append(code)
+        state.termination_message = self._termination_message(code, began)
+        sup.save()
+        return AttemptEnd(code, stopped_by)
+
+    async def finish(self) -> None:
+        """SIGTERM makes the snapshotter take the final snapshot and upload it: wait for that."""
+        await self.children.stop("snapshotter", self.snapshotter_grace_seconds)
+
+    async def agent_gone(self) -> None:
+        """SIGTERM, grace, SIGKILL take at most the grace period."""
+        await self.children.wait_gone("agent", self.spec.grace_seconds + 5)
+
+    async def close(self) -> None:
+        for role in ROLES:
+            await self.children.stop(role, self.snapshotter_grace_seconds if role == "snapshotter" else self.spec.grace_seconds)
+
+    async def _run_child(self, role: str, argv: list[str]) -> tuple[int, str | None]:
+        """Run one child until it exits, or until a cancel, a shutdown or the deadline stops it."""
+        sup = self.sup
+        proc = await self.children.start(role, argv)
+        stopped_by = await wait_or_stop(sup, proc.wait())
+        if stopped_by is not None:
+            await self.children.stop(role, self.spec.grace_seconds)
+        else:
+            await self.children.exited(role)
+        return exit_code(proc.returncode), stopped_by
+
+    async def _ensure_snapshotter(self) -> None:
+        proc = self.children.procs.get("snapshotter")
+        if proc is not None and proc.returncode is None:
+            return
+        if proc is not None:
+            log.warning("task %s: snapshotter exited with %s; starting it again", self.sup.state.task_id, proc.returncode)
+        await self.children.start("snapshotter", self.command.line(self.sup.task, "snapshotter", self.sup.folder))
+
+    def _termination_message(self, code: int, began: float) -> str | None:
+        """The summary the agent left in its result file during this attempt; else, on failure,
+        the tail of its log (FallbackToLogsOnError)."""
+        result_file = self.sup.folder.result_file
+        fresh = result_file.exists() and result_file.stat().st_mtime >= began - 1
+        summary = self.read_summary() if fresh else None
+        if summary:
+            return str(summary).encode()[:TERMINATION_MESSAGE_BYTES].decode(errors="ignore")
+        if code == contract.EXIT_DONE:
+            return None
+        return log_tail(self.children.output_since_start("agent"))
+
+
+async def wait_or_stop(sup: Supervised, exited) -> str | None:
+    """Wait for `exited` (an awaitable), or a cancel, a shutdown or the deadline: None when it finished
+    first, else what stops it ("cancel", "shutdown", "deadline"); then the caller stops it."""
+    waiter = asyncio.ensure_future(exited)
+    interrupted = asyncio.ensure_future(sup.interrupt.wait())
+    deadline = asyncio.ensure_future(sup.clock.sleep(max(sup.deadline_left(), 0)))
+    try:
+        await asyncio.wait({waiter, interrupted, deadline}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        interrupted.cancel()
+        deadline.cancel()
+    if waiter.done():
+        return None
+    waiter.cancel()
+    return sup.stop_reason or "deadline"

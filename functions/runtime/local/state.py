@@ -42,6 +42,7 @@ class SupervisorState:
     reason: str | None = None  # the Job condition reason once finished
     message: str | None = None
     termination_message: str | None = None
+    agent_exit: dict | None = None  # the agent container's last end, when a pod runtime knows it: reason, exitCode, signal
     event_sent: bool = False
     workspace_removed: bool = False
     pgids: dict[str, int] = field(default_factory=dict)  # live process groups, reaped after a crash

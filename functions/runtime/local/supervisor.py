@@ -1,14 +1,13 @@
 """One task's Job controller, imitated: attempts, retries with backoff, the deadline, the job event.
 
 Invariants
-- Every attempt runs `restore`, then the agent. The snapshotter runs beside the
-  agent for the whole task and gets SIGTERM only once the agent has exited for
-  good, so its final upload sees the final workspace.
+- Where an attempt's containers run is a `Pod` (pod.py): child processes by default
+  (`processes.LocalPod`: restore, then the agent, the snapshotter beside it for the whole
+  task), or a podman pod (functions.runtime.podman). The rules come from its `JobSpec`.
 - Retries follow the Job: exponential backoff (`backoff_seconds` doubling up to
-  `backoff_max_seconds`, never past the deadline), at most `limits.retries`
-  failed attempts after the first; the exit codes in
-  `contract.NO_RETRY_EXIT_CODES` fail the task at once (podFailurePolicy); the
-  deadline counts from the first start, across restarts.
+  `backoff_max_seconds`, never past the deadline), at most `backoffLimit`
+  failed attempts after the first; the podFailurePolicy's FailJob exit codes
+  fail the task at once; the deadline counts from the first start, across restarts.
 - The state is saved after every change, so a supervisor started over the same
   folder by a new process continues: it reaps children a crash left behind,
   resumes the attempts (the agent resumes from its checkpoint) or delivers a
@@ -26,7 +25,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -43,12 +41,8 @@ from functions.runtime.local.job_event import (
     REASON_FAILURE_POLICY,
     job_event,
 )
-from functions.runtime.local.processes import (
-    AgentCommand,
-    Children,
-    exit_code,
-    reap_orphans,
-)
+from functions.runtime.local.pod import AttemptEnd, JobSpec, Pod
+from functions.runtime.local.processes import AgentCommand, LocalPod
 from functions.runtime.local.state import SupervisorState, TaskFolders
 from functions.runtime.local.status_events import StatusEvents
 from functions.runtime.local.template import WarmTemplate
@@ -57,11 +51,8 @@ log = logging.getLogger("dockyard.runtime.local")
 
 EmitJobEvent = Callable[[dict], Awaitable[Any]]
 
-TERMINATION_MESSAGE_BYTES = 2048  # what Kubernetes keeps of a termination message
-TERMINATION_MESSAGE_LINES = 80  # FallbackToLogsOnError: the last 80 lines of the log
 REDELIVERY_FIRST_SECONDS = 0.5
 REDELIVERY_MAX_SECONDS = 30.0
-ROLES = ("restore", "agent", "snapshotter")
 
 
 @dataclass
@@ -82,6 +73,8 @@ class Policy:
     admission: Admission = field(default_factory=Admission)
     prepare: Callable[[Task], None] | None = None  # once admitted, before the first child (the task's credentials)
     template: WarmTemplate | None = None  # forks restore and the agent pre-imported; None: every child is exec'd
+    # Where attempts run, and the Job spec they obey; None: child processes, the spec from the task.
+    make_pod: Callable[[TaskSupervisor], tuple[Pod, JobSpec]] | None = None
 
     def backoff(self, failures: int) -> float:
         """The wait after the `failures`-th failed attempt: doubling, capped."""
@@ -96,10 +89,16 @@ class TaskSupervisor:
         self.state = state
         self.task = task
         self.folder = policy.folders.folder(state.task_id)
-        self.children = Children(self.folder, policy.env, state.pgids, self._save, state.starts, policy.template)
+        self.clock = policy.clock
         self.stop_reason: str | None = None  # "cancel" or "shutdown"
         self.interrupt = asyncio.Event()
         self.runner: asyncio.Task | None = None
+        if policy.make_pod is not None:
+            self.pod, self.spec = policy.make_pod(self)
+        else:
+            self.spec = JobSpec.for_task(task, policy.grace_seconds)
+            self.pod = LocalPod(self, policy.command, policy.env, self.spec, policy.snapshotter_grace_seconds,
+                                lambda: policy.folders.read_result(state.task_id).get("summary"), policy.template)
 
     def start(self, on_done: Callable[[TaskSupervisor], None]) -> None:
         async def run() -> None:
@@ -119,14 +118,12 @@ class TaskSupervisor:
 
     async def agent_gone(self) -> None:
         """Wait until the agent has exited (SIGTERM, grace, SIGKILL take at most the grace period)."""
-        await self.children.wait_gone("agent", self.policy.grace_seconds + 5)
+        await self.pod.agent_gone()
 
     async def run(self) -> None:
         policy = self.policy
         try:
-            if self.state.pgids:
-                await reap_orphans(self.state.pgids, self.state.task_id, policy.grace_seconds, self.state.starts)
-                self._save()
+            await self.pod.recover()
             if not self.state.finished:
                 admitted = await self._admitted()
                 try:
@@ -135,13 +132,12 @@ class TaskSupervisor:
                     if admitted:
                         policy.admission.release(self.state.task_id)
             if self.state.finished:
-                await self._stop_snapshotter()
+                await self.pod.finish()
                 await self._deliver_job_event()
         except Exception:
             log.exception("supervising task %s failed; it is picked up again on the next start", self.state.task_id)
         finally:
-            for role in ROLES:
-                await self.children.stop(role, policy.snapshotter_grace_seconds if role == "snapshotter" else policy.grace_seconds)
+            await self.pod.close()
 
     # --- admission -----------------------------------------------------------
 
@@ -168,7 +164,7 @@ class TaskSupervisor:
     # --- attempts ------------------------------------------------------------
 
     async def _attempts(self) -> None:
-        state, limits, policy = self.state, self.task.limits, self.policy
+        state, spec, policy = self.state, self.spec, self.policy
         while True:
             if self.stop_reason == "shutdown":
                 return
@@ -176,13 +172,14 @@ class TaskSupervisor:
                 return self._finish(contract.OUTCOME_CANCELLED, REASON_CANCELLED, "cancelled by request")
             if state.started_at is None:
                 state.started_at = policy.clock.time()
-                self._save()
-            if self._deadline_left() <= 0:
+                self.save()
+            if self.deadline_left() <= 0:
                 return self._finish_deadline()
 
             state.state = contract.STATE_STARTED
-            self._save()
-            code, stopped_by = await self._one_attempt()
+            self.save()
+            end: AttemptEnd = await self.pod.run_attempt()
+            code, stopped_by = end.code, end.stopped_by
             if stopped_by == "shutdown":
                 return
             if stopped_by == "cancel":
@@ -190,98 +187,48 @@ class TaskSupervisor:
             if stopped_by == "deadline":
                 return self._finish_deadline()
 
-            if self._finished_by_exit(code):
+            if self._finished_by_exit(end):
                 return
 
             state.failures += 1
-            if state.failures > limits.retries:
+            if state.failures > spec.backoff_limit:
                 return self._finish(contract.OUTCOME_FAILED, REASON_BACKOFF, "Job has reached the specified backoff limit")
             delay = policy.backoff(state.failures)
             state.state = contract.STATE_RETRYING
-            self._save()
+            self.save()
             await policy.status.publish(
                 state.task_id,
                 state=contract.STATE_RETRYING,
                 attempt=state.attempts + 1,
                 exit_code=code,
-                retries_left=limits.retries - state.failures,
+                retries_left=spec.backoff_limit - state.failures,
                 backoff_seconds=delay,
             )
             log.info("task %s: attempt %d exited %s, retrying in %.1fs", state.task_id, state.attempts, code, delay)
-            await sleep_unless(policy.clock, self.interrupt, min(delay, max(self._deadline_left(), 0)))
+            await sleep_unless(policy.clock, self.interrupt, min(delay, max(self.deadline_left(), 0)))
 
-    def _finished_by_exit(self, code: int) -> bool:
-        """Finish the task if the agent's exit code ends it (success, or a FailJob code), as the Job would."""
-        if code == contract.EXIT_DONE:
+    def _finished_by_exit(self, end: AttemptEnd) -> bool:
+        """Finish the task if the exit code ends it (the agent's success, or a FailJob code), as the Job would."""
+        code = end.code
+        if code == contract.EXIT_DONE and end.container == "agent":
             # The agent stops itself at a budget or its own deadline with exit 0 too.
             outcome = self.policy.folders.read_result(self.state.task_id).get("outcome")
             if outcome not in (contract.OUTCOME_DONE, contract.OUTCOME_BUDGET, contract.OUTCOME_DEADLINE):
                 outcome = contract.OUTCOME_DONE
             self._finish(outcome, REASON_COMPLETE, "Reached expected number of succeeded pods")
             return True
-        if code in contract.NO_RETRY_EXIT_CODES:
-            outcome = contract.OUTCOME_CANCELLED if code == contract.EXIT_CANCELLED else contract.OUTCOME_FAILED
-            self._finish(outcome, REASON_FAILURE_POLICY, f"Container agent failed with exit code {code} matching FailJob rule")
+        if self.spec.fails_job(end.container, code):
+            cancelled = end.container == "agent" and code == contract.EXIT_CANCELLED
+            outcome = contract.OUTCOME_CANCELLED if cancelled else contract.OUTCOME_FAILED
+            message = f"Container {end.container} failed with exit code {code} matching FailJob rule"
+            self._finish(outcome, REASON_FAILURE_POLICY, message)
             return True
         return False
-
-    async def _one_attempt(self) -> tuple[int, str | None]:
-        """Run restore, then the agent. Returns (exit code, what stopped it early if anything)."""
-        state, command = self.state, self.policy.command
-        code, stopped_by = await self._run_child("restore", command.line(self.task, "restore", self.folder))
-        if stopped_by or code != 0:
-            if not stopped_by:
-                state.attempts += 1
-                state.exit_codes.append(code)
-                state.termination_message = f"restore exited with code {code}; see {self.folder.log('restore')}"
-                self._save()
-            return code, stopped_by
-        await self._ensure_snapshotter()
-        state.attempts += 1
-        self._save()
-        began = time.time()  # compared with the result file's mtime: the real clock, as the file system's
-        code, stopped_by = await self._run_child("agent", command.line(self.task, "run", self.folder))
-        state.exit_codes.append(code)
-        state.termination_message = self._termination_message(code, began)
-        self._save()
-        return code, stopped_by
-
-    async def _run_child(self, role: str, argv: list[str]) -> tuple[int, str | None]:
-        """Run one child until it exits, or until a cancel, a shutdown or the deadline stops it."""
-        proc = await self.children.start(role, argv)
-        waiter = asyncio.ensure_future(proc.wait())
-        interrupted = asyncio.ensure_future(self.interrupt.wait())
-        deadline = asyncio.ensure_future(self.policy.clock.sleep(max(self._deadline_left(), 0)))
-        try:
-            await asyncio.wait({waiter, interrupted, deadline}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            interrupted.cancel()
-            deadline.cancel()
-        stopped_by = None
-        if proc.returncode is None:
-            stopped_by = self.stop_reason or "deadline"
-            waiter.cancel()
-            await self.children.stop(role, self.policy.grace_seconds)
-        else:
-            await self.children.exited(role)
-        return exit_code(proc.returncode), stopped_by
-
-    async def _ensure_snapshotter(self) -> None:
-        proc = self.children.procs.get("snapshotter")
-        if proc is not None and proc.returncode is None:
-            return
-        if proc is not None:
-            log.warning("task %s: snapshotter exited with %s; starting it again", self.state.task_id, proc.returncode)
-        await self.children.start("snapshotter", self.policy.command.line(self.task, "snapshotter", self.folder))
-
-    async def _stop_snapshotter(self) -> None:
-        """SIGTERM makes the snapshotter take the final snapshot and upload it: wait for that."""
-        await self.children.stop("snapshotter", self.policy.snapshotter_grace_seconds)
 
     # --- the end ---------------------------------------------------------------
 
     def _finish_deadline(self) -> None:
-        seconds = self.task.limits.deadline_seconds
+        seconds = self.spec.deadline_seconds
         self._finish(contract.OUTCOME_DEADLINE, REASON_DEADLINE, f"Job was active longer than specified deadline ({seconds}s)")
 
     def _finish(self, outcome: str, reason: str, message: str) -> None:
@@ -289,7 +236,7 @@ class TaskSupervisor:
         state.state = contract.STATE_FINISHED
         state.outcome, state.reason, state.message = outcome, reason, message
         state.finished_at = self.policy.clock.time()
-        self._save()
+        self.save()
         log.info("task %s finished: %s (%s)", state.task_id, outcome, reason)
 
     async def _deliver_job_event(self) -> None:
@@ -307,31 +254,15 @@ class TaskSupervisor:
                 delay = min(delay * 2, REDELIVERY_MAX_SECONDS)
                 continue
             self.state.event_sent = True
-            self._save()
+            self.save()
             return
-
-    def _termination_message(self, code: int, began: float) -> str | None:
-        """The summary the agent left in its result file during this attempt; else, on failure,
-        the tail of its log (FallbackToLogsOnError)."""
-        result_file = self.folder.result_file
-        fresh = result_file.exists() and result_file.stat().st_mtime >= began - 1
-        summary = self.policy.folders.read_result(self.state.task_id).get("summary") if fresh else None
-        if summary:
-            return str(summary).encode()[:TERMINATION_MESSAGE_BYTES].decode(errors="ignore")
-        if code == contract.EXIT_DONE:
-            return None
-        text = self.children.output_since_start("agent")
-        if text is None:
-            return None
-        tail = "\n".join(text.splitlines()[-TERMINATION_MESSAGE_LINES:])
-        return tail.encode()[-TERMINATION_MESSAGE_BYTES:].decode(errors="ignore") or None
 
     # --- small helpers -----------------------------------------------------------
 
-    def _deadline_left(self) -> float:
+    def deadline_left(self) -> float:
         now = self.policy.clock.time()
         started = self.state.started_at or now
-        return started + self.task.limits.deadline_seconds - now
+        return started + self.spec.deadline_seconds - now
 
-    def _save(self) -> None:
+    def save(self) -> None:
         self.policy.folders.save(self.state)

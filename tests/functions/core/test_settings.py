@@ -75,7 +75,7 @@ def test_from_env_of_nothing_is_the_defaults():
 @pytest.mark.parametrize(
     "variables, message",
     [
-        ({"DOCKYARD_RUNTIME": "docker"}, "DOCKYARD_RUNTIME='docker': Input should be 'local' or 'kubernetes'"),
+        ({"DOCKYARD_RUNTIME": "docker"}, "DOCKYARD_RUNTIME='docker': Input should be 'local', 'kubernetes' or 'podman'"),
         ({"DOCKYARD_SNAPSHOT_STALE_SECONDS": "soon"}, "DOCKYARD_SNAPSHOT_STALE_SECONDS='soon': Input should be a valid number"),
         ({"DOCKYARD_STREAM_MAX_SECONDS": "inf"}, "DOCKYARD_STREAM_MAX_SECONDS='inf': Input should be a finite number"),
         ({"DOCKYARD_TTL_FAILED_SECONDS": "1.5"}, "DOCKYARD_TTL_FAILED_SECONDS='1.5': Input should be a valid integer"),
