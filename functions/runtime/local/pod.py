@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass, field
+from collections.abc import Callable
 from typing import Protocol
 
 from agent import contract
@@ -122,3 +123,12 @@ def log_tail(text: str | None) -> str | None:
         return None
     tail = "\n".join(text.splitlines()[-TERMINATION_MESSAGE_LINES:])
     return tail.encode()[-TERMINATION_MESSAGE_BYTES:].decode(errors="ignore") or None
+
+
+def summary_this_attempt(folder: TaskFolder, read_summary: Callable[[], object], began: float) -> str | None:
+    """The summary the agent left in its result file during the attempt that began at `began`, cut as
+    a termination message is; None when the file is older (a previous attempt's) or has none."""
+    result_file = folder.result_file
+    fresh = result_file.exists() and result_file.stat().st_mtime >= began - 1
+    summary = read_summary() if fresh else None
+    return str(summary).encode()[:TERMINATION_MESSAGE_BYTES].decode(errors="ignore") if summary else None

@@ -36,7 +36,7 @@ from pathlib import Path
 from agent import contract
 from agent.procs import die_with_parent, group_alive, signal_group, start_time
 from functions.core.task import Task
-from functions.runtime.local.pod import TERMINATION_MESSAGE_BYTES, AttemptEnd, JobSpec, Supervised, log_tail
+from functions.runtime.local.pod import AttemptEnd, JobSpec, Supervised, log_tail, summary_this_attempt
 from functions.runtime.local.state import TaskFolder
 from functions.runtime.local.template import ForkedProcess, TemplateUnavailable, WarmTemplate
 
@@ -347,15 +347,10 @@ class LocalPod:
         await self.children.start("snapshotter", self.command.line(self.sup.task, "snapshotter", self.sup.folder))
 
     def _termination_message(self, code: int, began: float) -> str | None:
-        """The summary the agent left in its result file during this attempt; else, on failure,
-        the tail of its log (FallbackToLogsOnError)."""
-        result_file = self.sup.folder.result_file
-        fresh = result_file.exists() and result_file.stat().st_mtime >= began - 1
-        summary = self.read_summary() if fresh else None
-        if summary:
-            return str(summary).encode()[:TERMINATION_MESSAGE_BYTES].decode(errors="ignore")
-        if code == contract.EXIT_DONE:
-            return None
+        """The summary the agent left during this attempt; else, on failure, the tail of its log (FallbackToLogsOnError)."""
+        summary = summary_this_attempt(self.sup.folder, self.read_summary, began)
+        if summary or code == contract.EXIT_DONE:
+            return summary
         return log_tail(self.children.output_since_start("agent"))
 
 

@@ -28,7 +28,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from agent import contract
-from functions.runtime.local.pod import TERMINATION_MESSAGE_BYTES, AttemptEnd, JobSpec, Supervised, log_tail
+from functions.runtime.local.pod import TERMINATION_MESSAGE_BYTES, AttemptEnd, JobSpec, Supervised, log_tail, summary_this_attempt
 from functions.runtime.local.processes import wait_or_stop
 from functions.runtime.podman.cli import Podman, PodmanError
 from functions.runtime.podman.oom import OomWatch
@@ -263,13 +263,9 @@ class PodmanPod:
         await self.podman.run("pod", "stop", "--time", str(int(self.spec.grace_seconds)), self.name, check=False, timeout=None)
 
     async def _termination_message(self, container: str, code: int, began: float) -> str | None:
-        result_file = self.sup.folder.result_file
-        fresh = result_file.exists() and result_file.stat().st_mtime >= began - 1
-        summary = self.read_summary() if fresh else None
-        if summary:
-            return str(summary).encode()[:TERMINATION_MESSAGE_BYTES].decode(errors="ignore")
-        if code == contract.EXIT_DONE:
-            return None
+        summary = summary_this_attempt(self.sup.folder, self.read_summary, began)
+        if summary or code == contract.EXIT_DONE:
+            return summary
         return log_tail(await self._logs(container))
 
     async def _logs(self, container: str) -> str | None:
