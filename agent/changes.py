@@ -4,8 +4,8 @@ Computed by the snapshotter's final step (the trusted side) over a workspace the
 agent controlled. Invariants:
 
 - git never reads anything of the workspace's own repository but its object files:
-  it runs with a fresh, private GIT_DIR (`git init --bare` in a scratch directory
-  outside the workspace) whose `objects/info/alternates` names the workspace
+  it runs with a fresh, private GIT_DIR (made in a scratch directory outside
+  the workspace) whose `objects/info/alternates` names the workspace
   repository's `.git/objects`, no system or global config, HOME elsewhere, hooks
   off, no fsmonitor, no external diff or textconv, and a private index. The
   workspace's `.git/config`, hooks, index and refs are never opened; its
@@ -161,15 +161,24 @@ class _Git:
             raise ChangeSetError(f"git {args[0]} failed ({done.returncode}): {detail}")
         return done
 
-    def stream_to(self, dest: Path, cap: int, *args: str) -> tuple[int, bool]:
-        """Write the command's stdout into `dest`, at most `cap` bytes; (bytes written, cut)."""
-        written, cut = 0, False
+    def diff_to(self, dest: Path, cap: int, *args: str) -> tuple[bytes, int, bool]:
+        """Run `git diff -z --raw --numstat --patch ...`: (the listing, kept whole, patch bytes written, cut).
+
+        The listing comes first, then a NUL, then the patch; only the patch goes to `dest`, at most `cap` bytes."""
+        head, written, cut, listing_end = bytearray(), 0, False, None
         with open(dest, "wb") as out, tempfile.TemporaryFile() as err:
             proc = subprocess.Popen(["git", *args], cwd=self.work_tree, env=self.env, stdout=subprocess.PIPE, stderr=err)
             try:
                 while chunk := proc.stdout.read(1 << 16):
                     if time.monotonic() > self.deadline:
                         raise ChangeSetError(f"git {args[0]} timed out")
+                    if listing_end is None:
+                        head += chunk
+                        listing_end = _listing_end(head)
+                        if listing_end is None:
+                            continue
+                        chunk = bytes(head[listing_end:])
+                        del head[listing_end:]
                     if written + len(chunk) > cap:
                         out.write(chunk[: cap - written])
                         written, cut = cap, True
@@ -189,9 +198,42 @@ class _Git:
             if not cut and code != 0:
                 err.seek(0)
                 raise ChangeSetError(f"git {args[0]} failed ({code}): {err.read().decode(errors='replace').strip()[-500:]}")
+            # A stream that ends inside the listing had no patch after it: `head` is all listing.
             if cut:
                 out.write(CUT_NOTE.format(cap=cap).encode())
-        return written, cut
+        return bytes(head), written, cut
+
+
+class _Incomplete(Exception):
+    pass
+
+
+def _token(buf: bytes | bytearray, pos: int) -> tuple[bytes, int]:
+    """The NUL-terminated token at `pos` and the position after it; _Incomplete when its NUL has not arrived."""
+    end = buf.find(b"\0", pos)
+    if end < 0:
+        raise _Incomplete
+    return bytes(buf[pos:end]), end + 1
+
+
+def _listing_end(buf: bytes | bytearray) -> int | None:
+    """Where the patch starts in `git diff -z --raw --numstat --patch` output; None while the listing is incomplete."""
+    pos, entries = 0, 0
+    try:
+        while buf[pos : pos + 1] == b":":  # raw records: ":modes shas status", then one path or two
+            record, pos = _token(buf, pos)
+            for _ in range(2 if record.rsplit(b" ", 1)[-1][:1] in (b"R", b"C") else 1):
+                _, pos = _token(buf, pos)
+            entries += 1
+        for _ in range(entries):  # numstat records: "added<TAB>deleted<TAB>path", a rename's two paths apart
+            record, pos = _token(buf, pos)
+            for _ in range(2 if record.endswith(b"\t") else 0):
+                _, pos = _token(buf, pos)
+    except _Incomplete:
+        return None
+    if pos >= len(buf):
+        return None  # the separator (or the next raw record) has not arrived
+    return pos + 1 if buf[pos : pos + 1] == b"\0" else pos
 
 
 def _workspace_objects(workspace: Path, repo_dir: Path) -> tuple[Path | None, str | None]:
@@ -230,9 +272,10 @@ def compute(
     home = scratch / "home"
     home.mkdir(parents=True, exist_ok=True)
     git = _Git(git_dir, home, work_tree, deadline)
-    git.env.pop("GIT_WORK_TREE")  # init needs neither work tree nor index
-    git.run("init", "--quiet", "--bare", "--template=", str(git_dir))
-    git.env["GIT_WORK_TREE"] = str(work_tree)
+    # The private GIT_DIR, made by hand (what `git init --bare --template=` makes, minus a process).
+    for sub in ("objects/info", "refs/heads"):
+        (git_dir / sub).mkdir(parents=True)
+    (git_dir / "HEAD").write_text("ref: refs/heads/main\n")
     (git_dir / "config").write_text(_CONFIG)
 
     note = None
@@ -246,28 +289,24 @@ def compute(
         elif not isinstance(commit, str) or not _COMMIT_RE.fullmatch(commit):
             note = f"no valid base commit in {BASE_FILE}: against the empty tree"
         else:
-            info = git_dir / "objects" / "info"
-            info.mkdir(parents=True, exist_ok=True)
-            (info / "alternates").write_text(f"{objects}\n")
-            kind = git.run("cat-file", "-t", commit, check=False)
-            if kind.returncode == 0 and kind.stdout.strip() == b"commit":
+            (git_dir / "objects" / "info" / "alternates").write_text(f"{objects}\n")
+            # `^{commit}` makes read-tree refuse anything but a commit: verification and index in one call.
+            if git.run("read-tree", f"{commit}^{{commit}}", check=False).returncode == 0:
                 base["verified"] = True
             else:
+                (git_dir / "index").unlink(missing_ok=True)
                 note = f"base commit {commit} is not a commit in the repository: against the empty tree"
-    against = base["commit"] if base["verified"] else EMPTY_TREE
+    against = base["commit"] if base["verified"] else EMPTY_TREE  # no index file: an empty index
 
-    if base["verified"]:
-        git.run("read-tree", against)
-    else:
-        git.run("read-tree", "--empty")
     excludes = [] if has_repo else [f":(top,exclude){name}" for name in EXCLUDED]
     git.run("add", "--all", "--ignore-errors", "--", ".", *excludes)
 
-    common = ("--cached", "-M", "--no-ext-diff", "--no-textconv", "--no-color", "--ignore-submodules=none")
-    listing = git.run("diff", *common, "-z", "--raw", "--numstat", against).stdout
-    files = _parse_listing(listing)
     patch = scratch / "changes.patch"
-    size, cut = git.stream_to(patch, cap, "diff", *common, "--binary", "--full-index", against, "--")
+    listing, size, cut = git.diff_to(
+        patch, cap, "diff", "--cached", "-M", "--no-ext-diff", "--no-textconv", "--no-color", "--ignore-submodules=none",
+        "-z", "--raw", "--numstat", "--patch", "--binary", "--full-index", against, "--",
+    )
+    files = _parse_listing(listing)
 
     summary = {
         "base": {**base, "against": "commit" if base["verified"] else "empty-tree"},
@@ -289,7 +328,7 @@ def compute(
 def _parse_listing(data: bytes) -> list[dict]:
     """Parse `git diff -z --raw --numstat`: all raw records first, then the numstat ones, in the same order."""
     tokens = data.decode("utf-8", errors="surrogateescape").split("\0")
-    if tokens and tokens[-1] == "":
+    while tokens and tokens[-1] == "":
         tokens.pop()
     files: list[dict] = []
     i = 0

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -45,8 +46,7 @@ def cloned_workspace(tmp_path: Path, files: dict[str, bytes | str]) -> tuple[Pat
 
 
 def compute(workspace: Path, tmp_path: Path, **kwargs) -> tuple[dict, bytes]:
-    scratch = tmp_path / "scratch"
-    scratch.mkdir(exist_ok=True)
+    scratch = tempfile.mkdtemp(dir=tmp_path)  # a fresh one per computation, as the snapshotter's
     change_set = changes.compute(workspace, scratch, **kwargs)
     return change_set.summary, change_set.patch.read_bytes()
 
@@ -170,3 +170,24 @@ def test_a_failed_change_set_keeps_the_archive_and_the_result(tmp_path, store, m
     assert result["outcome"] == "done" and "changes_key" not in result
     assert "git" in result["changes_error"]
     assert store.exists(contract.final_archive_key(TASK)) and not store.exists(changes.patch_key(TASK))
+
+
+def test_the_listing_is_found_whatever_the_chunking(tmp_path):
+    """The patch is read in chunks: the listing's end is known only once all of it arrived."""
+    workspace, repo, _ = cloned_workspace(tmp_path, BASE_FILES)
+    (repo / "old_name.txt").rename(repo / "new\tname.txt")  # a rename, and a tab in a path
+    (repo / "edit.txt").write_text("x\n")
+    summary, patch = compute(workspace, tmp_path)
+    listing = b"".join(
+        f":{f.get('mode')} {f.get('mode')} {'0' * 40} {'1' * 40} {'R100' if f.get('old_path') else 'M'}\0".encode()
+        + (f"{f['old_path']}\0" if f.get("old_path") else "").encode() + f"{f['path']}\0".encode()
+        for f in summary["files"]
+    ) + b"".join(
+        (f"{f['added_lines']}\t{f['deleted_lines']}\t\0{f['old_path']}\0{f['path']}\0" if f.get("old_path") else f"{f['added_lines']}\t{f['deleted_lines']}\t{f['path']}\0").encode()
+        for f in summary["files"]
+    )
+    stream = listing + b"\0" + patch
+    assert [changes._listing_end(stream[:k]) for k in range(len(listing) + 1)] == [None] * (len(listing) + 1)
+    assert changes._listing_end(stream) == len(listing) + 1
+    assert changes._parse_listing(listing) == summary["files"]
+    assert {f["path"] for f in summary["files"]} == {"edit.txt", "new\tname.txt"}

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import tempfile
 from pathlib import Path
 
 from agent import changes
@@ -18,8 +19,7 @@ BASE = {"src/app.py": "print('app')\n", "notes.txt": "one\ntwo\n"}
 
 
 def compute(workspace: Path, tmp_path: Path, **kwargs) -> tuple[dict, bytes]:
-    scratch = tmp_path / "scratch"
-    scratch.mkdir(exist_ok=True)
+    scratch = tempfile.mkdtemp(dir=tmp_path)  # a fresh one per computation, as the snapshotter's
     change_set = changes.compute(workspace, scratch, **kwargs)
     return change_set.summary, change_set.patch.read_bytes()
 
