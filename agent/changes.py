@@ -22,7 +22,8 @@ agent controlled. Invariants:
 
 With a repository (`repo/` in the workspace) the change set is the repository's,
 paths relative to it, so `git apply` takes the patch in a clone; without one it is
-the whole workspace against the empty tree, minus `.dockyard/` and `checkpoints/`.
+the whole workspace against the empty tree, minus `.dockyard/`, `checkpoints/`
+and `repo.partial/` (a clone that did not finish).
 """
 
 from __future__ import annotations
@@ -42,7 +43,8 @@ BASE_FILE = ".dockyard/base.json"  # relative to the workspace: {repo, ref, comm
 PATCH_CAP = 20 * 1024 * 1024  # bytes of patch kept; beyond, the patch is cut
 TIMEOUT = 60.0  # seconds for the whole computation (the pod's grace period also covers the uploads)
 EMPTY_TREE = "4b825dc642cb6eb9a060e54bf8d69288fbee4904"  # git's well-known empty tree (sha1)
-EXCLUDED = (".dockyard", contract.CHECKPOINT_DIR)  # the agent's own state, at the workspace root
+# The agent's own state at the workspace root, and a clone cut short (the repository, had it finished).
+EXCLUDED = (".dockyard", contract.CHECKPOINT_DIR, f"{contract.REPO_DIR}.partial")
 BASE_FILE_MAX = 64 * 1024
 CUT_NOTE = "\n# dockyard: the patch was cut at {cap} bytes; changes.json lists every file\n"
 _COMMIT_RE = re.compile(r"[0-9a-f]{40}")

@@ -128,13 +128,15 @@ def test_without_a_repository_every_file_is_new(tmp_path):
     (workspace / contract.CHECKPOINT_DIR / "job.db").write_text("db")
     (workspace / ".dockyard").mkdir()
     (workspace / contract.RESULT_FILE).write_text("{}")
+    (workspace / "repo.partial").mkdir()  # a clone that failed half-way
+    (workspace / "repo.partial" / "half.txt").write_text("half\n")
 
     summary, patch = compute(workspace, tmp_path)
 
     assert summary["base"]["against"] == "empty-tree" and summary["base"]["verified"] is False
     assert "no repository" in summary["base"]["note"] and summary["root"] == "."
     assert {f["path"]: (f["status"], f["added_lines"]) for f in summary["files"]} == {"pkg/mod.py": ("added", 2), "README": ("added", 1)}
-    assert b"+x = 1" in patch and b".dockyard" not in patch and b"checkpoints" not in patch
+    assert b"+x = 1" in patch and b".dockyard" not in patch and b"checkpoints" not in patch and b"half" not in patch
 
 
 def test_nothing_changed_is_an_empty_change_set(tmp_path):
@@ -191,3 +193,16 @@ def test_the_listing_is_found_whatever_the_chunking(tmp_path):
     assert changes._listing_end(stream) == len(listing) + 1
     assert changes._parse_listing(listing) == summary["files"]
     assert {f["path"] for f in summary["files"]} == {"edit.txt", "new\tname.txt"}
+
+
+def test_the_base_record_survives_a_restart_and_a_crash_before_the_rename(tmp_path):
+    workspace, repo, commit = cloned_workspace(tmp_path, {"a.txt": "a"})
+    origin = {"url": (tmp_path / "origin").as_uri()}
+    recorded = (workspace / changes.BASE_FILE).read_text()
+    clone_repo(origin, workspace, dict(os.environ), allow_file=True)  # a resumed task: repo/ is there
+    assert (workspace / changes.BASE_FILE).read_text() == recorded
+    # Killed after recording, before repo/ appeared: the next start clones and records again.
+    repo.rename(workspace / "repo.partial")
+    (workspace / changes.BASE_FILE).write_text('{"commit": "stale"}')
+    clone_repo(origin, workspace, dict(os.environ), allow_file=True)
+    assert json.loads((workspace / changes.BASE_FILE).read_text())["commit"] == commit and repo.is_dir()
