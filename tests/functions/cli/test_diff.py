@@ -117,3 +117,28 @@ def test_the_diff_command_is_registered():
 
     args = build_parser().parse_args(["diff", "t", "--stat"])
     assert args.run is diff.run and args.stat is True and Path(args.data_dir) == Path(".dockyard")
+
+
+def test_diff_colours_by_itself_on_a_terminal(finished_task):
+    import os
+
+    leader, follower = os.openpty()
+    env = {k: v for k, v in os.environ.items() if k != "NO_COLOR"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "functions.cli", "diff", "diff-me", "--data-dir", str(finished_task.data_dir)],
+        cwd=REPO_ROOT, stdout=follower, stderr=subprocess.PIPE, env=env,
+    )
+    os.close(follower)
+    output = b""
+    while True:
+        try:
+            chunk = os.read(leader, 65536)
+        except OSError:  # EIO: the terminal's other end closed
+            break
+        if not chunk:
+            break
+        output += chunk
+    os.close(leader)
+    assert proc.wait(timeout=60) == 0, proc.stderr.read()
+    text = output.decode().replace("\r\n", "\n")
+    assert f"{diff.GREEN}+second changed{diff.RESET}" in text and f"{diff.BOLD}diff --git" in text
