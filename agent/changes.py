@@ -14,7 +14,7 @@ agent controlled. Invariants:
 - New files' objects go into the private GIT_DIR, never into the workspace.
 - The base commit comes from `.dockyard/base.json`, written by the agent: a hint.
   It counts (`verified`) only if it is 40 hex digits naming a commit object in the
-  workspace's object store; otherwise the diff is against the empty tree and
+  workspace's object store (`git cat-file -t`); otherwise the diff is against the empty tree and
   `changes.json` says why. A workspace object store with alternates of its own is
   not used at all (they could point git at objects outside the workspace).
 - Bounded: every git call shares one deadline; the patch is cut at `cap` bytes
@@ -151,10 +151,11 @@ class _Git:
             raise ChangeSetError("timed out")
         return left
 
-    def run(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    def run(self, *args: str, check: bool = True, stdin: bytes | None = None, env: dict | None = None) -> subprocess.CompletedProcess:
         try:
             done = subprocess.run(
-                ["git", *args], cwd=self.work_tree, env=self.env, capture_output=True, timeout=self.remaining()
+                ["git", *args], cwd=self.work_tree, env={**self.env, **(env or {})}, input=stdin, capture_output=True,
+                timeout=self.remaining(),
             )
         except subprocess.TimeoutExpired:
             raise ChangeSetError(f"git {args[0]} timed out") from None
@@ -204,6 +205,19 @@ class _Git:
             if cut:
                 out.write(CUT_NOTE.format(cap=cap).encode())
         return bytes(head), written, cut
+
+
+def _add_tracked_but_ignored(git: _Git, base: str) -> None:
+    """Files of the base that `.gitignore` rules skipped: they are tracked, so they belong (as `git add -A` keeps them)."""
+    listed = git.run("ls-tree", "-r", "-z", "--full-tree", base).stdout.split(b"\0")
+    tracked = {entry.split(b"\t", 1)[1] for entry in listed if entry and not entry.startswith(b"160000 ")}
+    added = set(git.run("ls-files", "-z", "--full-name").stdout.split(b"\0"))
+    missing = [path for path in tracked - added if os.path.lexists(git.work_tree / os.fsdecode(path))]
+    if missing:
+        git.run(
+            "add", "--force", "--ignore-errors", "--pathspec-from-file=-", "--pathspec-file-nul",
+            stdin=b"\0".join(sorted(missing)), env={"GIT_LITERAL_PATHSPECS": "1"},
+        )
 
 
 class _Incomplete(Exception):
@@ -292,16 +306,18 @@ def compute(
             note = f"no valid base commit in {BASE_FILE}: against the empty tree"
         else:
             (git_dir / "objects" / "info" / "alternates").write_text(f"{objects}\n")
-            # `^{commit}` makes read-tree refuse anything but a commit: verification and index in one call.
-            if git.run("read-tree", f"{commit}^{{commit}}", check=False).returncode == 0:
+            kind = git.run("cat-file", "-t", commit, check=False)
+            if kind.returncode == 0 and kind.stdout.strip() == b"commit":
                 base["verified"] = True
             else:
-                (git_dir / "index").unlink(missing_ok=True)
                 note = f"base commit {commit} is not a commit in the repository: against the empty tree"
-    against = base["commit"] if base["verified"] else EMPTY_TREE  # no index file: an empty index
+    against = base["commit"] if base["verified"] else EMPTY_TREE
 
+    # The index starts empty (faster than the base's tree: no per-entry comparison, each file hashed once).
     excludes = [] if has_repo else [f":(top,exclude){name}" for name in EXCLUDED]
     git.run("add", "--all", "--ignore-errors", "--", ".", *excludes)
+    if base["verified"]:
+        _add_tracked_but_ignored(git, against)
 
     patch = scratch / "changes.patch"
     listing, size, cut = git.diff_to(

@@ -13,9 +13,10 @@ Then, alternating round by round:
   repository, whose index knows every untouched file's stat data (reset
   between rounds, untimed) -- the floor for anyone who may trust that index.
 
-Targets (issue 12): ours <= 2 s and <= 1.2x the baseline, medians; exit 1 if missed.
+Targets (issue 12): ours <= 2 s (median) and <= 1.2x the baseline (median of the
+per-round ratios, the two alternating who goes first); exit 1 if missed.
 
-    .venv/bin/python bench/bench_changes.py [--files 10000] [--changed 100] [--rounds 7]
+    .venv/bin/python bench/bench_changes.py [--files 10000] [--changed 100] [--rounds 9]
 """
 
 from __future__ import annotations
@@ -102,7 +103,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--files", type=int, default=10_000)
     parser.add_argument("--changed", type=int, default=100)
-    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--rounds", type=int, default=9)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="bench-changes-") as tmp_name:
         tmp = Path(tmp_name)
@@ -115,9 +116,12 @@ def main() -> int:
         for round_ in range(args.rounds):
             copy = tmp / f"copy{round_}"
             subprocess.run(["cp", "-a", str(repo), str(copy)], check=True)  # untimed
+            if round_ % 2:  # alternate who goes first, so neither always finds the page cache warmer
+                t_copy.append(plain_git(copy, tmp / "copy.patch"))
             elapsed, summary = ours(workspace, tmp)
             t_ours.append(elapsed)
-            t_copy.append(plain_git(copy, tmp / "copy.patch"))
+            if not round_ % 2:
+                t_copy.append(plain_git(copy, tmp / "copy.patch"))
             shutil.rmtree(copy)
             own = tmp / "own"
             if own.exists():
@@ -131,12 +135,14 @@ def main() -> int:
             t_own.append(plain_git(own, tmp / "own.patch"))
         assert summary["totals"]["files"] == args.changed, summary["totals"]
         m_ours, m_copy, m_own = (statistics.median(t) for t in (t_ours, t_copy, t_own))
-        ratio = m_ours / m_copy
+        ratios = sorted(a / b for a, b in zip(t_ours, t_copy, strict=True))
+        ratio = statistics.median(ratios)  # paired round by round: load on a shared machine hits both
         print(f"change set ({summary['totals']['files']} files, +{summary['totals']['added_lines']} -{summary['totals']['deleted_lines']}), median of {args.rounds}:")
         print(f"  ours (private GIT_DIR, fresh index)        {m_ours * 1000:8.1f} ms   (min {min(t_ours) * 1000:.1f}, max {max(t_ours) * 1000:.1f})")
         print(f"  git add -A; git diff --cached, in a copy   {m_copy * 1000:8.1f} ms   (min {min(t_copy) * 1000:.1f}, max {max(t_copy) * 1000:.1f})")
         print(f"  the same in the repo's own tree (scale)    {m_own * 1000:8.1f} ms   (min {min(t_own) * 1000:.1f}, max {max(t_own) * 1000:.1f})")
-        print(f"  ratio ours / copy: {ratio:.2f}x (target <= 1.2x); ours {m_ours:.2f} s (target <= 2 s); ours / own tree {m_ours / m_own:.2f}x")
+        print(f"  ours / copy, median of the {args.rounds} paired rounds: {ratio:.2f}x (spread {ratios[0]:.2f}..{ratios[-1]:.2f}; target <= 1.2x)")
+        print(f"  ours {m_ours:.2f} s (target <= 2 s); ours / own tree {m_ours / m_own:.2f}x (not a target)")
         ok = ratio <= 1.2 and m_ours <= 2.0
         print("PASS" if ok else "FAIL: target missed")
         return 0 if ok else 1

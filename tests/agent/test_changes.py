@@ -206,3 +206,22 @@ def test_the_base_record_survives_a_restart_and_a_crash_before_the_rename(tmp_pa
     (workspace / changes.BASE_FILE).write_text('{"commit": "stale"}')
     clone_repo(origin, workspace, dict(os.environ), allow_file=True)
     assert json.loads((workspace / changes.BASE_FILE).read_text())["commit"] == commit and repo.is_dir()
+
+
+def test_a_tracked_file_that_gitignore_matches_still_counts(tmp_path):
+    workspace, repo, _ = cloned_workspace(tmp_path, {".gitignore": "build/\n*.log\n", "app.py": "x\n"})
+    # Committed although ignored (git add -f): tracked, so its change and its deletion count.
+    (repo / "build").mkdir()
+    (repo / "build" / "keep.txt").write_text("kept\n")
+    (repo / "old.log").write_text("log\n")
+    git(repo, "add", "--force", "build/keep.txt", "old.log")
+    git(repo, "commit", "--quiet", "-m", "tracked though ignored")
+    (workspace / changes.BASE_FILE).write_text(json.dumps({"commit": git(repo, "rev-parse", "HEAD").strip()}))
+    (repo / "build" / "keep.txt").write_text("changed\n")
+    (repo / "build" / "untracked.o").write_text("ignored and untracked\n")
+    (repo / "new.log").write_text("ignored and untracked\n")
+
+    summary, patch = compute(workspace, tmp_path)
+
+    assert {f["path"]: f["status"] for f in summary["files"]} == {"build/keep.txt": "modified"}
+    assert b"+changed" in patch and b"ignored and untracked" not in patch
