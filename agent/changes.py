@@ -168,7 +168,7 @@ class _Git:
         """Run `git diff -z --raw --numstat --patch ...`: (the listing, kept whole, patch bytes written, cut).
 
         The listing comes first, then a NUL, then the patch; only the patch goes to `dest`, at most `cap` bytes."""
-        head, written, cut, listing_end = bytearray(), 0, False, None
+        head, written, cut, listing_end, scanner = bytearray(), 0, False, None, _ListingScanner()
         with open(dest, "wb") as out, tempfile.TemporaryFile() as err:
             proc = subprocess.Popen(["git", *args], cwd=self.work_tree, env=self.env, stdout=subprocess.PIPE, stderr=err)
             try:
@@ -177,7 +177,7 @@ class _Git:
                         raise ChangeSetError(f"git {args[0]} timed out")
                     if listing_end is None:
                         head += chunk
-                        listing_end = _listing_end(head)
+                        listing_end = scanner.end(head)
                         if listing_end is None:
                             continue
                         chunk = bytes(head[listing_end:])
@@ -232,24 +232,39 @@ def _token(buf: bytes | bytearray, pos: int) -> tuple[bytes, int]:
     return bytes(buf[pos:end]), end + 1
 
 
+class _ListingScanner:
+    """Finds where the listing ends in a growing buffer, resuming at the last whole record (linear in its size)."""
+
+    def __init__(self):
+        self.pos, self.raw, self.numstat, self.in_numstat = 0, 0, 0, False
+
+    def end(self, buf: bytes | bytearray) -> int | None:
+        """Where the patch starts in `git diff -z --raw --numstat --patch` output; None while the listing is incomplete."""
+        try:
+            while not self.in_numstat:  # raw records: ":modes shas status", then one path or two
+                if self.pos >= len(buf):
+                    return None
+                if buf[self.pos : self.pos + 1] != b":":
+                    self.in_numstat = True
+                    break
+                record, pos = _token(buf, self.pos)
+                for _ in range(2 if record.rsplit(b" ", 1)[-1][:1] in (b"R", b"C") else 1):
+                    _, pos = _token(buf, pos)
+                self.pos, self.raw = pos, self.raw + 1
+            while self.numstat < self.raw:  # numstat records: "added<TAB>deleted<TAB>path", a rename's two paths apart
+                record, pos = _token(buf, self.pos)
+                for _ in range(2 if record.endswith(b"\t") else 0):
+                    _, pos = _token(buf, pos)
+                self.pos, self.numstat = pos, self.numstat + 1
+        except _Incomplete:
+            return None
+        if self.pos >= len(buf):
+            return None  # the separator has not arrived
+        return self.pos + 1 if buf[self.pos : self.pos + 1] == b"\0" else self.pos
+
+
 def _listing_end(buf: bytes | bytearray) -> int | None:
-    """Where the patch starts in `git diff -z --raw --numstat --patch` output; None while the listing is incomplete."""
-    pos, entries = 0, 0
-    try:
-        while buf[pos : pos + 1] == b":":  # raw records: ":modes shas status", then one path or two
-            record, pos = _token(buf, pos)
-            for _ in range(2 if record.rsplit(b" ", 1)[-1][:1] in (b"R", b"C") else 1):
-                _, pos = _token(buf, pos)
-            entries += 1
-        for _ in range(entries):  # numstat records: "added<TAB>deleted<TAB>path", a rename's two paths apart
-            record, pos = _token(buf, pos)
-            for _ in range(2 if record.endswith(b"\t") else 0):
-                _, pos = _token(buf, pos)
-    except _Incomplete:
-        return None
-    if pos >= len(buf):
-        return None  # the separator (or the next raw record) has not arrived
-    return pos + 1 if buf[pos : pos + 1] == b"\0" else pos
+    return _ListingScanner().end(buf)
 
 
 def _workspace_objects(workspace: Path, repo_dir: Path) -> tuple[Path | None, str | None]:

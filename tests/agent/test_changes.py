@@ -191,6 +191,8 @@ def test_the_listing_is_found_whatever_the_chunking(tmp_path):
     stream = listing + b"\0" + patch
     assert [changes._listing_end(stream[:k]) for k in range(len(listing) + 1)] == [None] * (len(listing) + 1)
     assert changes._listing_end(stream) == len(listing) + 1
+    scanner = changes._ListingScanner()  # fed byte by byte, as chunks arrive
+    assert [scanner.end(stream[:k]) for k in range(1, len(listing) + 2)] == [None] * len(listing) + [len(listing) + 1]
     assert changes._parse_listing(listing) == summary["files"]
     assert {f["path"] for f in summary["files"]} == {"edit.txt", "new\tname.txt"}
 
