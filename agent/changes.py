@@ -207,17 +207,26 @@ class _Git:
         return bytes(head), written, cut
 
 
-def _add_tracked_but_ignored(git: _Git, base: str) -> None:
+def _added(done: subprocess.CompletedProcess) -> list[str]:
+    """What `git add --ignore-errors` could not add (an unreadable file), as warnings; a fatal error raises."""
+    lines = [line for line in done.stderr.decode(errors="replace").splitlines() if line.strip()]
+    if done.returncode != 0 and (not lines or any(line.startswith("fatal:") for line in lines)):
+        raise ChangeSetError(f"git add failed ({done.returncode}): {' '.join(lines)[-500:]}")
+    return [line[:300] for line in lines[:20]]
+
+
+def _add_tracked_but_ignored(git: _Git, base: str) -> list[str]:
     """Files of the base that `.gitignore` rules skipped: they are tracked, so they belong (as `git add -A` keeps them)."""
     listed = git.run("ls-tree", "-r", "-z", "--full-tree", base).stdout.split(b"\0")
     tracked = {entry.split(b"\t", 1)[1] for entry in listed if entry and not entry.startswith(b"160000 ")}
     added = set(git.run("ls-files", "-z", "--full-name").stdout.split(b"\0"))
     missing = [path for path in tracked - added if os.path.lexists(git.work_tree / os.fsdecode(path))]
-    if missing:
-        git.run(
-            "add", "--force", "--ignore-errors", "--pathspec-from-file=-", "--pathspec-file-nul",
-            stdin=b"\0".join(sorted(missing)), env={"GIT_LITERAL_PATHSPECS": "1"},
-        )
+    if not missing:
+        return []
+    return _added(git.run(
+        "add", "--force", "--ignore-errors", "--pathspec-from-file=-", "--pathspec-file-nul",
+        stdin=b"\0".join(sorted(missing)), env={"GIT_LITERAL_PATHSPECS": "1"}, check=False,
+    ))
 
 
 class _Incomplete(Exception):
@@ -330,9 +339,9 @@ def compute(
 
     # The index starts empty (faster than the base's tree: no per-entry comparison, each file hashed once).
     excludes = [] if has_repo else [f":(top,exclude){name}" for name in EXCLUDED]
-    git.run("add", "--all", "--ignore-errors", "--", ".", *excludes)
+    warnings = _added(git.run("add", "--all", "--ignore-errors", "--", ".", *excludes, check=False))
     if base["verified"]:
-        _add_tracked_but_ignored(git, against)
+        warnings += _add_tracked_but_ignored(git, against)
 
     patch = scratch / "changes.patch"
     listing, size, cut = git.diff_to(
@@ -355,6 +364,8 @@ def compute(
     }
     if note:
         summary["base"]["note"] = note
+    if warnings:
+        summary["warnings"] = warnings  # files git could not read: missing from the listing
     return ChangeSet(patch=patch, summary=summary)
 
 

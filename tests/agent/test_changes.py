@@ -227,3 +227,17 @@ def test_a_tracked_file_that_gitignore_matches_still_counts(tmp_path):
 
     assert {f["path"]: f["status"] for f in summary["files"]} == {"build/keep.txt": "modified"}
     assert b"+changed" in patch and b"ignored and untracked" not in patch
+
+
+def test_what_git_cannot_add_is_a_warning_not_a_failure(tmp_path):
+    workspace, repo, _ = cloned_workspace(tmp_path, BASE_FILES)
+    (repo / "src").mkdir()
+    git(repo / "src", "init", "--quiet")  # a nested repository without a commit: git add refuses it
+    (repo / "src" / "a.py").write_text("a\n")
+    (repo / "added.txt").write_text("added\n")
+
+    summary, patch = compute(workspace, tmp_path)
+
+    assert [f["path"] for f in summary["files"]] == ["added.txt"]
+    assert summary["warnings"] == ["error: 'src/' does not have a commit checked out"]
+    assert b"+added" in patch
