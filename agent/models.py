@@ -48,7 +48,8 @@ class Model(Protocol):
 
 @dataclass
 class ScriptedModel:
-    """Replays turns `{content?, tool_calls?: [{name, args}], delay_seconds?}`."""
+    """Replays turns `{content?, tool_calls?: [{name, args}], delay_seconds?, usage?, response_id?}`;
+    `usage` (`{input_tokens, output_tokens}`) and `response_id` stand for a provider's, to try the trace's counts."""
 
     turns: list[dict]
     source: str
@@ -86,7 +87,14 @@ class ScriptedModel:
             {"name": call["name"], "args": call.get("args") or {}, "id": f"call_{turn}_{index}", "type": "tool_call"}
             for index, call in enumerate(spec.get("tool_calls") or [])
         ]
-        return AIMessage(content=spec.get("content") or "", tool_calls=calls)
+        extra: dict = {}
+        usage = spec.get("usage")
+        if isinstance(usage, dict):
+            tokens_in, tokens_out = int(usage.get("input_tokens") or 0), int(usage.get("output_tokens") or 0)
+            extra["usage_metadata"] = {"input_tokens": tokens_in, "output_tokens": tokens_out, "total_tokens": tokens_in + tokens_out}
+        if isinstance(spec.get("response_id"), str):
+            extra["response_metadata"] = {"id": spec["response_id"]}
+        return AIMessage(content=spec.get("content") or "", tool_calls=calls, **extra)
 
 
 def _yaml_load(text: str):
