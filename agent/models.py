@@ -32,6 +32,7 @@ EXAMPLES_DIR = Path(__file__).parent / "examples"
 PROVIDERS = ("openai", "anthropic", "ollama", "vllm", "openai-compatible")
 POD_TOKEN = "dockyard-pod"  # the pod's sidecar asks no token; the SDKs want some key
 REFUSAL_HEADER = "x-dockyard-refusal"
+GATE_SECONDS = 300  # the longest a scripted turn's gate holds its call open
 
 
 class ModelConfigError(Exception):
@@ -48,8 +49,10 @@ class Model(Protocol):
 
 @dataclass
 class ScriptedModel:
-    """Replays turns `{content?, tool_calls?: [{name, args}], delay_seconds?, usage?, response_id?}`;
-    `usage` (`{input_tokens, output_tokens}`) and `response_id` stand for a provider's, to try the trace's counts."""
+    """Replays turns `{content?, tool_calls?: [{name, args}], delay_seconds?, usage?, response_id?, gate?}`;
+    `usage` (`{input_tokens, output_tokens}`) and `response_id` stand for a provider's, to try the trace's counts;
+    `gate: NAME` holds the call open until a file NAME (a bare name) exists beside the script, at most
+    `GATE_SECONDS`: a test decides when a model call ends, not a sleep."""
 
     turns: list[dict]
     source: str
@@ -69,6 +72,8 @@ class ScriptedModel:
         if not isinstance(turns, list) or not all(isinstance(t, dict) for t in turns):
             raise ModelConfigError(f"scripted model file {path} must hold a list of turns {{content?, tool_calls?}}")
         for number, turn in enumerate(turns):
+            if "gate" in turn and not (isinstance(turn["gate"], str) and contract.is_valid_script_name(turn["gate"])):
+                raise ModelConfigError(f"{path}: turn {number}: 'gate' must be a bare file name beside the script")
             for call in turn.get("tool_calls") or []:
                 if not isinstance(call, dict) or not isinstance(call.get("name"), str):
                     raise ModelConfigError(f"{path}: turn {number}: each tool call needs a 'name' and 'args'")
@@ -83,6 +88,10 @@ class ScriptedModel:
         spec = self.turns[turn]
         if spec.get("delay_seconds"):
             time.sleep(float(spec["delay_seconds"]))
+        if spec.get("gate"):
+            gate, until = Path(self.source).parent / spec["gate"], time.monotonic() + GATE_SECONDS
+            while not gate.exists() and time.monotonic() < until:
+                time.sleep(0.05)
         calls = [
             {"name": call["name"], "args": call.get("args") or {}, "id": f"call_{turn}_{index}", "type": "tool_call"}
             for index, call in enumerate(spec.get("tool_calls") or [])

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 
 from agent import contract
 from agent.checkpoint import open_saver
 from agent.graph import build_graph, initial_state
-from agent.models import BudgetExhausted
+from agent.models import BudgetExhausted, ModelConfigError, ScriptedModel
 from agent.redact import Redactor
 from agent.thought import TEXT_LIMIT
 from tests.agent.test_graph import Recorder, make_deps, run
+from tests.conftest import eventually
 
 TURNS = [
     {"content": "I'll list the files first.", "usage": {"input_tokens": 120, "output_tokens": 14}, "response_id": "chatcmpl-1",
@@ -130,3 +133,24 @@ def test_a_resumed_run_does_not_repeat_the_thoughts_of_finished_steps(tmp_path):
     assert values["outcome"] == contract.OUTCOME_DONE
     assert [(e["turn"], e.get("open", False)) for e in thoughts(second)] == [(2, True), (2, False), (3, True), (3, False)]
     assert thoughts(second)[1]["text"] == "Nothing here yet."
+
+
+def test_a_gated_scripted_turn_stays_open_until_its_file_exists(tmp_path):
+    """The tests' way to hold a model call open (the cockpit's "thinking…" indicator) without a sleep deciding."""
+    turns = [{"content": "held", "gate": "go", "tool_calls": [{"name": "finish", "args": {"summary": "s"}}]}]
+    deps, recorder = make_deps(tmp_path, turns)
+    done = threading.Event()
+    worker = threading.Thread(target=lambda: (run_all(tmp_path, turns, deps), done.set()))
+    worker.start()
+    eventually(lambda: thoughts(recorder), "the call to open")
+    assert not done.wait(0.3) and len(thoughts(recorder)) == 1  # open, and not closed while the gate is shut
+    (tmp_path / "go").touch()
+    worker.join(30)
+    assert done.is_set() and thoughts(recorder)[1]["text"] == "held"
+
+
+def test_a_gate_that_is_a_path_is_refused(tmp_path):
+    script = tmp_path / "s.json"
+    script.write_text('[{"content": "x", "gate": "../../etc/passwd"}]')
+    with pytest.raises(ModelConfigError, match="'gate' must be a bare file name"):
+        ScriptedModel.load(script)
