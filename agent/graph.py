@@ -286,7 +286,7 @@ def _tactical(deps: Deps, state: AgentState) -> AgentState:
     update: AgentState = {"tactical": view, "transcript_len": end, "model_turns": state["model_turns"] + 1}
     if reply.tool_calls:
         return {**update, "reply": reply_row, "calls_answered": 0, "calls_total": len(reply.tool_calls)}
-    return {**update, "calls_total": 0, **_report(deps, str(reply.content) or "(no report)", end)}
+    return {**update, "calls_total": 0, **_report(deps, reply.text or "(no report)", end)}
 
 
 def _act(deps: Deps, state: AgentState) -> AgentState:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 
 import pytest
+from langchain_core.messages import AIMessage
 
 from agent import contract
 from agent.checkpoint import open_saver
@@ -154,3 +155,28 @@ def test_a_gate_that_is_a_path_is_refused(tmp_path):
     script.write_text('[{"content": "x", "gate": "../../etc/passwd"}]')
     with pytest.raises(ModelConfigError, match="'gate' must be a bare file name"):
         ScriptedModel.load(script)
+
+
+def test_a_reply_in_content_blocks_shows_its_text_blocks_only(tmp_path):
+    """Anthropic's replies are lists of blocks: the thought (and the tactical report) is the text, not the list."""
+    deps, recorder = make_deps(tmp_path, TURNS)
+    scripted = deps.model
+
+    class Blocks:
+        def invoke(self, phase, messages, tools, turn):
+            if turn != 2:
+                return scripted.invoke(phase, messages, tools, turn)
+            return AIMessage(
+                content=[{"type": "text", "text": "Nothing here"}, {"type": "text", "text": " yet."}],
+                usage_metadata={"input_tokens": 7, "output_tokens": 3, "total_tokens": 10,
+                                "input_token_details": {"cache_read": 4}, "output_token_details": {"reasoning": 2}},
+                response_metadata={"id": "msg_01"},
+            )
+
+    deps.model = Blocks()
+    run_all(tmp_path, TURNS, deps)
+    close = thoughts(recorder)[5]
+    assert close["turn"] == 2 and close["text"] == "Nothing here yet." and close["response_id"] == "msg_01"
+    assert close["usage"] == {"input_tokens": 7, "output_tokens": 3, "total_tokens": 10, "cached_tokens": 4, "reasoning_tokens": 2}
+    reports = [e.get("report") for e in recorder.events if e["type"] == contract.EV_PHASE and e.get("report")]
+    assert reports == ["Nothing here yet."]
