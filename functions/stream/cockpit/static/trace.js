@@ -426,7 +426,8 @@ const RENDERERS = {
     const turn = Number.isSafeInteger(data.turn) ? data.turn : null;
     const phase = String(data.phase || "");
     if (data.open) {
-      const indicator = h("span", { class: "thinking", role: "status" }, "thinking… 0s");
+      // Not a live region: a screen reader would read the count every second.
+      const indicator = h("span", { class: "thinking" }, "thinking… 0s");
       const el = row("thinking", data.ts, h("span", { class: "label" }, "model"), indicator);
       const since = Date.parse(data.ts);
       if (turn !== null) this.thinking.set(turn, { row: el, indicator, since: Number.isNaN(since) ? Date.now() : Math.min(since, Date.now()) });
