@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import threading
+import time
 
 import pytest
 
@@ -116,3 +117,51 @@ def test_without_a_gateway_the_totals_are_the_providers_counts_and_there_is_no_c
     assert page.locator("#tv-totals dd[data-total=tokens]").inner_text() == "30 in / 5 out (provider)"
     assert page.locator("#tv-totals dd[data-total=cost]").inner_text() == "—"
     assert page.locator("#tv-totals dd[data-total=turns]").inner_text() == "3"
+
+
+# A TaskView of the page's own trace.js, fed events directly: the paths a live task reaches only by a crash.
+FEED_JS = """async (events) => {
+    const { TaskView } = await import('./trace.js');
+    const root = document.createElement('section');
+    for (const id of ['tv-title', 'tv-conn', 'tv-facts', 'tv-prompt', 'tv-outcome', 'tv-trace', 'tv-todo', 'tv-snapshots', 'tv-stored', 'tv-error', 'tv-totals']) {
+        const el = document.createElement(id === 'tv-facts' || id === 'tv-totals' ? 'dl' : 'div');
+        el.id = id;
+        root.append(el);
+    }
+    root.id = 'fed';
+    document.body.append(root);
+    const view = new TaskView(root, 't-fed');
+    window.fedView = view;
+    events.forEach((data, i) => view.render(data.type, data, i + 1));
+}"""
+
+
+def test_a_call_cut_short_by_the_end_of_its_attempt_stops_thinking_and_its_replay_counts_once(page, dev):
+    page.goto(cockpit(dev))
+    page.wait_for_selector("#server-state[data-state=ok]")
+    ago = contract.iso_utc(time.time() - 5)
+    page.evaluate(FEED_JS, [
+        {"type": "status", "state": "started", "ts": ago},
+        {"type": "phase", "phase": "TACTICAL", "objective": "work", "ts": ago},
+        {"type": "thought", "phase": "TACTICAL", "turn": 3, "open": True, "ts": ago},
+    ])  # fmt: skip
+    first = page.locator("#fed [data-id='3'] .thinking")
+    assert first.inner_text().startswith("thinking… ")
+    page.wait_for_function("() => /^thinking… ([5-9]|[1-9][0-9]+)s$/.test(document.querySelector(\"#fed [data-id='3'] .thinking\")?.textContent)")
+
+    # The attempt ends with the call open (a killed pod), the next one replays the turn.
+    page.evaluate("""(now) => {
+        const v = window.fedView;
+        v.render('status', {type: 'status', state: 'retrying', attempt: 2, ts: now}, 4);
+        v.render('status', {type: 'status', state: 'resumed', ts: now}, 5);
+        v.render('thought', {type: 'thought', phase: 'TACTICAL', turn: 3, open: true, ts: now}, 6);
+        v.render('thought', {type: 'thought', phase: 'TACTICAL', turn: 3, text: 'again', latency_ms: 1200, tool_calls: 0,
+                             usage: {input_tokens: 9, output_tokens: 1}, ts: now}, 7);
+    }""", contract.iso_utc())
+    cut = page.locator("#fed [data-id='3']")
+    assert cut.is_visible() and cut.inner_text().endswith("this attempt ended during this model call")
+    assert page.locator("#fed .thinking").count() == 0  # nothing ticks any more...
+    assert page.locator("#fed [data-id='6']").is_hidden()  # ...the replay's call closed...
+    assert page.locator("#fed [data-id='7'] .thought-text").inner_text() == "again"  # ...with its words
+    assert page.locator("#fed dd[data-total=turns]").inner_text() == "1"
+    assert page.locator("#fed dd[data-total=tokens]").inner_text() == "9 in / 1 out (provider)"

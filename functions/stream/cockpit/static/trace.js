@@ -434,13 +434,15 @@ const RENDERERS = {
       this.keepTicking();
       return el;
     }
+    const took = duration(count(data.latency_ms));
     const open = turn !== null ? this.thinking.get(turn) : null;
     if (open) {
       open.row.hidden = true; // the call is over: its words (below) replace the indicator
+      open.indicator.classList.remove("thinking");
+      text(open.indicator, `answered in ${took}`);
       this.thinking.delete(turn);
     }
     if (turn !== null) this.turns.set(turn, data);
-    const took = duration(count(data.latency_ms));
     if (data.error) {
       this.renderTotals();
       return row("thought", data.ts, h("span", { class: "label" }, "model call failed"), h("span", { class: "thought-error" }, `after ${took}: ${data.error}`));
