@@ -102,6 +102,9 @@ def test_thoughts_show_inline_as_text_with_a_live_indicator_durations_and_totals
     ARTIFACTS.mkdir(exist_ok=True)
     page.evaluate("window.scrollTo(0, 0)")
     page.screenshot(path=str(ARTIFACTS / "cockpit-thoughts.png"), full_page=True)
+    page.set_viewport_size({"width": 390, "height": 844})
+    assert page.evaluate("document.documentElement.scrollWidth") <= 390  # thoughts and totals wrap on a phone
+    page.screenshot(path=str(ARTIFACTS / "cockpit-thoughts-phone.png"), full_page=True)
 
 
 def test_without_a_gateway_the_totals_are_the_providers_counts_and_there_is_no_cost(page, dev, scripts_dir):
