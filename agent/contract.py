@@ -143,6 +143,7 @@ EV_RESULT = "result"
 EV_MESSAGE = "message"
 EV_WARNING = "warning"
 EV_USAGE = "usage"  # published by the model gateway, one per model call
+EV_THOUGHT = "thought"  # the agent, per model turn: `open: true` when the call starts, then its text and usage
 
 # Values of "state" in status events and in the KV entry.
 STATE_QUEUED = "queued"

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -34,7 +35,7 @@ from typing import Callable, Protocol, TypedDict
 from langchain_core.messages import AIMessage, BaseMessage, HumanMessage, SystemMessage, ToolMessage
 from langgraph.graph import END, START, StateGraph
 
-from agent import context, contract
+from agent import context, contract, thought
 from agent.context import View
 from agent.models import BudgetExhausted
 from agent.redact import Redactor
@@ -285,7 +286,7 @@ def _tactical(deps: Deps, state: AgentState) -> AgentState:
     update: AgentState = {"tactical": view, "transcript_len": end, "model_turns": state["model_turns"] + 1}
     if reply.tool_calls:
         return {**update, "reply": reply_row, "calls_answered": 0, "calls_total": len(reply.tool_calls)}
-    return {**update, "calls_total": 0, **_report(deps, str(reply.content) or "(no report)", end)}
+    return {**update, "calls_total": 0, **_report(deps, reply.text or "(no report)", end)}
 
 
 def _act(deps: Deps, state: AgentState) -> AgentState:
@@ -327,10 +328,27 @@ def _ask_model(deps: Deps, conversation: str, view: View, end: int, tools: list[
     prompt = STRATEGIC_PROMPT if conversation == STRATEGIC else TACTICAL_PROMPT
     phase = contract.PHASE_STRATEGIC if conversation == STRATEGIC else contract.PHASE_TACTICAL
     shown = [SystemMessage(content=prompt), *context.messages(deps.transcript, conversation, view, end, budget)]
-    if deps.waiting is None:
-        return deps.model.invoke(phase, shown, tools, turn), view, end
-    with deps.waiting(600):
-        return deps.model.invoke(phase, shown, tools, turn), view, end
+    with deps.waiting(600) if deps.waiting is not None else nullcontext():
+        return _think(deps, phase, shown, tools, turn), view, end
+
+
+def _think(deps: Deps, phase: str, shown: list[BaseMessage], tools: list[dict], turn: int) -> AIMessage:
+    """The model call between its two `thought` events (agent.thought): the second one always comes,
+    also when the call raises, so a trace never shows a call open that has ended."""
+    def cut(text: str, limit: int) -> str:
+        return _truncate(deps, text, limit)
+
+    deps.reporter.event(contract.EV_THOUGHT, **thought.opened(phase=phase, turn=turn))
+    started = time.monotonic()
+    try:
+        reply = deps.model.invoke(phase, shown, tools, turn)
+    except BaseException as exc:
+        took = round((time.monotonic() - started) * 1000)
+        deps.reporter.event(contract.EV_THOUGHT, **thought.failed(exc, phase=phase, turn=turn, latency_ms=took, cut=cut))
+        raise
+    took = round((time.monotonic() - started) * 1000)
+    deps.reporter.event(contract.EV_THOUGHT, **thought.closed(reply, phase=phase, turn=turn, latency_ms=took, cut=cut))
+    return reply
 
 
 def _write(deps: Deps, end: int, conversation: str, entries: list[BaseMessage]) -> int:

@@ -32,6 +32,7 @@ EXAMPLES_DIR = Path(__file__).parent / "examples"
 PROVIDERS = ("openai", "anthropic", "ollama", "vllm", "openai-compatible")
 POD_TOKEN = "dockyard-pod"  # the pod's sidecar asks no token; the SDKs want some key
 REFUSAL_HEADER = "x-dockyard-refusal"
+GATE_SECONDS = 300  # the longest a scripted turn's gate holds its call open
 
 
 class ModelConfigError(Exception):
@@ -48,7 +49,10 @@ class Model(Protocol):
 
 @dataclass
 class ScriptedModel:
-    """Replays turns `{content?, tool_calls?: [{name, args}], delay_seconds?}`."""
+    """Replays turns `{content?, tool_calls?: [{name, args}], delay_seconds?, usage?, response_id?, gate?}`;
+    `usage` (`{input_tokens, output_tokens}`) and `response_id` stand for a provider's, to try the trace's counts;
+    `gate: NAME` holds the call open until a file NAME (a bare name) exists beside the script, at most
+    `GATE_SECONDS`: a test decides when a model call ends, not a sleep."""
 
     turns: list[dict]
     source: str
@@ -68,6 +72,8 @@ class ScriptedModel:
         if not isinstance(turns, list) or not all(isinstance(t, dict) for t in turns):
             raise ModelConfigError(f"scripted model file {path} must hold a list of turns {{content?, tool_calls?}}")
         for number, turn in enumerate(turns):
+            if "gate" in turn and not (isinstance(turn["gate"], str) and contract.is_valid_script_name(turn["gate"])):
+                raise ModelConfigError(f"{path}: turn {number}: 'gate' must be a bare file name beside the script")
             for call in turn.get("tool_calls") or []:
                 if not isinstance(call, dict) or not isinstance(call.get("name"), str):
                     raise ModelConfigError(f"{path}: turn {number}: each tool call needs a 'name' and 'args'")
@@ -82,11 +88,22 @@ class ScriptedModel:
         spec = self.turns[turn]
         if spec.get("delay_seconds"):
             time.sleep(float(spec["delay_seconds"]))
+        if spec.get("gate"):
+            gate, until = Path(self.source).parent / spec["gate"], time.monotonic() + GATE_SECONDS
+            while not gate.exists() and time.monotonic() < until:
+                time.sleep(0.05)
         calls = [
             {"name": call["name"], "args": call.get("args") or {}, "id": f"call_{turn}_{index}", "type": "tool_call"}
             for index, call in enumerate(spec.get("tool_calls") or [])
         ]
-        return AIMessage(content=spec.get("content") or "", tool_calls=calls)
+        extra: dict = {}
+        usage = spec.get("usage")
+        if isinstance(usage, dict):
+            tokens_in, tokens_out = int(usage.get("input_tokens") or 0), int(usage.get("output_tokens") or 0)
+            extra["usage_metadata"] = {"input_tokens": tokens_in, "output_tokens": tokens_out, "total_tokens": tokens_in + tokens_out}
+        if isinstance(spec.get("response_id"), str):
+            extra["response_metadata"] = {"id": spec["response_id"]}
+        return AIMessage(content=spec.get("content") or "", tool_calls=calls, **extra)
 
 
 def _yaml_load(text: str):

@@ -114,6 +114,7 @@ async def print_trace(url: str, task_id: str, *, after: int | None, follow: bool
     stream_url = f"{url.rstrip('/')}/api/stream/{task_id}"
     messages = sse_follow(stream_url, after, max_retries=None if follow else 3, headers=auth_headers(token))
     last_status = None
+    renderer = render.Renderer()  # the lines, and the trace's totals before its end
     wait = max(idle, 5.0)  # the first message may wait for the connection
     try:
         while True:
@@ -127,7 +128,7 @@ async def print_trace(url: str, task_id: str, *, after: int | None, follow: bool
             if raw:
                 line = json.dumps({"id": message.id, "event": message.event, "data": message.data})
             else:
-                line = render.render_message(message)
+                line = renderer.render_message(message)
             if line is not None:
                 print(redaction.clean(line), file=out, flush=True)
             if message.event == "end":

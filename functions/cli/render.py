@@ -3,12 +3,17 @@
 Pure functions of the message (no I/O), so `dockyard logs` and `dockyard demo`
 print the same thing and tests check the text directly. Unknown event types are
 shown as compact JSON rather than dropped: a newer agent never goes silent.
+`Renderer` adds the one thing a single message cannot say: the trace's running
+totals (model turns and time, tokens, cost, the task's duration), printed before
+the end of the stream.
 """
 
 from __future__ import annotations
 
 import json
 import re
+from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any
 
 from agent import contract
@@ -43,6 +48,83 @@ def _render(event: str, data: dict[str, Any]) -> str | None:
 def render_message(message: Any) -> str | None:
     """The same for an `sse_client.SSEMessage`."""
     return render(message.event, message.data)
+
+
+@dataclass
+class Totals:
+    """A trace's running totals, from its `thought`, `usage` and `status` events.
+
+    Tokens and cost come from the model gateway's `usage` events when there are
+    any (it sees every call, and only it knows the price: each call's own counts
+    are summed, as the tracker does); else from the provider's counts in the
+    thoughts. A thought is counted once per turn, so a turn replayed after a
+    crash replaces its first try.
+    """
+
+    turns: dict[int, dict] = field(default_factory=dict)  # turn -> its closing thought
+    gateway: dict[str, float] = field(default_factory=lambda: {"calls": 0, "input_tokens": 0, "output_tokens": 0, "cost_usd": 0.0})
+    started: str | None = None
+    finished: str | None = None
+
+    def add(self, kind: str, data: dict) -> None:
+        if kind == contract.EV_THOUGHT and not data.get("open") and isinstance(data.get("turn"), int):
+            self.turns[data["turn"]] = data
+        elif kind == contract.EV_USAGE and not data.get("refused"):
+            self.gateway["calls"] += 1
+            for name in ("input_tokens", "output_tokens", "cost_usd"):
+                value = data.get(name)
+                if isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0:
+                    self.gateway[name] += value
+        elif kind == contract.EV_STATUS:
+            if data.get("state") == contract.STATE_STARTED and self.started is None:
+                self.started = data.get("ts")
+            elif data.get("state") == contract.STATE_FINISHED:
+                self.finished = data.get("ts")
+
+    @property
+    def empty(self) -> bool:
+        return not self.turns and not self.gateway["calls"]
+
+    def tokens(self) -> tuple[int, int, str]:
+        """(input, output, where from): the gateway's counts, else the providers' as the thoughts carry them."""
+        if self.gateway["calls"]:
+            return int(self.gateway["input_tokens"]), int(self.gateway["output_tokens"]), "model gateway"
+        usages = [t["usage"] for t in self.turns.values() if isinstance(t.get("usage"), dict)]
+        return (sum(_count(u.get("input_tokens")) for u in usages), sum(_count(u.get("output_tokens")) for u in usages),
+                "provider" if usages else "")
+
+    def model_seconds(self) -> float:
+        return sum(_count(t.get("latency_ms")) for t in self.turns.values()) / 1000
+
+    def task_seconds(self) -> float | None:
+        return _seconds_between(self.started, self.finished)
+
+    def line(self) -> str:
+        tokens_in, tokens_out, source = self.tokens()
+        parts = [f"{len(self.turns)} model turn{'s' if len(self.turns) != 1 else ''} in {self.model_seconds():.1f}s"]
+        parts.append(f"{tokens_in} in / {tokens_out} out tokens ({source})" if source else "no token counts")
+        if self.gateway["calls"]:
+            parts.append(f"${self.gateway['cost_usd']:.4f}")
+        took = self.task_seconds()
+        if took is not None:
+            parts.append(f"task took {_duration(took)}")
+        return "-- totals: " + ", ".join(parts)
+
+
+class Renderer:
+    """`render_message` for one whole trace: the same lines, and the totals before the end of the stream."""
+
+    def __init__(self) -> None:
+        self.totals = Totals()
+
+    def render_message(self, message: Any) -> str | None:
+        data = message.data if isinstance(message.data, dict) else {}
+        if message.event != "log":
+            self.totals.add(data.get("type") or message.event, data)
+        line = render_message(message)
+        if message.event == "end" and not self.totals.empty:
+            return terminal_safe(self.totals.line()) + ("\n" + line if line else "")
+        return line
 
 
 def final_snapshot_location(store_url: str, task_id: str) -> str:
@@ -150,6 +232,25 @@ def _usage(data: dict) -> str:
             f"{data.get('output_tokens', 0)} out, {seconds:.1f}s{cost}{task}")
 
 
+def _thought(data: dict) -> str | None:
+    """A model turn: its text's first line, how long it took, its tokens; nothing for the call's start."""
+    if data.get("open"):
+        return None
+    took = f"{_count(data.get('latency_ms')) / 1000:.1f}s"
+    if data.get("error"):
+        return f"! model call failed after {took}: {_one_line(str(data['error']))}"
+    facts = [took]
+    usage = data.get("usage") if isinstance(data.get("usage"), dict) else None
+    if usage:
+        facts.append(f"{_count(usage.get('input_tokens'))} in / {_count(usage.get('output_tokens'))} out")
+    calls = _count(data.get("tool_calls"))
+    if calls:
+        facts.append(f"{calls} tool call{'s' if calls != 1 else ''}")
+    lines = [line for line in str(data.get("text") or "").splitlines() if line.strip()]
+    said = _one_line(lines[0]) + (" [...]" if len(lines) > 1 else "") if lines else "(no text)"
+    return f"~ {said} ({', '.join(facts)})"
+
+
 def _log(data: dict) -> str:
     ts = str(data.get("ts") or "")
     clock = ts[11:19] if len(ts) >= 19 else ts
@@ -170,6 +271,7 @@ _RENDERERS = {
     contract.EV_MESSAGE: _message,
     contract.EV_WARNING: _warning,
     contract.EV_USAGE: _usage,
+    contract.EV_THOUGHT: _thought,
 }
 
 
@@ -185,6 +287,26 @@ def _compact(data: Any, drop: tuple[str, ...] = ()) -> str:
     if isinstance(data, dict):
         data = {k: v for k, v in data.items() if k not in drop}
     return _one_line(json.dumps(data, separators=(",", ":"), default=str))
+
+
+def _count(value: Any) -> int | float:
+    """A count or duration from an event, 0 when it is missing or not a non-negative number."""
+    return value if isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0 else 0
+
+
+def _seconds_between(start: Any, end: Any) -> float | None:
+    try:
+        return (datetime.fromisoformat(str(end).replace("Z", "+00:00")) - datetime.fromisoformat(str(start).replace("Z", "+00:00"))).total_seconds()
+    except (ValueError, TypeError):
+        return None
+
+
+def _duration(seconds: float) -> str:
+    seconds = max(0.0, seconds)
+    if seconds < 60:
+        return f"{seconds:.1f}s"
+    minutes, rest = divmod(round(seconds), 60)
+    return f"{minutes}m {rest:02d}s" if minutes < 60 else f"{minutes // 60}h {minutes % 60:02d}m"
 
 
 def _size(size: Any) -> str:

@@ -392,18 +392,21 @@ def _agent(task: Task, settings: Settings) -> dict:
         _mount("task", TASK_DIR, True),
     ]
     container = _container(CONTAINER_AGENT, settings, args, _env(**env), mounts, settings.agent_resources)
-    container["livenessProbe"] = {
-        "exec": {"command": heartbeat_probe_command(settings.heartbeat_stale_seconds)},
-        # The first checks may still see the last pod's heartbeat on the PVC: a restarted agent
-        # has initialDelay + 2 periods to write a fresh one.
-        "initialDelaySeconds": 30,
-        "periodSeconds": 30,
-        "timeoutSeconds": 10,
-        "failureThreshold": 3,
-        # A hung agent gets no step to finish: stop it without the pod's long grace period.
-        "terminationGracePeriodSeconds": 30,
-    }
+    container["livenessProbe"] = {"exec": {"command": heartbeat_probe_command(settings.heartbeat_stale_seconds)},
+                                  **AGENT_LIVENESS_TIMING}
     return container
+
+
+AGENT_LIVENESS_TIMING = {
+    # The first checks may still see the last pod's heartbeat on the PVC: a restarted agent
+    # has initialDelay + 2 periods to write a fresh one.
+    "initialDelaySeconds": 30,
+    "periodSeconds": 30,
+    "timeoutSeconds": 10,
+    "failureThreshold": 3,
+    # A hung agent gets no step to finish: stop it without the pod's long grace period.
+    "terminationGracePeriodSeconds": 30,
+}
 
 
 def _proxy_env(settings: Settings) -> dict[str, str]:

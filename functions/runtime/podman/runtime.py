@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
+from agent import contract
 from functions.core import factory
 from functions.core.settings import Settings
 from functions.errors import SettingsError
@@ -128,7 +129,5 @@ class PodmanRuntime(LocalRuntime):
 
     async def remove_pod(self, task_id: str) -> None:
         """The task's pod and its workspace volume (the host folder behind it is LocalRuntime's)."""
-        from agent import contract
-
         await self.podman.run("pod", "rm", "--force", "--time", "0", contract.job_name(task_id), check=False)
         await self.podman.run("volume", "rm", "--force", contract.pvc_name(task_id), check=False)

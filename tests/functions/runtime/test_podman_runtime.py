@@ -20,6 +20,7 @@ import uuid
 import pytest
 
 from agent import contract
+from functions.core import factory
 from functions.core.settings import Settings
 from functions.core.task import parse_task
 from functions.handlers.job_finished import _agent_exit_reason
@@ -59,13 +60,19 @@ def stand_in_image(podman_ready, tmp_path):
     (context / "agent").mkdir(parents=True)
     shutil.copy(REPO_ROOT / "agent" / "__main__.py", context / "agent" / "real_main.py")
     (context / "agent" / "__main__.py").write_text(
-        "import os, runpy, sys\n"
+        "import os, runpy, sys, time\n"
         "if sys.argv[1:2] == ['run']:\n"
         "    for i in range(120):\n"
         "        print(f'stand-in agent line {i}', flush=True)\n"
         "    if os.environ.get('DOCKYARD_TASK_ID', '').startswith('slow'):\n"
-        "        import signal, time\n"
+        "        import signal\n"
         "        signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # as the agent: stop after the step\n"
+        "        time.sleep(600)\n"
+        "    if os.environ.get('DOCKYARD_TASK_ID', '').startswith('hung'):\n"
+        f"        beat = {contract.WORKSPACE_MOUNT + '/' + contract.HEARTBEAT_FILE!r}\n"
+        "        os.makedirs(os.path.dirname(beat), exist_ok=True)\n"
+        "        open(beat, 'w').close()\n"
+        "        os.utime(beat, (time.time() - 3600, time.time() - 3600))  # a heartbeat an hour old: hung\n"
         "        time.sleep(600)\n"
         "    if os.environ.get('DOCKYARD_TASK_ID', '').startswith('oom'):\n"
         "        hog = [bytearray(1 << 20) for _ in range(4096)]  # 4 GiB against a small limit\n"
@@ -192,6 +199,28 @@ async def test_an_oom_killed_agent_reaches_the_job_event_with_oomkilled_and_its_
         lines = status["terminationMessage"].splitlines()
         assert lines[-1] == "stand-in agent line 119" and len(lines) <= 80, lines[-3:]
         assert len(status["terminationMessage"].encode()) <= 2048
+    finally:
+        _cleanup(runtime, task_id)
+
+
+async def test_an_agent_the_liveness_probe_stops_ends_with_its_exit_and_last_lines(podman_settings, stand_in_image, monkeypatch):
+    """The Job's liveness probe (the heartbeat check), run as the kubelet runs it: timings shortened for the
+    test, the probe's command and the reaction as rendered. A hung agent is stopped, its end and last lines
+    reach the Job event. The hung stand-in is its container's PID 1 without a SIGTERM handler, so only the
+    SIGKILL after the probe's grace period ends it (137), as the kubelet's would in the cluster."""
+    monkeypatch.setattr(factory, "AGENT_LIVENESS_TIMING", {
+        "initialDelaySeconds": 1, "periodSeconds": 1, "timeoutSeconds": 10, "failureThreshold": 2,
+        "terminationGracePeriodSeconds": 5,
+    })  # fmt: skip
+    settings = podman_settings.updated({"agent_image": stand_in_image, "heartbeat_stale_seconds": 60})
+    task_id = f"hung-{uuid.uuid4().hex[:8]}"
+    job, _, runtime = await _run(settings, _task(task_id, retries=0))
+    try:
+        status = job["status"]
+        assert (status["conditions"][0]["type"], status["conditions"][0]["reason"]) == ("Failed", "BackoffLimitExceeded"), status
+        assert status["agentExit"]["exitCode"] == 137, status
+        assert _agent_exit_reason(job) == "Error (exit code 137)"
+        assert status["terminationMessage"].splitlines()[-1] == "stand-in agent line 119"
     finally:
         _cleanup(runtime, task_id)
 

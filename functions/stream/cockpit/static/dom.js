@@ -70,6 +70,15 @@ export function age(ts, now = Date.now()) {
   return `${Math.floor(s / 86400)}d`;
 }
 
+// A duration in milliseconds for a person: 0.4s, 12.0s, 3m 05s, 2h 10m.
+export function duration(ms) {
+  const s = Math.max(0, Number(ms) || 0) / 1000;
+  if (s < 60) return `${s.toFixed(1)}s`;
+  const whole = Math.round(s);
+  if (whole < 3600) return `${Math.floor(whole / 60)}m ${String(whole % 60).padStart(2, "0")}s`;
+  return `${Math.floor(whole / 3600)}h ${String(Math.floor((whole % 3600) / 60)).padStart(2, "0")}m`;
+}
+
 export function size(bytes) {
   if (typeof bytes !== "number" || bytes <= 0) return "";
   const units = ["B", "KiB", "MiB", "GiB"];

@@ -8,14 +8,20 @@
 // - Every rendered message carries its id in a data-id attribute. A tool's end is
 //   rendered inside its start (paired by call_id), everything else in stream order.
 // - `end` closes the EventSource; without that it would reconnect forever.
-// - Event data only ever reaches the page as text (see dom.js).
+// - Event data only ever reaches the page as text (see dom.js); the model's words too.
+// - A model call is "thinking… Ns" from its opening `thought` event until the one
+//   that closes it (same turn), or until a status event or the end says the attempt
+//   is over. Its row stays in the DOM (hidden) so every message keeps its element.
+// - Totals count a model turn once (a replayed turn replaces its first try); tokens
+//   and cost come from the model gateway's `usage` events when there are any, else
+//   tokens from the provider's counts in the thoughts (as functions/cli/render.py).
 
-import { age, clock, compact, h, oneLine, size, text } from "./dom.js";
+import { age, clock, compact, duration, h, oneLine, size, text } from "./dom.js";
 import { ApiError, getJSON } from "./api.js";
 
 // SSE event names the server sends: the event's "type", "log" for log records,
 // "event" for a body without a usable type. A listener per name is needed.
-const EVENT_NAMES = ["status", "phase", "tool", "todo", "snapshot", "result", "message", "warning", "log", "event"];
+const EVENT_NAMES = ["status", "phase", "tool", "thought", "usage", "todo", "snapshot", "result", "message", "warning", "log", "event"];
 const LEVELS = { DEBUG: 10, INFO: 20, WARNING: 30, ERROR: 40, CRITICAL: 50 };
 const MAX_BACKOFF_MS = 10000;
 const RECORD_WAIT_MS = 30000; // after `end`, how long to wait for job_finished to record the snapshots
@@ -35,6 +41,7 @@ export class TaskView {
       snapshots: root.querySelector("#tv-snapshots"),
       storedKeys: root.querySelector("#tv-stored"),
       error: root.querySelector("#tv-error"),
+      totals: root.querySelector("#tv-totals"),
     };
     this.lastId = 0;
     this.ended = false;
@@ -45,6 +52,14 @@ export class TaskView {
     this.calls = new Map(); // call_id -> {details, badge}
     this.body = this.el.trace; // where the next row goes: the current phase's section
     this.facts = { state: null, phase: null, outcome: null, model: null, created_at: null };
+    this.thinking = new Map(); // turn -> {row, indicator, since}: model calls open now
+    this.turns = new Map(); // turn -> its closing thought
+    this.byResponse = new Map(); // response_id -> the meta line of its thought (the gateway's cost joins there)
+    this.costs = new Map(); // response_id -> the gateway's usage event, for a thought that comes after it
+    this.gateway = { calls: 0, input: 0, output: 0, cost: 0 };
+    this.phase = null; // {took, since}: the phase now running
+    this.span = { started: null, finished: null }; // the task's first start and its end
+    this.ticking = false;
     this.reset();
   }
 
@@ -62,6 +77,7 @@ export class TaskView {
     text(error, "");
     error.hidden = true;
     this.renderFacts();
+    this.renderTotals();
   }
 
   start() {
@@ -154,6 +170,7 @@ export class TaskView {
   finish() {
     if (this.ended) return;
     this.ended = true;
+    this.stopThinking("the trace ended during this model call");
     this.es?.close();
     this.es = null;
     this.setConn("ended", "ended");
@@ -260,6 +277,74 @@ export class TaskView {
     row.dataset.type = kind;
     if (!row.isConnected) this.body.append(row);
   }
+
+  // --- model calls, durations and totals -------------------------------------------
+
+  // Every open model call says for how long it has been thinking; the phase running and the task grow too.
+  tick() {
+    const now = Date.now();
+    for (const call of this.thinking.values()) text(call.indicator, `thinking… ${Math.max(0, Math.floor((now - call.since) / 1000))}s`);
+    if (this.phase) text(this.phase.took, duration(now - this.phase.since));
+    this.renderTotals(now);
+    if (this.thinking.size || (this.phase && !this.ended)) this.keepTicking();
+  }
+
+  keepTicking() {
+    if (this.ticking) return;
+    this.ticking = true;
+    this.later(1000, () => {
+      this.ticking = false;
+      this.tick();
+    });
+  }
+
+  // The attempt that made these calls is over (a status event, the end): they are not thinking any more.
+  stopThinking(why) {
+    for (const call of this.thinking.values()) {
+      text(call.indicator, why);
+      call.indicator.classList.remove("thinking");
+      call.indicator.classList.add("muted");
+    }
+    this.thinking.clear();
+  }
+
+  endPhase(ts) {
+    if (!this.phase) return;
+    const end = Date.parse(ts);
+    text(this.phase.took, Number.isNaN(end) ? "" : duration(end - this.phase.since));
+    this.phase = null;
+  }
+
+  renderTotals(now = Date.now()) {
+    const el = this.el.totals;
+    if (!el) return;
+    const turns = [...this.turns.values()];
+    const g = this.gateway;
+    const usages = turns.map((t) => t.usage).filter((u) => u && typeof u === "object");
+    const tokens = g.calls
+      ? [g.input, g.output, "model gateway"]
+      : [usages.reduce((n, u) => n + count(u.input_tokens), 0), usages.reduce((n, u) => n + count(u.output_tokens), 0), usages.length ? "provider" : ""];
+    const modelMs = turns.reduce((n, t) => n + count(t.latency_ms), 0);
+    const started = Date.parse(this.span.started);
+    const finished = Date.parse(this.span.finished);
+    const rows = [
+      ["model turns", "turns", String(turns.length)],
+      ["model time", "model-time", duration(modelMs)],
+      ["tokens", "tokens", tokens[2] ? `${tokens[0].toLocaleString("en")} in / ${tokens[1].toLocaleString("en")} out (${tokens[2]})` : "—"],
+      ["cost", "cost", g.calls ? `$${g.cost.toFixed(4)}` : "—"],
+      ["task time", "task-time", Number.isNaN(started) ? "—" : duration((Number.isNaN(finished) ? now : finished) - started)],
+    ];
+    el.replaceChildren(...rows.map(([k, key, v]) => h("div", {}, h("dt", {}, k), h("dd", { dataset: { total: key } }, v))));
+  }
+}
+
+// A count or duration from an event; 0 when it is missing or not a non-negative number.
+function count(value) {
+  return typeof value === "number" && Number.isFinite(value) && value >= 0 ? value : 0;
+}
+
+function tokensLine(usage) {
+  return usage && typeof usage === "object" ? `${count(usage.input_tokens)} in / ${count(usage.output_tokens)} out` : null;
 }
 
 function row(kind, ts, ...content) {
@@ -293,14 +378,21 @@ const RENDERERS = {
     this.renderFacts();
     const detail = data.objective ? ["objective: ", data.objective] : data.report ? ["report: ", data.report] : [];
     const body = h("div", { class: "phase-body" });
+    const took = h("span", { class: "phase-took", title: "how long this phase ran" });
     const section = h(
       "section",
       { class: `phase phase-${phase}` },
-      h("h3", { class: "phase-head" }, h("span", { class: "phase-name" }, phase), h("span", { class: "phase-detail" }, detail), h("time", { class: "t" }, clock(data.ts))),
+      h("h3", { class: "phase-head" }, h("span", { class: "phase-name" }, phase), h("span", { class: "phase-detail" }, detail), h("time", { class: "t" }, clock(data.ts)), took),
       body,
     );
     this.el.trace.append(section);
     this.body = body;
+    this.endPhase(data.ts);
+    const since = Date.parse(data.ts);
+    if (!Number.isNaN(since)) {
+      this.phase = { took, since }; // until the next phase or the finished status
+      this.keepTicking();
+    }
     return section;
   },
 
@@ -330,6 +422,65 @@ const RENDERERS = {
     return call.details;
   },
 
+  thought(data) {
+    const turn = Number.isSafeInteger(data.turn) ? data.turn : null;
+    const phase = String(data.phase || "");
+    if (data.open) {
+      // Not a live region: a screen reader would read the count every second.
+      const indicator = h("span", { class: "thinking" }, "thinking… 0s");
+      const el = row("thinking", data.ts, h("span", { class: "label" }, "model"), indicator);
+      const since = Date.parse(data.ts);
+      if (turn !== null) this.thinking.set(turn, { row: el, indicator, since: Number.isNaN(since) ? Date.now() : Math.min(since, Date.now()) });
+      this.keepTicking();
+      return el;
+    }
+    const took = duration(count(data.latency_ms));
+    const open = turn !== null ? this.thinking.get(turn) : null;
+    if (open) {
+      open.row.hidden = true; // the call is over: its words (below) replace the indicator
+      open.indicator.classList.remove("thinking");
+      text(open.indicator, `answered in ${took}`);
+      this.thinking.delete(turn);
+    }
+    if (turn !== null) this.turns.set(turn, data);
+    if (data.error) {
+      this.renderTotals();
+      return row("thought", data.ts, h("span", { class: "label" }, "model call failed"), h("span", { class: "thought-error" }, `after ${took}: ${data.error}`));
+    }
+    const calls = count(data.tool_calls);
+    const facts = [phase, took, tokensLine(data.usage), calls ? `${calls} tool call${calls === 1 ? "" : "s"}` : null].filter(Boolean);
+    const meta = h("span", { class: "thought-meta" }, facts.join(" · "));
+    const responseId = typeof data.response_id === "string" ? data.response_id : null;
+    if (responseId) {
+      this.byResponse.set(responseId, meta);
+      const usage = this.costs.get(responseId);
+      if (usage) joinCost(meta, usage);
+    }
+    const said = typeof data.text === "string" && data.text ? h("div", { class: "thought-text" }, data.text) : h("div", { class: "thought-text muted" }, "(no text)");
+    this.renderTotals();
+    return row("thought", data.ts, h("div", { class: "thought-head" }, h("span", { class: "label" }, "thought"), meta), said);
+  },
+
+  usage(data) {
+    if (data.refused) {
+      return row("usage", data.ts, h("span", { class: "label" }, "model gateway refused a call"), String(data.refused));
+    }
+    const g = this.gateway;
+    g.calls += 1;
+    g.input += count(data.input_tokens);
+    g.output += count(data.output_tokens);
+    g.cost += count(data.cost_usd);
+    const responseId = typeof data.response_id === "string" ? data.response_id : null;
+    if (responseId) {
+      this.costs.set(responseId, data);
+      const meta = this.byResponse.get(responseId);
+      if (meta) joinCost(meta, data);
+    }
+    this.renderTotals();
+    const cost = typeof data.cost_usd === "number" ? ` · $${count(data.cost_usd).toFixed(4)}` : "";
+    return row("usage", data.ts, h("span", { class: "label" }, "usage"), `${data.model || "?"} ${tokensLine(data)}${cost} · ${duration(count(data.latency_ms))}`);
+  },
+
   todo(data) {
     const todos = Array.isArray(data.todos) ? data.todos : [];
     this.el.todo.replaceChildren(...(todos.length ? todos.map((t) => h("li", {}, String(t))) : [h("li", { class: "muted" }, "(empty)")]));
@@ -338,6 +489,13 @@ const RENDERERS = {
 
   status(data) {
     const state = String(data.state || "status");
+    this.stopThinking(state === "finished" ? "the task finished during this model call" : "this attempt ended during this model call");
+    if ((state === "started" || state === "resumed") && !this.span.started) this.span.started = data.ts;
+    if (state === "finished") {
+      this.span.finished = data.ts;
+      this.endPhase(data.ts);
+    }
+    this.renderTotals();
     this.facts.state = state;
     if (data.model) this.facts.model = data.model;
     if (data.outcome) this.facts.outcome = data.outcome;
@@ -417,6 +575,13 @@ TaskView.prototype.toolCall = function (data, name, callId) {
   if (data.stage === "end") this.body.append(details); // an end without its start: render it on its own
   return { details, badge };
 };
+
+// The gateway's counts and cost for a thought's call, next to the provider's.
+function joinCost(meta, usage) {
+  if (meta.querySelector(".thought-cost")) return;
+  const cost = typeof usage.cost_usd === "number" ? `$${count(usage.cost_usd).toFixed(4)}` : "no price";
+  meta.append(h("span", { class: "thought-cost", title: "as the model gateway counted it" }, ` · ${cost}`));
+}
 
 function renderUnknown(data, kind) {
   return row("other", data.ts, h("span", { class: "label" }, kind), compact(data, ["type", "task_id", "ts"]));
