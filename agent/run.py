@@ -31,6 +31,7 @@ from urllib.parse import urlsplit
 
 from agent import contract
 from agent.cli import UsageError, add_nats_arguments, check_common, env_default, nats_auth, task_parser
+from agent.changes import record_base
 
 log = logging.getLogger("agent")
 
@@ -137,13 +138,15 @@ def clone_repo(repo: dict, workspace: Path, env: dict, *, allow_file: bool = Fal
     subprocess.run(["rm", "-rf", str(staging)], check=False)
     read_only = (Path(urlsplit(repo["url"]).path),) if scheme == "file" else ()
 
-    def git(*args: str, timeout: int) -> None:
+    def git(*args: str, timeout: int) -> str:
         argv, start_env = (["git", *args], env) if wrap is None else wrap(["git", *args], workspace, env, read_only)
-        subprocess.run(argv, check=True, env=start_env, capture_output=True, text=True, timeout=timeout)
+        return subprocess.run(argv, check=True, env=start_env, capture_output=True, text=True, timeout=timeout).stdout
 
     git("clone", "--quiet", "--", repo["url"], str(staging), timeout=600)
     if repo.get("ref"):
         git("-C", str(staging), "checkout", "--quiet", repo["ref"], timeout=120)
+    # Recorded before the rename: a restart after it finds both, one before it clones again.
+    record_base(workspace, repo, git("-C", str(staging), "rev-parse", "HEAD", timeout=60))
     os.replace(staging, target)
 
 

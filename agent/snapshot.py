@@ -26,9 +26,12 @@ mtimes equal those at the last upload, the copy is hashed first and uploaded onl
 it differs after all (then it is read twice; the stat only chooses the order, the
 hash decides).
 
-`upload_final` writes `jobs/<id>/final/workspace.tar.gz` first and
+`upload_final` writes `jobs/<id>/final/workspace.tar.gz` first, then the
+change set (`changes.patch`, `changes.json`, see agent/changes.py) and
 `jobs/<id>/final/result.json` last, so the presence of result.json means the
-final set is complete.
+final set is complete. result.json is the agent's, with `changes_key` and
+`changes_patch_key` added, or `changes_error` when the change set could not be
+computed (that never costs the archive or the result).
 """
 
 from __future__ import annotations
@@ -57,6 +60,7 @@ LAST_SNAPSHOT_FILE = f"{STATE_DIR}/last_snapshot.json"  # relative to the worksp
 BACKUP_STEP_BYTES = 16 * 1024 * 1024  # copied per backup step
 BACKUP_STEP_SLEEP = 0.001  # seconds between steps, so a concurrent writer is not stalled
 _KEY_TIME_FORMAT = "%Y%m%dT%H%M%S.%fZ"
+CHANGE_FIELDS = ("changes_key", "changes_patch_key", "changes_error")  # what result.json gains
 
 
 @dataclass(frozen=True)
@@ -346,25 +350,20 @@ def _add_entry(tar: tarfile.TarFile, root: Path, rel: Path) -> None:
     tar.addfile(info)
 
 
-def _final_result(workspace: Path, task_id: str) -> tuple[bytes, dict]:
+def _final_result(workspace: Path, task_id: str) -> dict:
+    """The agent's result.json, or an "unknown" outcome saying what is wrong with it."""
     path = workspace / contract.RESULT_FILE
     try:
-        raw = path.read_bytes()
+        result = json.loads(path.read_bytes())
     except FileNotFoundError:
-        result = {"task_id": task_id, "outcome": "unknown"}
-        return json.dumps(result).encode(), result
+        return {"task_id": task_id, "outcome": "unknown"}
     except OSError as exc:
-        result = {"task_id": task_id, "outcome": "unknown", "error": f"cannot read {contract.RESULT_FILE}: {exc}"}
-        return json.dumps(result).encode(), result
-    try:
-        result = json.loads(raw)
+        return {"task_id": task_id, "outcome": "unknown", "error": f"cannot read {contract.RESULT_FILE}: {exc}"}
     except ValueError as exc:
-        result = {"task_id": task_id, "outcome": "unknown", "error": f"{contract.RESULT_FILE} is not JSON: {exc}"}
-        return json.dumps(result).encode(), result
+        return {"task_id": task_id, "outcome": "unknown", "error": f"{contract.RESULT_FILE} is not JSON: {exc}"}
     if not isinstance(result, dict):
-        result = {"task_id": task_id, "outcome": "unknown", "error": f"{contract.RESULT_FILE} is not a JSON object"}
-        return json.dumps(result).encode(), result
-    return raw, result
+        return {"task_id": task_id, "outcome": "unknown", "error": f"{contract.RESULT_FILE} is not a JSON object"}
+    return result
 
 
 def upload_final(workspace: str | os.PathLike, store: Store, task_id: str) -> FinalUpload:
@@ -382,10 +381,29 @@ def upload_final(workspace: str | os.PathLike, store: Store, task_id: str) -> Fi
         store.put_file(archive_key, tmp, move=True)
     finally:
         tmp.unlink(missing_ok=True)
-    raw, result = _final_result(workspace, task_id)
+    # The agent's own fields of these names are dropped: only this step names the change set.
+    agents = {k: v for k, v in _final_result(workspace, task_id).items() if k not in CHANGE_FIELDS}
+    result = {**agents, **upload_change_set(workspace, store, task_id)}
     result_key = contract.final_result_key(task_id)
-    store.put_bytes(result_key, raw)
+    store.put_bytes(result_key, json.dumps(result).encode())
     return FinalUpload(archive_key=archive_key, archive_size=archive_size, result_key=result_key, result=result)
+
+
+def upload_change_set(workspace: Path, store: Store, task_id: str) -> dict:
+    """Compute and upload the change set; the fields result.json gains (its keys, or `changes_error`).
+
+    A storage error is raised (the final upload is retried); any other failure is reported in words."""
+    from agent import changes  # imported when first used: the snapshotter idles without it
+
+    with changes.scratch_dir() as scratch:
+        try:
+            change_set = changes.compute(workspace, scratch)
+        except Exception as exc:  # whatever the workspace holds, the final set is still uploaded
+            _warn(f"no change set: {type(exc).__name__}: {exc}")
+            return {"changes_error": f"{type(exc).__name__}: {exc}"[:2000]}
+        store.put_file(changes.patch_key(task_id), change_set.patch, move=True)
+        store.put_bytes(changes.summary_key(task_id), change_set.summary_bytes())
+    return {"changes_key": changes.summary_key(task_id), "changes_patch_key": changes.patch_key(task_id)}
 
 
 def snapshot_event(task_id: str, snap: SnapshotResult | None, *, final: bool = False, **extra) -> dict:

@@ -5,7 +5,8 @@ It alone holds the storage credentials. It answers `{"op": "snapshot"}` on
 to the agent, unanswered, so a request/reply there gets exactly one answer. Each snapshot publishes a `snapshot` event on `events.agent.<id>`.
 Without NATS it keeps working (timer and final snapshots) and keeps trying to
 connect in the background. On SIGTERM/SIGINT it takes a final snapshot,
-uploads the final workspace archive and result.json, publishes the final
+uploads the final workspace archive, the change set (agent/changes.py) and
+result.json, publishes the final
 event and exits 0. Snapshots never overlap: one lock serialises them.
 
 It idles lean: boto3 is imported only for an S3 store, sqlite3 and tarfile at the
@@ -26,6 +27,7 @@ from pathlib import Path
 from agent import contract
 from agent.cli import UsageError, add_nats_arguments, check_common, nats_auth, stderr_logger, task_parser
 from agent.snapshot import (
+    CHANGE_FIELDS,
     SnapshotResult,
     prune_snapshots,
     remove_stale_temp_files,
@@ -132,6 +134,9 @@ class Snapshotter:
             f"{self.store.url_for(done.result_key)} (outcome {done.result.get('outcome')!r})"
         )
         extra = {"archive_key": done.archive_key, "result_key": done.result_key}
+        for field in CHANGE_FIELDS:
+            if field in done.result:
+                extra[field] = done.result[field]
         if errors:
             extra["error"] = "; ".join(errors)
         await self.publish_event(snapshot_event(s.task_id, result, final=True, **extra))

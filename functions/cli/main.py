@@ -4,6 +4,7 @@
     dockyard submit     send a task (a dev.dockyard.task.submitted CloudEvent) to the broker
     dockyard logs       print a task's trace; -f follows it live, resuming after dropped connections
     dockyard tasks      list tasks
+    dockyard diff       print what a finished task changed (its change set, from the store)
     dockyard cancel     stop a task
     dockyard message    tell a running agent something
     dockyard demo       start the stack, run the bundled example task, stop
@@ -183,6 +184,12 @@ def _run_tasks(args) -> int:
     return EXIT_OK
 
 
+def _register_diff(sub) -> None:
+    from functions.cli.diff import add_parser
+
+    add_parser(sub)
+
+
 def _register_cancel(sub) -> None:
     p = sub.add_parser("cancel", help="cancel a task", description="Stop a task after its current step.")
     p.add_argument("task_id")
@@ -267,6 +274,7 @@ COMMANDS: list[Callable] = [
     _register_submit,
     _register_logs,
     _register_tasks,
+    _register_diff,
     _register_cancel,
     _register_message,
     _register_demo,

@@ -12,12 +12,13 @@ from pathlib import Path
 
 import pytest
 
-from agent import contract, restore, snapshot
+from agent import changes, contract, restore, snapshot
 from agent.snapshot import LAST_SNAPSHOT_FILE, list_snapshots, prune_snapshots, take_snapshot, upload_final
 from agent.storage import StorageError, open_store
 from tests.conftest import eventually
 
 TASK = "t-snap"
+CHANGE_KEYS = {"changes_key": changes.summary_key(TASK), "changes_patch_key": changes.patch_key(TASK)}
 
 
 def make_db(path: Path, rows: int, payload: int = 1000) -> None:
@@ -196,7 +197,7 @@ def test_upload_final_archive_and_result(workspace, db, store):
 
     assert final.archive_key == contract.final_archive_key(TASK)
     assert final.result_key == contract.final_result_key(TASK)
-    assert json.loads(store.get_bytes(contract.final_result_key(TASK))) == result
+    assert json.loads(store.get_bytes(contract.final_result_key(TASK))) == {**result, **CHANGE_KEYS}
     members = _archive_members(store, TASK)
     assert members["notes.md"][1] == b"notes"
     assert members["repo/src/main.py"][1] == b"print('hi')\n"
@@ -212,7 +213,7 @@ def test_upload_final_archive_and_result(workspace, db, store):
 def test_upload_final_without_result_file(workspace, store):
     (workspace / "a.txt").write_text("a")
     final = upload_final(workspace, store, TASK)
-    assert json.loads(store.get_bytes(final.result_key)) == {"task_id": TASK, "outcome": "unknown"}
+    assert json.loads(store.get_bytes(final.result_key)) == {"task_id": TASK, "outcome": "unknown", **CHANGE_KEYS}
     assert _archive_members(store, TASK)["a.txt"][1] == b"a"
 
 

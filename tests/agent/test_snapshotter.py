@@ -16,12 +16,13 @@ from pathlib import Path
 import nats
 import pytest
 
-from agent import contract
+from agent import changes, contract
 from agent.snapshot import list_snapshots
 from agent.storage import open_store
 from tests.conftest import eventually, eventually_async
 
 TASK = "t-sidecar"
+CHANGE_KEYS = {"changes_key": changes.summary_key(TASK), "changes_patch_key": changes.patch_key(TASK)}
 RUN_MAIN = "import sys; from agent.snapshotter import main; sys.exit(main(sys.argv[1:]))"
 
 
@@ -156,7 +157,12 @@ async def test_snapshot_on_request_events_and_final_upload_to_s3(tmp_path, nats_
         assert final["archive_key"] == contract.final_archive_key(TASK)
         assert final["result_key"] == contract.final_result_key(TASK)
         assert list_snapshots(store, TASK) == [reply["key"], final["key"]]
-        assert json.loads(store.get_bytes(contract.final_result_key(TASK))) == {"task_id": TASK, "outcome": "done"}
+        result = json.loads(store.get_bytes(contract.final_result_key(TASK)))
+        assert result == {"task_id": TASK, "outcome": "done", **CHANGE_KEYS}
+        assert final["changes_key"] == CHANGE_KEYS["changes_key"]
+        listing = json.loads(store.get_bytes(result["changes_key"]))
+        assert [(f["path"], f["status"]) for f in listing["files"]] == [("answer.txt", "added")]
+        assert b"+42" in store.get_bytes(result["changes_patch_key"])
         with tarfile.open(fileobj=io.BytesIO(store.get_bytes(contract.final_archive_key(TASK))), mode="r:gz") as tar:
             names = tar.getnames()
         assert "answer.txt" in names and not [n for n in names if n.startswith(("checkpoints", ".dockyard"))]
@@ -189,7 +195,7 @@ async def test_no_checkpoint_yet_and_final_without_database(tmp_path, nats_serve
         assert final["final"] is True and final["key"] is None
         store = open_store(store_url)
         assert list_snapshots(store, TASK) == []
-        assert json.loads(store.get_bytes(contract.final_result_key(TASK))) == {"task_id": TASK, "outcome": "unknown"}
+        assert json.loads(store.get_bytes(contract.final_result_key(TASK))) == {"task_id": TASK, "outcome": "unknown", **CHANGE_KEYS}
         assert store.exists(contract.final_archive_key(TASK))
     finally:
         await nc.close()

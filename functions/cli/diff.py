@@ -1,0 +1,134 @@
+"""`dockyard diff TASK`: a finished task's change set, read from the object store.
+
+The snapshotter's final step stores `jobs/<id>/final/changes.patch` and
+`changes.json` (agent/changes.py); this prints them. Piped, the patch is written
+byte for byte (`dockyard diff T | git apply` works); on a terminal it is coloured
+and stripped of control characters, since its text is the agent's. `--stat`
+prints changes.json as a table. The store is the one `dockyard dev` uses
+(`--store`, else DOCKYARD_STORE, else `file://<data dir>/store`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+from agent import changes, contract
+from agent.storage import ObjectNotFound, StorageError, Store, open_store
+from functions.cli.client import EXIT_OK, CommandError
+from functions.cli.render import terminal_safe
+
+RESET, BOLD, RED, GREEN, CYAN = "\x1b[0m", "\x1b[1m", "\x1b[31m", "\x1b[32m", "\x1b[36m"
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser(
+        "diff",
+        help="print what a finished task changed",
+        description="Print a finished task's change set (its patch against the commit the repository was cloned at, "
+        "or against an empty workspace). Coloured on a terminal, plain when piped.",
+    )
+    p.add_argument("task_id")
+    p.add_argument("--stat", action="store_true", help="list the changed files with their status and line counts")
+    p.add_argument("--color", choices=("auto", "always", "never"), default="auto", help="colour the patch (default: auto, on a terminal)")
+    p.add_argument("--store", help="object store URL (default: $DOCKYARD_STORE, else file://<data dir>/store)")
+    p.add_argument("--data-dir", type=Path, default=Path(".dockyard"), help="`dockyard dev`'s data dir (default ./.dockyard)")
+    p.set_defaults(run=run)
+
+
+def store_url(given: str | None, data_dir: Path) -> str:
+    from functions.core.settings import Settings
+
+    return given or os.environ.get(Settings.variable("store")) or (Path(data_dir).resolve() / "store").as_uri()
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        store = open_store(store_url(args.store, args.data_dir))
+    except (ValueError, StorageError) as exc:
+        raise CommandError(f"cannot open the store: {exc}") from None
+    try:
+        if args.stat:
+            summary = json.loads(store.get_bytes(changes.summary_key(args.task_id)))
+            print(terminal_safe(format_stat(summary)))
+        else:
+            _print_patch(store, args.task_id, _colour(args.color))
+    except ObjectNotFound:
+        raise CommandError(why_none(store, args.task_id)) from None
+    except StorageError as exc:
+        raise CommandError(f"cannot read task {args.task_id}'s change set: {exc}") from None
+    return EXIT_OK
+
+
+def why_none(store: Store, task_id: str) -> str:
+    """Why a task has no change set, in words."""
+    try:
+        result = json.loads(store.get_bytes(contract.final_result_key(task_id)))
+    except ObjectNotFound:
+        return f"task {task_id} has no change set yet: it has not finished (no final result in {store.describe()})"
+    except (StorageError, ValueError) as exc:
+        return f"task {task_id} has no change set: its result cannot be read ({exc})"
+    if isinstance(result, dict) and result.get("changes_error"):
+        return f"task {task_id} has no change set: it could not be computed ({result['changes_error']})"
+    return f"task {task_id} has no change set: it finished before change sets were recorded"
+
+
+def _colour(choice: str) -> bool:
+    if choice != "auto":
+        return choice == "always"
+    return sys.stdout.isatty() and not os.environ.get("NO_COLOR")
+
+
+def _print_patch(store: Store, task_id: str, colour: bool) -> None:
+    with tempfile.TemporaryDirectory(prefix="dockyard-diff-") as tmp:
+        path = Path(tmp) / "changes.patch"
+        store.get_file(changes.patch_key(task_id), path)  # streamed to disk, never whole in memory
+        out = sys.stdout.buffer
+        with open(path, "rb") as patch:
+            if not colour:
+                while chunk := patch.read(1 << 16):
+                    out.write(chunk)
+            else:
+                for line in patch:
+                    out.write(colour_line(line.decode("utf-8", errors="replace")).encode())
+        out.flush()
+
+
+def colour_line(line: str) -> str:
+    """One patch line for a terminal: control characters removed, headers bold, hunks cyan, +/- green/red."""
+    text = terminal_safe(line.rstrip("\n"))
+    if text.startswith(("diff --git", "index ", "--- ", "+++ ", "new file", "deleted file", "rename ", "similarity", "old mode", "new mode")):
+        colour = BOLD
+    elif text.startswith("@@"):
+        colour = CYAN
+    elif text.startswith("+"):
+        colour = GREEN
+    elif text.startswith("-"):
+        colour = RED
+    else:
+        return text + "\n"
+    return f"{colour}{text}{RESET}\n"
+
+
+def format_stat(summary: dict) -> str:
+    """changes.json as a table: status, +added, -deleted, path (old -> new for renames), then the totals."""
+    rows = [("STATUS", "+", "-", "PATH")]
+    for f in summary.get("files", []):
+        path = f"{f['old_path']} -> {f['path']}" if f.get("old_path") else f["path"]
+        added, deleted = ("bin", "bin") if f.get("binary") else (str(f.get("added_lines", 0)), str(f.get("deleted_lines", 0)))
+        rows.append((f.get("status", "?"), added, deleted, path))
+    widths = [max(len(r[i]) for r in rows) for i in range(3)]
+    lines = [f"{r[0].ljust(widths[0])}  {r[1].rjust(widths[1])}  {r[2].rjust(widths[2])}  {r[3]}" for r in rows]
+    totals = summary.get("totals", {})
+    base = summary.get("base", {})
+    against = f"commit {base.get('commit')}" if base.get("verified") else "the empty tree"
+    lines.append(
+        f"{totals.get('files', 0)} files, +{totals.get('added_lines', 0)} -{totals.get('deleted_lines', 0)} against {against}"
+        + (f" ({base['note']})" if base.get("note") else "")
+        + ("; the patch was cut, this list is complete" if summary.get("cut") else "")
+    )
+    return "\n".join(lines)
