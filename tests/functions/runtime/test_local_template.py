@@ -61,7 +61,7 @@ def trace(runtime: LocalRuntime, task_id: str = "t-1") -> list[dict]:
     """The agent's trace events from its log (no NATS: JSON lines on stdout), without times."""
     text = runtime.folder(task_id).log("agent").read_text()
     events = [json.loads(line) for line in text.splitlines() if line.startswith('{"type"')]
-    return [{k: v for k, v in e.items() if k not in ("ts", "seconds")} for e in events]
+    return [{k: v for k, v in e.items() if k not in ("ts", "seconds", "latency_ms")} for e in events]
 
 
 def agent_pid(runtime: LocalRuntime, task_id: str = "t-1") -> int | None:
