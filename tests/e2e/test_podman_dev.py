@@ -44,9 +44,11 @@ def podman_dev(podman_ready, tmp_path, s3_store_url, s3_endpoint):  # noqa: F811
 
     yield start
     for dev in started:
-        dev.stop()
-        for task in (dev.data_dir / "tasks").iterdir() if (dev.data_dir / "tasks").is_dir() else ():
-            _remove_pod(task.name)
+        try:
+            dev.stop()
+        finally:  # a dev that would not stop leaves its pods: the next run's tasks of the same id would meet them
+            for task in (dev.data_dir / "tasks").iterdir() if (dev.data_dir / "tasks").is_dir() else ():
+                _remove_pod(task.name)
 
 
 def _remove_pod(task_id: str) -> None:
@@ -91,7 +93,7 @@ def test_after_dev_crashes_its_running_pod_is_stopped_and_the_task_runs_again_in
                              env=PODMAN_ENV, capture_output=True, text=True).stdout.split(" ", 1)
         return out[0] == "true" and out[1].strip()
 
-    first_start = eventually(running, "the agent container running", 120, interval=0.2)
+    first_start = eventually(running, "the agent container running", 120, interval=0.2, detail=dev.output)
     dev.crash()
     assert running(), "the pod outlives a dev killed hard (podman keeps it)"
 
