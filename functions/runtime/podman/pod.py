@@ -222,7 +222,7 @@ class PodmanPod:
             await self.podman.run("start", cname)
             liveness = asyncio.ensure_future(self._liveness(agent.name, agent.liveness_probe)) if agent.liveness_probe else None
             try:
-                stopped_by = await self._wait(agent.name)
+                stopped_by = await self._wait_agent(agent.name)
             finally:
                 if liveness is not None:
                     liveness.cancel()
@@ -231,7 +231,10 @@ class PodmanPod:
             info = await self.podman.inspect("container", cname) or {}
             state = info.get("State") or {}
             oom = bool(state.get("OOMKilled")) or bool(await watch.oom_killed())
-            return int(state.get("ExitCode", -1)), stopped_by, oom
+            code = int(state.get("ExitCode", -1))
+            if stopped_by is None and code == -1 and self.sup.stop_reason:
+                stopped_by = self.sup.stop_reason  # no exit status while a stop was under way: the stop's doing, no failure
+            return code, stopped_by, oom
         finally:
             watch.close()
             self.agent_stopped.set()
@@ -248,6 +251,18 @@ class PodmanPod:
                 await self.podman.run("stop", "--time", str(int(grace)), self._cname(container), check=False)
                 return
             await asyncio.sleep(probe.period_seconds)
+
+    async def _wait_agent(self, container: str) -> str | None:
+        """`_wait`, trusted only once the container has stopped: a `podman wait` that answers while the agent still
+        runs (seen once, as dev shut down) would count a running agent as a failed attempt and leave it running."""
+        while True:
+            stopped_by = await self._wait(container)
+            if stopped_by or not await self._running(container):
+                return stopped_by
+            if self.sup.stop_reason:
+                return self.sup.stop_reason
+            log.warning("task %s: podman wait answered while %s runs; waiting again", self.sup.state.task_id, container)
+            await asyncio.sleep(0.5)
 
     async def _wait(self, container: str) -> str | None:
         """Wait until the container exits (None) or a cancel, shutdown or the deadline stops it first."""
