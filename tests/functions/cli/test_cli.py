@@ -74,15 +74,6 @@ class FakeServer:
         self.sse.append(f"event: end\ndata: {json.dumps({'last_id': len(self.sse)})}\n\n")
 
 
-@pytest.fixture
-def server():
-    fake = FakeServer()
-    fake.thread.start()
-    yield fake
-    fake.httpd.shutdown()
-    fake.httpd.server_close()
-
-
 # --- submit ----------------------------------------------------------------------
 
 

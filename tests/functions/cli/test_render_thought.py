@@ -8,7 +8,6 @@ from agent import contract
 from functions.cli import main as cli
 from functions.cli import render
 from functions.cli.sse_client import SSEMessage
-from tests.functions.cli.test_cli import FakeServer
 
 
 def thought(turn: int, text: str = "", **fields) -> dict:
@@ -79,15 +78,6 @@ def test_totals_prefer_the_gateways_counts_and_cost():
 def test_a_trace_without_model_turns_has_no_totals_line():
     assert feed(render.Renderer(), [STARTED, FINISHED])[-1] == "-- end of stream"
     assert not any("totals" in line for line in feed(render.Renderer(), [STARTED, FINISHED]))
-
-
-@pytest.fixture
-def server():
-    fake = FakeServer()
-    fake.thread.start()
-    yield fake
-    fake.httpd.shutdown()
-    fake.httpd.server_close()
 
 
 def test_dockyard_logs_prints_thoughts_and_the_totals_at_the_end(server, capsys):
