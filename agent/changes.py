@@ -320,7 +320,7 @@ def compute(
 
     note = None
     if not has_repo:
-        note = "no repository: every file is new (against the empty tree)"
+        note = "no repository: every file is new"
     else:
         objects, why = _workspace_objects(workspace, repo_dir)
         commit = base["commit"]

@@ -99,7 +99,7 @@ def test_a_coloured_line_carries_no_control_characters_of_the_patch():
 
 def test_stat_table_of_a_cut_patch():
     summary = {
-        "base": {"verified": False, "note": "no repository: every file is new (against the empty tree)"},
+        "base": {"verified": False, "note": "no repository: every file is new"},
         "files": [{"path": "b.bin", "status": "added", "binary": True}, {"path": "n", "old_path": "o", "status": "renamed", "added_lines": 2, "deleted_lines": 1}],
         "totals": {"files": 2, "added_lines": 2, "deleted_lines": 1},
         "cut": True,
@@ -108,7 +108,7 @@ def test_stat_table_of_a_cut_patch():
         "STATUS     +    -  PATH",
         "added    bin  bin  b.bin",
         "renamed    2    1  o -> n",
-        "2 files, +2 -1 against the empty tree (no repository: every file is new (against the empty tree)); the patch was cut, this list is complete",
+        "2 files, +2 -1 against the empty tree (no repository: every file is new); the patch was cut, this list is complete",
     ]
 
 
