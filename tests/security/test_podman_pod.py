@@ -26,9 +26,9 @@ async def test_the_agent_container_sees_no_secret_no_other_process_and_cannot_wr
     task_id = f"probe-{uuid.uuid4().hex[:8]}"
     job, _, runtime = await _run(settings, _task(task_id, retries=0))
     try:
-        lines = [line for line in job["status"]["terminationMessage"].splitlines() if line.startswith("PROBE ")]
-        assert lines, job["status"]
-        found = json.loads(lines[-1].removeprefix("PROBE "))
+        probe = runtime.folder(task_id).workspace / "probe.json"  # the workspace volume, seen from the host
+        assert probe.exists(), job["status"].get("terminationMessage")
+        found = json.loads(probe.read_text())
         assert found["secrets_dir"] is False  # no Secret mounted in the agent container (the sidecars hold them)
         assert (found["uid"], found["gid"]) == (1000, 1000)
         assert int(found["cap_eff"], 16) == 0  # every capability dropped
