@@ -17,12 +17,9 @@ import json
 import os
 import sys
 from collections.abc import Iterator
-from pathlib import Path
 
-from agent import contract
-from agent.storage import ObjectNotFound, StorageError, Store
 from functions.cli.client import EXIT_OK
-from functions.cli.download import PATCH, SUMMARY, add_source_arguments, source_of
+from functions.cli.download import PATCH, SUMMARY, add_source_arguments, source_of, store_url, why_none  # noqa: F401
 from functions.cli.render import terminal_safe
 
 RESET, BOLD, RED, GREEN, CYAN = "\x1b[0m", "\x1b[1m", "\x1b[31m", "\x1b[32m", "\x1b[36m"
@@ -42,12 +39,6 @@ def add_parser(sub) -> None:
     p.set_defaults(run=run)
 
 
-def store_url(given: str | None, data_dir: Path) -> str:
-    from functions.core.settings import Settings
-
-    return given or os.environ.get(Settings.variable("store")) or (Path(data_dir).resolve() / "store").as_uri()
-
-
 def run(args: argparse.Namespace) -> int:
     source = source_of(args)
     if args.stat:
@@ -56,21 +47,6 @@ def run(args: argparse.Namespace) -> int:
     else:
         _print_patch(source.open(args.task_id, PATCH), _colour(args.color))
     return EXIT_OK
-
-
-def why_none(store: Store, task_id: str, what: str = "change set") -> str:
-    """Why a task has no `what` (its change set, or another file of its final set), in words."""
-    try:
-        result = json.loads(store.get_bytes(contract.final_result_key(task_id)))
-    except ObjectNotFound:
-        return f"task {task_id} has no {what} yet: it has not finished (no final result in {store.describe()})"
-    except (StorageError, ValueError) as exc:
-        return f"task {task_id} has no {what}: its result cannot be read ({exc})"
-    if what != "change set":
-        return f"task {task_id} has no {what} in {store.describe()}, though it has finished"
-    if isinstance(result, dict) and result.get("changes_error"):
-        return f"task {task_id} has no {what}: it could not be computed ({result['changes_error']})"
-    return f"task {task_id} has no {what}: it finished before change sets were recorded"
 
 
 def _colour(choice: str) -> bool:

@@ -22,6 +22,7 @@ Invariants (the archive comes from a workspace an untrusted agent controlled):
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import tarfile
@@ -66,13 +67,34 @@ def add_parser(sub) -> None:
 # --- where the bytes come from ---------------------------------------------------
 
 
+def store_url(given: str | None, data_dir: Path) -> str:
+    from functions.core.settings import Settings
+
+    return given or os.environ.get(Settings.variable("store")) or (Path(data_dir).resolve() / "store").as_uri()
+
+
+def why_none(store: Store, task_id: str, what: str = "change set") -> str:
+    """Why a task has no `what` (its change set, or another file of its final set), in words."""
+    try:
+        result = json.loads(store.get_bytes(contract.final_result_key(task_id)))
+    except ObjectNotFound:
+        return f"task {task_id} has no {what} yet: it has not finished (no final result in {store.describe()})"
+    except (StorageError, ValueError) as exc:
+        return f"task {task_id} has no {what}: its result cannot be read ({exc})"
+    if what != "change set":
+        return f"task {task_id} has no {what} in {store.describe()}, though it has finished"
+    if isinstance(result, dict) and result.get("changes_error"):
+        return f"task {task_id} has no {what}: it could not be computed ({result['changes_error']})"
+    return f"task {task_id} has no {what}: it finished before change sets were recorded"
+
+
+
+
 def source_of(args: argparse.Namespace) -> Source:
     if not contract.is_valid_task_id(args.task_id):
         raise CommandError(f"task id {args.task_id!r} is not one: lowercase letters, digits and '-'", EXIT_BAD_INPUT)
     if args.url:
         return RemoteSource(args.url, resolve_token(args.token, args.data_dir))
-    from functions.cli.diff import store_url
-
     try:
         return LocalSource(open_store(store_url(args.store, args.data_dir)))
     except (ValueError, StorageError) as exc:
@@ -90,8 +112,6 @@ class LocalSource(Source):
         self.store = store
 
     def open(self, task_id, name):
-        from functions.cli.diff import why_none
-
         try:
             reader = self.store.open_read(KEYS[name](task_id))
         except ObjectNotFound:
