@@ -15,7 +15,8 @@ Invariants:
   a bad one is a 400 naming its field. The task must be in the registry (404).
 - Nothing is held whole: an object goes out in `storage.CHUNK_BYTES` reads
   (a file, or boto3's StreamingBody) and the server's flow control paces the
-  reads to the client. An output is found by reading the archive as a gzip
+  reads to the client; the reader is closed when the response ends, however
+  it ends (a HEAD, a client gone). An output is found by reading the archive as a gzip
   stream (tarfile's `r|gz`), member by member, and streamed the same way.
 - A missing object is a 404 that says what is missing, with the field; an
   unreachable store a 503 (`StoreUnavailable`). Store calls run in the thread
@@ -29,6 +30,7 @@ import tarfile
 from collections.abc import Callable, Iterator
 from functools import partial
 
+from starlette.background import BackgroundTask
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
@@ -97,7 +99,7 @@ class Downloads:
         headers = {"Content-Length": str(reader.size)}
         if attachment:
             headers["Content-Disposition"] = f'attachment; filename="{attachment}"'
-        return StreamingResponse(reader.chunks(), media_type=media_type, headers=headers)
+        return StreamingResponse(reader.chunks(), media_type=media_type, headers=headers, background=BackgroundTask(reader.close))
 
     async def final_file(self, request: Request, key_of, name: str, media_type: str, attachment: bool = False) -> Response:
         task_id = await self.task_id(request)
@@ -136,7 +138,9 @@ class Downloads:
             raise
         if body is None:
             raise BadInput(f"task {task_id} kept no output of call {call_id!r} (it was short, or dropped over the limit)", "call_id", 404)
-        return StreamingResponse(body, media_type="text/plain; charset=utf-8", headers={"Content-Length": str(size)})
+        return StreamingResponse(
+            body, media_type="text/plain; charset=utf-8", headers={"Content-Length": str(size)}, background=BackgroundTask(reader.close)
+        )
 
     def routes(self) -> list[Route]:
         """`{name:path}`, `{call_id:path}`: a name with a `/` in it reaches `file_name`, which answers 400 naming it."""

@@ -265,3 +265,39 @@ async def test_a_large_output_streams_out_of_the_archive_in_bounded_memory(bus, 
         expected.update(pattern)
     assert (length, sha) == (size, expected.hexdigest())
     assert peak < 24 * MB, f"peak {peak / MB:.1f} MB while streaming a {size / MB:.0f} MB output"
+
+
+def open_paths() -> set[str]:
+    """What this process (client and server both) holds open."""
+    found = set()
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            found.add(os.readlink(f"/proc/self/fd/{fd}"))
+        except OSError:
+            pass
+    return found
+
+
+async def test_the_object_is_closed_when_the_client_goes_away_or_asks_only_for_headers(bus, serve, tmp_path):
+    from tests.conftest import eventually_async
+
+    root = tmp_path / "store"
+    key = contract.final_archive_key("t-gone")
+    path = root.joinpath(*key.split("/"))
+    path.parent.mkdir(parents=True)
+    with open(path, "wb") as f:
+        f.truncate(64 * MB)
+    server = await serve(store=root.as_uri())
+    await register(bus, "t-gone")
+    url = f"{server.url}/api/tasks/t-gone/workspace.tar.gz"
+
+    async with httpx.AsyncClient(timeout=30) as client:
+        head = await client.head(url, headers=READ_AUTH)
+        assert head.status_code == 200 and head.headers["content-length"] == str(64 * MB) and head.content == b""
+        await eventually_async(lambda: str(path) not in open_paths(), "the object closed after a HEAD")
+
+        async with client.stream("GET", url, headers=READ_AUTH) as response:
+            async for _chunk in response.aiter_raw():
+                assert str(path) in open_paths()  # being read
+                break  # and the client hangs up with most of it unread
+    await eventually_async(lambda: str(path) not in open_paths(), "the object closed after the client went away")
