@@ -7,7 +7,7 @@ sends. Either way the bytes are streamed: the archive is unpacked as it arrives
 (tarfile's `r|gz`), never held whole in memory nor first written to disk.
 
 Invariants (the archive comes from a workspace an untrusted agent controlled):
-- Unpacking uses tarfile's `data` filter: no absolute paths, nothing outside
+- Unpacking uses tarfile's `data` filter (Python 3.11.4+; refused before): no absolute paths, nothing outside
   --to (also not through a symlink unpacked before), no links that point out,
   no device nodes or fifos, no setuid/setgid/sticky bits, no group/other write.
   A member the filter refuses is skipped and named on stderr; the rest is
@@ -189,6 +189,8 @@ class ChunkFile:
 
 def unpack(chunks: Iterator[bytes], dest: Path) -> tuple[int, list[str]]:
     """Unpack a tar.gz stream into `dest` through tarfile's `data` filter: (members written, refused members with why)."""
+    if not hasattr(tarfile, "data_filter"):  # Python before 3.11.4: no safe way to unpack, so none
+        raise CommandError("unpacking an agent's workspace safely needs Python 3.11.4 or later (tarfile's data filter)")
     skipped: list[str] = []
     written = 0
 
@@ -219,16 +221,24 @@ def _check_dir(dest: Path, force: bool) -> None:
 
 def _write_patch(source: Source, task_id: str, dest: Path, force: bool) -> Path:
     target = dest / "changes.patch"
+    if dest.exists() and not dest.is_dir():
+        raise CommandError(f"--to {dest} is not a directory (--to - prints the patch)", EXIT_BAD_INPUT)
     if target.exists() and not force:
         raise CommandError(f"{target} exists: --force to replace it", EXIT_BAD_INPUT)
     chunks = source.open(task_id, PATCH)
-    dest.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".changes.patch.", dir=dest)
+    try:
+        dest.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".changes.patch.", dir=dest)
+    except OSError as exc:
+        raise CommandError(f"cannot write into {dest}: {exc}") from None
     try:
         with os.fdopen(fd, "wb") as out:
             for chunk in chunks:
                 out.write(chunk)
         os.replace(tmp, target)
+    except OSError as exc:
+        Path(tmp).unlink(missing_ok=True)
+        raise CommandError(f"cannot write {target}: {exc}") from None
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
@@ -250,7 +260,10 @@ def run(args: argparse.Namespace) -> int:
         return EXIT_OK
     _check_dir(dest, args.force)
     chunks = source.open(args.task_id, ARCHIVE)  # before the directory is made: a missing task leaves none
-    dest.mkdir(parents=True, exist_ok=True)
+    try:
+        dest.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise CommandError(f"cannot make --to {dest}: {exc}") from None
     written, skipped = unpack(chunks, dest)
     for line in skipped[:SKIPPED_SHOWN]:
         print(terminal_safe(f"dockyard download: skipped {line}"), file=sys.stderr)
