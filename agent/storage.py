@@ -5,7 +5,9 @@ maps them below its root. Writes are all-or-nothing as seen by readers: the
 file backend writes a temp file and renames it, S3 makes an object visible only
 when its upload completes, and `get_file` downloads to a temp file next to the
 target before renaming it into place. Failures raise `StorageError` (a missing
-key raises its subclass `ObjectNotFound`).
+key raises its subclass `ObjectNotFound`). `open_read` streams an object in
+chunks (a file, or boto3's StreamingBody): a reader never holds a whole object;
+it raises `ObjectNotFound` when opened, before a caller has promised anything.
 
 Settings for S3 come from the pod's layout: endpoint from `DOCKYARD_S3_ENDPOINT`
 or `<secrets_dir>/s3/endpoint`; credentials from `<secrets_dir>/s3/access_key_id`
@@ -74,6 +76,47 @@ def _keep_all(_sha256: str) -> bool:
     return True
 
 
+CHUNK_BYTES = 1 << 20  # what one read of a streamed object asks for
+
+
+class ObjectReader:
+    """An object opened for reading: its `size`, `read(n)` (file-like: tarfile's stream mode reads it)
+    and `chunks()`. Read errors raise `StorageError`; close it when done (a context manager)."""
+
+    def __init__(self, where: str, size: int, read: Callable[[int], bytes], close: Callable[[], None], errors: tuple):
+        self.where = where
+        self.size = size
+        self._read = read
+        self._close = close
+        self._errors = errors
+
+    def read(self, n: int = -1) -> bytes:
+        try:
+            return self._read(n if n is not None and n >= 0 else self.size)
+        except self._errors as exc:
+            raise StorageError(f"read {self.where} failed: {exc}") from exc
+
+    def chunks(self, chunk_bytes: int = CHUNK_BYTES):
+        """The object's bytes, at most `chunk_bytes` at a time; closes the reader at the end."""
+        try:
+            while chunk := self.read(chunk_bytes):
+                yield chunk
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        try:
+            self._close()
+        except self._errors:
+            pass  # nothing left to read: a failed close loses nothing
+
+    def __enter__(self) -> ObjectReader:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
 class Store:
     """The interface every backend implements. Keys are relative `/`-separated paths."""
 
@@ -96,6 +139,14 @@ class Store:
         raise NotImplementedError
 
     def get_bytes(self, key: str) -> bytes:
+        raise NotImplementedError
+
+    def open_read(self, key: str) -> ObjectReader:
+        """Open an object to stream it; `ObjectNotFound` here when it is missing."""
+        raise NotImplementedError
+
+    def size(self, key: str) -> int:
+        """The object's size in bytes, without reading it."""
         raise NotImplementedError
 
     def exists(self, key: str) -> bool:
@@ -224,6 +275,19 @@ class FileStore(Store):
         if source.is_dir():
             raise ObjectNotFound(f"get {self.url_for(key)}: no such object")
         return self._guard("get", key, source.read_bytes)
+
+    def open_read(self, key):
+        source = self._path(key)
+        if source.is_dir():
+            raise ObjectNotFound(f"get {self.url_for(key)}: no such object")
+        f = self._guard("get", key, lambda: open(source, "rb"))
+        return ObjectReader(self.url_for(key), os.fstat(f.fileno()).st_size, f.read, f.close, (OSError,))
+
+    def size(self, key):
+        source = self._path(key)
+        if source.is_dir():
+            raise ObjectNotFound(f"head {self.url_for(key)}: no such object")
+        return self._guard("head", key, lambda: source.stat().st_size)
 
     def exists(self, key):
         return self._path(key).is_file()
@@ -400,6 +464,21 @@ class S3Store(Store):
         return self._guard(
             "get", self.url_for(key), lambda: self._client.get_object(Bucket=self.bucket, Key=full)["Body"].read()
         )
+
+    def open_read(self, key):
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        full = self._key(key)
+        answer = self._guard("get", self.url_for(key), lambda: self._client.get_object(Bucket=self.bucket, Key=full))
+        body = answer["Body"]  # a StreamingBody: read(n) pulls n bytes off the open connection
+        return ObjectReader(
+            self.url_for(key), int(answer.get("ContentLength") or 0), body.read, body.close, (BotoCoreError, ClientError, OSError)
+        )
+
+    def size(self, key):
+        full = self._key(key)
+        head = self._guard("head", self.url_for(key), lambda: self._client.head_object(Bucket=self.bucket, Key=full))
+        return int(head.get("ContentLength") or 0)
 
     def exists(self, key):
         full = self._key(key)

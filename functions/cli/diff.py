@@ -5,7 +5,9 @@ The snapshotter's final step stores `jobs/<id>/final/changes.patch` and
 byte for byte (`dockyard diff T | git apply` works); on a terminal it is coloured
 and stripped of control characters, since its text is the agent's. `--stat`
 prints changes.json as a table. The store is the one `dockyard dev` uses
-(`--store`, else DOCKYARD_STORE, else `file://<data dir>/store`).
+(`--store`, else DOCKYARD_STORE, else `file://<data dir>/store`); with `--url`
+the files come from a stream Service's download routes, with the API token
+(functions/cli/download.py has both sources). Either way the patch is streamed.
 """
 
 from __future__ import annotations
@@ -14,12 +16,10 @@ import argparse
 import json
 import os
 import sys
-import tempfile
-from pathlib import Path
+from collections.abc import Iterator
 
-from agent import changes, contract
-from agent.storage import ObjectNotFound, StorageError, Store, open_store
-from functions.cli.client import EXIT_OK, CommandError
+from functions.cli.client import EXIT_OK
+from functions.cli.download import PATCH, SUMMARY, add_source_arguments, source_of, store_url, why_none  # noqa: F401
 from functions.cli.render import terminal_safe
 
 RESET, BOLD, RED, GREEN, CYAN = "\x1b[0m", "\x1b[1m", "\x1b[31m", "\x1b[32m", "\x1b[36m"
@@ -35,46 +35,18 @@ def add_parser(sub) -> None:
     p.add_argument("task_id")
     p.add_argument("--stat", action="store_true", help="list the changed files with their status and line counts")
     p.add_argument("--color", choices=("auto", "always", "never"), default="auto", help="colour the patch (default: auto, on a terminal)")
-    p.add_argument("--store", help="object store URL (default: $DOCKYARD_STORE, else file://<data dir>/store)")
-    p.add_argument("--data-dir", type=Path, default=Path(".dockyard"), help="`dockyard dev`'s data dir (default ./.dockyard)")
+    add_source_arguments(p)
     p.set_defaults(run=run)
 
 
-def store_url(given: str | None, data_dir: Path) -> str:
-    from functions.core.settings import Settings
-
-    return given or os.environ.get(Settings.variable("store")) or (Path(data_dir).resolve() / "store").as_uri()
-
-
 def run(args: argparse.Namespace) -> int:
-    try:
-        store = open_store(store_url(args.store, args.data_dir))
-    except (ValueError, StorageError) as exc:
-        raise CommandError(f"cannot open the store: {exc}") from None
-    try:
-        if args.stat:
-            summary = json.loads(store.get_bytes(changes.summary_key(args.task_id)))
-            print(terminal_safe(format_stat(summary)))
-        else:
-            _print_patch(store, args.task_id, _colour(args.color))
-    except ObjectNotFound:
-        raise CommandError(why_none(store, args.task_id)) from None
-    except StorageError as exc:
-        raise CommandError(f"cannot read task {args.task_id}'s change set: {exc}") from None
+    source = source_of(args)
+    if args.stat:
+        summary = json.loads(b"".join(source.open(args.task_id, SUMMARY)))
+        print(terminal_safe(format_stat(summary)))
+    else:
+        _print_patch(source.open(args.task_id, PATCH), _colour(args.color))
     return EXIT_OK
-
-
-def why_none(store: Store, task_id: str) -> str:
-    """Why a task has no change set, in words."""
-    try:
-        result = json.loads(store.get_bytes(contract.final_result_key(task_id)))
-    except ObjectNotFound:
-        return f"task {task_id} has no change set yet: it has not finished (no final result in {store.describe()})"
-    except (StorageError, ValueError) as exc:
-        return f"task {task_id} has no change set: its result cannot be read ({exc})"
-    if isinstance(result, dict) and result.get("changes_error"):
-        return f"task {task_id} has no change set: it could not be computed ({result['changes_error']})"
-    return f"task {task_id} has no change set: it finished before change sets were recorded"
 
 
 def _colour(choice: str) -> bool:
@@ -83,19 +55,20 @@ def _colour(choice: str) -> bool:
     return sys.stdout.isatty() and not os.environ.get("NO_COLOR")
 
 
-def _print_patch(store: Store, task_id: str, colour: bool) -> None:
-    with tempfile.TemporaryDirectory(prefix="dockyard-diff-") as tmp:
-        path = Path(tmp) / "changes.patch"
-        store.get_file(changes.patch_key(task_id), path)  # streamed to disk, never whole in memory
-        out = sys.stdout.buffer
-        with open(path, "rb") as patch:
-            if not colour:
-                while chunk := patch.read(1 << 16):
-                    out.write(chunk)
-            else:
-                for line in patch:
-                    out.write(colour_line(line.decode("utf-8", errors="replace")).encode())
-        out.flush()
+def _print_patch(chunks: Iterator[bytes], colour: bool) -> None:
+    out = sys.stdout.buffer
+    if not colour:
+        for chunk in chunks:
+            out.write(chunk)
+    else:
+        rest = b""
+        for chunk in chunks:
+            *lines, rest = (rest + chunk).split(b"\n")
+            for line in lines:
+                out.write(colour_line(line.decode("utf-8", errors="replace")).encode())
+        if rest:
+            out.write(colour_line(rest.decode("utf-8", errors="replace")).encode())
+    out.flush()
 
 
 def colour_line(line: str) -> str:

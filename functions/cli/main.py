@@ -4,7 +4,8 @@
     dockyard submit     send a task (a dev.dockyard.task.submitted CloudEvent) to the broker
     dockyard logs       print a task's trace; -f follows it live, resuming after dropped connections
     dockyard tasks      list tasks
-    dockyard diff       print what a finished task changed (its change set, from the store)
+    dockyard diff       print what a finished task changed (its change set, from the store or --url)
+    dockyard download   fetch a finished task's workspace, unpacked safely (or --patch), from the store or --url
     dockyard cancel     stop a task
     dockyard message    tell a running agent something
     dockyard demo       start the stack, run the bundled example task, stop
@@ -190,6 +191,12 @@ def _register_diff(sub) -> None:
     add_parser(sub)
 
 
+def _register_download(sub) -> None:
+    from functions.cli.download import add_parser
+
+    add_parser(sub)
+
+
 def _register_cancel(sub) -> None:
     p = sub.add_parser("cancel", help="cancel a task", description="Stop a task after its current step.")
     p.add_argument("task_id")
@@ -275,6 +282,7 @@ COMMANDS: list[Callable] = [
     _register_logs,
     _register_tasks,
     _register_diff,
+    _register_download,
     _register_cancel,
     _register_message,
     _register_demo,

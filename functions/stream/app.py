@@ -2,6 +2,7 @@
 
     GET /api/stream/{task_id}   the trace (functions/stream/trace.py), as SSE (functions/stream/sse.py)
     GET /api/tasks[/{task_id}]  task records, newest first, redacted
+    GET /api/tasks/{task_id}/…  a task's stored files, streamed from the object store (functions/stream/downloads.py)
     GET /healthz                liveness
     POST /api/session           trade a token for an HttpOnly cookie (functions/stream/auth.py)
     /cockpit-config.json, /     the cockpit (functions/stream/cockpit/)
@@ -38,7 +39,7 @@ from agent import contract
 from functions.core import bus
 from functions.core.settings import Settings
 from functions.errors import BadInput, DockyardError, answer_for
-from functions.stream import cockpit, serving
+from functions.stream import cockpit, downloads, serving
 from functions.stream.auth import TokenAuth, Tokens, client_address
 from functions.stream.consumers import is_terminal, last_message
 from functions.stream.feed import Feeds
@@ -235,6 +236,7 @@ def create_app(
             Route("/api/stream/{task_id}", stream),
             Route("/api/tasks", list_tasks),
             Route("/api/tasks/{task_id}", get_task),
+            *downloads.routes(settings, task_id_of),
             Route("/healthz", healthz),
             *cockpit.routes(settings, redaction),
         ],
