@@ -51,6 +51,7 @@ class PushRequest:
     url: str  # the task's repo.url
     branch: str
     credentials_dir: str | None = None
+    proxy: str | None = None  # git's HTTP(S) proxy (a pod's egress proxy); None: the process's own, if any
 
 
 class _Refused(Exception):
@@ -132,7 +133,7 @@ class _Redactor:
 class _Git:
     """git in the change set's private GIT_DIR, with a shared deadline."""
 
-    def __init__(self, scratch: Path, deadline: float, config: list[str]):
+    def __init__(self, scratch: Path, deadline: float, config: list[str], proxy: str | None = None):
         self.scratch = scratch
         self.deadline = deadline
         self.config = [arg for item in config for arg in ("-c", item)]
@@ -160,6 +161,11 @@ class _Git:
                      "SSL_CERT_FILE", "SSL_CERT_DIR", "GIT_SSL_CAINFO"):
             if os.environ.get(name):
                 self.env[name] = os.environ[name]
+        if proxy:
+            for name in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy"):
+                self.env[name] = proxy
+            for name in ("NO_PROXY", "no_proxy"):
+                self.env.pop(name, None)
 
     def run(self, *args: str, env: dict | None = None, check: bool = True) -> subprocess.CompletedProcess:
         left = self.deadline - time.monotonic()
@@ -223,7 +229,7 @@ def _deliver(scratch: Path, summary: dict, request: PushRequest, task_id: str, c
         helper.write_text(credentials.helper())
         helper.chmod(0o700)
         config.append(f"credential.helper=!{shlex.quote(str(helper))}")
-    git = _Git(scratch, time.monotonic() + timeout, config)
+    git = _Git(scratch, time.monotonic() + timeout, config, request.proxy)
 
     tree = git.run("write-tree").stdout.decode().strip()
     when = f"@{int(date if date is not None else time.time())} +0000"

@@ -329,6 +329,7 @@ def _parser():
     parser.add_argument("--push-url", default=None, metavar="URL",
                         help="the task's repo.url: at the end, commit the change set and push it there (the task's repo.push)")
     parser.add_argument("--push-branch", default=None, metavar="BRANCH", help="the branch to push (default dockyard/<task-id>)")
+    parser.add_argument("--push-proxy", default=None, metavar="URL", help="HTTP(S) proxy of the push (a pod's egress proxy)")
     parser.add_argument("--git-credentials-dir", default=env.get("DOCKYARD_GIT_CREDENTIALS_DIR") or None, metavar="DIR",
                         help="files username, password (or token) and optionally hosts, for the push [DOCKYARD_GIT_CREDENTIALS_DIR]")
     return parser
@@ -355,11 +356,11 @@ def parse_settings(argv: list[str] | None) -> Settings:
 
 def _push_request(args) -> PushRequest | None:
     if not args.push_url:
-        if args.push_branch:
-            raise UsageError("--push-branch needs --push-url")
+        if args.push_branch or args.push_proxy:
+            raise UsageError("--push-branch and --push-proxy need --push-url")
         return None
     # The branch was validated with the task (functions/core/task.py); git refuses any ref name that is not one.
-    return PushRequest(args.push_url, args.push_branch or default_branch(args.task_id), args.git_credentials_dir)
+    return PushRequest(args.push_url, args.push_branch or default_branch(args.task_id), args.git_credentials_dir, args.push_proxy)
 
 def import_nats_lean(nats_url: str | None) -> None:
     """Import nats-py with aiohttp hidden, unless a websocket server (ws://, wss://) is configured.

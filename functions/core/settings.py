@@ -245,6 +245,9 @@ class Settings(BaseSettings):
     tmp_size_limit: Quantity = _setting("1Gi", "size limit of `/tmp` (an emptyDir)", _JOBS)
     object_store_secret: Name = _setting("dockyard-object-store", "Secret with the object store's credentials", _JOBS)
     model_secret: Name = _setting("dockyard-model", "Secret with the model's API key and base URL (optional)", _JOBS)
+    git_push_secret: Name = _setting(
+        "dockyard-git-push", "Secret with the git credentials of `repo.push` (`username`, `password` or `token`, optional `hosts`), "
+        "mounted into the snapshotter of a task that pushes, never the agent (optional)", _JOBS)
     kueue_queue: str = _setting("", "a Kueue LocalQueue: Jobs are created suspended for Kueue to admit; none: no Kueue", _JOBS)
     default_model: str = _setting("", "model of a task that names none, e.g. `openai:gpt-4o`; none: the agent's default", _JOBS)
 
@@ -259,6 +262,11 @@ class Settings(BaseSettings):
                                             "key (`access_key_id`, `secret_access_key`, `region`, ...); none: no credentials", _PODMAN)
     model_secret_dir: str = _setting("", "the model's Secret (`DOCKYARD_MODEL_SECRET`) as a directory, one file per key; none: no model "
                                      "key in the pods (`dockyard dev`: its model gateway's key directory)", _PODMAN)
+
+    git_credentials_dir: str = _setting(
+        "", "the git credentials of `repo.push` as a directory (`username`, `password` or `token`, optional `hosts`): given to "
+        "the snapshotter only, outside every agent's sandbox; the podman runtime's `DOCKYARD_GIT_PUSH_SECRET`; none: tasks "
+        "that ask for a push over https end with `push_error`", "local and podman runtimes")
 
     # --- construction ------------------------------------------------------------------
     @classmethod

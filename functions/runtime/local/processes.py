@@ -62,6 +62,7 @@ class AgentCommand:
     allow_file_repos: bool = False
     nats_creds: bool = False  # each process gets its own `.creds` in the task's secrets folder (the launcher minted them)
     model_gateway: str | None = None  # the dev stack's model gateway: the agent's secrets dir is then its task's own folder
+    git_credentials_dir: str | None = None  # repo.push's credentials: the snapshotter's flag only, outside the agent's sandbox
 
     def line(self, task: Task, command: str, folder: TaskFolder) -> list[str]:
         """The command line of one container, the flags as the pod's containers get them."""
@@ -73,7 +74,7 @@ class AgentCommand:
             argv += self._nats(folder, "snapshotter")
             if self.snapshot_interval:
                 argv += ["--interval", str(self.snapshot_interval)]
-            return argv
+            return argv + self._push(task)
         argv += ["--task-file", str(folder.task_file), "--home", str(folder.home)]
         model = task.model or self.default_model
         if model:
@@ -87,6 +88,16 @@ class AgentCommand:
             argv += ["--scripts-dir", str(Path(self.scripts_dir).absolute())]
         if self.allow_file_repos:
             argv.append("--allow-file-repos")
+        return argv
+
+    def _push(self, task: Task) -> list[str]:
+        """The snapshotter's push flags when the task asks for one (repo.push), as the factory renders them."""
+        push = task.repo.get("push") if task.repo else None
+        if push is None:
+            return []
+        argv = ["--push-url", task.repo["url"], *(["--push-branch", push["branch"]] if push.get("branch") else [])]
+        if self.git_credentials_dir:
+            argv += ["--git-credentials-dir", str(Path(self.git_credentials_dir).absolute())]
         return argv
 
     def _nats(self, folder: TaskFolder, role: str) -> list[str]:
