@@ -309,3 +309,61 @@ def test_the_snapshotter_pushes_with_its_flags(tmp_path, server, credentials, ag
     assert git(bare, "rev-parse", "from-flags^").strip() == base
     assert PASSWORD not in log.read_text()
     assert "push=from-flags" in log.read_text()
+
+
+EDIT = "printf 'hello\\nfrom dev\\n' > repo/README.md && echo added > repo/added.txt"
+SCRIPT = [
+    {"tool_calls": [{"name": "plan", "args": {"todos": ["edit"], "objective": "edit"}}]},
+    {"tool_calls": [{"name": "execute", "args": {"command": EDIT}}]},
+    {"content": "edited"},
+    {"tool_calls": [{"name": "finish", "args": {"summary": "edited under dev"}}]},
+]
+
+
+def test_dockyard_dev_pushes_the_branch_of_a_task(tmp_path):
+    """The whole path on one machine: `dockyard dev --allow-file-repos` with DOCKYARD_GIT_CREDENTIALS_DIR, a task
+    with repo.push, a scripted agent that edits; the origin gains the branch and result.json names it."""
+    import httpx
+    import yaml
+
+    from functions.cli import client
+    from tests.dev_process import DevServer
+
+    origin = tmp_path / "origin"
+    origin.mkdir()
+    git(origin, "init", "--quiet", "--initial-branch=main")
+    (origin / "README.md").write_text("hello\n")
+    git(origin, "add", "--all")
+    git(origin, "commit", "--quiet", "-m", "base")
+    base = git(origin, "rev-parse", "HEAD").strip()
+    scripts = tmp_path / "scripts"
+    scripts.mkdir()
+    (scripts / "edit.yaml").write_text(yaml.safe_dump(SCRIPT))
+    secrets = tmp_path / "git-credentials"
+    secrets.mkdir()
+    dev = DevServer(tmp_path / "data", env={"DOCKYARD_SCRIPTS_DIR": str(scripts), "DOCKYARD_GIT_CREDENTIALS_DIR": str(secrets)},
+                    args=("--allow-file-repos",))
+    try:
+        dev.start()
+        task = {"task_id": "push-me", "prompt": "edit", "model": "scripted:edit",
+                "repo": {"url": origin.as_uri(), "push": {"branch": "from-dev"}}}
+        client.submit_task(dev.url, task, dev.token)
+        stored = dev.data_dir / "store" / contract.final_result_key("push-me")
+
+        def finished() -> dict | None:
+            record = httpx.get(f"{dev.url}/api/tasks/push-me", headers=dev.headers, timeout=5).json()
+            return record if record.get("state") in contract.TERMINAL_STATES and stored.exists() else None
+
+        record = eventually(finished, "task push-me to finish with its final set stored", 120, detail=dev.output)
+        assert record["outcome"] == contract.OUTCOME_DONE, record
+        result = json.loads(stored.read_text())
+        assert result["push"] == {"branch": "from-dev", "commit": git(origin, "rev-parse", "from-dev").strip(),
+                                  "remote": origin.as_uri()}, result
+        assert git(origin, "rev-parse", "from-dev^").strip() == base
+        assert git(origin, "show", "from-dev:README.md") == "hello\nfrom dev\n"
+        assert git(origin, "show", "from-dev:added.txt") == "added\n"
+        logs = dev.data_dir / "tasks" / "push-me" / "logs"
+        assert str(secrets) not in (logs / "agent.log").read_text()
+        assert "push=from-dev" in (logs / "snapshotter.log").read_text()
+    finally:
+        dev.stop()

@@ -111,6 +111,7 @@ def child_env(env: dict[str, str] | None) -> dict[str, str]:
     import agent
 
     env = dict(os.environ if env is None else env)
+    env.pop(f"{contract.ENV_PREFIX}GIT_CREDENTIALS_DIR", None)  # the snapshotter gets it as a flag; no other child
     # The children import `agent` from this checkout even when it is not installed.
     root = str(Path(agent.__file__).resolve().parent.parent)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
