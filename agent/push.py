@@ -35,7 +35,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 from agent import contract
 
-TIMEOUT = 120.0  # seconds for the commit and the push together
+TIMEOUT = 90.0  # seconds for the commit and the push together (inside the snapshotter's grace period, 120 s under dockyard dev)
 CREDENTIAL_FILES = ("username", "password", "token", "hosts")
 CREDENTIAL_MAX = 64 * 1024
 AUTHOR = ("dockyard", "dockyard@localhost")

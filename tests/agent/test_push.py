@@ -248,6 +248,18 @@ def test_an_unreachable_server_is_a_network_error(tmp_path, server, credentials)
     assert result["push_error"].startswith("network: could not reach 127.0.0.1"), result
 
 
+def test_the_snapshotters_push_flags():
+    from agent.cli import UsageError
+    from agent.snapshotter import parse_settings
+
+    common = ["--task-id", TASK, "--store", "file:///tmp/s"]
+    assert parse_settings(common).push is None
+    pushing = parse_settings([*common, "--push-url", "https://h/r.git", "--git-credentials-dir", "/var/secrets/git"])
+    assert pushing.push == PushRequest("https://h/r.git", f"dockyard/{TASK}", "/var/secrets/git", None)
+    with pytest.raises(UsageError, match="need --push-url"):
+        parse_settings([*common, "--push-branch", "x"])
+
+
 MALICIOUS_HOOK = "#!/bin/sh\necho {name} >> {marker}\n"
 
 

@@ -59,6 +59,9 @@ def test_the_job_mounts_the_git_secret_into_the_snapshotter_only():
     args = snapshotter["args"]
     assert args[args.index("--git-credentials-dir") + 1] == factory.GIT_SECRETS_DIR
     assert args[args.index("--push-url") + 1] == PUSH["url"] and args[args.index("--push-branch") + 1] == "dockyard/out"
+    # git's way out is the egress proxy, given to the push alone (the snapshotter's S3 and NATS stay direct).
+    assert args[args.index("--push-proxy") + 1] == "http://10.0.2.2:3128"
+    assert not {e["name"] for e in snapshotter["env"]} & {"HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy"}
     # No other container hears of it: not in an argument, an env value or a mount path.
     for name, container in _containers(job).items():
         if name != factory.CONTAINER_SNAPSHOTTER:
