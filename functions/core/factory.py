@@ -12,8 +12,6 @@ Invariants
   the only writable places are the workspace PVC and the emptyDirs `/home/agent` and `/tmp`.
 - A secret is mounted only into the container that needs it (object-store credentials into
   restore and snapshotter, the model key into the `gateway` sidecar only), as files, never as env.
-  The git credentials of `repo.push` (the optional Secret `git_push_secret`) go into the snapshotter
-  of a task that pushes, and nowhere else: the finalizer commits and pushes (agent/push.py).
   The agent container mounts no model secret: it reaches the model through the gateway on the
   pod's loopback (`DOCKYARD_MODEL_GATEWAY`), which adds the key, counts the task's tokens and
   refuses calls past `limits.max_tokens` / `limits.max_cost_usd`.
@@ -52,6 +50,7 @@ from functions.core.nats_leaf import (  # noqa: F401  (the leaf's names, as the 
     leaf_probe_command,
     render_leaf_conf,
 )
+from functions.core import git_push
 from functions.core.settings import Resources, Settings
 from functions.core.task import Task
 
@@ -73,7 +72,6 @@ S3_SECRETS_DIR = f"{contract.SECRETS_DIR}/s3"
 MODEL_SECRETS_DIR = f"{contract.SECRETS_DIR}/model"
 # <secrets>/nats/<role>.creds: inside the secrets dir, so the agent's redactor knows the values.
 NATS_SECRETS_DIR = f"{contract.SECRETS_DIR}/nats"
-GIT_SECRETS_DIR = f"{contract.SECRETS_DIR}/git"  # the snapshotter's, for repo.push
 NATS_CREDS_PLACEHOLDER = "minted at launch: a user JWT and nkey seed allowed only this task's subjects"
 TASK_DIR = os.path.dirname(contract.TASK_FILE)
 GATEWAY_URL = f"http://127.0.0.1:{contract.MODEL_GATEWAY_PORT}"
@@ -237,11 +235,8 @@ def _pod_spec(task: Task, settings: Settings) -> dict:
         {"name": "s3-credentials", "secret": {"secretName": settings.object_store_secret, "defaultMode": 0o440}},
         # Optional: a scripted model or a keyless local endpoint needs no secret.
         {"name": "model-credentials", "secret": {"secretName": settings.model_secret, "defaultMode": 0o440, "optional": True}},
+        *git_push.volumes(task, settings),  # repo.push: the git Secret, for the snapshotter only
     ]
-    if _push(task) is not None:
-        # Optional: without the Secret the push ends in `push_error`, the task's work is kept.
-        volumes.append({"name": "git-credentials",
-                        "secret": {"secretName": settings.git_push_secret, "defaultMode": 0o440, "optional": True}})
     if mints_nats_credentials(settings):
         # One volume per role, each projecting only that role's key: a container sees its own user only.
         # Not optional: the kubelet retries the mount until the launcher has created the Secret.
@@ -361,22 +356,12 @@ def _snapshotter(task: Task, settings: Settings) -> dict:
         "--interval", str(settings.snapshot_interval_seconds),
     ]  # fmt: skip
     env = _env(**_store_env(task, settings))
-    mounts = _store_mounts() + _nats_mounts(settings, CONTAINER_SNAPSHOTTER)
-    push = _push(task)
-    if push is not None:  # the finalizer pushes: the task's URL, the git credentials, git's way out through the proxy
-        args += ["--push-url", task.repo["url"], *(["--push-branch", push["branch"]] if push.get("branch") else []),
-                 "--git-credentials-dir", GIT_SECRETS_DIR, *(["--push-proxy", settings.egress_proxy] if settings.egress_proxy else [])]
-        mounts.append(_mount("git-credentials", GIT_SECRETS_DIR, True))
-    container = _container(CONTAINER_SNAPSHOTTER, settings, args, env, mounts, settings.sidecar_resources)
+    mounts = _store_mounts() + _nats_mounts(settings, CONTAINER_SNAPSHOTTER) + git_push.snapshotter_mounts(task)
+    container = _container(CONTAINER_SNAPSHOTTER, settings, args + git_push.snapshotter_args(task, settings), env, mounts, settings.sidecar_resources)
     # A native sidecar: starts before the agent, runs beside it, and is stopped only after the
     # agent has exited, so its final upload sees the final workspace.
     container["restartPolicy"] = "Always"
     return container
-
-
-def _push(task: Task) -> dict | None:
-    """The task's `repo.push` ({} or {"branch"}), None when it does not push."""
-    return task.repo.get("push") if task.repo else None
 
 
 def _agent(task: Task, settings: Settings) -> dict:

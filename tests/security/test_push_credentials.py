@@ -19,6 +19,7 @@ import pytest
 from agent.sandbox import Sandbox, SandboxUnavailable, check
 from agent.tools import WorkTools
 from functions.core import factory
+from functions.core.git_push import GIT_SECRETS_DIR
 from functions.core.settings import Settings
 from functions.core.task import parse_task
 from functions.runtime.local.processes import AgentCommand
@@ -55,9 +56,9 @@ def test_the_job_mounts_the_git_secret_into_the_snapshotter_only():
     assert mounted == {factory.CONTAINER_SNAPSHOTTER}
     snapshotter = _containers(job)[factory.CONTAINER_SNAPSHOTTER]
     mount = next(m for m in snapshotter["volumeMounts"] if m["name"] == "git-credentials")
-    assert mount == {"name": "git-credentials", "mountPath": factory.GIT_SECRETS_DIR, "readOnly": True}
+    assert mount == {"name": "git-credentials", "mountPath": GIT_SECRETS_DIR, "readOnly": True}
     args = snapshotter["args"]
-    assert args[args.index("--git-credentials-dir") + 1] == factory.GIT_SECRETS_DIR
+    assert args[args.index("--git-credentials-dir") + 1] == GIT_SECRETS_DIR
     assert args[args.index("--push-url") + 1] == PUSH["url"] and args[args.index("--push-branch") + 1] == "dockyard/out"
     # git's way out is the egress proxy, given to the push alone (the snapshotter's S3 and NATS stay direct).
     assert args[args.index("--push-proxy") + 1] == "http://10.0.2.2:3128"
@@ -66,7 +67,7 @@ def test_the_job_mounts_the_git_secret_into_the_snapshotter_only():
     for name, container in _containers(job).items():
         if name != factory.CONTAINER_SNAPSHOTTER:
             text = repr([container.get("args"), container.get("env"), container["volumeMounts"]])
-            assert factory.GIT_SECRETS_DIR not in text and SECRET not in text, name
+            assert GIT_SECRETS_DIR not in text and SECRET not in text, name
     # Optional: a cluster without the Secret still runs the task (the push then ends in push_error).
     volume = next(v for v in job["spec"]["template"]["spec"]["volumes"] if v["name"] == "git-credentials")
     assert volume["secret"]["optional"] is True

@@ -35,6 +35,7 @@ from pathlib import Path
 
 from agent import contract
 from agent.procs import die_with_parent, group_alive, signal_group, start_time
+from functions.core.git_push import push_flags
 from functions.core.task import Task
 from functions.runtime.local.pod import AttemptEnd, JobSpec, Supervised, log_tail, summary_this_attempt
 from functions.runtime.local.state import TaskFolder
@@ -74,7 +75,7 @@ class AgentCommand:
             argv += self._nats(folder, "snapshotter")
             if self.snapshot_interval:
                 argv += ["--interval", str(self.snapshot_interval)]
-            return argv + self._push(task)
+            return argv + push_flags(task, self.git_credentials_dir and str(Path(self.git_credentials_dir).absolute()))
         argv += ["--task-file", str(folder.task_file), "--home", str(folder.home)]
         model = task.model or self.default_model
         if model:
@@ -88,16 +89,6 @@ class AgentCommand:
             argv += ["--scripts-dir", str(Path(self.scripts_dir).absolute())]
         if self.allow_file_repos:
             argv.append("--allow-file-repos")
-        return argv
-
-    def _push(self, task: Task) -> list[str]:
-        """The snapshotter's push flags when the task asks for one (repo.push), as the factory renders them."""
-        push = task.repo.get("push") if task.repo else None
-        if push is None:
-            return []
-        argv = ["--push-url", task.repo["url"], *(["--push-branch", push["branch"]] if push.get("branch") else [])]
-        if self.git_credentials_dir:
-            argv += ["--git-credentials-dir", str(Path(self.git_credentials_dir).absolute())]
         return argv
 
     def _nats(self, folder: TaskFolder, role: str) -> list[str]:
