@@ -215,6 +215,8 @@ def _deliver(scratch: Path, summary: dict, request: PushRequest, task_id: str, c
             raise _Refused("not pushed: no git credentials are configured for the finalizer "
                            "(the Secret dockyard-git-push; dockyard dev: DOCKYARD_GIT_CREDENTIALS_DIR)")
         host = (parts.hostname or "").lower()
+        if scheme == "http" and host not in ("127.0.0.1", "localhost", "::1"):
+            raise _Refused(f"refused: git credentials are never sent over plain http (to {host!r}); use https")
         if credentials.hosts and host not in credentials.hosts:
             raise _Refused(f"refused: the git credentials are not for host {host!r} (their `hosts` file names "
                            f"{', '.join(credentials.hosts)})")

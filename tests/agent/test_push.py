@@ -236,6 +236,8 @@ def test_no_credentials_and_credentials_for_another_host_push_nothing(tmp_path, 
     result = finalize(tmp_path, workspace, PushRequest(url, "b", str(credentials)))
     assert result["push_error"].startswith("refused: the git credentials are not for host '127.0.0.1'"), result
     assert app.requests == []  # never contacted: the credentials could not have been sent
+    result = finalize(tmp_path, workspace, PushRequest("http://git.example.org/r.git", "c", str(credentials)))
+    assert result["push_error"].startswith("refused: git credentials are never sent over plain http"), result
     assert server_branch(bare, "a") is None and server_branch(bare, "b") is None
 
 
