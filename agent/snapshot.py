@@ -31,7 +31,10 @@ change set (`changes.patch`, `changes.json`, see agent/changes.py) and
 `jobs/<id>/final/result.json` last, so the presence of result.json means the
 final set is complete. result.json is the agent's, with `changes_key` and
 `changes_patch_key` added, or `changes_error` when the change set could not be
-computed (that never costs the archive or the result).
+computed (that never costs the archive or the result). When the task asked for a
+push (`repo.push`, see agent/push.py), the change set is then committed and pushed
+as a branch, before result.json, which gains `push` or `push_error`; a push that
+fails or is refused never costs the archive, the change set or the result.
 """
 
 from __future__ import annotations
@@ -55,12 +58,14 @@ from agent.storage import Store
 if TYPE_CHECKING:
     import tarfile
 
+    from agent.push import PushRequest
+
 STATE_DIR = ".dockyard"  # runtime folder in the workspace; never archived
 LAST_SNAPSHOT_FILE = f"{STATE_DIR}/last_snapshot.json"  # relative to the workspace
 BACKUP_STEP_BYTES = 16 * 1024 * 1024  # copied per backup step
 BACKUP_STEP_SLEEP = 0.001  # seconds between steps, so a concurrent writer is not stalled
 _KEY_TIME_FORMAT = "%Y%m%dT%H%M%S.%fZ"
-CHANGE_FIELDS = ("changes_key", "changes_patch_key", "changes_error")  # what result.json gains
+CHANGE_FIELDS = ("changes_key", "changes_patch_key", "changes_error", "push", "push_error")  # what result.json gains
 
 
 @dataclass(frozen=True)
@@ -366,8 +371,9 @@ def _final_result(workspace: Path, task_id: str) -> dict:
     return result
 
 
-def upload_final(workspace: str | os.PathLike, store: Store, task_id: str) -> FinalUpload:
-    """Upload the workspace archive, then result.json (last: its presence marks a complete set)."""
+def upload_final(workspace: str | os.PathLike, store: Store, task_id: str, push: PushRequest | None = None) -> FinalUpload:
+    """Upload the workspace archive, then result.json (last: its presence marks a complete set).
+    With `push`, the change set is also pushed as a branch before result.json."""
     workspace = Path(workspace).absolute()
     state_dir = workspace / STATE_DIR
     state_dir.mkdir(parents=True, exist_ok=True)
@@ -383,14 +389,16 @@ def upload_final(workspace: str | os.PathLike, store: Store, task_id: str) -> Fi
         tmp.unlink(missing_ok=True)
     # The agent's own fields of these names are dropped: only this step names the change set.
     agents = {k: v for k, v in _final_result(workspace, task_id).items() if k not in CHANGE_FIELDS}
-    result = {**agents, **upload_change_set(workspace, store, task_id)}
+    result = {**agents, **upload_change_set(workspace, store, task_id, push, agents.get("summary"))}
     result_key = contract.final_result_key(task_id)
     store.put_bytes(result_key, json.dumps(result).encode())
     return FinalUpload(archive_key=archive_key, archive_size=archive_size, result_key=result_key, result=result)
 
 
-def upload_change_set(workspace: Path, store: Store, task_id: str) -> dict:
-    """Compute and upload the change set; the fields result.json gains (its keys, or `changes_error`).
+def upload_change_set(workspace: Path, store: Store, task_id: str, push: PushRequest | None = None,
+                      summary: object = None) -> dict:
+    """Compute and upload the change set, then push it when asked; the fields result.json gains (its keys
+    or `changes_error`, and `push` or `push_error`).
 
     A storage error is raised (the final upload is retried); any other failure is reported in words."""
     from agent import changes  # imported when first used: the snapshotter idles without it
@@ -400,10 +408,28 @@ def upload_change_set(workspace: Path, store: Store, task_id: str) -> dict:
             change_set = changes.compute(workspace, scratch)
         except Exception as exc:  # whatever the workspace holds, the final set is still uploaded
             _warn(f"no change set: {type(exc).__name__}: {exc}")
-            return {"changes_error": f"{type(exc).__name__}: {exc}"[:2000]}
+            fields = {"changes_error": f"{type(exc).__name__}: {exc}"[:2000]}
+            return {**fields, "push_error": "not pushed: there is no change set"} if push else fields
         store.put_file(changes.patch_key(task_id), change_set.patch, move=True)
         store.put_bytes(changes.summary_key(task_id), change_set.summary_bytes())
-    return {"changes_key": changes.summary_key(task_id), "changes_patch_key": changes.patch_key(task_id)}
+        fields = {"changes_key": changes.summary_key(task_id), "changes_patch_key": changes.patch_key(task_id)}
+        if push is not None:
+            fields.update(_push(workspace, scratch, change_set.summary, push, task_id, summary))
+    return fields
+
+
+def _push(workspace: Path, scratch: str, change_set: dict, push: PushRequest, task_id: str, summary: object) -> dict:
+    """The change set as a branch (agent/push.py), dated by the agent's result file so a repeat makes the same commit."""
+    from agent.push import deliver
+
+    try:
+        date = (workspace / contract.RESULT_FILE).stat().st_mtime
+    except OSError:
+        date = None
+    fields = deliver(scratch, change_set, push, task_id, date=date, message=summary if isinstance(summary, str) else None)
+    if "push_error" in fields:
+        _warn(f"push of branch {push.branch!r}: {fields['push_error']}")
+    return fields
 
 
 def snapshot_event(task_id: str, snap: SnapshotResult | None, *, final: bool = False, **extra) -> dict:

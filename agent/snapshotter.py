@@ -5,8 +5,9 @@ It alone holds the storage credentials. It answers `{"op": "snapshot"}` on
 to the agent, unanswered, so a request/reply there gets exactly one answer. Each snapshot publishes a `snapshot` event on `events.agent.<id>`.
 Without NATS it keeps working (timer and final snapshots) and keeps trying to
 connect in the background. On SIGTERM/SIGINT it takes a final snapshot,
-uploads the final workspace archive, the change set (agent/changes.py) and
-result.json, publishes the final
+uploads the final workspace archive, the change set (agent/changes.py),
+pushes it as a branch when the runtime passed `--push-url` (agent/push.py; the
+only process given `--git-credentials-dir`), then uploads result.json, publishes the final
 event and exits 0. Snapshots never overlap: one lock serialises them.
 
 It idles lean: boto3 is imported only for an S3 store, sqlite3 and tarfile at the
@@ -35,6 +36,7 @@ from agent.snapshot import (
     take_snapshot,
     upload_final,
 )
+from agent.push import PushRequest, default_branch
 from agent.storage import StorageError, Store, open_store
 from agent.telemetry.connection import NatsAuth, public_url, server_list
 
@@ -55,6 +57,7 @@ class Settings:
     interval: float
     keep: int
     nats_auth: NatsAuth = NatsAuth()
+    push: PushRequest | None = None  # the task's repo.push, from its spec (the runtime's flags)
 
     @property
     def db_path(self) -> Path:
@@ -65,6 +68,7 @@ class Settings:
             f"task={self.task_id} db={self.db_path} store={store.describe()} "
             f"nats={public_url(self.nats_url) if self.nats_url else 'off'}{self.nats_auth.describe()} "
             f"interval={self.interval:g}s{' (off)' if self.interval <= 0 else ''} keep={self.keep}"
+            + (f" push={self.push.branch}" if self.push else "")
         )
 
 
@@ -110,7 +114,8 @@ class Snapshotter:
 
     async def _upload_final(self):
         async with self._lock:
-            return await asyncio.to_thread(upload_final, self.settings.workspace, self.store, self.settings.task_id)
+            s = self.settings
+            return await asyncio.to_thread(upload_final, s.workspace, self.store, s.task_id, s.push)
 
     async def final(self) -> int:
         """Final snapshot, then the final archive and result.json, then the final event."""
@@ -133,6 +138,8 @@ class Snapshotter:
             f"final set uploaded: {self.store.url_for(done.archive_key)} ({done.archive_size} bytes), "
             f"{self.store.url_for(done.result_key)} (outcome {done.result.get('outcome')!r})"
         )
+        if "push" in done.result:
+            _log(f"pushed branch {done.result['push']['branch']} at {done.result['push']['commit']}")
         extra = {"archive_key": done.archive_key, "result_key": done.result_key}
         for field in CHANGE_FIELDS:
             if field in done.result:
@@ -319,6 +326,12 @@ def _parser():
         default=env.get("DOCKYARD_SNAPSHOT_KEEP") or str(DEFAULT_KEEP),
         help=f"how many checkpoint snapshots to keep (env DOCKYARD_SNAPSHOT_KEEP, default {DEFAULT_KEEP})",
     )
+    parser.add_argument("--push-url", default=None, metavar="URL",
+                        help="the task's repo.url: at the end, commit the change set and push it there (the task's repo.push)")
+    parser.add_argument("--push-branch", default=None, metavar="BRANCH", help="the branch to push (default dockyard/<task-id>)")
+    parser.add_argument("--push-proxy", default=None, metavar="URL", help="HTTP(S) proxy of the push (a pod's egress proxy)")
+    parser.add_argument("--git-credentials-dir", default=env.get("DOCKYARD_GIT_CREDENTIALS_DIR") or None, metavar="DIR",
+                        help="files username, password (or token) and optionally hosts, for the push [DOCKYARD_GIT_CREDENTIALS_DIR]")
     return parser
 
 
@@ -337,8 +350,17 @@ def parse_settings(argv: list[str] | None) -> Settings:
         interval=args.interval,
         keep=args.keep,
         nats_auth=nats_auth(args),
+        push=_push_request(args),
     )
 
+
+def _push_request(args) -> PushRequest | None:
+    if not args.push_url:
+        if args.push_branch or args.push_proxy:
+            raise UsageError("--push-branch and --push-proxy need --push-url")
+        return None
+    # The branch was validated with the task (functions/core/task.py); git refuses any ref name that is not one.
+    return PushRequest(args.push_url, args.push_branch or default_branch(args.task_id), args.git_credentials_dir, args.push_proxy)
 
 def import_nats_lean(nats_url: str | None) -> None:
     """Import nats-py with aiohttp hidden, unless a websocket server (ws://, wss://) is configured.
@@ -358,7 +380,6 @@ def import_nats_lean(nats_url: str | None) -> None:
     finally:
         if "aiohttp" in sys.modules and sys.modules["aiohttp"] is None:
             del sys.modules["aiohttp"]
-
 
 def main(argv: list[str] | None = None) -> int:
     prog = "python -m agent snapshotter"

@@ -50,6 +50,7 @@ from functions.core.nats_leaf import (  # noqa: F401  (the leaf's names, as the 
     leaf_probe_command,
     render_leaf_conf,
 )
+from functions.core import git_push
 from functions.core.settings import Resources, Settings
 from functions.core.task import Task
 
@@ -234,6 +235,7 @@ def _pod_spec(task: Task, settings: Settings) -> dict:
         {"name": "s3-credentials", "secret": {"secretName": settings.object_store_secret, "defaultMode": 0o440}},
         # Optional: a scripted model or a keyless local endpoint needs no secret.
         {"name": "model-credentials", "secret": {"secretName": settings.model_secret, "defaultMode": 0o440, "optional": True}},
+        *git_push.volumes(task, settings),  # repo.push: the git Secret, for the snapshotter only
     ]
     if mints_nats_credentials(settings):
         # One volume per role, each projecting only that role's key: a container sees its own user only.
@@ -354,8 +356,8 @@ def _snapshotter(task: Task, settings: Settings) -> dict:
         "--interval", str(settings.snapshot_interval_seconds),
     ]  # fmt: skip
     env = _env(**_store_env(task, settings))
-    mounts = _store_mounts() + _nats_mounts(settings, CONTAINER_SNAPSHOTTER)
-    container = _container(CONTAINER_SNAPSHOTTER, settings, args, env, mounts, settings.sidecar_resources)
+    mounts = _store_mounts() + _nats_mounts(settings, CONTAINER_SNAPSHOTTER) + git_push.snapshotter_mounts(task)
+    container = _container(CONTAINER_SNAPSHOTTER, settings, args + git_push.snapshotter_args(task, settings), env, mounts, settings.sidecar_resources)
     # A native sidecar: starts before the agent, runs beside it, and is stopped only after the
     # agent has exited, so its final upload sees the final workspace.
     container["restartPolicy"] = "Always"

@@ -11,16 +11,14 @@ Invariants
 - Keyword construction (`Settings(data_dir=..., runtime="local")`, as tests do) never reads the
   process environment; `Settings.from_env(mapping)` reads the given mapping (default `os.environ`).
 
-pydantic-settings' own environment source does the reading (names from `env_prefix` or a
-field's alias), over a mapping instead of `os.environ`, and with one rule of ours: a blank
-value keeps the default, except where blank means "none" (the egress proxy, NO_PROXY, the
-StorageClass).
+pydantic-settings' own environment source does the reading (names from `env_prefix` or a field's alias), over a
+mapping instead of `os.environ`, and with one rule of ours: a blank value keeps the default, except where blank means
+"none" (the egress proxy, NO_PROXY, the StorageClass).
 
-Cost: pydantic loads only for this module in a functions process, and the functions scale to
-zero. On the shared 2-core machine, interleaved: `python -X importtime -c "import functions.main"`
-took 120 ms before this model and 184 ms with it (minimum of 15; medians 216 and 295 ms);
-`bench/bench_coldstart.py --runs 9` gave 0.76-1.30x before and 1.28-1.74x with it (8 runs, 4
-above the 1.5x target). A hand-written dataclass model with the same fields gave 0.89-1.47x.
+Cost: pydantic loads only for this module in a functions process, and the functions scale to zero. On the shared
+2-core machine, interleaved: `python -X importtime -c "import functions.main"` took 120 ms before this model and 184 ms
+with it (minimum of 15; medians 216 and 295 ms); `bench/bench_coldstart.py --runs 9` gave 0.76-1.30x before and
+1.28-1.74x with it (8 runs, 4 above the 1.5x target). A hand-written dataclass model with the same fields gave 0.89-1.47x.
 """
 
 from __future__ import annotations
@@ -245,6 +243,7 @@ class Settings(BaseSettings):
     tmp_size_limit: Quantity = _setting("1Gi", "size limit of `/tmp` (an emptyDir)", _JOBS)
     object_store_secret: Name = _setting("dockyard-object-store", "Secret with the object store's credentials", _JOBS)
     model_secret: Name = _setting("dockyard-model", "Secret with the model's API key and base URL (optional)", _JOBS)
+    git_push_secret: Name = _setting("dockyard-git-push", "Secret with the git credentials of `repo.push`, for a pushing task's snapshotter only (optional)", _JOBS)
     kueue_queue: str = _setting("", "a Kueue LocalQueue: Jobs are created suspended for Kueue to admit; none: no Kueue", _JOBS)
     default_model: str = _setting("", "model of a task that names none, e.g. `openai:gpt-4o`; none: the agent's default", _JOBS)
 
@@ -259,6 +258,7 @@ class Settings(BaseSettings):
                                             "key (`access_key_id`, `secret_access_key`, `region`, ...); none: no credentials", _PODMAN)
     model_secret_dir: str = _setting("", "the model's Secret (`DOCKYARD_MODEL_SECRET`) as a directory, one file per key; none: no model "
                                      "key in the pods (`dockyard dev`: its model gateway's key directory)", _PODMAN)
+    git_credentials_dir: str = _setting("", "`repo.push`'s git credentials (files `username`, `password` or `token`, `hosts`), for the snapshotter only", "local and podman runtimes")
 
     # --- construction ------------------------------------------------------------------
     @classmethod

@@ -18,6 +18,8 @@ from functions.errors import BadInput
 MAX_PROMPT_BYTES = 64 * 1024
 REPO_SCHEMES = ("https", "ssh", "file")  # file: only with allow_file_repos
 MAX_COST_USD = 100_000.0  # limits.max_cost_usd: a number, not a typo of a few more zeros
+PUSH_SCHEMES = ("https", "file")  # repo.push: credentials go over https only (file: a dev machine's repository)
+PUSH_BRANCH_MAX = 200
 
 
 @dataclass(frozen=True)
@@ -166,7 +168,38 @@ def _repo(repo: object, allow_file_repos: bool = False) -> dict | None:
         raise BadInput("repo.ref must be a branch, tag or commit name", "repo.ref")
     if ref:
         _no_control(ref, "repo.ref")
-    return {"url": url, **({"ref": ref} if ref else {})}
+    push = _push(repo["push"], scheme) if repo.get("push") not in (None, False) else None
+    return {"url": url, **({"ref": ref} if ref else {}), **({"push": push} if push is not None else {})}
+
+
+def _push(push: object, scheme: str) -> dict:
+    """`repo.push: {branch?}`: deliver the change set as a branch. Without a branch the finalizer names it
+    `dockyard/<task-id>` (left out here, so a retry or fork of the task pushes its own branch)."""
+    if push is True:
+        push = {}
+    if not isinstance(push, dict) or set(push) - {"branch"}:
+        raise BadInput("repo.push must be an object {branch?} (or true)", "repo.push")
+    if scheme not in PUSH_SCHEMES:
+        raise BadInput(f"repo.push: pushing needs an {' or '.join(PUSH_SCHEMES)} repo.url", "repo.push")
+    branch = push.get("branch")
+    if branch is None:
+        return {}
+    if not isinstance(branch, str) or not _valid_branch(branch):
+        raise BadInput(
+            f"repo.push.branch must be a git branch name (at most {PUSH_BRANCH_MAX} characters; no '..', '@{{', "
+            "control characters, spaces or any of ~^:?*[\\; not starting with '-' or '/', not 'HEAD')", "repo.push.branch")
+    return {"branch": branch}
+
+
+def _valid_branch(name: str) -> bool:
+    """`git check-ref-format --branch` rules for `refs/heads/<name>`, checked here (no process)."""
+    if not name or len(name) > PUSH_BRANCH_MAX or name == "HEAD" or name.startswith("-") or name == "@":
+        return False
+    if contract.has_control_chars(name) or any(ch in name for ch in " ~^:?*[\\\x7f"):
+        return False
+    if ".." in name or "@{" in name or "//" in name or name.startswith("/") or name.endswith(("/", ".")):
+        return False
+    return all(part and not part.startswith(".") and not part.endswith(".lock") for part in name.split("/"))
 
 
 def _model(model: object) -> str | None:

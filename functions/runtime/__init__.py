@@ -25,6 +25,7 @@ def make_runtime(settings: "Settings", **kw: Any) -> "Runtime":
         kw.setdefault("issuer", settings.nats_issuer())
         kw.setdefault("nats_creds", settings.nats_creds)
         kw.setdefault("max_running", settings.max_running or None)  # 0: the number of cores
+        kw.setdefault("git_credentials_dir", settings.git_credentials_dir or None)  # the snapshotter's only
         return LocalRuntime(settings.data_dir, settings.nats_url, settings.store, **kw)
     if settings.runtime == "kubernetes":
         from functions.runtime.kubernetes import KubernetesRuntime

@@ -132,10 +132,13 @@ def example_tasks() -> dict[str, tuple[object, object]]:
         source="tests/manifests",
         event_id="all-limits",
     )
+    pushing = parse_task({**everything.to_dict(), "repo": {**everything.repo, "push": {"branch": "fix/tests"}}},
+                         source="tests/manifests", event_id="pushing")  # repo.push: the snapshotter's git Secret
     return {
         "example": (example, settings),
         "all-limits-kueue": (everything, settings.updated({"kueue_queue": "dockyard", "default_model": "openai:gpt-4o"})),
         "launcher": (everything, Settings.from_env(service_env("task-submitted"))),
+        "launcher-push": (pushing, Settings.from_env(service_env("task-submitted"))),
     }
 
 

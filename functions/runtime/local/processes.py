@@ -35,6 +35,7 @@ from pathlib import Path
 
 from agent import contract
 from agent.procs import die_with_parent, group_alive, signal_group, start_time
+from functions.core.git_push import push_flags
 from functions.core.task import Task
 from functions.runtime.local.pod import AttemptEnd, JobSpec, Supervised, log_tail, summary_this_attempt
 from functions.runtime.local.state import TaskFolder
@@ -62,6 +63,7 @@ class AgentCommand:
     allow_file_repos: bool = False
     nats_creds: bool = False  # each process gets its own `.creds` in the task's secrets folder (the launcher minted them)
     model_gateway: str | None = None  # the dev stack's model gateway: the agent's secrets dir is then its task's own folder
+    git_credentials_dir: str | None = None  # repo.push's credentials: the snapshotter's flag only, outside the agent's sandbox
 
     def line(self, task: Task, command: str, folder: TaskFolder) -> list[str]:
         """The command line of one container, the flags as the pod's containers get them."""
@@ -73,7 +75,7 @@ class AgentCommand:
             argv += self._nats(folder, "snapshotter")
             if self.snapshot_interval:
                 argv += ["--interval", str(self.snapshot_interval)]
-            return argv
+            return argv + push_flags(task, self.git_credentials_dir and str(Path(self.git_credentials_dir).absolute()))
         argv += ["--task-file", str(folder.task_file), "--home", str(folder.home)]
         model = task.model or self.default_model
         if model:
@@ -100,6 +102,7 @@ def child_env(env: dict[str, str] | None) -> dict[str, str]:
     import agent
 
     env = dict(os.environ if env is None else env)
+    env.pop(f"{contract.ENV_PREFIX}GIT_CREDENTIALS_DIR", None)  # the snapshotter gets it as a flag; no other child
     # The children import `agent` from this checkout even when it is not installed.
     root = str(Path(agent.__file__).resolve().parent.parent)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)

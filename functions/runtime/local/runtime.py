@@ -82,6 +82,7 @@ class LocalRuntime:
         warm: bool | None = None,
         model_gateway: str | None = None,
         gateway_grants: Path | None = None,
+        git_credentials_dir: str | None = None,
     ):
         self.data_dir = Path(data_dir).resolve()
         self.folders = TaskFolders(self.data_dir / "tasks")
@@ -112,6 +113,7 @@ class LocalRuntime:
                 allow_file_repos=allow_file_repos,
                 nats_creds=issuer is not None and bool(nats_url),
                 model_gateway=model_gateway,
+                git_credentials_dir=git_credentials_dir or None,
             ),
             env=environment,
             emit_job_event=emit_job_event,

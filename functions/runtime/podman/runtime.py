@@ -9,7 +9,8 @@ Invariants
   settings with every URL that names this machine's loopback naming `podman_host` instead (what the
   pod's network, slirp4netns with the host's loopback, reaches it as). Nothing is rewritten after rendering.
 - The Secrets the Job mounts come from where `dockyard dev` keeps them: the object store's and the
-  model's from directories (one file per key: `object_store_secret_dir`, `model_secret_dir`), the
+  model's from directories (one file per key: `object_store_secret_dir`, `model_secret_dir`, and the git
+  credentials of `repo.push` from `git_credentials_dir`, mounted into a pushing task's snapshotter only), the
   task's NATS users minted at admission (as LocalRuntime mints them) into the Secret the factory renders.
 - The workspace is the named volume `workspace-<id>`, bound to the task's folder (so the result file,
   the TTL janitor and a restart see it as the local runtime does); it is removed with the workspace.
@@ -76,7 +77,7 @@ class PodmanRuntime(LocalRuntime):
         kw.setdefault("nats_creds", settings.nats_creds)
         kw.setdefault("max_running", settings.max_running or None)
         for unused in ("agent_cmd", "default_model", "secrets_dir", "model_gateway", "gateway_grants", "scripts_dir",
-                       "allow_file_repos", "env"):  # the pod's Job says all that; the dev stack passes them to any runtime
+                       "allow_file_repos", "env", "git_credentials_dir"):  # the pod's Job says all that; the dev stack passes them to any runtime
             kw.pop(unused, None)
         super().__init__(settings.data_dir, settings.nats_url, settings.store, emit_job_event, warm=False, **kw)
         # LocalRuntime mints a task's NATS users at admission when its command takes them; here they go into the Job's Secret.
@@ -114,6 +115,7 @@ class PodmanRuntime(LocalRuntime):
         found = {
             self.settings.object_store_secret: read_secret_dir(self.settings.object_store_secret_dir) or {},
             self.settings.model_secret: read_secret_dir(self.settings.model_secret_dir),
+            self.settings.git_push_secret: read_secret_dir(self.settings.git_credentials_dir),
         }
         return {name: data for name, data in found.items() if data is not None}
 
