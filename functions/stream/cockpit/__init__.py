@@ -31,9 +31,11 @@ is unreachable or failing. Errors are raised and answered by the stream app's
 exception handler (`functions.errors.answer_for`), like every other route's. In the cluster set DOCKYARD_BROKER_URL to
 `http://broker-ingress.knative-eventing.svc.cluster.local/dockyard/default`.
 
-The page: `static/app.js` (task list, routing, forms), `static/trace.js` (the
-live trace of one task and its invariants), `static/api.js` (HTTP and
-CloudEvents), `static/dom.js` (building elements from data, never from HTML).
+The page: `static/app.js` (routing, polling, commands), `static/tasklist.js`
+(the task list, kept by task id and updated in place), `static/submitform.js`
+(the "New task" form and its field errors), `static/trace.js` (the live trace of
+one task and its invariants), `static/api.js` (HTTP and CloudEvents),
+`static/dom.js` (building elements from data, never from HTML).
 
 The broker URL comes from `Settings.broker_url` (DOCKYARD_BROKER_URL).
 """
