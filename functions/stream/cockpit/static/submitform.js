@@ -57,9 +57,9 @@ export class SubmitForm {
     const { deadline_seconds: deadline, retries } = config.limits || {};
     const inputs = this.form.elements;
     if (Number.isSafeInteger(deadline?.max)) inputs.deadline.max = deadline.max;
-    if (Number.isSafeInteger(deadline?.default)) inputs.deadline.placeholder = `server default: ${deadline.default}`;
+    if (Number.isSafeInteger(deadline?.default)) inputs.deadline.placeholder = `default ${deadline.default}`;
     if (Number.isSafeInteger(retries?.max)) inputs.retries.max = retries.max;
-    if (Number.isSafeInteger(retries?.default)) inputs.retries.placeholder = `server default: ${retries.default}`;
+    if (Number.isSafeInteger(retries?.default)) inputs.retries.placeholder = `default ${retries.default}`;
     if (config.providers.length) {
       text(document.getElementById("f-model-hint"), `provider:name, the provider one of ${config.providers.join(", ")}`);
     }
@@ -121,6 +121,7 @@ export class SubmitForm {
       const taskId = await submittedTaskId(event, body);
       this.form.elements.prompt.value = "";
       this.form.elements.task_id.value = ""; // an id names one task: the next one needs another
+      this.details.open = false; // the list gets its room back; the other fields stay for the next task
       this.onSubmitted(taskId);
     } catch (exc) {
       this.showError(exc);
