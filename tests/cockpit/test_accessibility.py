@@ -61,7 +61,9 @@ def check(page, axe_js) -> None:
 
 
 @pytest.mark.parametrize("scheme", SCHEMES)
-def test_the_task_list(page, dev, tasks, axe_js, scheme):
+@pytest.mark.parametrize("size", [(1440, 900), (390, 844)], ids=["laptop", "phone"])
+def test_the_task_list(page, dev, tasks, axe_js, scheme, size):
+    page.set_viewport_size({"width": size[0], "height": size[1]})
     page.emulate_media(color_scheme=scheme)
     page.goto(cockpit(dev))
     page.locator(f"#task-list a[data-task-id='{tasks['failed']}'] .task-reason").wait_for()
