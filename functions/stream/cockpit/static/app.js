@@ -27,7 +27,6 @@ let current = null; // the open TaskView
 
 const taskList = new TaskList({
   list: $("#task-list"),
-  scroll: $("#task-scroll"),
   empty: $("#tasks-empty"),
   count: $("#tasks-count"),
   search: $("#filter-text"),

@@ -16,8 +16,8 @@ import { age, duration, h, isTaskId, oneLine, text } from "./dom.js";
 const TICK_MS = 1000;
 
 export class TaskList {
-  constructor({ list, scroll, empty, count, search, state, outcome }) {
-    this.el = { list, scroll, empty, count, search, state, outcome };
+  constructor({ list, empty, count, search, state, outcome }) {
+    this.el = { list, empty, count, search, state, outcome };
     this.rows = new Map(); // task id -> {li, link, state, outcome, phase, time, prompt, reason, record}
     this.order = []; // task ids, as the server lists them (newest first)
     this.open = null; // the task shown beside the list
