@@ -31,6 +31,8 @@ CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 # A scripted model is named by a bare file name in the scripts directory, never a path.
 SCRIPT_NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*(\.(yaml|yml|json))?")
 SCRIPTED_PROVIDER = "scripted"
+# The providers a model spec may name besides `scripted` (agent/models.py loads them; the cockpit's form checks them).
+MODEL_PROVIDERS = ("openai", "anthropic", "ollama", "vllm", "openai-compatible")
 
 
 def has_control_chars(value: str) -> bool:

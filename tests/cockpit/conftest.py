@@ -8,6 +8,7 @@ Without Chromium the browser tests skip, unless CI is set: there they fail.
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 
@@ -84,3 +85,18 @@ def make_dev(tmp_path, scripts_dir):
     yield make
     for server in servers:
         server.stop()
+
+
+AXE_JS = Path(__file__).parent / "node_modules" / "axe-core" / "axe.min.js"
+
+
+@pytest.fixture(scope="session")
+def axe_js() -> Path:
+    """axe-core as tests/cockpit/package-lock.json pins it (`npm ci --prefix tests/cockpit`, run by
+    ./scripts/install-test-packages). Missing: the accessibility tests skip, unless CI is set: there they fail."""
+    if AXE_JS.exists():
+        return AXE_JS
+    message = f"{AXE_JS} is missing: install it with ./scripts/install-test-packages (npm ci --prefix tests/cockpit)"
+    if os.environ.get("CI"):
+        pytest.fail(message)
+    pytest.skip(message)

@@ -71,8 +71,17 @@ def scripted_model(path: Path, turns: list[dict]) -> str:
     return f"scripted:{path.name}"
 
 
+def open_form(page) -> None:
+    """Unfold "New task" (folded below the list once there are tasks)."""
+    page.wait_for_selector("#new-task-open[aria-expanded]")
+    if not page.evaluate("document.querySelector('#new-task').open"):
+        page.click("#new-task-open")
+    page.wait_for_selector("#submit-form textarea[name=prompt]", state="visible")
+
+
 def submit_from_page(page, prompt: str, model: str) -> str:
     """Fill in the form, submit, and return the task id the page navigated to."""
+    open_form(page)
     page.fill("#submit-form textarea[name=prompt]", prompt)
     page.fill("#submit-form input[name=model]", model)
     page.click("#submit-form button[type=submit]")
@@ -282,13 +291,15 @@ def test_without_a_token_the_page_shows_the_401_and_nothing_else(page, dev):
 
 def test_a_refused_submission_shows_the_error_and_the_field(page, dev):
     page.goto(cockpit(dev))
+    open_form(page)
     page.fill("#submit-form textarea[name=prompt]", "Do it")
-    page.fill("#submit-form input[name=model]", "no-provider")
+    page.fill("#submit-form input[name=model]", "scripted:../elsewhere")  # a known provider: the page lets it through
     page.click("#submit-form button[type=submit]")
     error = page.locator("#submit-error")
     error.wait_for()
-    assert error.inner_text().startswith("400: model must look like 'provider:model'")
+    assert error.inner_text().startswith("400: model: a scripted model is named by a file")
     assert error.inner_text().endswith("(field: model)")
+    assert page.get_attribute("#submit-form input[name=model]", "aria-invalid") == "true"
     assert "#/tasks/" not in page.url
 
 
@@ -297,7 +308,7 @@ def test_through_the_relay_when_the_broker_is_elsewhere(page, make_dev):
     server = make_dev()
     server.env["DOCKYARD_BROKER_URL"] = f"http://127.0.0.1:{server.port}/"  # dev's own ingress stands in for the Broker
     server.start()
-    assert httpx.get(f"{server.url}/cockpit-config.json").json() == {"ingress": "/api/events"}
+    assert httpx.get(f"{server.url}/cockpit-config.json").json()["ingress"] == "/api/events"
     page.goto(cockpit(server))
     with page.expect_request("**/api/events") as posted:
         task_id = submit_from_page(page, EXAMPLE_PROMPT, "scripted:example")

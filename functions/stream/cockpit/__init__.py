@@ -4,11 +4,18 @@ The page reads the stream app's own API (`/api/tasks`, `/api/stream/{id}`) and
 submits tasks and commands as structured CloudEvents. Where it posts them comes
 from `GET /cockpit-config.json`, which this module serves:
 
-    DOCKYARD_BROKER_URL unset   {"ingress": "/"}            `dockyard dev`: the broker ingress is
-                                                            `POST /` of the same origin
-    DOCKYARD_BROKER_URL set     {"ingress": "/api/events"}  the cluster: a relay in this app forwards
-                                                            each event to that URL (the Broker's
-                                                            in-cluster address, which no browser reaches)
+    DOCKYARD_BROKER_URL unset   {"ingress": "/", ...}            `dockyard dev`: the broker ingress is
+                                                                 `POST /` of the same origin
+    DOCKYARD_BROKER_URL set     {"ingress": "/api/events", ...}  the cluster: a relay in this app forwards
+                                                                 each event to that URL (the Broker's
+                                                                 in-cluster address, which no browser reaches)
+
+The rest of the config is what the page checks and offers before it posts, all from
+the contract and the settings, so the page never keeps a copy: `providers` (a model
+is `provider:name`, with `scripted` first), `states` and `outcomes` (the list's
+filters), and `limits` (the form's bounds: `deadline_seconds` and `retries`, each
+`{default, max}`, as task_submitted enforces them). The server stays the judge: the
+page's checks only save a round trip.
 
 Every route but the page and its assets needs an API token (functions/stream/auth.py);
 the relay needs a write token, and passes it on to the Broker URL.
@@ -24,9 +31,11 @@ is unreachable or failing. Errors are raised and answered by the stream app's
 exception handler (`functions.errors.answer_for`), like every other route's. In the cluster set DOCKYARD_BROKER_URL to
 `http://broker-ingress.knative-eventing.svc.cluster.local/dockyard/default`.
 
-The page: `static/app.js` (task list, routing, forms), `static/trace.js` (the
-live trace of one task and its invariants), `static/api.js` (HTTP and
-CloudEvents), `static/dom.js` (building elements from data, never from HTML).
+The page: `static/app.js` (routing, polling, commands), `static/tasklist.js`
+(the task list, kept by task id and updated in place), `static/submitform.js`
+(the "New task" form and its field errors), `static/trace.js` (the live trace of
+one task and its invariants), `static/api.js` (HTTP and CloudEvents),
+`static/dom.js` (building elements from data, never from HTML).
 
 The broker URL comes from `Settings.broker_url` (DOCKYARD_BROKER_URL).
 """
@@ -47,6 +56,11 @@ STATIC_DIR = Path(__file__).parent / "static"
 RELAY_PATH = "/api/events"
 RELAYED_TYPES = (contract.EVENT_TASK_SUBMITTED, contract.EVENT_TASK_COMMAND)
 RELAY_TIMEOUT_SECONDS = 15.0
+# The list's filters, in the order a task goes through them.
+STATES = (contract.STATE_QUEUED, contract.STATE_STARTED, contract.STATE_RESUMED, contract.STATE_RETRYING,
+          contract.STATE_INTERRUPTED, contract.STATE_FINISHED)
+OUTCOMES = (contract.OUTCOME_DONE, contract.OUTCOME_FAILED, contract.OUTCOME_CANCELLED, contract.OUTCOME_DEADLINE,
+            contract.OUTCOME_BUDGET)
 
 
 def routes(settings: Settings, redaction: Redaction | None = None) -> list:
@@ -59,7 +73,7 @@ def routes(settings: Settings, redaction: Redaction | None = None) -> list:
     from starlette.staticfiles import StaticFiles
 
     broker_url = settings.broker_url
-    config = {"ingress": RELAY_PATH if broker_url else "/"}
+    config = {"ingress": RELAY_PATH if broker_url else "/", **form_config(settings)}
 
     async def cockpit_config(request):
         return JSONResponse(config, headers={"Cache-Control": "no-store"})
@@ -68,6 +82,20 @@ def routes(settings: Settings, redaction: Redaction | None = None) -> list:
     if broker_url:
         extra.append(Route(RELAY_PATH, relay_to(broker_url, redaction), methods=["POST"]))
     return [*extra, Mount("/", app=StaticFiles(directory=STATIC_DIR, html=True), name="cockpit")]
+
+
+def form_config(settings: Settings) -> dict:
+    """What the page's list and form need to know: model providers, states, outcomes, limits."""
+    policy = settings.limits
+    return {
+        "providers": [contract.SCRIPTED_PROVIDER, *contract.MODEL_PROVIDERS],
+        "states": list(STATES),
+        "outcomes": list(OUTCOMES),
+        "limits": {
+            "deadline_seconds": {"default": policy.default_deadline_seconds, "max": policy.max_deadline_seconds},
+            "retries": {"default": policy.default_retries, "max": policy.max_retries},
+        },
+    }
 
 
 def task_id_of(event) -> str | None:

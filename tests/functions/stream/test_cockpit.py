@@ -53,7 +53,7 @@ async def relay_client(settings, broker_url: str) -> httpx.AsyncClient:
 async def test_the_relay_forwards_what_a_person_may_send_and_refuses_the_rest(settings, broker):
     server, got, answers = broker
     async with await relay_client(settings, f"{server.url}/") as client:
-        assert (await client.get("/cockpit-config.json")).json() == {"ingress": "/api/events"}
+        assert (await client.get("/cockpit-config.json")).json()["ingress"] == "/api/events"
         accepted = await client.post("/api/events", content=event(), headers=STRUCTURED)
         assert accepted.status_code == 202
         assert accepted.json() == {"accepted": True, "task_id": contract.derive_task_id("tests/cockpit", "e-1")}
@@ -85,7 +85,19 @@ async def test_an_unreachable_broker_is_a_503(settings):
 
 async def test_without_a_broker_url_the_page_posts_to_its_own_origin(settings):
     async with await relay_client(settings, "") as client:
-        assert (await client.get("/cockpit-config.json")).json() == {"ingress": "/"}
+        assert (await client.get("/cockpit-config.json")).json()["ingress"] == "/"
         assert (await client.post("/api/events", content=event(), headers=STRUCTURED)).status_code == 405  # no relay: static files
         page = await client.get("/")
         assert page.status_code == 200 and "<html" in page.text.lower()
+
+
+async def test_the_config_tells_the_page_the_providers_states_outcomes_and_limits_the_server_applies(settings):
+    from agent import models
+
+    settings = replace_settings(settings, max_deadline_seconds=7200, default_retries=1, max_retries=4)
+    async with await relay_client(settings, "") as client:
+        config = (await client.get("/cockpit-config.json")).json()
+    assert config["providers"] == ["scripted", *models.PROVIDERS]  # the form checks the providers the agent loads
+    assert set(config["states"]) == {v for k, v in vars(contract).items() if k.startswith("STATE_")}
+    assert set(config["outcomes"]) == {v for k, v in vars(contract).items() if k.startswith("OUTCOME_")}
+    assert config["limits"] == {"deadline_seconds": {"default": 3600, "max": 7200}, "retries": {"default": 1, "max": 4}}

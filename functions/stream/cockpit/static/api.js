@@ -25,13 +25,25 @@ export async function signIn() {
   }
 }
 
-// {ingress}: "/" under `dockyard dev`, "/api/events" (a relay) in the cluster.
+// {ingress}: "/" under `dockyard dev`, "/api/events" (a relay) in the cluster; and what the form
+// and the list's filters need: {providers, states, outcomes, limits} (functions/stream/cockpit/__init__.py).
+// Without it the page still works: the server judges every field anyway.
 export function config() {
   configPromise ??= fetch("cockpit-config.json", { cache: "no-store" })
     .then((r) => (r.ok ? r.json() : {}))
     .catch(() => ({}))
-    .then((c) => ({ ingress: typeof c.ingress === "string" && c.ingress ? c.ingress : "/" }));
+    .then((c) => ({
+      ingress: typeof c.ingress === "string" && c.ingress ? c.ingress : "/",
+      providers: strings(c.providers),
+      states: strings(c.states),
+      outcomes: strings(c.outcomes),
+      limits: c.limits && typeof c.limits === "object" ? c.limits : {},
+    }));
   return configPromise;
+}
+
+function strings(value) {
+  return Array.isArray(value) ? value.filter((v) => typeof v === "string" && v) : [];
 }
 
 export class ApiError extends Error {
@@ -109,10 +121,16 @@ export async function submittedTaskId(event, body) {
   return "t-" + [...digest.slice(0, 8)].map((x) => x.toString(16).padStart(2, "0")).join("");
 }
 
-export function submitTask({ prompt, repo, model }) {
+// The data of a task.submitted event from the form's values; empty values are left out (server defaults).
+export function submitTask({ prompt, repo, ref, model, deadline, retries, taskId }) {
   const data = { prompt };
-  if (repo) data.repo = { url: repo };
+  if (repo) data.repo = ref ? { url: repo, ref } : { url: repo };
   if (model) data.model = model;
+  const limits = {};
+  if (deadline !== null && deadline !== undefined) limits.deadline_seconds = deadline;
+  if (retries !== null && retries !== undefined) limits.retries = retries;
+  if (Object.keys(limits).length) data.limits = limits;
+  if (taskId) data.task_id = taskId;
   return sendEvent(EVENT_TASK_SUBMITTED, data);
 }
 

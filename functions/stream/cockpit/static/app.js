@@ -1,10 +1,12 @@
-// The cockpit: the task list (polled), the task view (live, see trace.js), and the
-// forms that submit tasks and commands as CloudEvents (see api.js).
+// The cockpit: the task list (polled, see tasklist.js), the task view (live, see trace.js), and the
+// forms that submit tasks (submitform.js) and commands as CloudEvents (see api.js).
 // Routes: #/ (the list) and #/tasks/<id> (a task).
 
-import { age, h, isTaskId, oneLine, text } from "./dom.js";
-import { ApiError, command, config, getJSON, signIn, submitTask, submittedTaskId } from "./api.js";
+import { isTaskId, text } from "./dom.js";
+import { ApiError, command, config, getJSON, signIn } from "./api.js";
 import { TaskView } from "./trace.js";
+import { TaskList } from "./tasklist.js";
+import { SubmitForm } from "./submitform.js";
 
 const POLL_VISIBLE_MS = 3000;
 const POLL_HIDDEN_MS = 30000; // a hidden tab still notices new tasks, just rarely
@@ -12,10 +14,6 @@ const POLL_HIDDEN_MS = 30000; // a hidden tab still notices new tasks, just rare
 const $ = (selector) => document.querySelector(selector);
 const ui = {
   serverState: $("#server-state"),
-  list: $("#task-list"),
-  listEmpty: $("#tasks-empty"),
-  submitForm: $("#submit-form"),
-  submitError: $("#submit-error"),
   taskView: $("#task-view"),
   placeholder: $("#no-task"),
   cancel: $("#tv-cancel"),
@@ -26,22 +24,46 @@ const ui = {
 };
 
 let current = null; // the open TaskView
-let tasks = [];
+
+const taskList = new TaskList({
+  list: $("#task-list"),
+  empty: $("#tasks-empty"),
+  count: $("#tasks-count"),
+  search: $("#filter-text"),
+  state: $("#filter-state"),
+  outcome: $("#filter-outcome"),
+});
+
+const submitForm = new SubmitForm(
+  { details: $("#new-task"), form: $("#submit-form"), error: $("#submit-error"), opener: $("#new-task-open") },
+  {
+    onSubmitted(taskId) {
+      poll();
+      if (taskId) location.hash = `#/tasks/${taskId}`;
+    },
+  },
+);
 
 // --- the task list -------------------------------------------------------------------
 
 let pollTimer = null;
 let polling = false;
+let firstList = true;
 
 async function poll() {
   clearTimeout(pollTimer);
   if (!polling) {
     polling = true;
     try {
-      tasks = await getJSON("api/tasks");
-      if (!Array.isArray(tasks)) tasks = [];
+      const tasks = await getJSON("api/tasks");
       setServer("ok", "connected");
-      renderList();
+      taskList.update(Array.isArray(tasks) ? tasks : []);
+      if (firstList && !tasks?.length && !current) submitForm.details.open = true; // nothing to show yet: the form is what comes next
+      firstList = false;
+      if (current) {
+        const record = taskList.record(current.taskId);
+        if (record) current.applyRecord(record);
+      }
     } catch (exc) {
       setServer("down", serverProblem(exc));
     } finally {
@@ -66,56 +88,6 @@ function setServer(state, label) {
   text(ui.serverState, label);
 }
 
-let listShape = null; // what the list shows apart from the ages: unchanged, only the ages are updated
-
-function renderList() {
-  const now = Date.now();
-  const open = current?.taskId;
-  const shown = tasks.filter((t) => t && isTaskId(t.task_id));
-  const shape = JSON.stringify([open, shown.map((t) => [t.task_id, t.state, t.phase, t.outcome, t.finished_at, t.task?.prompt])]);
-  ui.listEmpty.hidden = shown.length > 0;
-  if (shape === listShape) {
-    // Rebuilding would drop keyboard focus and hover every few seconds.
-    for (const el of ui.list.querySelectorAll(".task-age")) text(el, age(el.title, now));
-  } else {
-    listShape = shape;
-    ui.list.replaceChildren(...shown.map((t) => taskRow(t, open, now)));
-  }
-  if (current) {
-    const record = shown.find((t) => t.task_id === current.taskId);
-    if (record) current.applyRecord(record);
-  }
-}
-
-function taskRow(t, open, now) {
-  const state = String(t.state || "unknown");
-  const prompt = t.task && typeof t.task.prompt === "string" ? t.task.prompt : "";
-  return h(
-    "li",
-    {},
-    h(
-      "a",
-      { class: "task-row", href: `#/tasks/${t.task_id}`, dataset: { taskId: t.task_id }, "aria-current": t.task_id === open ? "page" : null },
-      h(
-        "div",
-        { class: "task-row-top" },
-        h("span", { class: `badge state-${state}` }, state),
-        h("code", { class: "task-id" }, t.task_id),
-        t.state === "finished" && t.finished_at
-          ? h("span", { class: "task-took", title: `took, ${t.created_at} to ${t.finished_at}` }, age(t.created_at, Date.parse(t.finished_at)))
-          : h("span", { class: "task-age", title: t.created_at || "" }, age(t.created_at, now)),
-      ),
-      prompt ? h("div", { class: "task-prompt" }, oneLine(prompt, 140)) : null,
-      h(
-        "div",
-        { class: "task-row-bottom" },
-        t.phase ? h("span", { class: `badge phase-${t.phase}` }, t.phase) : null,
-        t.outcome ? h("span", { class: `badge outcome-${t.outcome}` }, t.outcome) : null,
-      ),
-    ),
-  );
-}
-
 // --- routing ------------------------------------------------------------------------
 
 function route() {
@@ -133,6 +105,8 @@ function route() {
     current.start();
     document.title = `${taskId} · dockyard`;
     window.scrollTo(0, 0);
+    const record = taskList.record(taskId);
+    if (record) current.applyRecord(record);
   } else {
     ui.taskView.hidden = true;
     ui.placeholder.hidden = false;
@@ -140,42 +114,20 @@ function route() {
     text(ui.placeholder, taskId ? `"${taskId}" is not a task id.` : "Pick a task on the left, or submit one.");
     document.title = "dockyard cockpit";
   }
-  renderList();
+  taskList.setOpen(current?.taskId ?? null);
 }
 
 window.addEventListener("hashchange", route);
 
-// --- forms ------------------------------------------------------------------------------
-
-function showFormError(el, exc) {
-  text(el, exc instanceof ApiError ? exc.describe() : String(exc?.message || exc));
-  el.hidden = false;
-}
-
-ui.submitForm.addEventListener("submit", async (e) => {
+// The skip link moves the focus to the main content without going through the router (#main is no route).
+$(".skip-link").addEventListener("click", (e) => {
   e.preventDefault();
-  const form = ui.submitForm;
-  const button = form.querySelector("button[type=submit]");
-  const fields = Object.fromEntries(new FormData(form).entries());
-  const prompt = String(fields.prompt || "").trim();
-  ui.submitError.hidden = true;
-  button.disabled = true;
-  try {
-    const { event, body } = await submitTask({
-      prompt,
-      repo: String(fields.repo || "").trim(),
-      model: String(fields.model || "").trim(),
-    });
-    const taskId = await submittedTaskId(event, body);
-    form.elements.prompt.value = "";
-    poll();
-    if (taskId) location.hash = `#/tasks/${taskId}`;
-  } catch (exc) {
-    showFormError(ui.submitError, exc);
-  } finally {
-    button.disabled = false;
-  }
+  const main = $("#main");
+  main.focus();
+  main.scrollIntoView();
 });
+
+// --- commands on the open task --------------------------------------------------------
 
 async function sendCommand(op, textValue) {
   if (!current) return false;
@@ -229,6 +181,9 @@ try {
 ui.trace.dataset.min = ui.level.value;
 
 await signIn(); // ?token= -> the session cookie, before the first API request
-config(); // fetched once, early
+config().then((c) => {
+  taskList.offer(c);
+  submitForm.offer(c);
+});
 route();
 poll();
