@@ -29,7 +29,7 @@ from langchain_core.messages import AIMessage, BaseMessage
 from agent import contract
 
 EXAMPLES_DIR = Path(__file__).parent / "examples"
-PROVIDERS = ("openai", "anthropic", "ollama", "vllm", "openai-compatible")
+PROVIDERS = contract.MODEL_PROVIDERS  # one list: the cockpit's form checks the same
 POD_TOKEN = "dockyard-pod"  # the pod's sidecar asks no token; the SDKs want some key
 REFUSAL_HEADER = "x-dockyard-refusal"
 GATE_SECONDS = 300  # the longest a scripted turn's gate holds its call open
