@@ -49,6 +49,10 @@ def change_set(server: DevServer, task_id: str) -> dict:
     return json.loads((server.data_dir / "store" / changes.summary_key(task_id)).read_text())
 
 
+def parent_spec(server: DevServer) -> dict:
+    return httpx.get(f"{server.url}/api/tasks/parent", headers=server.headers, timeout=5).json()["task"]
+
+
 @pytest.fixture(scope="module")
 def parent(tmp_path_factory):
     """A repository task that adds repo/parent.txt, run to its end by `dockyard dev`."""
@@ -100,10 +104,6 @@ def test_fork_starts_in_the_parents_workspace_and_conversation_and_diffs_against
     assert threads == {"child"}
 
 
-def parent_spec(server: DevServer) -> dict:
-    return httpx.get(f"{server.url}/api/tasks/parent", headers=server.headers, timeout=5).json()["task"]
-
-
 def test_retry_runs_the_same_spec_fresh(parent):
     answer = dockyard(parent, "retry", "parent", "--task-id", "again")
     assert answer.returncode == 0, answer.stderr
@@ -114,7 +114,7 @@ def test_retry_runs_the_same_spec_fresh(parent):
     spec = parent_spec(parent)
     assert {k: record["task"].get(k) for k in ("prompt", "repo", "model", "limits")} == {k: spec.get(k) for k in ("prompt", "repo", "model", "limits")}
     assert {f["path"] for f in change_set(parent, "again")["files"]} == {"parent.txt"}
-    # Submitting the same retry again (another event) makes another task; the same event is idempotent (handler tests).
+    assert not (parent.data_dir / "tasks" / "again" / "workspace" / "repo" / "child.txt").exists()
 
 
 def test_fork_of_an_unknown_task_names_the_field(parent):
