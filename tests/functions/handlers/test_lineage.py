@@ -149,3 +149,19 @@ def test_a_forks_restore_gets_the_parent_and_the_task_file_a_retrys_nothing(sett
     assert any(m["mountPath"] == "/etc/dockyard" and m.get("readOnly") for m in restore["volumeMounts"])
     (plain,) = [c for c in render_job(retry, settings)["spec"]["template"]["spec"]["initContainers"] if c["name"] == "restore"]
     assert "--parent" not in plain["args"] and all(m["mountPath"] != "/etc/dockyard" for m in plain["volumeMounts"])
+
+
+def test_under_podman_a_forks_restore_container_gets_the_task_file():
+    from functions.core import factory
+    from functions.runtime.podman.translate import plan
+    from tests.functions.runtime.test_podman_translate import SECRETS, WHERE, _settings
+
+    settings = _settings()
+    limits = Limits(deadline_seconds=60, retries=0, storage="1Gi")
+    task = Task(task_id="t1", prompt="go on", limits=limits, parent={"task_id": "p", "snapshot": None, "workspace": "restore"})
+    pod = plan(factory.render(task, settings, "uid-1", {role: "creds" for role in factory.NATS_ROLES}), SECRETS, **WHERE)
+    (restore,) = [c for c in pod.containers if c.name == "restore"]
+    assert restore.args[-4:] == ["--parent", "p", "--task-file", contract.TASK_FILE]
+    assert f"type=bind,src={WHERE['files_dir']}/task,dst=/etc/dockyard,ro=true" in restore.args
+    (task_json,) = [f for f in pod.files if f.volume == "task"]
+    assert json.loads(task_json.data)["prompt"] == "go on"
