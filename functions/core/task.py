@@ -2,6 +2,9 @@
 
 Invariant: a `Task` that exists is valid. Every rejection is a `BadInput`
 naming the field and what to do, so the edge can answer 4xx and launch nothing.
+Lineage (`from`, a retry or fork) is checked for form here (`parse_from`); the
+handler looks the parent up, fills in what the data leaves out (`inherit`) and
+then parses the result as any task, so an inherited field is validated too.
 """
 
 from __future__ import annotations
