@@ -8,19 +8,28 @@ then is renamed into place; a corrupt snapshot is skipped for the next older
 one. Stale `-wal`/`-shm`/`-journal` files are removed first: SQLite would
 replay a foreign WAL onto the restored database.
 
+A fork (`--parent P [--parent-snapshot KEY] --task-file F`) first gets P's final
+workspace, base and, when the child has no snapshot of its own yet, the
+conversation of P's snapshot KEY with the child's prompt as a new instruction
+(agent/fork.py). Without KEY, or when that snapshot is damaged, the child starts
+a new conversation in P's workspace.
+
 Exit codes: 0 restored, nothing to restore, or already present; EXIT_RETRY when
-the store cannot be reached (the Job retries); EXIT_FATAL for bad settings.
+the store cannot be reached (the Job retries); EXIT_FATAL for bad settings, or
+a fork whose parent has no final archive.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import sqlite3
 import sys
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
-from agent import contract
+from agent import contract, fork
 from agent.cli import UsageError, check_common, stderr_logger, task_parser
 from agent.snapshot import list_snapshots
 from agent.storage import ObjectNotFound, StorageError, Store, open_store
@@ -56,16 +65,38 @@ def check_integrity(path: str | os.PathLike) -> str:
     return "ok" if result == "ok" else result
 
 
-def restore(workspace: str | os.PathLike, store: Store, task_id: str) -> str | None:
+@dataclass(frozen=True)
+class Parent:
+    """A fork's parent: its task id, the snapshot whose conversation continues (None: a new one), the new prompt."""
+
+    task_id: str
+    snapshot: str | None
+    prompt: str
+
+
+def restore(workspace: str | os.PathLike, store: Store, task_id: str, parent: Parent | None = None) -> str | None:
     """Restore the newest intact snapshot; returns its key, or None when nothing was restored."""
     db = Path(workspace).absolute() / contract.checkpoint_path(task_id)
     if db.exists():
         _log(f"checkpoint {db} already present; nothing to do")
         return None
+    if parent is not None:
+        fork.restore_workspace(Path(workspace).absolute(), store, parent.task_id)
     candidates = list_snapshots(store, task_id)
-    if not candidates:
-        _log(f"no snapshot under {store.describe()}/{contract.checkpoints_prefix(task_id)}; nothing to restore")
-        return None
+    if candidates:
+        return _restore_newest(store, candidates, db)
+    if parent is not None and parent.snapshot:
+        key = _restore_newest(store, [parent.snapshot], db, adopt=lambda tmp: fork.adopt_conversation(tmp, parent.task_id, task_id))
+        if key is not None:
+            fork.write_instruction(Path(workspace).absolute(), parent.prompt)
+            _log(f"continuing task {parent.task_id}'s conversation with a new instruction")
+            return key
+    _log(f"no snapshot under {store.describe()}/{contract.checkpoints_prefix(task_id)}; nothing to restore")
+    return None
+
+
+def _restore_newest(store: Store, candidates: list[str], db: Path, adopt=None) -> str | None:
+    """The newest intact one of `candidates` (`adopt(tmp)` makes it this task's, False: unusable) at `db`."""
     db.parent.mkdir(parents=True, exist_ok=True)
     for leftover in db.parent.glob(f".{db.name}.restore-*"):  # from a restore that was killed
         leftover.unlink(missing_ok=True)
@@ -82,6 +113,9 @@ def restore(workspace: str | os.PathLike, store: Store, task_id: str) -> str | N
             if verdict != "ok":
                 _log(f"snapshot {store.url_for(key)} is damaged ({verdict}); trying an older one")
                 continue
+            if adopt is not None and not adopt(tmp):
+                _log(f"snapshot {store.url_for(key)} holds no conversation of its task; starting a new one")
+                continue
             _remove_sidecars(db)
             os.replace(tmp, db)
             _log(f"restored {store.url_for(key)} ({db.stat().st_size} bytes) to {db}")
@@ -94,11 +128,34 @@ def restore(workspace: str | os.PathLike, store: Store, task_id: str) -> str | N
 
 
 def _parser():
-    return task_parser(
+    parser = task_parser(
         "python -m agent restore",
         "Restore the newest intact checkpoint snapshot into a workspace that has none.",
         store=True,
     )
+    parser.add_argument("--parent", metavar="TASK_ID", help="a fork: start in this task's final workspace")
+    parser.add_argument("--parent-snapshot", metavar="KEY", help="a fork: continue the conversation of this snapshot of the parent")
+    parser.add_argument("--task-file", help="a fork: the task file, whose prompt is the new instruction")
+    return parser
+
+
+def _fork_parent(args) -> Parent | None:
+    if not args.parent:
+        if args.parent_snapshot:
+            raise UsageError("--parent-snapshot needs --parent")
+        return None
+    if not contract.is_valid_task_id(args.parent):
+        raise UsageError(f"--parent: {args.parent!r} is not a valid task id")
+    if args.parent_snapshot and not args.parent_snapshot.startswith(contract.checkpoints_prefix(args.parent)):
+        raise UsageError(f"--parent-snapshot must be a key under {contract.checkpoints_prefix(args.parent)}")
+    if not args.task_file:
+        raise UsageError("--parent needs --task-file (its prompt is the fork's new instruction)")
+    try:
+        task = json.loads(Path(args.task_file).read_text())
+        prompt = task["prompt"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise UsageError(f"--task-file {args.task_file}: no prompt to read ({exc})") from None
+    return Parent(args.parent, args.parent_snapshot, str(prompt))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -106,6 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args = parser.parse_args(argv)
         check_common(args)
+        parent = _fork_parent(args)
         store = open_store(args.store)
     except SystemExit as exc:  # --help
         return int(exc.code or 0)
@@ -114,7 +172,10 @@ def main(argv: list[str] | None = None) -> int:
         return contract.EXIT_FATAL
     _log(f"task={args.task_id} workspace={args.workspace} store={store.describe()}")
     try:
-        restore(args.workspace, store, args.task_id)
+        restore(args.workspace, store, args.task_id, parent)
+    except ObjectNotFound as exc:  # the parent's final archive: retrying cannot bring it
+        _log(f"error: cannot fork task {parent.task_id if parent else '?'}: {exc}")
+        return contract.EXIT_FATAL if parent is not None else contract.EXIT_RETRY
     except StorageError as exc:
         _log(f"error: {exc}")
         return contract.EXIT_RETRY

@@ -6,6 +6,8 @@
     dockyard tasks      list tasks
     dockyard diff       print what a finished task changed (its change set, from the store or --url)
     dockyard download   fetch a finished task's workspace, unpacked safely (or --patch), from the store or --url
+    dockyard retry      run a task's spec again as a new task (fresh workspace)
+    dockyard fork       continue a finished task in its workspace with a new instruction
     dockyard cancel     stop a task
     dockyard message    tell a running agent something
     dockyard demo       start the stack, run the bundled example task, stop
@@ -197,6 +199,12 @@ def _register_download(sub) -> None:
     add_parser(sub)
 
 
+def _register_lineage(sub) -> None:
+    from functions.cli.lineage import add_parsers
+
+    add_parsers(sub, _add_url, _token)
+
+
 def _register_cancel(sub) -> None:
     p = sub.add_parser("cancel", help="cancel a task", description="Stop a task after its current step.")
     p.add_argument("task_id")
@@ -283,6 +291,7 @@ COMMANDS: list[Callable] = [
     _register_tasks,
     _register_diff,
     _register_download,
+    _register_lineage,
     _register_cancel,
     _register_message,
     _register_demo,

@@ -52,7 +52,7 @@ from functions.core.nats_leaf import (  # noqa: F401  (the leaf's names, as the 
 )
 from functions.core import git_push
 from functions.core.settings import Resources, Settings
-from functions.core.task import Task
+from functions.core.task import Task, restore_parent_args
 
 PLACEHOLDER_UID = "00000000-0000-0000-0000-000000000000"
 AGENT_USER = 1000  # the agent image's user and group
@@ -343,7 +343,9 @@ def _store_mounts() -> list[dict]:
 
 def _restore(task: Task, settings: Settings) -> dict:
     args = ["restore", "--task-id", task.task_id, "--workspace", contract.WORKSPACE_MOUNT, "--store", settings.store]
-    return _container(CONTAINER_RESTORE, settings, args, _env(**_store_env(task, settings)), _store_mounts(), settings.sidecar_resources)
+    args += restore_parent_args(task, contract.TASK_FILE)  # a fork: the parent's workspace, and the task file for its prompt
+    mounts = _store_mounts() + ([_mount("task", TASK_DIR, True)] if task.restores_parent else [])
+    return _container(CONTAINER_RESTORE, settings, args, _env(**_store_env(task, settings)), mounts, settings.sidecar_resources)
 
 
 def _snapshotter(task: Task, settings: Settings) -> dict:

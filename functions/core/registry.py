@@ -46,6 +46,7 @@ class TaskRecord(TypedDict):
     last_snapshot_at: NotRequired[str]  # snapshot_due: the last good snapshot
     last_snapshot_key: NotRequired[str | None]
     cancel_requested_at: NotRequired[str]  # task_command
+    parent: NotRequired[dict]  # task_submitted, for a retry or fork: {"task_id", "snapshot", "workspace"} (Task.parent)
     usage: NotRequired[dict]  # the tracker: the model gateway's usage events summed (calls, tokens, cost_usd, ...)
 
 

@@ -2,6 +2,9 @@
 
 Invariant: a `Task` that exists is valid. Every rejection is a `BadInput`
 naming the field and what to do, so the edge can answer 4xx and launch nothing.
+Lineage (`from`, a retry or fork) is checked for form here (`parse_from`); the
+handler looks the parent up, fills in what the data leaves out (`inherit`) and
+then parses the result as any task, so an inherited field is validated too.
 """
 
 from __future__ import annotations
@@ -9,7 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from urllib.parse import urlparse
 
 from agent import contract
@@ -20,6 +23,10 @@ REPO_SCHEMES = ("https", "ssh", "file")  # file: only with allow_file_repos
 MAX_COST_USD = 100_000.0  # limits.max_cost_usd: a number, not a typo of a few more zeros
 PUSH_SCHEMES = ("https", "file")  # repo.push: credentials go over https only (file: a dev machine's repository)
 PUSH_BRANCH_MAX = 200
+
+WORKSPACE_RESTORE = "restore"  # from.workspace: start in the parent's final workspace (fork)
+WORKSPACE_FRESH = "fresh"  # ... or in an empty one, the parent's spec run again (retry)
+INHERITED_FIELDS = ("prompt", "repo", "model", "limits")  # taken from the parent's spec when the data omits them
 
 
 @dataclass(frozen=True)
@@ -53,6 +60,8 @@ class Task:
     repo: dict | None = None  # {"url": ..., "ref": ...}
     model: str | None = None
     extra: dict = field(default_factory=dict, compare=False)
+    # Lineage: {"task_id", "snapshot" (a key under the parent's checkpoints/, or None), "workspace"}.
+    parent: dict | None = None
 
     def to_dict(self) -> dict:
         data = {
@@ -73,7 +82,14 @@ class Task:
             data["repo"] = dict(self.repo)
         if self.model:
             data["model"] = self.model
+        if self.parent:
+            data["from"] = dict(self.parent)
         return data
+
+    @property
+    def restores_parent(self) -> bool:
+        """A fork: the restore step brings the parent's workspace (and conversation) into this task's."""
+        return bool(self.parent) and self.parent.get("workspace") == WORKSPACE_RESTORE
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
@@ -118,6 +134,54 @@ def parse_task(
         model=_model(data.get("model")),
         limits=_limits(data.get("limits"), policy),
     )
+
+
+def parse_from(value: object) -> dict:
+    """The `from` field of a task.submitted event, checked for form only: {task_id, snapshot?, workspace}.
+    Whether the parent and its snapshot exist is the handler's question (the registry and the store)."""
+    if not isinstance(value, dict):
+        raise BadInput('from must be an object {"task_id", "snapshot"?, "workspace"?: "restore"|"fresh"}', "from")
+    unknown = sorted(set(value) - {"task_id", "snapshot", "workspace"})
+    if unknown:
+        raise BadInput(f"from has unknown field(s) {', '.join(map(repr, unknown))}; use task_id, snapshot, workspace", f"from.{unknown[0]}")
+    task_id = value.get("task_id")
+    if not contract.is_valid_task_id(task_id):
+        raise BadInput("from.task_id must name an existing task (a task id like the one `dockyard submit` printed)", "from.task_id")
+    workspace = value.get("workspace", WORKSPACE_RESTORE)
+    if workspace not in (WORKSPACE_RESTORE, WORKSPACE_FRESH):
+        raise BadInput(f'from.workspace must be "{WORKSPACE_RESTORE}" (fork: start in the parent\'s workspace) '
+                       f'or "{WORKSPACE_FRESH}" (retry: start empty)', "from.workspace")
+    snapshot = value.get("snapshot")
+    if snapshot is not None:
+        if not isinstance(snapshot, str) or not snapshot or len(snapshot) > 512:
+            raise BadInput("from.snapshot must be the key or the name of one of the parent's snapshots", "from.snapshot")
+        _no_control(snapshot, "from.snapshot")
+        if workspace == WORKSPACE_FRESH:
+            raise BadInput('from.snapshot chooses where a fork starts; a "fresh" retry takes none', "from.snapshot")
+    return {"task_id": task_id, "snapshot": snapshot, "workspace": workspace}
+
+
+def inherit(data: dict, parent_spec: dict) -> dict:
+    """The child's data: each of INHERITED_FIELDS the data does not give, as the parent's spec has it."""
+    merged = dict(data)
+    for name in INHERITED_FIELDS:
+        if merged.get(name) is None and parent_spec.get(name) is not None:
+            merged[name] = parent_spec[name]
+    return merged
+
+
+def with_parent(task: Task, parent: dict) -> Task:
+    """`task` with its lineage recorded (the snapshot resolved to a key, or None)."""
+    return replace(task, parent={"task_id": parent["task_id"], "snapshot": parent.get("snapshot"), "workspace": parent["workspace"]})
+
+
+def restore_parent_args(task: Task, task_file: str) -> list[str]:
+    """A fork's restore also brings its parent's workspace and conversation (agent/restore.py); the task
+    file gives it the new instruction."""
+    if not task.restores_parent:
+        return []
+    snapshot = task.parent.get("snapshot")
+    return ["--parent", task.parent["task_id"], *(["--parent-snapshot", snapshot] if snapshot else []), "--task-file", task_file]
 
 
 def _prompt(prompt: object) -> str:

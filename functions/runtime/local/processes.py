@@ -36,7 +36,7 @@ from pathlib import Path
 from agent import contract
 from agent.procs import die_with_parent, group_alive, signal_group, start_time
 from functions.core.git_push import push_flags
-from functions.core.task import Task
+from functions.core.task import Task, restore_parent_args
 from functions.runtime.local.pod import AttemptEnd, JobSpec, Supervised, log_tail, summary_this_attempt
 from functions.runtime.local.state import TaskFolder
 from functions.runtime.local.template import ForkedProcess, TemplateUnavailable, WarmTemplate
@@ -69,7 +69,7 @@ class AgentCommand:
         """The command line of one container, the flags as the pod's containers get them."""
         argv = [*self.argv, command, "--task-id", task.task_id, "--workspace", str(folder.workspace)]
         if command == "restore":
-            return [*argv, "--store", self.store_url]
+            return [*argv, "--store", self.store_url, *restore_parent_args(task, str(folder.task_file))]
         if command == "snapshotter":
             argv += ["--store", self.store_url]
             argv += self._nats(folder, "snapshotter")

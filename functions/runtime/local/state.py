@@ -143,6 +143,7 @@ class TaskFolders:
             limits=Limits(**data["limits"]),
             repo=data.get("repo"),
             model=data.get("model"),
+            parent=data.get("from"),
         )
 
     def read_result(self, task_id: str) -> dict:
