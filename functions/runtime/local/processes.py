@@ -44,6 +44,7 @@ from functions.runtime.local.template import ForkedProcess, TemplateUnavailable,
 log = logging.getLogger("dockyard.runtime.local")
 
 ROLES = ("restore", "agent", "snapshotter")
+SNAPSHOTTER_READY = "starting:"  # the snapshotter's first line, written once it handles SIGTERM (agent/snapshotter.py)
 TEMPLATE_ROLES = ("restore", "agent")  # forked from the warm template when there is one; the snapshotter is exec'd
 REAP_POLL_SECONDS = 0.05  # a group that is not our child cannot be waited on, only looked at
 KILL_SETTLE_SECONDS = 10.0  # after SIGKILL: how long a stop waits for the rest of the group to be gone
@@ -230,6 +231,16 @@ class Children:
         while role in self.groups and role not in self.procs and time.monotonic() < deadline:
             await asyncio.sleep(0.01)  # a stop is killing what is left of the group
 
+    async def ready(self, role: str, marker: str, timeout: float) -> bool:
+        """Wait until `role` wrote `marker` to its log during this run, exited, or `timeout` passed."""
+        loop = asyncio.get_running_loop()
+        give_up = loop.time() + timeout
+        while self.running(role) is not None and loop.time() < give_up:
+            if marker in (self.output_since_start(role) or ""):
+                return True
+            await asyncio.sleep(0.05)
+        return marker in (self.output_since_start(role) or "")
+
     def output_since_start(self, role: str) -> str | None:
         """What `role` wrote to its log during its last run."""
         try:
@@ -319,7 +330,12 @@ class LocalPod:
         return AttemptEnd(code, stopped_by)
 
     async def finish(self) -> None:
-        """SIGTERM makes the snapshotter take the final snapshot and upload it: wait for that."""
+        """SIGTERM makes the snapshotter take the final snapshot and upload it: wait for that.
+
+        Only once it handles SIGTERM: before its "starting:" line a SIGTERM kills it with nothing
+        uploaded (an agent that ends within a second of its start, as a fork may, would lose its
+        final set). It gets its grace period to get there."""
+        await self.children.ready("snapshotter", SNAPSHOTTER_READY, self.snapshotter_grace_seconds)
         await self.children.stop("snapshotter", self.snapshotter_grace_seconds)
 
     async def agent_gone(self) -> None:

@@ -17,10 +17,9 @@ from tests.conftest import REPO_ROOT, eventually
 from tests.dev_process import DevServer
 
 
-def _script(path: str, content: str, summary: str, first_delay: float = 0.0) -> list[dict]:
+def _script(path: str, content: str, summary: str) -> list[dict]:
     return [
-        {"tool_calls": [{"name": "plan", "args": {"todos": [f"write {path}"], "objective": f"write {path}"}}],
-         "delay_seconds": first_delay},
+        {"tool_calls": [{"name": "plan", "args": {"todos": [f"write {path}"], "objective": f"write {path}"}}]},
         {"tool_calls": [{"name": "write_file", "args": {"path": path, "content": content}}]},
         {"content": f"{path} is written"},
         {"tool_calls": [{"name": "finish", "args": {"summary": summary}}]},
@@ -60,9 +59,9 @@ def parent(tmp_path_factory):
     scripts = root / "scripts"
     scripts.mkdir()
     (scripts / "parent.yaml").write_text(yaml.safe_dump(_script("repo/parent.txt", "from the parent\n", "parent done")))
-    # A fork resumes at once (no clone): the first turn's delay lets the local runtime's snapshotter start
-    # (it is SIGTERMed when the agent ends; before its handler is installed that loses the final set).
-    (scripts / "child.yaml").write_text(yaml.safe_dump(_script("repo/child.txt", "from the child\n", "child done", first_delay=3.0)))
+    # A fork resumes at once (no clone) and this child answers at once: its agent may end before the
+    # snapshotter handles SIGTERM, which the local runtime waits for (processes.py, SNAPSHOTTER_READY).
+    (scripts / "child.yaml").write_text(yaml.safe_dump(_script("repo/child.txt", "from the child\n", "child done")))
     origin = make_origin(root / "origin", {"README": "base\n"})
     server = DevServer(root / "data", env={"DOCKYARD_SCRIPTS_DIR": str(scripts)}, args=("--allow-file-repos",)).start()
     try:
