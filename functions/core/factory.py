@@ -363,7 +363,21 @@ def _snapshotter(task: Task, settings: Settings) -> dict:
     # A native sidecar: starts before the agent, runs beside it, and is stopped only after the
     # agent has exited, so its final upload sees the final workspace.
     container["restartPolicy"] = "Always"
+    # The agent starts once the snapshotter handles SIGTERM: an agent that ended sooner would have it
+    # stopped before it could take the final snapshot (as PID 1 it would even ignore the SIGTERM).
+    container["startupProbe"] = {"exec": {"command": sigterm_handled_probe_command()}, "periodSeconds": 1,
+                                 "failureThreshold": 120, "timeoutSeconds": 3}
     return container
+
+
+def sigterm_handled_probe_command(pid: int = 1) -> list[str]:
+    """Passes once process `pid` (the container's entrypoint) catches SIGTERM: bit 15-1 of SigCgt in its
+    /proc status. The snapshotter installs its handler before anything else it does at start."""
+    code = (
+        f"import sys; s=open('/proc/{pid}/status').read(); "
+        "sys.exit(0 if int(s.split('SigCgt:')[1].split()[0], 16) >> 14 & 1 else 1)"
+    )
+    return ["python", "-I", "-S", "-c", code]
 
 
 def _agent(task: Task, settings: Settings) -> dict:

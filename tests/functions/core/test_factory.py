@@ -7,7 +7,9 @@ import base64
 import json
 import os
 import subprocess
+import sys
 import time
+from pathlib import Path
 from urllib.parse import urlsplit
 
 import pytest
@@ -19,6 +21,8 @@ from functions.cli import manifests
 from functions.core.factory import render, render_job, render_pvc
 from functions.core.settings import Resources, Settings
 from functions.core.task import parse_task
+
+ROOT = Path(__file__).resolve().parents[3]
 
 
 NATS_HOST = urlsplit(Settings().nats_url).hostname
@@ -495,3 +499,32 @@ def test_manifests_job_derives_a_stable_id_and_reports_bad_input(tmp_path, capsy
         run_manifests(["manifests", "job", "--task-file", str(task_file)])
     with pytest.raises(CommandError, match="nope.yaml"):
         run_manifests(["manifests", "job", "--task-file", str(tmp_path / "nope.yaml")])
+
+
+def test_the_agent_waits_for_a_snapshotter_that_handles_sigterm(job, tmp_path):
+    """The snapshotter's startup probe passes only once its process catches SIGTERM: run it for real."""
+    probe = container(job, "snapshotter")["startupProbe"]
+    assert probe["exec"]["command"] == factory.sigterm_handled_probe_command()
+
+    def probe_passes(pid: int) -> bool:
+        return subprocess.run(["python3", *factory.sigterm_handled_probe_command(pid)[1:]]).returncode == 0
+
+    plain = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    workspace = tmp_path / "ws"
+    workspace.mkdir()
+    argv = [sys.executable, "-m", "agent", "snapshotter", "--task-id", "probe", "--workspace", str(workspace),
+            "--store", (tmp_path / "store").as_uri(), "--interval", "0"]
+    log = tmp_path / "snapshotter.log"
+    with open(log, "wb") as out:
+        snapshotter = subprocess.Popen(argv, stderr=out, cwd=ROOT)
+    try:
+        deadline = time.monotonic() + 60
+        while "starting:" not in log.read_text() and snapshotter.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert "starting:" in log.read_text(), log.read_text()
+        assert probe_passes(snapshotter.pid)
+        assert not probe_passes(plain.pid)  # a process that would die of SIGTERM
+    finally:
+        plain.kill()
+        snapshotter.terminate()
+        snapshotter.wait(60)
