@@ -101,6 +101,8 @@ def _register_submit(sub) -> None:
     p.add_argument("--model", help="model spec, e.g. scripted:example or openai:gpt-4o")
     p.add_argument("--repo", help="repository URL to clone into the workspace")
     p.add_argument("--ref", help="branch, tag or commit of --repo")
+    p.add_argument("--push", nargs="?", const="", metavar="BRANCH",
+                   help="repo.push: push the change set to --repo as BRANCH (default dockyard/<task-id>) at the end")
     p.add_argument("--deadline", type=int, help="limits.deadline_seconds")
     p.add_argument("--retries", type=int, help="limits.retries")
     p.add_argument("--max-tokens", type=int, help="limits.max_tokens: the model gateway refuses calls past this many tokens")
@@ -118,8 +120,10 @@ def _run_submit(args) -> int:
         data["model"] = args.model
     if args.repo:
         data["repo"] = {"url": args.repo, **({"ref": args.ref} if args.ref else {})}
-    elif args.ref:
-        raise CommandError("--ref needs --repo", EXIT_BAD_INPUT)
+        if args.push is not None:
+            data["repo"]["push"] = {"branch": args.push} if args.push else {}
+    elif args.ref or args.push is not None:
+        raise CommandError(f"{'--ref' if args.ref else '--push'} needs --repo", EXIT_BAD_INPUT)
     chosen = (("deadline_seconds", args.deadline), ("retries", args.retries), ("max_tokens", args.max_tokens), ("max_cost_usd", args.max_cost_usd))
     limits = {k: v for k, v in chosen if v is not None}
     if limits:

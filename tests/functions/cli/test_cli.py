@@ -96,6 +96,17 @@ def test_submit_posts_a_structured_cloudevent_and_prints_the_derived_id(server, 
     assert capsys.readouterr().out.strip() == contract.derive_task_id(event["source"], event["id"])
 
 
+def test_submit_push_asks_for_a_branch_and_needs_a_repo(server, capsys):
+    url = "https://example.com/r.git"
+    assert cli.main(["submit", "x", "--repo", url, "--push", "--url", server.url]) == 0
+    assert cloudevent.parse(server.requests[-1]["headers"], server.requests[-1]["body"]).get_data()["repo"] == {"url": url, "push": {}}
+    assert cli.main(["submit", "x", "--repo", url, "--push", "fix/it", "--url", server.url]) == 0
+    assert cloudevent.parse(server.requests[-1]["headers"], server.requests[-1]["body"]).get_data()["repo"]["push"] == {"branch": "fix/it"}
+    sent = len(server.requests)
+    assert cli.main(["submit", "x", "--push", "--url", server.url]) == 2
+    assert "--push needs --repo" in capsys.readouterr().err and len(server.requests) == sent
+
+
 def test_submit_prints_the_id_the_broker_answers(server, capsys):
     server.answer = (202, {"accepted": True, "results": {"task_submitted": {"task_id": "given-id", "status": "submitted"}}})
     assert cli.main(["submit", "x", "--url", server.url]) == 0
