@@ -199,7 +199,13 @@ def _status(data: dict) -> str:
 def _snapshot(data: dict) -> str:
     if data.get("final"):
         where = data.get("archive_key") or data.get("key")
-        return "snapshot: final" + (f" {where}" if where else "") + _size(data.get("archive_size") or data.get("size"))
+        line = "snapshot: final" + (f" {where}" if where else "") + _size(data.get("archive_size") or data.get("size"))
+        push = data.get("push")
+        if isinstance(push, dict) and push.get("branch"):
+            line += f"; pushed branch {push['branch']} at {str(push.get('commit') or '')[:12]}"
+        elif data.get("push_error"):
+            line += f"; push failed: {data['push_error']}"
+        return line
     if not data.get("key"):
         return "snapshot: nothing to snapshot yet"
     return f"snapshot: {data['key']}{_size(data.get('size'))}" + ("" if data.get("uploaded", True) else " (unchanged)")
