@@ -98,7 +98,8 @@ class OutputFile:
         self._fh = None
         try:
             store.dir.mkdir(parents=True, exist_ok=True)
-            self._fh = open(store.dir / name, "wb")  # noqa: SIM115 - held open while the command runs
+            # Unbuffered: what was read is on disk at once (a killed agent loses none; a reader sees it).
+            self._fh = open(store.dir / name, "wb", buffering=0)  # noqa: SIM115 - held open while the command runs
             store._sizes[name] = 0
         except OSError:
             self.kept = False
@@ -111,7 +112,9 @@ class OutputFile:
         if len(chunk) > room:
             chunk, self.cut = chunk[:room], True
         try:
-            self._fh.write(chunk)
+            view = memoryview(chunk)
+            while view:  # an unbuffered write may take part of it
+                view = view[self._fh.write(view) :]
         except OSError:
             self._abandon()
             return

@@ -152,7 +152,9 @@ def _tool(data: dict) -> str:
         took = f" {seconds:.1f}s" if isinstance(seconds, (int, float)) else ""
         status = "ok" if data.get("ok", True) else "error"
         if isinstance(data.get("output_head"), str) and isinstance(data.get("output_bytes"), int):
-            return f"  -> {status}{took}{_size(data['output_bytes'])}" + _tool_output(data)
+            first = str(data.get("result") or "").split("\n", 1)[0]  # "exit code 1" of a command
+            said = f": {_one_line(first)}" if first.startswith("exit code") or first.startswith("timed out") else ""
+            return f"  -> {status}{took}{_size(data['output_bytes'])}{said}" + _tool_output(data)
         result = _one_line(data.get("result") or "")
         return f"  -> {status}{took}" + (f": {result}" if result else "")
     return f"$ {name}: {_tool_args(name, data.get('args'))}"
@@ -246,7 +248,7 @@ def _end_facts(data: dict) -> str:
     if isinstance(data.get("deadline_seconds"), int):
         facts.append(f"deadline {data['deadline_seconds']} s from the first start")
     if isinstance(data.get("queued_seconds"), (int, float)):
-        facts.append(f"queued {_duration(data['queued_seconds'])} before it")
+        facts.append(f"queued {_duration(data['queued_seconds'])} before its first start")
     return ", ".join(facts)
 
 

@@ -23,6 +23,7 @@ in a workspace the model's commands can write to); the class is one of the two.
 
 from __future__ import annotations
 
+import re
 from datetime import datetime
 from typing import Any
 
@@ -37,7 +38,7 @@ DETAIL_CHARS = 16_000
 def describe_end(*, outcome: str, condition: dict, job: dict, result: dict | None, record: dict,
                  termination_message: str | None, agent_exit: str | None) -> dict[str, Any]:
     """The end's fields (see the module docstring); None for a field that does not apply."""
-    result = result or {}
+    result = _agents_words(result, record)
     status = job.get("status") if isinstance(job.get("status"), dict) else {}
     spec = job.get("spec") if isinstance(job.get("spec"), dict) else {}
     deadline = _deadline_seconds(record, spec)
@@ -58,6 +59,17 @@ def describe_end(*, outcome: str, condition: dict, job: dict, result: dict | Non
         "queued_seconds": _seconds_between(record.get("created_at"), started_at),
         "finished_at": _condition_time(condition) or contract.iso_utc(),
     }
+
+
+def _agents_words(result: dict | None, record: dict) -> dict:
+    """result.json; where it lacks the agent's words for its end, those its terminal status event brought
+    (the tracker put them on the record): a final set that could not be uploaded loses nothing."""
+    words = dict(result or {})
+    if record.get("state") == contract.STATE_FINISHED:
+        for name in ("reason", "failure_class", "detail"):
+            if not _text(words.get(name)) and _text(record.get(name)):
+                words[name] = record[name]
+    return words
 
 
 def _failure_class(outcome: str, condition: dict, result: dict) -> str | None:
@@ -84,14 +96,15 @@ def _reason(outcome: str, condition: dict, record: dict, deadline: int | None, a
         return "cancelled by request"
     if outcome == contract.OUTCOME_DONE:
         return None
-    last = _last_line(termination_message)
+    error = _error_line(termination_message)
     if kind == "BackoffLimitExceeded":
         times = f"{attempts} time{'s' if attempts != 1 else ''}"
-        why = agent_exit or "it exited with an error"
-        return f"the agent failed {times}, retries used up; the last time: {last or why}"
+        return f"the agent failed {times}, retries used up; the last time: {error or agent_exit or 'it exited with an error'}"
     if agent_exit:
-        return f"the agent ended with {agent_exit}" + (f": {last}" if last else "")
-    return last or _text(condition.get("message")) or kind
+        said = error or _last_line(termination_message)
+        return f"the agent ended with {agent_exit}" + (f": {said}" if said else "")
+    # The termination message is the agent's summary when it left one, else its log's tail.
+    return error or _last_line(termination_message) or _text(condition.get("message")) or kind
 
 
 def _deadline_seconds(record: dict, spec: dict) -> int | None:
@@ -102,11 +115,21 @@ def _deadline_seconds(record: dict, spec: dict) -> int | None:
     return None
 
 
+# The line of a log tail that says what went wrong: a traceback's last line ("RuntimeError: ..."),
+# or the agent's own "agent: fatal: ..." line.
+_ERROR_LINE = re.compile(r"^(agent: fatal: |[A-Za-z_][\w.]*(Error|Exception|Exit|Interrupt|Refused|Exhausted)\b)")
+
+
 def _last_line(text: str | None) -> str | None:
-    """The last line of a log tail that says something: a traceback ends with the error in words."""
+    lines = [line.strip() for line in (text or "").splitlines() if line.strip()]
+    return lines[-1][:REASON_CHARS] if lines else None
+
+
+def _error_line(text: str | None) -> str | None:
+    """The last line of a log tail that names an error; None when none does (a killed process says nothing)."""
     for line in reversed((text or "").splitlines()):
         line = line.strip()
-        if line and not line.startswith(("^", "~")):
+        if _ERROR_LINE.match(line):
             return line[:REASON_CHARS]
     return None
 
