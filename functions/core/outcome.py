@@ -44,6 +44,8 @@ def describe_end(*, outcome: str, condition: dict, job: dict, result: dict | Non
     deadline = _deadline_seconds(record, spec)
     started_at = _text(status.get("startTime"))
     attempts = max(_count(record.get("attempts")), _count(status.get("failed")) + _count(status.get("succeeded")))
+    if condition.get("reason") == "BackoffLimitExceeded" and isinstance(spec.get("backoffLimit"), int):
+        attempts = max(attempts, spec["backoffLimit"] + 1)  # the first try and every retry failed
     failure_class = _failure_class(outcome, condition, result)
     reason = _text(result.get("reason")) or _reason(outcome, condition, record, deadline, attempts, termination_message, agent_exit)
     detail = _text(result.get("detail")) or termination_message
@@ -98,8 +100,8 @@ def _reason(outcome: str, condition: dict, record: dict, deadline: int | None, a
         return None
     error = _error_line(termination_message)
     if kind == "BackoffLimitExceeded":
-        times = f"{attempts} time{'s' if attempts != 1 else ''}"
-        return f"the agent failed {times}, retries used up; the last time: {error or agent_exit or 'it exited with an error'}"
+        times = f" {attempts} time{'s' if attempts != 1 else ''}" if attempts else ""
+        return f"the agent failed{times}, retries used up; the last time: {error or agent_exit or 'it exited with an error'}"
     if agent_exit:
         said = error or _last_line(termination_message)
         return f"the agent ended with {agent_exit}" + (f": {said}" if said else "")
