@@ -184,6 +184,13 @@ def permanent_git_failure(stderr: str) -> str | None:
     return None
 
 
+def _model_not_found(exc: BaseException) -> bool:
+    """The provider does not know the model: LangChain's ModelNotFoundError, or an SDK's 404 NotFoundError."""
+    from langchain_core.exceptions import ModelNotFoundError
+
+    return isinstance(exc, ModelNotFoundError) or (type(exc).__name__ == "NotFoundError" and getattr(exc, "status_code", None) == 404)
+
+
 def _load_model(spec: str, secrets_dir: Path, scripts_dir: str | None, gateway: str | None = None):
     """The model for `spec`; a configuration that cannot work is fatal (no retry)."""
     from agent.models import EXAMPLES_DIR, ModelConfigError, load_model
@@ -319,7 +326,7 @@ class Run:
 
         args = self.args
         task = load_task(Path(args.task_file))
-        model_spec = args.model or task.get("model") or "scripted:example"
+        model_spec = self.model_spec = args.model or task.get("model") or "scripted:example"
         deadline_seconds = int(args.deadline_seconds or (task.get("limits") or {}).get("deadline_seconds") or 3600)
         home = Path(args.home)
         home.mkdir(parents=True, exist_ok=True)
@@ -412,6 +419,10 @@ class Run:
                         return contract.OUTCOME_DEADLINE
         except ModelConfigError as exc:
             raise FatalError(str(exc)) from None
+        except Exception as exc:
+            if _model_not_found(exc):  # a bad model name: the provider will not know it next time either
+                raise FatalError(f"model {self.model_spec} is not known to its provider", str(exc)) from None
+            raise
         finally:
             heartbeat.stop()
         return None
