@@ -168,3 +168,17 @@ def test_outputs_survive_a_killed_agent_and_the_call_run_again_replaces_its_own(
     assert waiting.read_bytes() == b"waiting\nthrough\n"  # the call run again wrote its own, whole
     (end,) = tool_ends(again.stdout)
     assert end["call_id"] == "call_2_0" and end["output_file"] == contract.output_file("call_2_0")
+
+
+def test_kept_outputs_are_not_part_of_the_change_set(tmp_path):
+    from agent import changes
+
+    workspace = tmp_path / "ws"
+    workspace.mkdir()
+    tools = WorkTools(workspace, tmp_path / "home", outputs=OutputStore(workspace))
+    tools.call("execute", {"command": "echo made > made.txt; echo built"}, call_id="c1")
+    assert (workspace / contract.output_file("c1")).read_bytes() == b"built\n"
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    summary = changes.compute(workspace, scratch).summary
+    assert [f["path"] for f in summary["files"]] == ["made.txt"]
