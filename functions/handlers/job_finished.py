@@ -199,6 +199,9 @@ async def record_finished_job(job: dict, ctx: "Context") -> dict:
         return {"task_id": task_id, "status": "already handled"}
 
     result, final_missing, snapshot_keys = await asyncio.to_thread(_read_store, lambda: ctx.store, task_id)
+    # Read again: the tracker may have put the agent's own words for its end on the record meanwhile
+    # (they stand in for a result.json the snapshotter could not upload).
+    record = await ctx.registry.get(task_id) or record
     outcome = _outcome(condition, result, record)
     summary = (result or {}).get("summary")
     termination_message = _termination_message(job)

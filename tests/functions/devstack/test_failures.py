@@ -42,20 +42,23 @@ def dev(tmp_path):
 
 def finished_event(dev: DevServer, task_id: str) -> dict:
     """job_finished's terminal status event (the one with `attempts`), read from the task's JetStream
-    subject, with the states of every status event before it in `_states`."""
+    subject, with the states of every status event before it in `_states` and the agent's own terminal
+    event, if any, in `_agent`."""
 
     async def read() -> dict:
         nc = await nats.connect(dev.nats_url, **dev.nats_connect_options)
         try:
             sub = await nc.jetstream().subscribe(contract.subject_events(task_id), ordered_consumer=True)
-            states = []
+            states, agents = [], []
             while True:
                 event = json.loads((await sub.next_msg(timeout=60)).data)
                 if event.get("type") != contract.EV_STATUS:
                     continue
                 states.append(event.get("state"))
+                if event.get("state") == contract.STATE_FINISHED and "attempts" not in event:
+                    agents.append(event)  # the agent's own
                 if event.get("state") == contract.STATE_FINISHED and "attempts" in event:
-                    return {**event, "_states": states}
+                    return {**event, "_states": states, "_agent": agents[0] if agents else {}}
         finally:
             await nc.close()
 
@@ -69,10 +72,13 @@ def test_an_unclonable_repository_fails_fatal_in_words_after_one_attempt_without
     record = wait_record(server.token, server.url, task_id)
     assert (record["outcome"], record["failure_class"], record["reason"]) == (
         contract.OUTCOME_FAILED, contract.FAILURE_FATAL, "git clone failed: repository not found")
-    assert record["attempts"] == 1 and "no-such-repo" in record["detail"]
+    assert record["attempts"] == 1 and record["detail"]
     assert server.supervisor_state(task_id)["exit_codes"] == [contract.EXIT_FATAL]  # exit 3: FailJob, no retry
     end = finished_event(server, task_id)
     assert contract.STATE_RETRYING not in end["_states"]
+    # The agent's own terminal event, first, holds what lies behind the reason. (The record has it too
+    # unless the final set was lost and job_finished ran before the tracker: then the agent's summary.)
+    assert "no-such-repo" in end["_agent"]["detail"] and end["_agent"]["failure_class"] == "fatal"
     assert (end["reason"], end["failure_class"], end["attempts"]) == (record["reason"], "fatal", 1)
     assert record["started_at"] and record["queued_seconds"] is not None and record["finished_at"]
 
