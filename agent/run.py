@@ -50,9 +50,8 @@ EXIT_REPORT_ENV = contract.ENV_PREFIX + "DEBUG_EXIT_REPORT"
 
 
 class FatalError(Exception):
-    """What running again can never fix (a repository that cannot be cloned, a bad model or provider, a
-    missing key): exit with EXIT_FATAL, no retry. `str()` is the reason in words; `detail` what lies behind
-    it (git's own message), shown folded."""
+    """What running again can never fix (an unclonable repository, a bad model, a missing key): EXIT_FATAL,
+    no retry. `str()` is the reason in words; `detail` what lies behind it (git's own message)."""
 
     def __init__(self, reason: str, detail: str | None = None):
         super().__init__(reason)
@@ -184,8 +183,7 @@ def permanent_git_failure(stderr: str) -> str | None:
     return None
 
 
-def _model_not_found(exc: BaseException) -> bool:
-    """The provider does not know the model: LangChain's ModelNotFoundError, or an SDK's 404 NotFoundError."""
+def _model_not_found(exc: BaseException) -> bool:  # LangChain's ModelNotFoundError, or an SDK's 404 NotFoundError
     from langchain_core.exceptions import ModelNotFoundError
 
     return isinstance(exc, ModelNotFoundError) or (type(exc).__name__ == "NotFoundError" and getattr(exc, "status_code", None) == 404)
@@ -271,12 +269,10 @@ def _main(argv: list[str] | None) -> int:
         log.error("fatal: %s", exc)
         failure = {"reason": str(exc), "failure_class": contract.FAILURE_FATAL, "detail": exc.detail or str(exc)}
         telemetry.event(contract.EV_STATUS, state=contract.STATE_FINISHED, outcome=contract.OUTCOME_FAILED, **failure)
-        write_result(workspace, {"task_id": args.task_id, "outcome": contract.OUTCOME_FAILED, "summary": str(exc),
-                                 **failure, "finished_at": time.time()})
+        write_result(workspace, {"task_id": args.task_id, "outcome": contract.OUTCOME_FAILED, "summary": str(exc), **failure})
         print(f"agent: fatal: {exc}", file=sys.stderr)
         return contract.EXIT_FATAL
     except Exception as exc:
-        # The traceback's last line (the error in words) ends the log, so the termination message ends with it.
         log.exception("task %s failed (%s); the Job retries it from the checkpoint", args.task_id, type(exc).__name__)
         return contract.EXIT_RETRY
     finally:
@@ -333,8 +329,7 @@ class Run:
         model = _load_model(model_spec, Path(args.secrets_dir), args.scripts_dir, args.model_gateway)
 
         proxy_env = {k: v for k, v in os.environ.items() if k.lower() in ("http_proxy", "https_proxy", "no_proxy")}
-        outputs = OutputStore(self.workspace, args.outputs_max_bytes)
-        tools = WorkTools(self.workspace, home, proxy_env=proxy_env, sandbox=self._sandbox(home), outputs=outputs)
+        tools = WorkTools(self.workspace, home, proxy_env=proxy_env, sandbox=self._sandbox(home), outputs=OutputStore(self.workspace, args.outputs_max_bytes))
         self.inbox = Inbox(self.workspace / ".dockyard" / "inbox.jsonl")
         heartbeat = Heartbeat(self.workspace / contract.HEARTBEAT_FILE).start()
         database = self.workspace / contract.checkpoint_path(self.task_id)
@@ -386,8 +381,7 @@ class Run:
         self.telemetry.event(contract.EV_STATUS, state=contract.STATE_RESUMED, phase=self.control.phase, model_turns=values.get("model_turns", 0), tool_calls=values.get("tool_calls", 0))
 
     def _announce_start(self, task: dict, model_spec: str, tools) -> None:
-        """A fresh start: clone the task's repository (if any) before the first phase is announced.
-        `started` comes first: a clone that fails was an attempt too (the record counts it)."""
+        """A fresh start: `started` (a clone that fails was an attempt too), then the clone, then the first phase."""
         log.info("starting task %s with model %s", self.task_id, model_spec)
         self.telemetry.event(contract.EV_STATUS, state=contract.STATE_STARTED, model=model_spec)
         repo = task.get("repo")
@@ -417,11 +411,10 @@ class Run:
                         return None
                     if time.time() - started_at > deadline_seconds:
                         return contract.OUTCOME_DEADLINE
-        except ModelConfigError as exc:
-            raise FatalError(str(exc)) from None
-        except Exception as exc:
-            if _model_not_found(exc):  # a bad model name: the provider will not know it next time either
-                raise FatalError(f"model {self.model_spec} is not known to its provider", str(exc)) from None
+        except Exception as exc:  # a bad configuration or model name fails the next try the same way
+            if isinstance(exc, ModelConfigError) or _model_not_found(exc):
+                words = str(exc) if isinstance(exc, ModelConfigError) else f"model {self.model_spec} is not known to its provider"
+                raise FatalError(words, str(exc)) from None
             raise
         finally:
             heartbeat.stop()
