@@ -163,6 +163,10 @@ OUTCOME_CANCELLED = "cancelled"
 OUTCOME_BUDGET = "budget_exhausted"
 OUTCOME_DEADLINE = "deadline"
 
+# Classes of a failed (or stopped) outcome: whether running the task again can help.
+FAILURE_FATAL = "fatal"  # a clone that cannot work, a bad model or provider, a missing key, a budget: never retried
+FAILURE_TRANSIENT = "transient"  # anything else: a crash, an eviction, a deadline
+
 # --- phases -----------------------------------------------------------------
 PHASE_STRATEGIC = "STRATEGIC"
 PHASE_TACTICAL = "TACTICAL"
@@ -211,6 +215,19 @@ HEARTBEAT_FILE = ".dockyard/heartbeat"  # relative to the workspace
 RESULT_FILE = ".dockyard/result.json"  # written by the agent when it exits
 MODEL_GATEWAY_PORT = 8790  # the pod's model gateway sidecar, on the pod's loopback
 GATEWAY_TOKEN_FILE = "gateway.token"  # the task's model gateway token, relative to the agent's secrets directory
+OUTPUTS_DIR = ".dockyard/outputs"  # each tool call's full output, relative to the workspace (agent.outputs)
+OUTPUTS_MAX_BYTES = 200_000_000  # all of a task's outputs together, default of DOCKYARD_OUTPUTS_MAX_BYTES
+STARTED_AT_FILE = ".dockyard/started_at"  # the agent's first start (epoch seconds): its deadline counts from here
+_UNSAFE_IN_FILE_NAME = re.compile(r"[^A-Za-z0-9_.-]")
+
+
+def output_file(call_id: str) -> str:
+    """Where a tool call's full output is kept, relative to the workspace: the call id made file-safe
+    ([A-Za-z0-9_.-], at most 128 characters, never a hidden name, `.` or `..`)."""
+    name = _UNSAFE_IN_FILE_NAME.sub("_", call_id)[:128]
+    if not name or name.startswith("."):
+        name = "_" + name[1:]
+    return f"{OUTPUTS_DIR}/{name}.log"
 
 
 def checkpoint_path(task_id: str) -> str:

@@ -6,6 +6,8 @@ Invariants
 - Output (stdout and stderr together) is capped while it is read: the first half
   of the cap and a rolling tail of the second half are kept, so an endless
   writer costs bounded memory and the deadline is checked between bounded reads.
+  Each chunk also goes to the `sink` when one is given (agent.outputs: the whole
+  output in a file, written as it is read), and the true size is counted.
 - A command that outlives its timeout gets SIGTERM to its whole group, a grace
   period while its output is still read, then SIGKILL. Background children still
   holding the output after the command exits get the same, after a shorter wait.
@@ -23,6 +25,7 @@ while a background child holds the pipe.
 
 from __future__ import annotations
 
+import codecs
 import os
 import selectors
 import shutil
@@ -53,6 +56,9 @@ class CommandResult:
     output: str  # capped: head, "[N bytes elided]", tail
     timed_out: bool = False
     lingering: bool = False  # background children held the output and were stopped
+    total_bytes: int = 0  # the true size of the whole output
+    head: str = ""  # the output's first bytes as kept (the whole output when nothing was elided)
+    tail: str = ""  # its last bytes as kept; "" when nothing was elided
 
 
 def strip_userinfo(url: str) -> str:
@@ -114,12 +120,19 @@ def shell() -> str:
 
 
 def run_command(
-    command: str, cwd: Path, env: dict[str, str], timeout: float, output_cap: int, sandbox: Sandbox | None = None
+    command: str,
+    cwd: Path,
+    env: dict[str, str],
+    timeout: float,
+    output_cap: int,
+    sandbox: Sandbox | None = None,
+    sink: Callable[[bytes], None] | None = None,
 ) -> CommandResult:
-    """Run `command` with `shell() -c`, in `sandbox` when given. Raises OSError if it cannot be started."""
+    """Run `command` with `shell() -c`, in `sandbox` when given; every chunk of output also goes to `sink`.
+    Raises OSError if it cannot be started."""
     proc, end_leftovers = _start(command, cwd, env, sandbox)
     assert proc.stdout is not None
-    reader = _PipeReader(proc.stdout.fileno(), CappedOutput(output_cap))
+    reader = _PipeReader(proc.stdout.fileno(), CappedOutput(output_cap), sink)
     timed_out = False
     lingering = False
     try:
@@ -154,7 +167,8 @@ def run_command(
         end_leftovers()
         reader.close()
         proc.stdout.close()
-    return CommandResult(proc.returncode, reader.buf.text(), timed_out, lingering)
+    head, tail = reader.buf.regions()
+    return CommandResult(proc.returncode, reader.buf.text(), timed_out, lingering, reader.buf.total, head, tail)
 
 
 def _start(command: str, cwd: Path, env: dict[str, str], sandbox: Sandbox | None) -> tuple[subprocess.Popen, Callable[[], None]]:
@@ -249,6 +263,18 @@ class CappedOutput:
     def stored(self) -> int:
         return len(self.head) + self.tail_len
 
+    def regions(self) -> tuple[str, str]:
+        """(head, tail) as text: the whole output and "" when nothing was elided; else the kept first
+        bytes and last bytes, without the characters the cut split."""
+        if self.total == self.stored:
+            return (bytes(self.head) + b"".join(self.tail)).decode("utf-8", errors="replace"), ""
+        head = codecs.getincrementaldecoder("utf-8")(errors="replace").decode(bytes(self.head))  # drops a split last char
+        tail = b"".join(self.tail)
+        skip = 0
+        while skip < min(3, len(tail)) and 0x80 <= tail[skip] <= 0xBF:  # continuation bytes of a split first char
+            skip += 1
+        return head, tail[skip:].decode("utf-8", errors="replace")
+
     def text(self) -> str:
         head = bytes(self.head).decode("utf-8", errors="replace")
         tail = b"".join(self.tail).decode("utf-8", errors="replace")
@@ -271,9 +297,10 @@ def cap_text(text: str, cap: int) -> str:
 class _PipeReader:
     """Non-blocking reads of a pipe into a capped buffer."""
 
-    def __init__(self, fd: int, buf: CappedOutput):
+    def __init__(self, fd: int, buf: CappedOutput, sink: Callable[[bytes], None] | None = None):
         self.fd = fd
         self.buf = buf
+        self.sink = sink
         self.eof = False
         os.set_blocking(fd, False)
         self.sel = selectors.DefaultSelector()
@@ -298,6 +325,8 @@ class _PipeReader:
                 self.sel.unregister(self.fd)
                 return
             self.buf.add(chunk)
+            if self.sink is not None:
+                self.sink(chunk)
 
     def close(self) -> None:
         if not self.eof:

@@ -115,7 +115,7 @@ class Reporter(Protocol):
 
 
 class Tools(Protocol):
-    def call(self, name: str, args: dict): ...
+    def call(self, name: str, args: dict, call_id: str | None = None): ...
     def schemas(self) -> list[dict]: ...
 
 
@@ -197,6 +197,30 @@ def _truncate(deps: Deps, value: object, limit: int = 500) -> object:
     if isinstance(value, dict):
         return {k: _truncate(deps, v, limit) for k, v in value.items()}
     return value
+
+
+EVENT_HEAD_CHARS = 2000  # of a tool's output in its `tool` event
+EVENT_TAIL_CHARS = 4000  # more of the end: where build and test errors are
+
+
+def _output_fields(deps: Deps, result) -> dict:
+    """A tool call's output for its `tool` event: the true size, head and tail (each redacted before it is
+    cut, as `result` is), and the file that keeps all of it (agent.outputs)."""
+    size = getattr(result, "output_bytes", None)
+    if size is None:
+        return {}
+    redactor = getattr(deps.reporter, "redactor", None) or _FORMATS_ONLY
+    head = redactor.redact(result.output_head)
+    if result.output_tail:  # the middle was never in memory: the tail is its own piece
+        tail = redactor.redact(result.output_tail)[-EVENT_TAIL_CHARS:]
+    else:
+        tail = head[EVENT_HEAD_CHARS:][-EVENT_TAIL_CHARS:]
+    fields = {"output_bytes": size, "output_head": head[:EVENT_HEAD_CHARS], "output_tail": tail}
+    if result.output_file:
+        fields["output_file"] = result.output_file
+        if result.output_cut:
+            fields["output_file_cut"] = True
+    return fields
 
 
 def build_graph(deps: Deps, checkpointer=None):
@@ -294,7 +318,7 @@ def _act(deps: Deps, state: AgentState) -> AgentState:
     call = deps.transcript.row(state["reply"]).message.tool_calls[state["calls_answered"]]
     deps.reporter.event(contract.EV_TOOL, name=call["name"], args=_truncate(deps, call["args"]), call_id=call["id"], stage="start")
     started = time.monotonic()
-    result = deps.tools.call(call["name"], call["args"] or {})
+    result = deps.tools.call(call["name"], call["args"] or {}, call_id=call["id"])
     deps.reporter.event(
         contract.EV_TOOL,
         name=call["name"],
@@ -303,6 +327,7 @@ def _act(deps: Deps, state: AgentState) -> AgentState:
         ok=result.ok,
         result=_truncate(deps, result.output, 2000),
         seconds=round(time.monotonic() - started, 3),
+        **_output_fields(deps, result),
     )
     answer = ToolMessage(content=result.output, tool_call_id=call["id"], status="success" if result.ok else "error")
     end = _write(deps, state["transcript_len"], TACTICAL, [answer])

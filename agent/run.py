@@ -50,7 +50,12 @@ EXIT_REPORT_ENV = contract.ENV_PREFIX + "DEBUG_EXIT_REPORT"
 
 
 class FatalError(Exception):
-    """Configuration that can never work: exit with EXIT_FATAL, no retry."""
+    """What running again can never fix (an unclonable repository, a bad model, a missing key): EXIT_FATAL,
+    no retry. `str()` is the reason in words; `detail` what lies behind it (git's own message)."""
+
+    def __init__(self, reason: str, detail: str | None = None):
+        super().__init__(reason)
+        self.detail = detail
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -75,6 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-tool-calls", type=int, default=env_default("MAX_TOOL_CALLS", "40"), help="budget per tactical phase [DOCKYARD_MAX_TOOL_CALLS]")
     parser.add_argument("--context-tokens", type=int, default=env_default("CONTEXT_TOKENS", "60000"), help="the model's view of a conversation, in estimated tokens [DOCKYARD_CONTEXT_TOKENS]")
     parser.add_argument("--deadline-seconds", type=int, default=env_default("DEADLINE_SECONDS"), help="overall deadline; default from the task's limits [DOCKYARD_DEADLINE_SECONDS]")
+    parser.add_argument("--outputs-max-bytes", type=int, default=env_default("OUTPUTS_MAX_BYTES", str(contract.OUTPUTS_MAX_BYTES)),
+                        help=f"all full tool outputs kept in {contract.OUTPUTS_DIR}, oldest dropped first [DOCKYARD_OUTPUTS_MAX_BYTES]")
     parser.add_argument("--keep-checkpoints", type=int, default=env_default("KEEP_CHECKPOINTS", "20"), help="checkpoints kept per thread [DOCKYARD_KEEP_CHECKPOINTS]")
     return parser
 
@@ -137,6 +144,8 @@ def clone_repo(repo: dict, workspace: Path, env: dict, *, allow_file: bool = Fal
     staging = workspace / (contract.REPO_DIR + ".partial")
     subprocess.run(["rm", "-rf", str(staging)], check=False)
     read_only = (Path(urlsplit(repo["url"]).path),) if scheme == "file" else ()
+    if read_only and not read_only[0].exists():  # else the sandbox fails to mount it, which looks transient
+        raise FatalError("git clone failed: repository not found", f"{repo['url']}: no such path on this machine")
 
     def git(*args: str, timeout: int) -> str:
         argv, start_env = (["git", *args], env) if wrap is None else wrap(["git", *args], workspace, env, read_only)
@@ -172,6 +181,12 @@ def permanent_git_failure(stderr: str) -> str | None:
         if pattern.search(text):
             return why
     return None
+
+
+def _model_not_found(exc: BaseException) -> bool:  # LangChain's ModelNotFoundError, or an SDK's 404 NotFoundError
+    from langchain_core.exceptions import ModelNotFoundError
+
+    return isinstance(exc, ModelNotFoundError) or (type(exc).__name__ == "NotFoundError" and getattr(exc, "status_code", None) == 404)
 
 
 def _load_model(spec: str, secrets_dir: Path, scripts_dir: str | None, gateway: str | None = None):
@@ -222,6 +237,8 @@ def _main(argv: list[str] | None) -> int:
         check_common(args)
         if args.context_tokens < MIN_CONTEXT_TOKENS:
             raise UsageError(f"--context-tokens must be at least {MIN_CONTEXT_TOKENS}, got {args.context_tokens}")
+        if args.outputs_max_bytes < 0:
+            raise UsageError(f"--outputs-max-bytes must be 0 or more, got {args.outputs_max_bytes}")
         auth = nats_auth(args)
     except SystemExit as exc:  # --help
         return int(exc.code or 0)
@@ -250,12 +267,13 @@ def _main(argv: list[str] | None) -> int:
         return Run(args, workspace, telemetry).execute()
     except FatalError as exc:
         log.error("fatal: %s", exc)
-        telemetry.event(contract.EV_STATUS, state=contract.STATE_FINISHED, outcome=contract.OUTCOME_FAILED, reason=str(exc))
-        write_result(workspace, {"task_id": args.task_id, "outcome": contract.OUTCOME_FAILED, "summary": str(exc)})
+        failure = {"reason": str(exc), "failure_class": contract.FAILURE_FATAL, "detail": exc.detail or str(exc)}
+        telemetry.event(contract.EV_STATUS, state=contract.STATE_FINISHED, outcome=contract.OUTCOME_FAILED, **failure)
+        write_result(workspace, {"task_id": args.task_id, "outcome": contract.OUTCOME_FAILED, "summary": str(exc), **failure})
         print(f"agent: fatal: {exc}", file=sys.stderr)
         return contract.EXIT_FATAL
-    except Exception:
-        log.exception("task %s failed; the Job retries it from the checkpoint", args.task_id)
+    except Exception as exc:
+        log.exception("task %s failed (%s); the Job retries it from the checkpoint", args.task_id, type(exc).__name__)
         return contract.EXIT_RETRY
     finally:
         logging.getLogger().removeHandler(handler)
@@ -298,19 +316,20 @@ class Run:
         from agent.checkpoint import WalCheckpointer, open_saver
         from agent.graph import Budgets, Deps, Inbox, build_graph, initial_state
         from agent.heartbeat import Heartbeat
+        from agent.outputs import OutputStore
         from agent.tools import WorkTools
         from agent.transcript import Transcript
 
         args = self.args
         task = load_task(Path(args.task_file))
-        model_spec = args.model or task.get("model") or "scripted:example"
+        model_spec = self.model_spec = args.model or task.get("model") or "scripted:example"
         deadline_seconds = int(args.deadline_seconds or (task.get("limits") or {}).get("deadline_seconds") or 3600)
         home = Path(args.home)
         home.mkdir(parents=True, exist_ok=True)
         model = _load_model(model_spec, Path(args.secrets_dir), args.scripts_dir, args.model_gateway)
 
         proxy_env = {k: v for k, v in os.environ.items() if k.lower() in ("http_proxy", "https_proxy", "no_proxy")}
-        tools = WorkTools(self.workspace, home, proxy_env=proxy_env, sandbox=self._sandbox(home))
+        tools = WorkTools(self.workspace, home, proxy_env=proxy_env, sandbox=self._sandbox(home), outputs=OutputStore(self.workspace, args.outputs_max_bytes))
         self.inbox = Inbox(self.workspace / ".dockyard" / "inbox.jsonl")
         heartbeat = Heartbeat(self.workspace / contract.HEARTBEAT_FILE).start()
         database = self.workspace / contract.checkpoint_path(self.task_id)
@@ -362,12 +381,12 @@ class Run:
         self.telemetry.event(contract.EV_STATUS, state=contract.STATE_RESUMED, phase=self.control.phase, model_turns=values.get("model_turns", 0), tool_calls=values.get("tool_calls", 0))
 
     def _announce_start(self, task: dict, model_spec: str, tools) -> None:
-        """A fresh start: clone the task's repository (if any) before the first phase is announced."""
+        """A fresh start: `started` (a clone that fails was an attempt too), then the clone, then the first phase."""
+        log.info("starting task %s with model %s", self.task_id, model_spec)
+        self.telemetry.event(contract.EV_STATUS, state=contract.STATE_STARTED, model=model_spec)
         repo = task.get("repo")
         if repo:
             self._clone(repo, tools)
-        log.info("starting task %s with model %s", self.task_id, model_spec)
-        self.telemetry.event(contract.EV_STATUS, state=contract.STATE_STARTED, model=model_spec)
         self.telemetry.event(contract.EV_PHASE, phase=contract.PHASE_STRATEGIC)
 
     def _drive(self, updates: Generator[dict, None, None], heartbeat, saver, started_at: float, deadline_seconds: int) -> str | None:
@@ -392,8 +411,11 @@ class Run:
                         return None
                     if time.time() - started_at > deadline_seconds:
                         return contract.OUTCOME_DEADLINE
-        except ModelConfigError as exc:
-            raise FatalError(str(exc)) from None
+        except Exception as exc:  # a bad configuration or model name fails the next try the same way
+            if isinstance(exc, ModelConfigError) or _model_not_found(exc):
+                words = str(exc) if isinstance(exc, ModelConfigError) else f"model {self.model_spec} is not known to its provider"
+                raise FatalError(words, str(exc)) from None
+            raise
         finally:
             heartbeat.stop()
         return None
@@ -410,12 +432,16 @@ class Run:
         from agent.checkpoint import prune
 
         prune(saver, self.task_id, keep=self.args.keep_checkpoints)
+        failure: dict = {}
         if self.control.stop_reason == "cancel":
             outcome, summary = contract.OUTCOME_CANCELLED, "cancelled by command"
         elif outcome == contract.OUTCOME_DEADLINE:
-            summary = f"stopped at the deadline of {deadline_seconds} s"
+            summary = f"stopped at the deadline of {deadline_seconds} s, counted from the first start"
+            failure = {"reason": summary, "failure_class": contract.FAILURE_TRANSIENT, "deadline_seconds": deadline_seconds}
         else:
             outcome, summary = values.get("outcome") or contract.OUTCOME_FAILED, values.get("summary") or ""
+            if outcome == contract.OUTCOME_BUDGET:  # the same task runs into the same budget again
+                failure = {"reason": summary.removeprefix("stopped: ") or "a budget is spent", "failure_class": contract.FAILURE_FATAL}
         result = {
             "task_id": self.task_id,
             "outcome": outcome,
@@ -424,10 +450,11 @@ class Run:
             "model_turns": values.get("model_turns", 0),
             "tool_calls": values.get("tool_calls", 0),
             "finished_at": time.time(),
+            **failure,
         }
         write_result(self.workspace, result)
         self.telemetry.event(contract.EV_RESULT, outcome=outcome, summary=summary)
-        self.telemetry.event(contract.EV_STATUS, state=contract.STATE_FINISHED, outcome=outcome, summary=summary)
+        self.telemetry.event(contract.EV_STATUS, state=contract.STATE_FINISHED, outcome=outcome, summary=summary, **failure)
         log.info("task %s finished: %s", self.task_id, outcome)
         return OUTCOME_EXIT.get(outcome, contract.EXIT_DONE)
 
@@ -450,7 +477,7 @@ class Run:
 
     def _started_at(self, known: float) -> float:
         """The first start time, kept in the workspace so the deadline survives restarts."""
-        path = self.workspace / ".dockyard" / "started_at"
+        path = self.workspace / contract.STARTED_AT_FILE
         try:
             return float(path.read_text())
         except (FileNotFoundError, ValueError):
@@ -469,5 +496,5 @@ class Run:
             why = permanent_git_failure(exc.stderr)
             if why:  # retrying cannot help: fail now, in words, instead of after every retry
                 step = f"checkout of ref {repo.get('ref')!r}" if "checkout" in exc.cmd else "clone"
-                raise FatalError(f"git {step} failed: {why} ({detail})") from None
+                raise FatalError(f"git {step} failed: {why}", detail) from None
             raise RuntimeError(f"git clone of {repo.get('url')} failed: {detail}") from None

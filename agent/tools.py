@@ -13,6 +13,10 @@ named):
 * Tools never see secrets (`agent.execute`): a command runs with an
   environment built from scratch, and is killed with its whole process group
   when it outlives its timeout; its output is capped while it is read.
+* Each call's full output is kept (`agent.outputs`) when the tools have an
+  `OutputStore` and the call an id: the command's output as it is read, the
+  other tools' answers as they are. The `ToolResult` says its true size, its
+  first and last bytes as kept, and the file.
 * With a `Sandbox` (`agent.sandbox`, under `dockyard dev`) every command, and
   git clone through `wrap`, runs in bubblewrap: it sees the workspace and home,
   nothing else of the host, and reaches the network only through the proxy.
@@ -26,7 +30,7 @@ import signal
 import stat
 import tempfile
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +42,7 @@ from agent.execute import (
     scrubbed_environment,
     strip_userinfo,
 )
+from agent.outputs import OutputFile, OutputStore
 from agent.sandbox import Sandbox, wrap_argv
 from agent.workspace import PathRefused, Workspace
 
@@ -47,7 +52,19 @@ __all__ = ["SYSTEM_PATH", "ToolResult", "WorkTools", "strip_userinfo"]
 @dataclass(frozen=True)
 class ToolResult:
     ok: bool
-    output: str
+    output: str  # what the model sees (a long command output cut in the middle)
+    # For the trace, not the model (so left out of equality): the whole output as it was kept.
+    output_bytes: int | None = field(default=None, compare=False)  # its true size; None: `output` is all of it
+    output_head: str = field(default="", compare=False)  # its first bytes as kept (all of it when the tail is "")
+    output_tail: str = field(default="", compare=False)  # its last bytes as kept; "" when the head holds it all
+    output_file: str | None = field(default=None, compare=False)  # relative to the workspace, when it was kept
+    output_cut: bool = field(default=False, compare=False)  # the file holds only its first bytes (the task's bound)
+
+
+def _with_file(result: ToolResult, out: OutputFile | None) -> ToolResult:
+    if out is None or not out.kept:
+        return result
+    return replace(result, output_file=out.relative, output_cut=out.cut)
 
 
 class ToolError(Exception):
@@ -79,6 +96,7 @@ class WorkTools:
         read_cap: int = 1_000_000,
         list_cap: int = 1_000,
         sandbox: Sandbox | None = None,
+        outputs: OutputStore | None = None,
     ):
         self.workspace = Path(workspace)
         self.ws = Workspace(self.workspace)
@@ -91,6 +109,7 @@ class WorkTools:
         self.list_cap = int(list_cap)
         self.proxy_env = proxy_settings(proxy_env or {})
         self.sandbox = sandbox
+        self.outputs = outputs
         self._tools: dict[str, tuple[Callable[..., ToolResult], dict[str, Any]]] = {
             "execute": (self._execute, self._execute_params()),
             "read_file": (self._read_file, self._path_params("File to read.")),
@@ -99,14 +118,26 @@ class WorkTools:
         }
 
     # --- public API ----------------------------------------------------------
-    def call(self, name: str, args: Mapping[str, Any] | None) -> ToolResult:
-        """Run tool `name` with `args`. Never raises: every failure is ok=False with a message."""
+    def call(self, name: str, args: Mapping[str, Any] | None, call_id: str | None = None) -> ToolResult:
+        """Run tool `name` with `args`. Never raises: every failure is ok=False with a message.
+        With a `call_id` (and an `OutputStore`) the call's full output is kept under that id."""
+        result = self._call(name, args, call_id)
+        if result.output_bytes is not None:  # a command's output: kept while it was read
+            return result
+        data = result.output.encode("utf-8", errors="replace")
+        result = replace(result, output_bytes=len(data), output_head=result.output)
+        keep = self.outputs is not None and call_id is not None
+        return _with_file(result, self.outputs.save(call_id, result.output) if keep else None)
+
+    def _call(self, name: str, args: Mapping[str, Any] | None, call_id: str | None) -> ToolResult:
         try:
             entry = self._tools.get(name) if isinstance(name, str) else None
             if entry is None:
                 return ToolResult(False, f"unknown tool {name!r}; available tools: {', '.join(self._tools)}")
             fn, params = entry
             kwargs = self._validate(name, params, {} if args is None else args)
+            if name == "execute":
+                return self._execute(**kwargs, call_id=call_id)
             return fn(**kwargs)
         except (ToolError, PathRefused) as exc:
             return ToolResult(False, str(exc))
@@ -380,7 +411,7 @@ class WorkTools:
             return list(argv), env
         return wrap_argv(replace(self.sandbox, read_only=read_only), argv, env, cwd), {"PATH": SYSTEM_PATH}
 
-    def _execute(self, command: str, timeout_seconds: int | None = None) -> ToolResult:
+    def _execute(self, command: str, timeout_seconds: int | None = None, call_id: str | None = None) -> ToolResult:
         if not command.strip():
             raise ToolError("execute: argument 'command' must not be empty")
         if "\x00" in command:
@@ -389,16 +420,25 @@ class WorkTools:
         timeout = min(max(int(timeout), 1), self.max_timeout)
         if not self.root.is_dir():
             raise ToolError(f"execute: the workspace {self.root} does not exist")
+        out = self.outputs.open(call_id) if self.outputs is not None and call_id is not None else None
         try:
-            result = run_command(command, self.root, self.environment(), timeout, self.output_cap, self.sandbox)
+            result = run_command(
+                command, self.root, self.environment(), timeout, self.output_cap, self.sandbox,
+                sink=out.write if out is not None else None,
+            )
         except OSError as exc:
             raise ToolError(f"execute: cannot start the shell: {exc}") from None
+        finally:
+            if out is not None:
+                out.close()
+        full = {"output_bytes": result.total_bytes, "output_head": result.head, "output_tail": result.tail}
         if result.timed_out:
-            return ToolResult(
+            return _with_file(ToolResult(
                 False,
                 f"timed out after {timeout} s: the command and its process group were killed "
                 f"(pass a larger timeout_seconds, max {self.max_timeout}, for long commands)\n{result.output}",
-            )
+                **full,
+            ), out)
         code = result.returncode
         if code < 0:
             try:
@@ -410,4 +450,4 @@ class WorkTools:
             head = f"exit code {code}"
         if result.lingering:
             head += " (background processes still attached to the output were stopped)"
-        return ToolResult(code == 0, f"{head}\n{result.output}")
+        return _with_file(ToolResult(code == 0, f"{head}\n{result.output}", **full), out)

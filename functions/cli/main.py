@@ -167,7 +167,7 @@ def _register_tasks(sub) -> None:
 
 
 def format_tasks(records: list[dict]) -> str:
-    columns = ("task_id", "state", "phase", "outcome", "attempts", "tokens", "cost", "created_at")
+    columns = ("task_id", "state", "phase", "outcome", "attempts", "tokens", "cost", "created_at", "reason")
     rows = [[_cell(r, c) for c in columns] for r in records]
     header = [c.upper().replace("_", " ") for c in ("task", *columns[1:])]
     widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(header)]
@@ -181,6 +181,10 @@ def _cell(record: dict, column: str) -> str:
         return f"{usage['tokens']:,}" if isinstance(usage.get("tokens"), int) else ""
     if column == "cost":
         return f"${usage['cost_usd']:.4f}" if isinstance(usage.get("cost_usd"), (int, float)) and usage.get("cost_usd") else ""
+    if column == "outcome" and record.get("failure_class"):  # failed (fatal): running it again cannot help
+        return f"{record.get('outcome')} ({record['failure_class']})"
+    if column == "reason":
+        return " ".join(str(record.get("reason") or "").split())[:80]
     value = record.get(column)
     return "" if value is None else str(value)
 

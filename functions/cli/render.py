@@ -151,9 +151,37 @@ def _tool(data: dict) -> str:
         seconds = data.get("seconds")
         took = f" {seconds:.1f}s" if isinstance(seconds, (int, float)) else ""
         status = "ok" if data.get("ok", True) else "error"
+        if isinstance(data.get("output_head"), str) and isinstance(data.get("output_bytes"), int):
+            first = str(data.get("result") or "").split("\n", 1)[0]  # "exit code 1" of a command
+            said = f": {_one_line(first)}" if first.startswith("exit code") or first.startswith("timed out") else ""
+            return f"  -> {status}{took}{_size(data['output_bytes'])}{said}" + _tool_output(data)
         result = _one_line(data.get("result") or "")
         return f"  -> {status}{took}" + (f": {result}" if result else "")
     return f"$ {name}: {_tool_args(name, data.get('args'))}"
+
+
+HEAD_LINES, TAIL_LINES = 5, 10  # of a tool's output in `dockyard logs`: more of the end, where errors are
+
+
+def _tool_output(data: dict) -> str:
+    """A tool's output: the first lines of its head, "… N bytes cut …" (what is not shown, of the true
+    size), the last lines of its tail, and where the whole of it is kept."""
+    head, tail = str(data.get("output_head") or ""), str(data.get("output_tail") or "")
+    head_lines, tail_lines = head.splitlines(), tail.splitlines()
+    if not tail and len(head_lines) <= HEAD_LINES + TAIL_LINES and data["output_bytes"] <= len(head.encode()):
+        first, last = head_lines, []  # all of it
+    else:
+        first = head_lines[:HEAD_LINES]
+        last = (tail_lines or head_lines[HEAD_LINES:])[-TAIL_LINES:]
+    shown = sum(len(line.encode()) + 1 for line in first + last)
+    lines = [f"     {line}" for line in first]
+    if last or data["output_bytes"] > shown:
+        lines.append(f"     … {max(data['output_bytes'] - shown, 0)} bytes cut …")
+    lines += [f"     {line}" for line in last]
+    if data.get("output_file"):
+        cut = " (its first bytes only: the task's outputs bound)" if data.get("output_file_cut") else ""
+        lines.append(f"     full output: {data['output_file']}{cut}")
+    return "".join("\n" + line.rstrip() for line in lines)
 
 
 def _tool_args(name: str, args: Any) -> str:
@@ -186,14 +214,42 @@ def _status(data: dict) -> str:
         wait = f", in {data['backoff_seconds']:g}s" if isinstance(data.get("backoff_seconds"), (int, float)) else ""
         return f"-- retrying: attempt {data.get('attempt', '?')}{after}{wait}"
     if state == contract.STATE_FINISHED:
-        line = f"-- finished: {data.get('outcome') or 'unknown'}"
-        if data.get("summary"):
+        line = f"-- finished: {outcome_words(data)}"
+        if data.get("summary") and data.get("summary") != data.get("reason"):
             line += f" - {_one_line(data['summary'])}"
-        elif data.get("reason"):
-            line += f" ({_one_line(data['reason'])})"
+        facts = _end_facts(data)
+        if facts:
+            line += f"\n   {facts}"
+        detail = [row for row in str(data.get("detail") or "").splitlines() if row.strip()]
+        if detail and detail[-1].strip() != str(data.get("reason") or "").strip():
+            line += "\n   details (last lines):" + "".join(f"\n     {row}" for row in detail[-DETAIL_LINES:])
         return line
     extra = f" ({data['reason']})" if data.get("reason") else ""
     return f"-- {state or 'status'}{extra}"
+
+
+DETAIL_LINES = 5  # of a failure's detail (its traceback, git's message) under the finished line
+
+
+def outcome_words(record: dict) -> str:
+    """An end in one line, for `dockyard tasks` and the finished line of `dockyard logs`:
+    "failed (fatal): git clone failed: repository not found"."""
+    outcome = str(record.get("outcome") or "unknown")
+    kind = f" ({record['failure_class']})" if record.get("failure_class") else ""
+    reason = f": {_one_line(record['reason'])}" if record.get("reason") else ""
+    return f"{outcome}{kind}{reason}"
+
+
+def _end_facts(data: dict) -> str:
+    """Attempts, the deadline and the queue time of a finished task, when the event says them."""
+    facts = []
+    if isinstance(data.get("attempts"), int):
+        facts.append(f"{data['attempts']} attempt{'s' if data['attempts'] != 1 else ''}")
+    if isinstance(data.get("deadline_seconds"), int):
+        facts.append(f"deadline {data['deadline_seconds']} s from the first start")
+    if isinstance(data.get("queued_seconds"), (int, float)):
+        facts.append(f"queued {_duration(data['queued_seconds'])} before its first start")
+    return ", ".join(facts)
 
 
 def _snapshot(data: dict) -> str:

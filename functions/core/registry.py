@@ -42,7 +42,12 @@ class TaskRecord(TypedDict):
     events_seq: NotRequired[int]  # the tracker: last stream sequence applied (forward-only updates)
     summary: NotRequired[str | None]  # job_finished: from the agent's result
     final_snapshot_missing: NotRequired[bool]  # job_finished
-    finished_at: NotRequired[str]  # job_finished
+    finished_at: NotRequired[str]  # job_finished: when the Job ended
+    failure_class: NotRequired[str | None]  # job_finished (the tracker from the agent's own end first): "fatal" | "transient"
+    detail: NotRequired[str | None]  # job_finished: what lies behind `reason` (git's message, the log tail)
+    deadline_seconds: NotRequired[int | None]  # job_finished: the limit, counted from the first start
+    started_at: NotRequired[str | None]  # job_finished: the first start (the Job's startTime: when it was admitted)
+    queued_seconds: NotRequired[float | None]  # job_finished: submitted (created_at) to the first start
     last_snapshot_at: NotRequired[str]  # snapshot_due: the last good snapshot
     last_snapshot_key: NotRequired[str | None]
     cancel_requested_at: NotRequired[str]  # task_command

@@ -38,6 +38,7 @@ STATES = (
     contract.STATE_FINISHED,
 )
 ATTEMPT_STATES = (contract.STATE_STARTED, contract.STATE_RESUMED)
+END_FIELDS = ("reason", "failure_class", "detail")
 APPLY_ATTEMPTS = 5  # registry failures for one event before it is left to redelivery
 
 
@@ -63,10 +64,17 @@ def apply_event(record: TaskRecord, event: dict, seq: int, *, now: str | None = 
             updated["attempts"] = (record.get("attempts") or 0) + 1
         if state in contract.TERMINAL_STATES:
             updated["outcome"] = event.get("outcome") or record.get("outcome")
-            if event.get("reason"):
-                updated["reason"] = event["reason"]
+            updated.update(_end_words(event))
     updated["updated_at"] = now or contract.iso_utc()
     return updated
+
+
+def _end_words(event: dict) -> dict:
+    """The agent's own words for its end (job_finished completes them): strings only, a known class only."""
+    words = {name: event[name] for name in END_FIELDS if isinstance(event.get(name), str) and event[name]}
+    if words.get("failure_class") not in (None, contract.FAILURE_FATAL, contract.FAILURE_TRANSIENT):
+        del words["failure_class"]
+    return words
 
 
 def add_usage(totals: dict | None, event: dict) -> dict:

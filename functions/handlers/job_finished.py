@@ -18,6 +18,10 @@ redelivery, which is at-least-once as promised; a UID already recorded is a
 
 The final snapshot is complete when `final/result.json` exists: the
 snapshotter uploads it after the workspace archive.
+
+The end is said in words (functions.core.outcome): reason, failure class, detail,
+attempts, the deadline, first start, queue time; the status event and the record
+carry the same fields.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ from cloudevents.http import CloudEvent
 
 from agent import contract
 from functions.core.cloudevent import data_object, require_type
+from functions.core.outcome import describe_end
 from functions.core.registry import TaskRecord, new_record
 from functions.errors import BadInput, StoreUnavailable
 
@@ -80,13 +85,6 @@ def _agent_exit_reason(job: dict) -> str | None:
     if isinstance(reason, str) and reason and reason != "Error":
         return f"{reason} ({detail})" if detail else reason
     return f"Error ({detail})" if detail else None
-
-
-def _deadline_reason(record: TaskRecord) -> str | None:
-    """"DeadlineExceeded" in words, with the limit the task had."""
-    limits = (record.get("task") or {}).get("limits") or {}
-    seconds = limits.get("deadline_seconds")
-    return f"DeadlineExceeded: the task's deadline of {seconds} s passed" if isinstance(seconds, int) else None
 
 
 def _read_store(open_store: Callable[[], Any], task_id: str) -> tuple[dict | None, bool, list[str]]:
@@ -201,12 +199,14 @@ async def record_finished_job(job: dict, ctx: "Context") -> dict:
         return {"task_id": task_id, "status": "already handled"}
 
     result, final_missing, snapshot_keys = await asyncio.to_thread(_read_store, lambda: ctx.store, task_id)
+    # Read again: the tracker may have put the agent's own words for its end on the record meanwhile
+    # (they stand in for a result.json the snapshotter could not upload).
+    record = await ctx.registry.get(task_id) or record
     outcome = _outcome(condition, result, record)
-    reason = (result or {}).get("reason") or _agent_exit_reason(job) or condition.get("reason") or condition.get("message")
-    if outcome == contract.OUTCOME_DEADLINE and reason == "DeadlineExceeded":
-        reason = _deadline_reason(record) or reason
     summary = (result or {}).get("summary")
     termination_message = _termination_message(job)
+    end = describe_end(outcome=outcome, condition=condition, job=job, result=result, record=record,
+                       termination_message=termination_message, agent_exit=_agent_exit_reason(job))
     succeeded = condition["type"] == "Complete" and outcome == contract.OUTCOME_DONE
     retention = ctx.settings.ttl_succeeded_seconds if succeeded else ctx.settings.ttl_failed_seconds
 
@@ -216,22 +216,21 @@ async def record_finished_job(job: dict, ctx: "Context") -> dict:
         msg_id=f"finished-{uid}",
         state=contract.STATE_FINISHED,
         outcome=outcome,
-        reason=reason,
         summary=summary,
         termination_message=termination_message,
         snapshot_keys=snapshot_keys,
         final_snapshot_missing=final_missing,
+        **end,
     )
 
     def finish(current: TaskRecord) -> TaskRecord | None:
         if uid in (current.get("finished_uids") or []):
             return None
-        now = contract.iso_utc()
         return {
             **current,
+            **end,
             "state": contract.STATE_FINISHED,
             "outcome": outcome,
-            "reason": reason,
             "summary": summary,
             "termination_message": termination_message,
             "snapshot_keys": snapshot_keys,
@@ -239,8 +238,8 @@ async def record_finished_job(job: dict, ctx: "Context") -> dict:
             "job_uid": uid,
             "finished_uids": [*(current.get("finished_uids") or []), uid],
             "retention_seconds": retention,
-            "finished_at": now,
-            "updated_at": now,
+            "attempts": max(end["attempts"], current.get("attempts") or 0),
+            "updated_at": contract.iso_utc(),
         }
 
     await ctx.registry.update(task_id, finish)

@@ -329,10 +329,15 @@ def test_a_clone_that_can_never_work_is_fatal_at_once_with_its_reason(tmp_path, 
     proc = subprocess.run(agent_cmd("clonefail", workspace, task, "scripted:example", "--allow-file-repos"),
                           env=agent_env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == contract.EXIT_FATAL, proc.stderr
-    expected = "git clone failed: not a git repository" if case == "no repository" else "git checkout of ref 'v9.9' failed: no such branch, tag or commit"
+    expected = "git clone failed: repository not found" if case == "no repository" else "git checkout of ref 'v9.9' failed: no such branch, tag or commit"
     (finished,) = [e for e in trace_events(proc.stdout) if e["type"] == contract.EV_STATUS and e.get("state") == contract.STATE_FINISHED]
-    assert finished["outcome"] == contract.OUTCOME_FAILED and finished["reason"].startswith(expected)
-    assert json.loads((workspace / contract.RESULT_FILE).read_text())["outcome"] == contract.OUTCOME_FAILED
+    assert finished["outcome"] == contract.OUTCOME_FAILED and finished["reason"] == expected
+    assert finished["failure_class"] == contract.FAILURE_FATAL and finished["detail"]  # git's own words, folded
+    result = json.loads((workspace / contract.RESULT_FILE).read_text())
+    assert (result["outcome"], result["reason"], result["failure_class"]) == (contract.OUTCOME_FAILED, expected, contract.FAILURE_FATAL)
+    # The attempt counts: `started` comes before the clone.
+    states = [e.get("state") for e in trace_events(proc.stdout) if e["type"] == contract.EV_STATUS]
+    assert states == [contract.STATE_STARTED, contract.STATE_FINISHED]
 
 
 def test_a_context_budget_too_small_to_hold_a_turn_is_refused_by_name(tmp_path, agent_env):

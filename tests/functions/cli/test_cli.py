@@ -233,12 +233,15 @@ def test_tasks_table(server, capsys):
         {"task_id": "t-2", "state": "started", "phase": "TACTICAL", "outcome": None, "attempts": 1, "created_at": "2024-01-01T00:00:01Z"},
         {"task_id": "t-1", "state": "finished", "phase": "STRATEGIC", "outcome": "done", "attempts": 2, "created_at": "2024-01-01T00:00:00Z",
          "usage": {"calls": 3, "tokens": 12345, "cost_usd": 0.0421}},
+        {"task_id": "t-0", "state": "finished", "phase": None, "outcome": "failed", "failure_class": "fatal", "attempts": 1,
+         "created_at": "2024-01-01T00:00:00Z", "reason": "git clone failed: repository not found"},
     ]
     assert cli.main(["tasks", "--url", server.url]) == 0
-    header, first, second = capsys.readouterr().out.splitlines()
-    assert header.split() == ["TASK", "STATE", "PHASE", "OUTCOME", "ATTEMPTS", "TOKENS", "COST", "CREATED", "AT"]
+    header, first, second, third = capsys.readouterr().out.splitlines()
+    assert header.split() == ["TASK", "STATE", "PHASE", "OUTCOME", "ATTEMPTS", "TOKENS", "COST", "CREATED", "AT", "REASON"]
     assert first.split() == ["t-2", "started", "TACTICAL", "1", "2024-01-01T00:00:01Z"]
     assert second.split() == ["t-1", "finished", "STRATEGIC", "done", "2", "12,345", "$0.0421", "2024-01-01T00:00:00Z"]
+    assert third.split() == ["t-0", "finished", "failed", "(fatal)", "1", "2024-01-01T00:00:00Z", *"git clone failed: repository not found".split()]
 
 
 def test_the_command_registry_is_a_list_of_register_functions():
@@ -271,7 +274,7 @@ def test_the_command_registry_is_a_list_of_register_functions():
         ("status", {"type": "status", "state": "resumed", "phase": "TACTICAL", "model_turns": 3, "tool_calls": 2}, "-- resumed from checkpoint in TACTICAL (3 model turns, 2 tool calls done)"),
         ("status", {"type": "status", "state": "retrying", "attempt": 2, "exit_code": 137, "backoff_seconds": 2.0}, "-- retrying: attempt 2 after exit code 137, in 2s"),
         ("status", {"type": "status", "state": "interrupted", "reason": "SIGTERM"}, "-- interrupted (SIGTERM)"),
-        ("status", {"type": "status", "state": "finished", "outcome": "failed", "reason": "BackoffLimitExceeded"}, "-- finished: failed (BackoffLimitExceeded)"),
+        ("status", {"type": "status", "state": "finished", "outcome": "failed", "reason": "BackoffLimitExceeded"}, "-- finished: failed: BackoffLimitExceeded"),
         ("snapshot", {"type": "snapshot", "key": "jobs/t/checkpoints/1.db", "size": 2048, "uploaded": True, "final": False}, "snapshot: jobs/t/checkpoints/1.db (2.0 KiB)"),
         ("snapshot", {"type": "snapshot", "key": "k.db", "size": 10, "final": True, "archive_key": "jobs/t/final/workspace.tar.gz"}, "snapshot: final jobs/t/final/workspace.tar.gz (10 B)"),
         ("snapshot", {"type": "snapshot", "final": True, "archive_key": "a", "push": {"branch": "dockyard/t", "commit": "0123456789abcdef"}},

@@ -271,7 +271,8 @@ async def test_job_failed_without_snapshot(post, bus, runtime, events, settings)
     response = await post("job_finished", contract.EVENT_JOB_UPDATE, finish_job(runtime, "t2", "Failed", reason="BackoffLimitExceeded"))
     assert response.status_code == 200
     record = await bus.registry.get("t2")
-    assert record["outcome"] == contract.OUTCOME_FAILED and record["reason"] == "BackoffLimitExceeded"
+    assert record["outcome"] == contract.OUTCOME_FAILED and record["failure_class"] == contract.FAILURE_TRANSIENT
+    assert record["reason"] == "the agent failed, retries used up; the last time: it exited with an error"
     assert record["retention_seconds"] == settings.ttl_failed_seconds
     assert record["final_snapshot_missing"] is True
     (finished,) = [e for e in await events("t2") if e["state"] == contract.STATE_FINISHED]
@@ -286,10 +287,11 @@ async def test_an_oom_killed_agent_s_reason_and_last_words_reach_the_record_and_
                       agentExit={"reason": "OOMKilled", "exitCode": 137}, terminationMessage="step 41: cloning\nKilled")
     assert (await post("job_finished", contract.EVENT_JOB_UPDATE, data)).status_code == 200
     record = await bus.registry.get("t-oom")
-    assert (record["outcome"], record["reason"]) == (contract.OUTCOME_FAILED, "OOMKilled (exit code 137)")
+    oom = "the agent failed, retries used up; the last time: OOMKilled (exit code 137)"
+    assert (record["outcome"], record["reason"], record["detail"]) == (contract.OUTCOME_FAILED, oom, "step 41: cloning\nKilled")
     assert record["termination_message"] == "step 41: cloning\nKilled"
     (finished,) = [e for e in await events("t-oom") if e["state"] == contract.STATE_FINISHED]
-    assert finished["reason"] == "OOMKilled (exit code 137)" and finished["termination_message"].endswith("Killed")
+    assert finished["reason"] == oom and finished["termination_message"].endswith("Killed")
 
 
 async def test_job_failed_outcome_from_result_and_deadline(post, bus, runtime, store):
@@ -304,7 +306,8 @@ async def test_job_failed_outcome_from_result_and_deadline(post, bus, runtime, s
     record = await bus.registry.get("t4")
     assert record["outcome"] == contract.OUTCOME_DEADLINE
     deadline = record["task"]["limits"]["deadline_seconds"]
-    assert record["reason"] == f"DeadlineExceeded: the task's deadline of {deadline} s passed"  # the limit, in words
+    assert record["reason"] == f"the deadline of {deadline} s passed, counted from the first start"  # the limit, in words
+    assert (record["deadline_seconds"], record["failure_class"]) == (deadline, contract.FAILURE_TRANSIENT)
 
 
 async def test_job_of_an_unknown_task_rebuilds_its_record(post, bus, runtime):
