@@ -302,26 +302,35 @@ _warn = stderr_logger("snapshot: warning")
 
 
 def write_workspace_archive(workspace: str | os.PathLike, dest: str | os.PathLike) -> None:
-    """tar.gz of the workspace without `checkpoints/` and `.dockyard/`; symlinks are stored as links."""
+    """tar.gz of the workspace without `checkpoints/` and `.dockyard/` but for `.dockyard/outputs/` (each tool
+    call's full output, served by the stream app); symlinks are stored as links."""
     import tarfile  # imported when first used: the snapshotter idles without it
 
     root = Path(workspace).absolute()
-    excluded = {contract.CHECKPOINT_DIR, STATE_DIR}
     with tarfile.open(dest, "w:gz", compresslevel=6, format=tarfile.PAX_FORMAT) as tar:
-        for dirpath, dirnames, filenames in os.walk(root, followlinks=False, onerror=lambda e: _warn(str(e))):
-            rel_dir = Path(dirpath).relative_to(root)
-            if rel_dir == Path("."):
-                dirnames[:] = [d for d in dirnames if d not in excluded]
-                filenames = [f for f in filenames if f not in excluded]
-            dirnames.sort()
-            # os.walk lists symlinks to directories under dirnames; archive them as links.
-            for name in [d for d in dirnames if os.path.islink(os.path.join(dirpath, d))]:
-                dirnames.remove(name)
-                filenames.append(name)
-            if rel_dir != Path("."):
-                _add_entry(tar, root, rel_dir)
-            for name in sorted(filenames):
-                _add_entry(tar, root, rel_dir / name)
+        _add_tree(tar, root, Path("."), excluded={contract.CHECKPOINT_DIR, STATE_DIR})
+        outputs = Path(contract.OUTPUTS_DIR)
+        if (root / outputs).is_dir() and not any((root / p).is_symlink() for p in (outputs.parent, outputs)):
+            _add_entry(tar, root, outputs.parent)
+            _add_tree(tar, root, outputs, excluded=set())
+
+
+def _add_tree(tar: tarfile.TarFile, root: Path, top: Path, excluded: set[str]) -> None:
+    """`top` (relative to `root`) and what is under it, without following links; `excluded` names at its top."""
+    for dirpath, dirnames, filenames in os.walk(root / top, followlinks=False, onerror=lambda e: _warn(str(e))):
+        rel_dir = Path(dirpath).relative_to(root)
+        if rel_dir == top:
+            dirnames[:] = [d for d in dirnames if d not in excluded]
+            filenames = [f for f in filenames if f not in excluded]
+        dirnames.sort()
+        # os.walk lists symlinks to directories under dirnames; archive them as links.
+        for name in [d for d in dirnames if os.path.islink(os.path.join(dirpath, d))]:
+            dirnames.remove(name)
+            filenames.append(name)
+        if rel_dir != Path("."):
+            _add_entry(tar, root, rel_dir)
+        for name in sorted(filenames):
+            _add_entry(tar, root, rel_dir / name)
 
 
 def _add_entry(tar: tarfile.TarFile, root: Path, rel: Path) -> None:

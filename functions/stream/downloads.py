@@ -43,7 +43,6 @@ from functions.core.settings import Settings
 from functions.errors import BadInput, PermanentError, StoreUnavailable
 
 FILE_NAME = re.compile(r"[A-Za-z0-9_.-]{1,128}")  # a snapshot name or a call id: one file-safe name
-OUTPUTS_DIR = ".dockyard/outputs"  # in the workspace, and so in its archive (contract A)
 AFTER_FINISH = "available once the task has finished"
 
 
@@ -54,8 +53,13 @@ def file_name(request: Request, field: str) -> str:
     return value
 
 
-def output_member(call_id: str) -> str:
-    return f"{OUTPUTS_DIR}/{call_id}.log"
+def call_id_of(request: Request) -> str:
+    """A model's tool call id, as the trace shows it: any printable text without '/' (1-256 characters);
+    the archive member is its file-safe form (`contract.output_file`), as the agent wrote it."""
+    value = request.path_params["call_id"]
+    if not 0 < len(value) <= 256 or "/" in value or contract.has_control_chars(value):
+        raise BadInput("call_id must be a tool call id: 1-256 characters, no '/' and no control characters", "call_id")
+    return value
 
 
 def snapshot_name(key: str, task_id: str) -> str:
@@ -129,10 +133,10 @@ class Downloads:
 
     async def output(self, request: Request) -> Response:
         task_id = await self.task_id(request)
-        call_id = file_name(request, "call_id")
+        call_id = call_id_of(request)
         reader = await self._open(contract.final_archive_key(task_id), f"task {task_id} has no outputs yet: {AFTER_FINISH}", "task_id")
         try:
-            size, body = await run_in_threadpool(find_member, reader, output_member(call_id))
+            size, body = await run_in_threadpool(find_member, reader, contract.output_file(call_id))
         except BaseException:
             reader.close()
             raise

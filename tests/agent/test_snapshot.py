@@ -210,6 +210,28 @@ def test_upload_final_archive_and_result(workspace, db, store):
     assert not list((workspace / ".dockyard").glob("final-*"))  # temp archive removed
 
 
+def test_the_final_archive_keeps_the_tool_outputs_and_no_other_state(workspace, store):
+    outputs = workspace / contract.OUTPUTS_DIR
+    outputs.mkdir(parents=True)
+    (outputs / "call_1.log").write_bytes(b"whole output\n" * 1000)
+    (workspace / ".dockyard" / "heartbeat").write_text("now")
+    (workspace / contract.RESULT_FILE).write_text(json.dumps({"task_id": TASK, "outcome": "done"}))
+    upload_final(workspace, store, TASK)
+    members = _archive_members(store, TASK)
+    assert members[f"{contract.OUTPUTS_DIR}/call_1.log"][1] == b"whole output\n" * 1000
+    assert sorted(n for n in members if n.startswith(".dockyard")) == [".dockyard", contract.OUTPUTS_DIR, f"{contract.OUTPUTS_DIR}/call_1.log"]
+
+
+def test_an_outputs_folder_that_is_a_link_is_not_followed(workspace, store, tmp_path):
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "secret.txt").write_text("not the workspace's")
+    (workspace / ".dockyard").mkdir()
+    (workspace / contract.OUTPUTS_DIR).symlink_to(elsewhere)
+    upload_final(workspace, store, TASK)
+    assert not [n for n in _archive_members(store, TASK) if n.startswith(".dockyard")]
+
+
 def test_upload_final_without_result_file(workspace, store):
     (workspace / "a.txt").write_text("a")
     final = upload_final(workspace, store, TASK)

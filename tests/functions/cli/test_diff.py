@@ -21,6 +21,7 @@ EDIT = "printf 'first\\nsecond changed\\n' > repo/edit.txt && echo added > repo/
 SCRIPT = [
     {"tool_calls": [{"name": "plan", "args": {"todos": ["edit"], "objective": "edit"}}]},
     {"tool_calls": [{"name": "execute", "args": {"command": EDIT}}]},
+    {"tool_calls": [{"name": "execute", "args": {"command": "seq 1 100000"}}]},  # a long output, kept whole
     {"content": "edited"},
     {"tool_calls": [{"name": "finish", "args": {"summary": "edited"}}]},
 ]

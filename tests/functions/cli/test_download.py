@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from agent import changes
+from agent import changes, contract
 from tests.functions.cli.test_diff import dockyard, finished_task  # noqa: F401  (a fixture: the finished task)
 
 pytestmark = pytest.mark.timeout(240)
@@ -104,3 +104,17 @@ def test_url_errors_say_what_is_wrong(finished_task, tmp_path):  # noqa: F811
     bad_id = dockyard("download", "../etc", "--data-dir", str(finished_task.data_dir), *url)
     assert bad_id.returncode == 2 and "task id" in bad_id.stderr
     assert not (tmp_path / "a").exists()
+
+
+def test_a_long_tool_output_is_kept_whole_and_served_by_its_call_id(finished_task, tmp_path):  # noqa: F811
+    """The agent kept `seq 1 100000` (588,895 bytes; the model and the trace saw head and tail) in
+    .dockyard/outputs/; the final archive carries it, and the stream serves it by its call id."""
+    import httpx
+
+    whole = "".join(f"{n}\n" for n in range(1, 100001)).encode()
+    dest = tmp_path / "ws"
+    assert dockyard("download", "diff-me", "--to", str(dest), *source_flags(finished_task, "url")).returncode == 0
+    kept = {p.name: p.read_bytes() for p in (dest / contract.OUTPUTS_DIR).iterdir()}
+    (name,) = [n for n, body in kept.items() if body == whole]
+    served = httpx.get(f"{finished_task.url}/api/tasks/diff-me/outputs/{name.removesuffix('.log')}", headers=finished_task.headers, timeout=30)
+    assert served.status_code == 200 and served.content == whole

@@ -23,7 +23,6 @@ import pytest
 from agent import changes, contract
 from agent.storage import open_store
 from functions.core.registry import new_record
-from functions.stream.downloads import output_member
 from tests.conftest import free_port
 from tests.functions.stream.support import AUTH, READ_AUTH
 
@@ -52,7 +51,7 @@ CHECKPOINTS = ("20260101T000000.000001Z.db", "20260101T000500.000002Z.db")
 
 def store_a_finished_task(store, task_id: str) -> dict[str, bytes]:
     """The final set and two snapshots of `task_id` in the store; {route suffix: bytes}."""
-    archive = tar_gz({"repo/README.md": b"hello\n", output_member("call-1"): OUTPUT, "repo/after.txt": b"after\n"})
+    archive = tar_gz({"repo/README.md": b"hello\n", contract.output_file("call-1"): OUTPUT, "repo/after.txt": b"after\n"})
     files = {
         "changes.patch": (changes.patch_key(task_id), PATCH),
         "changes.json": (changes.summary_key(task_id), SUMMARY),
@@ -134,10 +133,9 @@ async def test_a_read_token_is_needed_and_enough(bus, serve, tmp_path):
         ("/api/tasks/t-ok/snapshots/a%2F..%2F..%2Ffinal%2Fresult.json", "name"),
         ("/api/tasks/t-ok/snapshots/%2E%2E", "name"),
         ("/api/tasks/t-ok/snapshots/x%00y", "name"),
-        ("/api/tasks/t-ok/outputs/" + "a" * 129, "call_id"),
+        ("/api/tasks/t-ok/outputs/" + "a" * 257, "call_id"),
         ("/api/tasks/t-ok/outputs/a%2Fb", "call_id"),
-        ("/api/tasks/t-ok/outputs/%2E%2E", "call_id"),
-        ("/api/tasks/t-ok/outputs/%2E", "call_id"),
+        ("/api/tasks/t-ok/outputs/a%1Bb", "call_id"),  # (a newline matches no route at all)
     ],
 )
 async def test_a_bad_id_or_name_is_a_400_naming_the_field(bus, serve, tmp_path, path, field):
@@ -162,6 +160,8 @@ async def test_what_is_missing_is_a_404_that_says_what(bus, serve, tmp_path):
         "/api/tasks/t-running/outputs/call-1": ("task_id", "available once the task has finished"),
         "/api/tasks/t-done/outputs/call-2": ("call_id", "kept no output"),
         "/api/tasks/t-done/outputs/after": ("call_id", "kept no output"),  # repo/after.txt is not an output
+        "/api/tasks/t-done/outputs/%2E%2E": ("call_id", "kept no output"),  # file-safe: .dockyard/outputs/_..log
+        "/api/tasks/t-done/outputs/" + "a" * 200: ("call_id", "kept no output"),  # any id a model gives, cut to a file name
         "/api/tasks/t-done/snapshots/20990101T000000.000000Z.db": ("name", "has no snapshot"),
     }
     for path, (field, words) in cases.items():
@@ -241,7 +241,7 @@ async def test_a_large_output_streams_out_of_the_archive_in_bounded_memory(bus, 
     archive = tmp_path / "workspace.tar.gz"
     pattern = b"0123456789abcdef" * 4096
     with gzip.open(archive, "wb", compresslevel=1) as gz, tarfile.open(fileobj=gz, mode="w|", format=tarfile.PAX_FORMAT) as tar:
-        info = tarfile.TarInfo(output_member("call-big"))
+        info = tarfile.TarInfo(contract.output_file("call-big"))
         info.size = size
 
         class Pattern(io.RawIOBase):
