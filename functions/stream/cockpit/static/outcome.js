@@ -10,7 +10,7 @@
 // - The detail (a traceback, a log tail) is folded behind a <details>; its <pre> is focusable.
 // - The queue time is its own fact; the run time counts from the first start.
 
-import { duration, h } from "./dom.js";
+import { append, duration, h } from "./dom.js";
 import { scrollablePre } from "./outputs.js";
 
 const FALLBACK = {
@@ -63,7 +63,9 @@ export function renderOutcome(el, info) {
   const detail = words(info.detail);
   el.dataset.outcome = outcome;
   el.className = `outcome outcome-${outcome}`;
-  el.replaceChildren(
+  // replaceChildren turns null into the text "null" (how a banner once read "DONE null"): append skips it.
+  el.replaceChildren();
+  append(el, [
     h(
       "p",
       { class: "outcome-line" },
@@ -74,6 +76,6 @@ export function renderOutcome(el, info) {
     summary && summary !== headline ? h("p", { class: "outcome-summary" }, summary) : null,
     facts.length ? h("dl", { class: "outcome-facts" }, facts.map(([k, v]) => h("div", {}, h("dt", {}, k), h("dd", { dataset: { fact: k } }, v)))) : null,
     detail ? h("details", { class: "outcome-detail" }, h("summary", {}, "details"), scrollablePre(detail, "details of the outcome")) : null,
-  );
+  ]);
   el.hidden = false;
 }

@@ -309,7 +309,7 @@ export class TaskView {
       ["outcome", f.outcome ? h("span", { class: `badge outcome-${f.outcome}` }, f.outcome) : "—"],
       ["model", f.model || "default"],
     ];
-    const took = over && f.finished_at ? Date.parse(f.finished_at) - Date.parse(f.created_at) : NaN;
+    const took = over && f.finished_at ? Date.parse(f.finished_at) - Date.parse(f.created_at || this.span.started) : NaN;
     // A finished task's age would keep growing: it shows durations instead.
     if (!Number.isNaN(took)) rows.push(["took", duration(took)]);
     else rows.push(["age", f.created_at ? age(f.created_at) : "—"]);
@@ -579,6 +579,7 @@ const RENDERERS = {
     if ((state === "started" || state === "resumed") && !this.span.started) this.span.started = data.ts;
     if (state === "finished") {
       this.span.finished = data.ts;
+      this.facts.finished_at ??= data.finished_at || data.ts; // the record, when it comes, says the same
       this.endPhase(data.ts);
     }
     this.renderTotals();
