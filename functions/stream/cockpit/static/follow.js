@@ -31,12 +31,20 @@ export class Follower {
     this.button.hidden = true;
   }
 
+  // Found again at most once a second: a scroll event must not walk the ancestors' styles.
   scroller() {
+    const now = performance.now();
+    if (this.found && now - this.foundAt < 1000) return this.found;
+    this.foundAt = now;
+    this.found = document.scrollingElement || document.documentElement;
     for (let el = this.trace.parentElement; el && el !== document.body; el = el.parentElement) {
       const y = getComputedStyle(el).overflowY;
-      if ((y === "auto" || y === "scroll") && el.scrollHeight > el.clientHeight) return el;
+      if ((y === "auto" || y === "scroll") && el.scrollHeight > el.clientHeight) {
+        this.found = el;
+        break;
+      }
     }
-    return document.scrollingElement || document.documentElement;
+    return this.found;
   }
 
   atBottom() {

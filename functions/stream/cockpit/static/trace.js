@@ -21,13 +21,13 @@
 // - A snapshot the snapshotter took because its pod was stopped is "at stop"; only the last
 //   one of a finished task is "final" (the task may have resumed after the others).
 
-import { age, clock, compact, duration, h, oneLine, size, text } from "./dom.js";
+import { age, append, clock, compact, duration, h, oneLine, size, text } from "./dom.js";
 import { ApiError, getJSON } from "./api.js";
 import { Controls } from "./controls.js";
 import { Follower } from "./follow.js";
 import { ARTIFACTS, artifactHref, keyHref } from "./lineage.js";
 import { renderOutcome, words } from "./outcome.js";
-import { copyButton, scrollablePre, toolOutput } from "./outputs.js";
+import { copyButton, outputParts, scrollablePre, toolOutput } from "./outputs.js";
 import { TraceTools } from "./tracetools.js";
 
 // SSE event names the server sends: the event's "type", "log" for log records,
@@ -396,7 +396,15 @@ export class TaskView {
       ["cost", "cost", g.calls ? `$${g.cost.toFixed(4)}` : "—"],
       ["task time", "task-time", Number.isNaN(started) ? "—" : duration((Number.isNaN(finished) ? now : finished) - started)],
     ];
-    el.replaceChildren(...rows.map(([k, key, v]) => h("div", {}, h("dt", {}, k), h("dd", { dataset: { total: key } }, v))));
+    // Updated in place (this runs every second while a phase runs): no new nodes, no relayout of the trace.
+    if (el.children.length !== rows.length) {
+      el.replaceChildren(...rows.map(([k, key, v]) => h("div", {}, h("dt", {}, k), h("dd", { dataset: { total: key } }, v))));
+      return;
+    }
+    for (const [, key, v] of rows) {
+      const dd = el.querySelector(`dd[data-total="${key}"]`);
+      if (dd.textContent !== v) dd.textContent = v;
+    }
   }
 }
 
@@ -482,11 +490,13 @@ const RENDERERS = {
         "div",
         { class: `tool-result ${ok ? "ok" : "error"}` },
         h("div", { class: "tool-result-head" }, h("time", { class: "t" }, clock(data.ts)), `${ok ? "ok" : "error"}${took}`),
-        toolOutput(data, this.taskId, name),
       );
       let call = callId ? this.calls.get(callId) : null;
       if (!call) call = this.toolCall(data, name, callId); // its start came before this view (or never)
       call.details.append(result);
+      const output = outputParts(data);
+      call.details.searchText.push(output.head, output.tail);
+      whenOpen(call.details, () => append(result, toolOutput(data, this.taskId, name)));
       text(call.badge, `${ok ? "ok" : "error"}${took}`);
       call.badge.className = `badge tool-state ${ok ? "ok" : "error"}`;
       call.details.classList.add(ok ? "done" : "failed");
@@ -667,16 +677,26 @@ const RENDERERS = {
 
 TaskView.prototype.toolCall = function (data, name, callId) {
   const badge = h("span", { class: "badge tool-state running" }, data.stage === "end" ? "" : "running…");
-  const details = h(
-    "details",
-    { class: "ev ev-tool tool", dataset: { call: callId, tool: name, status: "running" } },
-    h("summary", {}, h("time", { class: "t" }, clock(data.ts)), h("span", { class: "tool-name" }, name), h("code", { class: "tool-arg" }, mainArg(data.args)), badge),
-    data.args !== undefined ? argList(data.args, name) : null,
-  );
+  const arg = mainArg(data.args);
+  const summary = h("summary", {}, h("time", { class: "t" }, clock(data.ts)), h("span", { class: "tool-name" }, name), h("code", { class: "tool-arg" }, arg), badge);
+  const details = h("details", { class: "ev ev-tool tool", dataset: { call: callId, tool: name, status: "running" } }, summary);
+  // What the filter's search reads: the call's data, whether or not its body was built yet.
+  details.searchText = [name, arg, data.args === undefined ? "" : compact(data.args)];
+  if (data.args !== undefined) whenOpen(details, () => summary.after(argList(data.args, name)));
   this.tools?.sawTool(name);
   if (data.stage === "end") this.body.append(details); // an end without its start: render it on its own
   return { details, badge };
 };
+
+// A tool call's body (arguments, output) is built when it is first opened: a trace of thousands of
+// calls renders one line each. The row (and its data-id) exists from the start.
+function whenOpen(details, build) {
+  if (details.open) {
+    build();
+    return;
+  }
+  details.addEventListener("toggle", build, { once: true });
+}
 
 // The gateway's counts and cost for a thought's call, next to the provider's.
 function joinCost(meta, usage) {

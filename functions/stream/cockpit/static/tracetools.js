@@ -93,7 +93,10 @@ export class TraceTools {
     if ((f.tool || f.status) && !isTool) return false;
     if (f.tool && row.dataset.tool !== f.tool) return false;
     if (f.status && row.dataset.status !== f.status) return false;
-    return !f.query || row.textContent.toLowerCase().includes(f.query);
+    if (!f.query) return true;
+    // A tool call's body is built when opened (trace.js): its data is what is searched.
+    const said = Array.isArray(row.searchText) ? row.searchText.join("\n") : row.textContent;
+    return said.toLowerCase().includes(f.query);
   }
 
   rows() {
