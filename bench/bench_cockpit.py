@@ -87,7 +87,8 @@ BASELINE_JS = """async (events) => {
     location.hash = '#/';
     await frames();
     const esc = (s) => String(s).replace(/[&<>"]/g, (c) => ({'&': '&amp;', '<': '&lt;', '>': '&gt;', '"': '&quot;'}[c]));
-    const html = events.map((e) => `<div class="ev"><time class="t">${esc(e.ts.slice(11, 19))}</time><div class="c">${esc(e.name || e.type)} ${esc(e.args?.command || e.state || e.phase || '')}</div></div>`).join('');
+    const said = (e) => `${esc(e.name || e.type)} ${esc(e.args?.command || e.state || e.phase || '')}`;
+    const html = events.map((e) => `<div class="ev"><time class="t">${esc(e.ts.slice(11, 19))}</time><div class="c">${said(e)}</div></div>`).join('');
     const box = document.createElement('div');
     box.className = 'trace bench-baseline';
     document.querySelector('main').append(box);
