@@ -77,6 +77,7 @@ export class TaskView {
     this.record = null;
     this.stopSnapshots = []; // per final snapshot, its labels: "at stop" unless the last of a finished task
     this.phaseCalls = null; // the running phase's call counter
+    this.el.trace.addEventListener("toggle", openBodies, true); // toggle does not bubble: caught on the way down
     this.follower = this.el.follow ? new Follower(this.el.trace, this.el.follow) : null;
     this.tools = root.querySelector("#tv-filter-tool") ? new TraceTools(root, this.el.trace, this.follower) : null;
     this.controls = root.querySelector("#tv-done-controls") ? new Controls(root, taskId, () => this.record) : null;
@@ -110,6 +111,7 @@ export class TaskView {
 
   close() {
     this.closed = true;
+    this.el.trace.removeEventListener("toggle", openBodies, true);
     this.follower?.detach();
     this.tools?.detach();
     this.controls?.detach();
@@ -678,8 +680,17 @@ const RENDERERS = {
 TaskView.prototype.toolCall = function (data, name, callId) {
   const badge = h("span", { class: "badge tool-state running" }, data.stage === "end" ? "" : "running…");
   const arg = mainArg(data.args);
-  const summary = h("summary", {}, h("time", { class: "t" }, clock(data.ts)), h("span", { class: "tool-name" }, name), h("code", { class: "tool-arg" }, arg), badge);
-  const details = h("details", { class: "ev ev-tool tool", dataset: { call: callId, tool: name, status: "running" } }, summary);
+  // A clone of a fixed skeleton, filled with text: the one row a 2,000-call trace has 2,000 of.
+  const details = TOOL_ROW.cloneNode(true);
+  const summary = details.firstChild;
+  const [time, toolName, toolArg] = summary.children;
+  time.textContent = clock(data.ts);
+  toolName.textContent = name;
+  toolArg.textContent = arg;
+  summary.append(badge);
+  if (callId) details.dataset.call = callId;
+  details.dataset.tool = name;
+  details.dataset.status = "running";
   // What the filter's search reads: the call's data, whether or not its body was built yet.
   details.searchText = [name, arg, data.args === undefined ? "" : compact(data.args)];
   if (data.args !== undefined) whenOpen(details, () => summary.after(argList(data.args, name)));
@@ -690,13 +701,26 @@ TaskView.prototype.toolCall = function (data, name, callId) {
 
 // A tool call's body (arguments, output) is built when it is first opened: a trace of thousands of
 // calls renders one line each. The row (and its data-id) exists from the start.
+// The builders wait on the element; one capturing listener on the trace runs them (openBodies).
 function whenOpen(details, build) {
-  if (details.open) {
-    build();
-    return;
-  }
-  details.addEventListener("toggle", build, { once: true });
+  if (details.open) build();
+  else (details.pending ??= []).push(build);
 }
+
+function openBodies(e) {
+  const details = e.target;
+  if (!details.open || !details.pending) return;
+  const builders = details.pending;
+  details.pending = null;
+  for (const build of builders) build();
+}
+
+const TOOL_ROW = (() => {
+  const skeleton = document.createElement("template");
+  // A constant: no event data ever goes through innerHTML.
+  skeleton.innerHTML = '<details class="ev ev-tool tool"><summary><time class="t"></time><span class="tool-name"></span><code class="tool-arg"></code></summary></details>';
+  return skeleton.content.firstElementChild;
+})();
 
 // The gateway's counts and cost for a thought's call, next to the provider's.
 function joinCost(meta, usage) {
