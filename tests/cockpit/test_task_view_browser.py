@@ -13,6 +13,7 @@ import json
 import uuid
 from pathlib import Path
 
+import httpx
 import pytest
 
 from agent import contract
@@ -290,6 +291,9 @@ def test_retry_and_fork_post_the_lineage_event_and_downloads_are_links(page, dev
     wait_until_ended(page)
     page.wait_for_selector("#tv-done-controls:not([hidden])")
     assert page.is_disabled("#tv-cancel")
+    # A done task is told by its summary, not by the Job's word for it (the record's reason, "CompletionsReached").
+    summary = httpx.get(f"{dev.url}/api/tasks/{task_id}", headers=dev.headers).json()["summary"]
+    page.wait_for_function("(s) => document.querySelector('#tv-outcome .outcome-reason')?.textContent === s", arg=summary)
 
     # The artifacts and the stored keys download through the stream app's routes.
     page.wait_for_selector("#tv-artifacts a", timeout=45_000)
@@ -315,6 +319,8 @@ def test_retry_and_fork_post_the_lineage_event_and_downloads_are_links(page, dev
     page.keyboard.press("Enter")
     page.wait_for_selector("#tv-fork-dialog[open]")
     assert page.evaluate("document.activeElement.name") == "prompt"
+    assert_accessible(page, "fork dialog of the finished")
+    page.focus("#tv-fork-form textarea[name=prompt]")
     page.keyboard.type("Now add a README")
     snapshot = page.eval_on_selector_all("#tv-fork-form select[name=snapshot] option", "os => os.map(o => o.value).filter(Boolean)")
     chosen = snapshot[0] if snapshot else ""

@@ -5,6 +5,7 @@
 // queued_seconds, started_at, finished_at.
 //
 // Invariants:
+// - A done task's headline is its summary; any other outcome's is its reason (else its summary).
 // - The banner always says something in words: a missing, empty or "null"/"None" reason or
 //   summary falls back to a sentence for the outcome, never to the text "null".
 // - The detail (a traceback, a log tail) is folded behind a <details>; its <pre> is focusable.
@@ -57,7 +58,8 @@ export function renderOutcome(el, info) {
   const outcome = words(info.outcome) || "unknown";
   const reason = words(info.reason);
   const summary = words(info.summary);
-  const headline = reason || summary || FALLBACK[outcome] || `The task ended: ${outcome}.`;
+  // A task that is done is told by its summary; the record's reason there is a Job's word ("CompletionsReached").
+  const headline = (outcome === "done" ? summary : reason || summary) || FALLBACK[outcome] || `The task ended: ${outcome}.`;
   const klass = words(info.failure_class);
   const facts = outcomeFacts(info);
   const detail = words(info.detail);
