@@ -181,6 +181,14 @@ def test_live_updates_while_scrolled_up_never_move_the_view_and_folds_stay_folde
     wait_rows(page, len(first) + 70)
     page.wait_for_function("() => window.innerHeight + window.scrollY >= document.documentElement.scrollHeight - 2")
 
+    # A filter applies to rows arriving live too.
+    page.select_option("#tv-filter-status", "error")
+    synthetic.publish(dev, task_id, [*synthetic.tool_call(task_id, 500, ok=False), *synthetic.tool_call(task_id, 501)])
+    wait_rows(page, len(first) + 74)
+    shown = "() => [...document.querySelectorAll('#tv-trace details.tool')].filter(d => d.checkVisibility()).map(d => d.dataset.call)"
+    assert page.evaluate(shown) == ["call_00500"]
+    page.select_option("#tv-filter-status", "")
+
     page.evaluate("window.scrollTo(0, 0)")
     assert_accessible(page, "running")
     screenshots(page, "running")

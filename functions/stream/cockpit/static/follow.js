@@ -3,7 +3,8 @@
 // Invariants:
 // - A view opens at its top (the title and the outcome) and does not follow.
 // - It follows while the person is at the bottom: their own scroll to the end (mouse, End key)
-//   or the "Follow the live end" button turns following on; any scroll away turns it off.
+//   or the "Follow the live end" button turns following on; a scroll up turns it off. Content
+//   growing under a follower (phases laid out late, see task.css) keeps it following.
 // - While not following, nothing here scrolls: new rows never move the view. Nothing reads
 //   layout per event either (a scroll is asked for at most once per frame).
 // - The scroller is the trace's nearest scrolling ancestor, else the page: the layout around
@@ -18,15 +19,19 @@ export class Follower {
     this.following = false;
     this.live = false; // a running task: only then is there a live end to follow
     this.queued = false;
+    this.lastTop = 0;
     this.onScroll = () => this.scrolled();
     this.onClick = () => this.start();
     document.addEventListener("scroll", this.onScroll, { capture: true, passive: true });
     button.addEventListener("click", this.onClick);
+    this.resized = new ResizeObserver(() => this.rendered());
+    this.resized.observe(trace);
     this.show();
   }
 
   detach() {
     document.removeEventListener("scroll", this.onScroll, { capture: true });
+    this.resized.disconnect();
     this.button.removeEventListener("click", this.onClick);
     this.button.hidden = true;
   }
@@ -47,15 +52,18 @@ export class Follower {
     return this.found;
   }
 
-  atBottom() {
+  position() {
     const s = this.scroller();
     const [top, height] = s === document.scrollingElement ? [window.scrollY, window.innerHeight] : [s.scrollTop, s.clientHeight];
-    return top + height >= s.scrollHeight - AT_BOTTOM_PX;
+    return { top, atBottom: top + height >= s.scrollHeight - AT_BOTTOM_PX };
   }
 
   scrolled() {
     const was = this.following;
-    this.following = this.live && this.atBottom();
+    const { top, atBottom } = this.position();
+    if (top < this.lastTop - 2) this.following = false; // the person scrolled up
+    else if (atBottom) this.following = this.live;
+    this.lastTop = top;
     if (was !== this.following) this.show();
   }
 

@@ -340,6 +340,7 @@ export class TaskView {
     if (id !== null) row.dataset.id = id;
     row.dataset.type = kind;
     if (!row.isConnected) this.body.append(row);
+    if (!row.matches(".tool-result")) this.tools?.admit(row); // a result is its call's: admitted with the call
   }
 
   // --- model calls, durations and totals -------------------------------------------

@@ -83,8 +83,14 @@ export class TraceTools {
 
   // A row just rendered (or a tool call just finished): hide it if the filter says so.
   admit(row) {
-    if (!this.active() || !row || row.matches("section.phase")) return;
-    setFiltered(row, !this.matches(row));
+    if (!this.active() || !row) return;
+    if (row.matches("section.phase")) {
+      setFiltered(row, true); // shown again by its first matching row
+      return;
+    }
+    const match = this.matches(row);
+    setFiltered(row, !match);
+    if (match) row.closest("section.phase")?.removeAttribute("data-filtered");
   }
 
   matches(row) {
