@@ -19,7 +19,7 @@ import pytest
 from agent import contract
 from tests.cockpit import synthetic
 from tests.cockpit.test_cockpit_browser import ARTIFACTS, EXAMPLE_PROMPT, cockpit, submit_over_http, wait_until_ended
-from tests.conftest import REPO_ROOT
+from tests.conftest import REPO_ROOT, eventually
 
 pytestmark = pytest.mark.xdist_group("cockpit")
 
@@ -300,7 +300,8 @@ def test_retry_and_fork_post_the_lineage_event_and_downloads_are_links(page, dev
     page.wait_for_selector("#tv-done-controls:not([hidden])")
     assert page.is_disabled("#tv-cancel")
     # A done task is told by its summary, not by the Job's word for it (the record's reason, "CompletionsReached").
-    summary = httpx.get(f"{dev.url}/api/tasks/{task_id}", headers=dev.headers).json()["summary"]
+    record = lambda: httpx.get(f"{dev.url}/api/tasks/{task_id}", headers=dev.headers).json()  # noqa: E731
+    summary = eventually(lambda: record().get("summary"), "the record's summary (job_finished)", 45, interval=0.2)
     page.wait_for_function("(s) => document.querySelector('#tv-outcome .outcome-reason')?.textContent === s", arg=summary)
 
     # The artifacts and the stored keys download through the stream app's routes.
