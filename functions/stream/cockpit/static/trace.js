@@ -15,9 +15,20 @@
 // - Totals count a model turn once (a replayed turn replaces its first try); tokens
 //   and cost come from the model gateway's `usage` events when there are any, else
 //   tokens from the provider's counts in the thoughts (as functions/cli/render.py).
+// - The view opens at its top and follows the live end only while the person is at the
+//   bottom (follow.js); filters, folds and the jump to the first error are tracetools.js's,
+//   tool output outputs.js's, the outcome banner outcome.js's, retry/fork controls.js's.
+// - A snapshot the snapshotter took because its pod was stopped is "at stop"; only the last
+//   one of a finished task is "final" (the task may have resumed after the others).
 
-import { age, clock, compact, duration, h, oneLine, size, text } from "./dom.js";
+import { age, append, clock, compact, duration, h, oneLine, size, text } from "./dom.js";
 import { ApiError, getJSON } from "./api.js";
+import { Controls } from "./controls.js";
+import { Follower } from "./follow.js";
+import { ARTIFACTS, artifactHref, keyHref } from "./lineage.js";
+import { renderOutcome, words } from "./outcome.js";
+import { copyButton, outputParts, scrollablePre, toolOutput } from "./outputs.js";
+import { TraceTools } from "./tracetools.js";
 
 // SSE event names the server sends: the event's "type", "log" for log records,
 // "event" for a body without a usable type. A listener per name is needed.
@@ -42,6 +53,8 @@ export class TaskView {
       storedKeys: root.querySelector("#tv-stored"),
       error: root.querySelector("#tv-error"),
       totals: root.querySelector("#tv-totals"),
+      artifacts: root.querySelector("#tv-artifacts"),
+      follow: root.querySelector("#tv-follow"),
     };
     this.lastId = 0;
     this.ended = false;
@@ -60,6 +73,14 @@ export class TaskView {
     this.phase = null; // {took, since}: the phase now running
     this.span = { started: null, finished: null }; // the task's first start and its end
     this.ticking = false;
+    this.outcome = {}; // the outcome banner's fields (contract C), from the record and the events
+    this.record = null;
+    this.stopSnapshots = []; // per final snapshot, its labels: "at stop" unless the last of a finished task
+    this.phaseCalls = null; // the running phase's call counter
+    this.el.trace.addEventListener("toggle", openBodies, true); // toggle does not bubble: caught on the way down
+    this.follower = this.el.follow ? new Follower(this.el.trace, this.el.follow) : null;
+    this.tools = root.querySelector("#tv-filter-tool") ? new TraceTools(root, this.el.trace, this.follower) : null;
+    this.controls = root.querySelector("#tv-done-controls") ? new Controls(root, taskId, () => this.record) : null;
     this.reset();
   }
 
@@ -70,6 +91,7 @@ export class TaskView {
     todo.replaceChildren(h("li", { class: "muted" }, "no todo list yet"));
     snapshots.replaceChildren();
     storedKeys.replaceChildren(h("li", { class: "muted" }, "recorded when the task has finished"));
+    this.el.artifacts?.replaceChildren(h("li", { class: "muted" }, "available once the task has finished"));
     outcome.hidden = true;
     outcome.replaceChildren();
     delete outcome.dataset.outcome;
@@ -81,6 +103,7 @@ export class TaskView {
   }
 
   start() {
+    this.follower?.setLive(true);
     this.setConn("connecting", "connecting…");
     this.loadRecord();
     this.open();
@@ -88,6 +111,10 @@ export class TaskView {
 
   close() {
     this.closed = true;
+    this.el.trace.removeEventListener("toggle", openBodies, true);
+    this.follower?.detach();
+    this.tools?.detach();
+    this.controls?.detach();
     this.es?.close();
     this.es = null;
     for (const t of this.timers) clearTimeout(t);
@@ -162,15 +189,15 @@ export class TaskView {
       data = { raw: e.data };
     }
     if (!data || typeof data !== "object" || Array.isArray(data)) data = { value: data };
-    const follow = nearBottom();
     this.render(name, data, Number.isSafeInteger(id) ? id : null);
-    if (follow) scrollToBottom();
+    this.follower?.rendered();
   }
 
   finish() {
     if (this.ended) return;
     this.ended = true;
     this.stopThinking("the trace ended during this model call");
+    this.follower?.setLive(false);
     this.es?.close();
     this.es = null;
     this.setConn("ended", "ended");
@@ -220,15 +247,52 @@ export class TaskView {
     if (task.prompt) text(this.el.prompt, task.prompt);
     if (task.repo?.url) this.facts.repo = task.repo.url + (task.repo.ref ? ` @ ${task.repo.ref}` : "");
     this.renderFacts();
-    if (record.state === "finished" && record.outcome) this.showOutcome(record.outcome, record.summary || record.reason);
+    this.record = record;
+    if (record.state === "finished" && record.outcome) {
+      // The record is the settled word; the status event may have said some of it first.
+      this.showOutcome(pick(record, OUTCOME_FIELDS));
+    }
     this.renderStoredKeys(record);
+    this.renderArtifacts(record);
+    this.relabelSnapshots();
+  }
+
+  renderArtifacts(record) {
+    const el = this.el.artifacts;
+    if (!el) return;
+    if (record.state !== "finished") return;
+    const stored = Array.isArray(record.snapshot_keys) && record.snapshot_keys.some((k) => /\/final\//.test(k));
+    if (!stored) {
+      const note = record.final_snapshot_missing ? "the final snapshot is missing: nothing to download" : "waiting for the final snapshot…";
+      el.replaceChildren(h("li", { class: "muted" }, note));
+      return;
+    }
+    el.replaceChildren(
+      ...ARTIFACTS.map(([name, what]) => h("li", {}, h("a", { href: artifactHref(this.taskId, name), download: name }, name), h("span", { class: "muted" }, ` ${what}`))),
+    );
+  }
+
+  // Only the last stop snapshot of a finished task is its final one.
+  relabelSnapshots() {
+    const finished = this.facts.state === "finished";
+    this.stopSnapshots.forEach((labels, i) => {
+      const final = finished && i === this.stopSnapshots.length - 1;
+      for (const label of labels) {
+        text(label, final ? "final" : "at stop");
+        label.className = `tag ${final ? "final" : "at-stop"}`;
+      }
+    });
   }
 
   renderStoredKeys(record) {
     const keys = Array.isArray(record.snapshot_keys) ? record.snapshot_keys : [];
-    const items = keys.map((key) =>
-      h("li", {}, h("code", {}, key), /\/final\//.test(key) ? h("span", { class: "tag" }, "final") : null),
-    );
+    const finished = record.state === "finished";
+    const items = keys.map((key) => {
+      const href = keyHref(this.taskId, key);
+      const name = h("code", {}, key);
+      const tag = /\/final\//.test(key) ? h("span", { class: `tag ${finished ? "final" : "at-stop"}` }, finished ? "final" : "at stop") : null;
+      return h("li", {}, href ? h("a", { href, download: key.split("/").pop() }, name) : name, tag);
+    });
     if (record.final_snapshot_missing) items.push(h("li", { class: "warn" }, "the final snapshot is missing (see the server log)"));
     if (record.last_snapshot_at && !keys.length) items.push(h("li", {}, `last snapshot ${age(record.last_snapshot_at)} ago`));
     if (!items.length) {
@@ -240,30 +304,30 @@ export class TaskView {
 
   renderFacts() {
     const f = this.facts;
+    const over = f.state === "finished";
     const rows = [
       ["state", f.state ? h("span", { class: `badge state-${f.state}` }, f.state) : "—"],
       ["phase", f.phase ? h("span", { class: `badge phase-${f.phase}` }, f.phase) : "—"],
       ["outcome", f.outcome ? h("span", { class: `badge outcome-${f.outcome}` }, f.outcome) : "—"],
       ["model", f.model || "default"],
-      f.state === "finished" && f.finished_at
-        ? ["took", age(f.created_at, Date.parse(f.finished_at))] // a finished task's age would keep growing
-        : ["age", f.created_at ? age(f.created_at) : "—"],
     ];
+    const took = over && f.finished_at ? Date.parse(f.finished_at) - Date.parse(f.created_at || this.span.started) : NaN;
+    // A finished task's age would keep growing: it shows durations instead.
+    if (!Number.isNaN(took)) rows.push(["took", duration(took)]);
+    else rows.push(["age", f.created_at ? age(f.created_at) : "—"]);
     if (f.repo) rows.push(["repo", f.repo]);
     this.el.facts.replaceChildren(...rows.map(([k, v]) => h("div", {}, h("dt", {}, k), h("dd", {}, v))));
-    // Cancel and message are for a running task; a finished one would only answer 409.
-    const over = f.state === "finished";
+    // Cancel and message are for a running task (a finished one would only answer 409); retry and fork for a finished one.
     for (const control of this.root.querySelectorAll("#tv-cancel, #tv-message-form input, #tv-message-form button")) {
       control.disabled = over;
     }
+    this.controls?.setFinished(over);
   }
 
-  showOutcome(outcome, summary) {
-    const el = this.el.outcome;
-    el.dataset.outcome = outcome;
-    el.className = `outcome outcome-${outcome}`;
-    el.replaceChildren(h("strong", { class: "outcome-word" }, outcome), summary ? h("span", {}, summary) : null);
-    el.hidden = false;
+  // Merge what is known about the outcome and show the banner.
+  showOutcome(info) {
+    this.outcome = { ...this.outcome, ...definedOnly(info) };
+    renderOutcome(this.el.outcome, this.outcome);
   }
 
   // --- rendering, one function per event type (as functions/render.py) ---------------
@@ -276,6 +340,7 @@ export class TaskView {
     if (id !== null) row.dataset.id = id;
     row.dataset.type = kind;
     if (!row.isConnected) this.body.append(row);
+    if (!row.matches(".tool-result")) this.tools?.admit(row); // a result is its call's: admitted with the call
   }
 
   // --- model calls, durations and totals -------------------------------------------
@@ -334,7 +399,15 @@ export class TaskView {
       ["cost", "cost", g.calls ? `$${g.cost.toFixed(4)}` : "—"],
       ["task time", "task-time", Number.isNaN(started) ? "—" : duration((Number.isNaN(finished) ? now : finished) - started)],
     ];
-    el.replaceChildren(...rows.map(([k, key, v]) => h("div", {}, h("dt", {}, k), h("dd", { dataset: { total: key } }, v))));
+    // Updated in place (this runs every second while a phase runs): no new nodes, no relayout of the trace.
+    if (el.children.length !== rows.length) {
+      el.replaceChildren(...rows.map(([k, key, v]) => h("div", {}, h("dt", {}, k), h("dd", { dataset: { total: key } }, v))));
+      return;
+    }
+    for (const [, key, v] of rows) {
+      const dd = el.querySelector(`dd[data-total="${key}"]`);
+      if (dd.textContent !== v) dd.textContent = v;
+    }
   }
 }
 
@@ -360,14 +433,18 @@ function mainArg(args) {
   return oneLine(args ?? "");
 }
 
-function argList(args) {
-  if (!args || typeof args !== "object") return h("pre", { class: "args" }, String(args ?? ""));
+function argList(args, tool) {
+  if (!args || typeof args !== "object") return scrollablePre(String(args ?? ""), `${tool} arguments`, "args");
   const entries = Object.entries(args);
   if (!entries.length) return h("p", { class: "muted" }, "no arguments");
   return h(
     "dl",
     { class: "args" },
-    entries.map(([k, v]) => [h("dt", {}, k), h("dd", {}, h("pre", {}, typeof v === "string" ? v : JSON.stringify(v, null, 2)))]),
+    entries.map(([k, v]) => {
+      const value = typeof v === "string" ? v : JSON.stringify(v, null, 2);
+      const copy = k === "command" ? copyButton(() => value, `Copy the ${tool} command`, "copy command") : null;
+      return [h("dt", {}, k, copy), h("dd", {}, scrollablePre(value, `${tool} ${k}`))];
+    }),
   );
 }
 
@@ -379,12 +456,22 @@ const RENDERERS = {
     const detail = data.objective ? ["objective: ", data.objective] : data.report ? ["report: ", data.report] : [];
     const body = h("div", { class: "phase-body" });
     const took = h("span", { class: "phase-took", title: "how long this phase ran" });
+    const calls = h("span", { class: "phase-calls" }, "0 calls");
     const section = h(
       "section",
       { class: `phase phase-${phase}` },
-      h("h3", { class: "phase-head" }, h("span", { class: "phase-name" }, phase), h("span", { class: "phase-detail" }, detail), h("time", { class: "t" }, clock(data.ts)), took),
-      body,
+      h(
+        "details",
+        { class: "phase-fold", open: true },
+        h(
+          "summary",
+          {},
+          h("h4", { class: "phase-head" }, h("span", { class: "phase-name" }, phase), h("span", { class: "phase-detail" }, detail), h("time", { class: "t" }, clock(data.ts)), took, calls),
+        ),
+        body,
+      ),
     );
+    this.phaseCalls = { el: calls, n: 0 };
     this.el.trace.append(section);
     this.body = body;
     this.endPhase(data.ts);
@@ -406,19 +493,28 @@ const RENDERERS = {
         "div",
         { class: `tool-result ${ok ? "ok" : "error"}` },
         h("div", { class: "tool-result-head" }, h("time", { class: "t" }, clock(data.ts)), `${ok ? "ok" : "error"}${took}`),
-        h("pre", {}, data.result ?? data.error ?? ""),
       );
       let call = callId ? this.calls.get(callId) : null;
       if (!call) call = this.toolCall(data, name, callId); // its start came before this view (or never)
       call.details.append(result);
+      const output = outputParts(data);
+      call.details.searchText.push(output.head, output.tail);
+      whenOpen(call.details, () => append(result, toolOutput(data, this.taskId, name)));
       text(call.badge, `${ok ? "ok" : "error"}${took}`);
       call.badge.className = `badge tool-state ${ok ? "ok" : "error"}`;
       call.details.classList.add(ok ? "done" : "failed");
+      call.details.dataset.status = ok ? "ok" : "error";
+      if (!ok) this.tools?.sawError();
+      this.tools?.admit(call.details);
       if (callId) this.calls.delete(callId);
       return result;
     }
     const call = this.toolCall(data, name, callId);
     if (callId) this.calls.set(callId, call);
+    if (this.phaseCalls) {
+      this.phaseCalls.n += 1;
+      text(this.phaseCalls.el, `${this.phaseCalls.n} call${this.phaseCalls.n === 1 ? "" : "s"}`);
+    }
     return call.details;
   },
 
@@ -445,7 +541,10 @@ const RENDERERS = {
     if (turn !== null) this.turns.set(turn, data);
     if (data.error) {
       this.renderTotals();
-      return row("thought", data.ts, h("span", { class: "label" }, "model call failed"), h("span", { class: "thought-error" }, `after ${took}: ${data.error}`));
+      this.tools?.sawError();
+      const failed = row("thought", data.ts, h("span", { class: "label" }, "model call failed"), h("span", { class: "thought-error" }, `after ${took}: ${data.error}`));
+      failed.classList.add("failed");
+      return failed;
     }
     const calls = count(data.tool_calls);
     const facts = [phase, took, tokensLine(data.usage), calls ? `${calls} tool call${calls === 1 ? "" : "s"}` : null].filter(Boolean);
@@ -493,6 +592,7 @@ const RENDERERS = {
     if ((state === "started" || state === "resumed") && !this.span.started) this.span.started = data.ts;
     if (state === "finished") {
       this.span.finished = data.ts;
+      this.facts.finished_at ??= data.finished_at || data.ts; // the record, when it comes, says the same
       this.endPhase(data.ts);
     }
     this.renderTotals();
@@ -511,31 +611,44 @@ const RENDERERS = {
       rest = `attempt ${data.attempt ?? "?"}${after}${wait}`;
     } else if (state === "finished") {
       const outcome = data.outcome || "unknown";
-      const said = data.summary && data.summary !== this.resultSummary ? data.summary : data.reason ? `(${data.reason})` : "";
+      const said = words(data.summary) && data.summary !== this.resultSummary ? data.summary : words(data.reason) ? `(${data.reason})` : "";
       rest = [h("span", { class: `badge outcome-${outcome}` }, outcome), said];
-      this.showOutcome(outcome, data.summary || data.reason);
+      this.showOutcome({ outcome, ...pick(data, OUTCOME_FIELDS), finished_at: data.finished_at || data.ts });
+      this.relabelSnapshots();
     }
-    return row("status", data.ts, h("span", { class: `badge state-${state}` }, state), rest);
+    const el = row("status", data.ts, h("span", { class: `badge state-${state}` }, state), rest);
+    if (state === "finished" && FAILED_OUTCOMES.has(data.outcome)) {
+      el.classList.add("failed");
+      this.tools?.sawError();
+    }
+    return el;
   },
 
   snapshot(data) {
+    const key = data.archive_key || data.key;
+    const label = data.final ? h("span", { class: "tag at-stop" }, "at stop") : null;
+    const traceLabel = data.final ? h("span", { class: "tag at-stop" }, "at stop") : null;
     let line;
-    if (data.final) line = `final ${data.archive_key || data.key || ""} ${size(data.archive_size || data.size)}`;
+    if (data.final) line = `${key || ""} ${size(data.archive_size || data.size)}`;
     else if (!data.key) line = "nothing to snapshot yet";
     else line = `${data.key} ${size(data.size)}${data.uploaded === false ? " (unchanged)" : ""}`;
-    if (data.key || data.archive_key) {
-      this.el.snapshots.append(
-        h("li", {}, h("time", { class: "t" }, clock(data.ts)), " ", h("code", {}, data.archive_key || data.key), data.final ? h("span", { class: "tag" }, "final") : null),
-      );
+    if (key) {
+      const href = keyHref(this.taskId, key);
+      const code = h("code", {}, key);
+      this.el.snapshots.append(h("li", {}, h("time", { class: "t" }, clock(data.ts)), " ", href ? h("a", { href, download: key.split("/").pop() }, code) : code, label));
     }
-    return row("snapshot", data.ts, h("span", { class: "label" }, "snapshot"), line.trim());
+    if (data.final) {
+      this.stopSnapshots.push([label, traceLabel]);
+      this.relabelSnapshots();
+    }
+    return row("snapshot", data.ts, h("span", { class: "label" }, "snapshot"), traceLabel, " ", line.trim());
   },
 
   result(data) {
     const outcome = data.outcome || "unknown";
     this.facts.outcome = outcome;
     this.renderFacts();
-    this.showOutcome(outcome, data.summary);
+    this.showOutcome({ outcome, summary: data.summary, ...pick(data, ["reason", "failure_class", "detail"]) });
     this.resultSummary = data.summary;
     return row("result", data.ts, h("span", { class: `badge outcome-${outcome}` }, outcome), data.summary || "");
   },
@@ -560,21 +673,55 @@ const RENDERERS = {
       data.exc ? h("pre", { class: "exc" }, String(data.exc)) : null,
     );
     el.dataset.level = LEVELS[level] ?? 20;
+    if (el.dataset.level >= 40) this.tools?.sawError();
     return el;
   },
 };
 
 TaskView.prototype.toolCall = function (data, name, callId) {
   const badge = h("span", { class: "badge tool-state running" }, data.stage === "end" ? "" : "running…");
-  const details = h(
-    "details",
-    { class: "ev ev-tool tool", dataset: { call: callId } },
-    h("summary", {}, h("time", { class: "t" }, clock(data.ts)), h("span", { class: "tool-name" }, name), h("code", { class: "tool-arg" }, mainArg(data.args)), badge),
-    data.args !== undefined ? argList(data.args) : null,
-  );
+  const arg = mainArg(data.args);
+  // A clone of a fixed skeleton, filled with text: the one row a 2,000-call trace has 2,000 of.
+  const details = TOOL_ROW.cloneNode(true);
+  const summary = details.firstChild;
+  const [time, toolName, toolArg] = summary.children;
+  time.textContent = clock(data.ts);
+  toolName.textContent = name;
+  toolArg.textContent = arg;
+  summary.append(badge);
+  if (callId) details.dataset.call = callId;
+  details.dataset.tool = name;
+  details.dataset.status = "running";
+  // What the filter's search reads: the call's data, whether or not its body was built yet.
+  details.searchText = [name, arg, data.args === undefined ? "" : compact(data.args)];
+  if (data.args !== undefined) whenOpen(details, () => summary.after(argList(data.args, name)));
+  this.tools?.sawTool(name);
   if (data.stage === "end") this.body.append(details); // an end without its start: render it on its own
   return { details, badge };
 };
+
+// A tool call's body (arguments, output) is built when it is first opened: a trace of thousands of
+// calls renders one line each. The row (and its data-id) exists from the start.
+// The builders wait on the element; one capturing listener on the trace runs them (openBodies).
+function whenOpen(details, build) {
+  if (details.open) build();
+  else (details.pending ??= []).push(build);
+}
+
+function openBodies(e) {
+  const details = e.target;
+  if (!details.open || !details.pending) return;
+  const builders = details.pending;
+  details.pending = null;
+  for (const build of builders) build();
+}
+
+const TOOL_ROW = (() => {
+  const skeleton = document.createElement("template");
+  // A constant: no event data ever goes through innerHTML.
+  skeleton.innerHTML = '<details class="ev ev-tool tool"><summary><time class="t"></time><span class="tool-name"></span><code class="tool-arg"></code></summary></details>';
+  return skeleton.content.firstElementChild;
+})();
 
 // The gateway's counts and cost for a thought's call, next to the provider's.
 function joinCost(meta, usage) {
@@ -587,17 +734,13 @@ function renderUnknown(data, kind) {
   return row("other", data.ts, h("span", { class: "label" }, kind), compact(data, ["type", "task_id", "ts"]));
 }
 
-function nearBottom() {
-  const doc = document.documentElement;
-  return window.innerHeight + window.scrollY >= doc.scrollHeight - 120;
+const OUTCOME_FIELDS = ["outcome", "reason", "summary", "failure_class", "detail", "attempts", "deadline_seconds", "queued_seconds", "started_at", "finished_at"];
+const FAILED_OUTCOMES = new Set(["failed", "deadline"]);
+
+function pick(from, keys) {
+  return Object.fromEntries(keys.filter((k) => from && from[k] !== undefined).map((k) => [k, from[k]]));
 }
 
-let scrollQueued = false;
-function scrollToBottom() {
-  if (scrollQueued) return;
-  scrollQueued = true;
-  requestAnimationFrame(() => {
-    scrollQueued = false;
-    window.scrollTo(0, document.documentElement.scrollHeight);
-  });
+function definedOnly(info) {
+  return Object.fromEntries(Object.entries(info || {}).filter(([, v]) => v !== undefined && v !== null && v !== ""));
 }
