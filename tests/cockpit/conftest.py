@@ -92,6 +92,10 @@ AXE_JS = Path(__file__).parent / "node_modules" / "axe-core" / "axe.min.js"
 
 @pytest.fixture(scope="session")
 def axe_js() -> Path:
+    return find_axe()
+
+
+def find_axe() -> Path:
     """axe-core as tests/cockpit/package-lock.json pins it (`npm ci --prefix tests/cockpit`, run by
     ./scripts/install-test-packages). Missing: the accessibility tests skip, unless CI is set: there they fail."""
     if AXE_JS.exists():

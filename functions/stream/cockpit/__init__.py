@@ -34,8 +34,12 @@ exception handler (`functions.errors.answer_for`), like every other route's. In 
 The page: `static/app.js` (routing, polling, commands), `static/tasklist.js`
 (the task list, kept by task id and updated in place), `static/submitform.js`
 (the "New task" form and its field errors), `static/trace.js` (the live trace of
-one task and its invariants), `static/api.js` (HTTP and CloudEvents),
-`static/dom.js` (building elements from data, never from HTML).
+one task and its invariants) with `follow.js` (following the live end),
+`tracetools.js` (filter, search, fold, first error), `outputs.js` (a call's
+head, tail and full output), `outcome.js` (the banner), `controls.js` and
+`lineage.js` (retry, fork, downloads), `static/api.js` (HTTP and CloudEvents),
+`static/dom.js` (building elements from data, never from HTML); `style.css`
+for the page, `task.css` for the task view.
 
 The broker URL comes from `Settings.broker_url` (DOCKYARD_BROKER_URL).
 """

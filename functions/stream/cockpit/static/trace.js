@@ -243,6 +243,8 @@ export class TaskView {
     if (fresher) for (const key of ["state", "phase", "outcome"]) if (record[key]) this.facts[key] = record[key];
     if (record.created_at) this.facts.created_at = record.created_at;
     if (record.finished_at) this.facts.finished_at = record.finished_at;
+    if (record.started_at) this.facts.started_at = record.started_at;
+    if (record.parent?.task_id) this.facts.parent = record.parent;
     if (task.model) this.facts.model ??= task.model;
     if (task.prompt) text(this.el.prompt, task.prompt);
     if (task.repo?.url) this.facts.repo = task.repo.url + (task.repo.ref ? ` @ ${task.repo.ref}` : "");
@@ -311,11 +313,17 @@ export class TaskView {
       ["outcome", f.outcome ? h("span", { class: `badge outcome-${f.outcome}` }, f.outcome) : "—"],
       ["model", f.model || "default"],
     ];
-    const took = over && f.finished_at ? Date.parse(f.finished_at) - Date.parse(f.created_at || this.span.started) : NaN;
+    // From the first start: the time queued is the banner's own figure.
+    const took = over && f.finished_at ? Date.parse(f.finished_at) - Date.parse(f.started_at || f.created_at || this.span.started) : NaN;
     // A finished task's age would keep growing: it shows durations instead.
     if (!Number.isNaN(took)) rows.push(["took", duration(took)]);
     else rows.push(["age", f.created_at ? age(f.created_at) : "—"]);
     if (f.repo) rows.push(["repo", f.repo]);
+    if (f.parent) {
+      // The lineage (contract D): a link back to the task this one was retried or forked from.
+      const link = h("a", { href: `#/tasks/${encodeURIComponent(f.parent.task_id)}` }, f.parent.task_id);
+      rows.push([f.parent.workspace === "fresh" ? "retry of" : "forked from", link]);
+    }
     this.el.facts.replaceChildren(...rows.map(([k, v]) => h("div", {}, h("dt", {}, k), h("dd", {}, v))));
     // Cancel and message are for a running task (a finished one would only answer 409); retry and fork for a finished one.
     for (const control of this.root.querySelectorAll("#tv-cancel, #tv-message-form input, #tv-message-form button")) {
