@@ -41,6 +41,7 @@ from typing import Any, Mapping
 from urllib.parse import urlsplit
 
 from agent import contract
+from functions.core.probes import heartbeat_probe_command, sigterm_handled_probe_command
 from functions.core.nats_leaf import (  # noqa: F401  (the leaf's names, as the Job's readers know them)
     NATS_LEAF_CONF_ENV,
     NATS_LEAF_MONITOR_PORT,
@@ -370,16 +371,6 @@ def _snapshotter(task: Task, settings: Settings) -> dict:
     return container
 
 
-def sigterm_handled_probe_command(pid: int = 1) -> list[str]:
-    """Passes once process `pid` (the container's entrypoint) catches SIGTERM: bit 15-1 of SigCgt in its
-    /proc status. The snapshotter installs its handler before anything else it does at start."""
-    code = (
-        f"import sys; s=open('/proc/{pid}/status').read(); "
-        "sys.exit(0 if int(s.split('SigCgt:')[1].split()[0], 16) >> 14 & 1 else 1)"
-    )
-    return ["python", "-I", "-S", "-c", code]
-
-
 def _agent(task: Task, settings: Settings) -> dict:
     # With minted credentials: the leaf on loopback, no credentials (the leaf holds them).
     nats = ["--nats", NATS_LEAF_URL] if mints_nats_credentials(settings) else ["--nats", settings.nats_url]
@@ -491,17 +482,6 @@ def _nats_leaf(task: Task, settings: Settings) -> dict:
         "timeoutSeconds": 3,
     }
     return container
-
-
-def heartbeat_probe_command(stale_seconds: int) -> list[str]:
-    """Fails when the heartbeat file is older than `stale_seconds`. No file yet (the agent has not
-    reached its loop) passes. Python is the one tool the agent image surely has; -I -S keep it fast."""
-    path = f"{contract.WORKSPACE_MOUNT}/{contract.HEARTBEAT_FILE}"
-    code = (
-        f"import os,sys,time; p={path!r}; "
-        f"sys.exit(0 if not os.path.exists(p) or time.time()-os.path.getmtime(p)<{stale_seconds} else 1)"
-    )
-    return ["python", "-I", "-S", "-c", code]
 
 
 def no_proxy_hosts(settings: Settings) -> list[str]:

@@ -37,7 +37,8 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from agent import changes, contract
-from agent.storage import CHUNK_BYTES, ObjectNotFound, ObjectReader, StorageError, Store, open_store
+from agent.objects import CHUNK_BYTES, ObjectNotFound, ObjectReader, StorageError
+from agent.storage import Store, open_store
 from functions.core import bus
 from functions.core.settings import Settings
 from functions.errors import BadInput, PermanentError, StoreUnavailable

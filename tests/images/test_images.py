@@ -18,7 +18,7 @@ import pytest
 import yaml
 
 from agent import contract
-from functions.core.factory import heartbeat_probe_command
+from functions.core.probes import heartbeat_probe_command
 from functions.core.nats_leaf import NATS_LEAF_CONF_ENV, leaf_launch_command
 from functions.core.settings import DEFAULT_IMAGE_PATH, Settings
 from tests.conftest import REPO_ROOT

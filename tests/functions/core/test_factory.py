@@ -16,7 +16,7 @@ import pytest
 import yaml
 
 from agent import contract
-from functions.core import factory
+from functions.core import factory, probes
 from functions.cli import manifests
 from functions.core.factory import render, render_job, render_pvc
 from functions.core.settings import Resources, Settings
@@ -251,7 +251,7 @@ def test_liveness_probe_checks_the_heartbeat(job, tmp_path):
 
     # Run the probe's code for real against a heartbeat file: fresh passes, stale fails, missing passes.
     heartbeat = tmp_path / "heartbeat"
-    code = factory.heartbeat_probe_command(60)[-1].replace(f"{contract.WORKSPACE_MOUNT}/{contract.HEARTBEAT_FILE}", str(heartbeat))
+    code = probes.heartbeat_probe_command(60)[-1].replace(f"{contract.WORKSPACE_MOUNT}/{contract.HEARTBEAT_FILE}", str(heartbeat))
 
     def probe_passes() -> bool:
         return subprocess.run(["python3", "-I", "-S", "-c", code]).returncode == 0
@@ -504,10 +504,10 @@ def test_manifests_job_derives_a_stable_id_and_reports_bad_input(tmp_path, capsy
 def test_the_agent_waits_for_a_snapshotter_that_handles_sigterm(job, tmp_path):
     """The snapshotter's startup probe passes only once its process catches SIGTERM: run it for real."""
     probe = container(job, "snapshotter")["startupProbe"]
-    assert probe["exec"]["command"] == factory.sigterm_handled_probe_command()
+    assert probe["exec"]["command"] == probes.sigterm_handled_probe_command()
 
     def probe_passes(pid: int) -> bool:
-        return subprocess.run(["python3", *factory.sigterm_handled_probe_command(pid)[1:]]).returncode == 0
+        return subprocess.run(["python3", *probes.sigterm_handled_probe_command(pid)[1:]]).returncode == 0
 
     plain = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     workspace = tmp_path / "ws"
