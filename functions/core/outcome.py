@@ -100,8 +100,11 @@ def _reason(outcome: str, condition: dict, record: dict, deadline: int | None, a
         return None
     error = _error_line(termination_message)
     if kind == "BackoffLimitExceeded":
-        times = f" {attempts} time{'s' if attempts != 1 else ''}" if attempts else ""
-        return f"the agent failed{times}, retries used up; the last time: {error or agent_exit or 'it exited with an error'}"
+        why = error or agent_exit or "it exited with an error"
+        if attempts == 1:
+            return f"the agent failed, with no retry left: {why}"
+        times = f" {attempts} times" if attempts else ""
+        return f"the agent failed{times}, retries used up; the last time: {why}"
     if agent_exit:
         said = error or _last_line(termination_message)
         return f"the agent ended with {agent_exit}" + (f": {said}" if said else "")

@@ -51,14 +51,14 @@ def statuses(messages) -> list[dict]:
     return [m.data for m in messages if m.event == contract.EV_STATUS]
 
 
-def wait_record(token: str, url: str, task_id: str) -> dict:
-    """The task's record once job_finished has recorded the end."""
+def wait_record(token: str, url: str, task_id: str, timeout: float = 30.0) -> dict:
+    """The task's record once job_finished has recorded the end (within `timeout` of the call)."""
 
     def finished() -> dict | None:
         record = httpx.get(f"{url}/api/tasks/{task_id}", headers=client.auth_headers(token), timeout=5).json()
         return record if record.get("finished_uids") else None
 
-    return eventually(finished, f"job_finished to record task {task_id}")
+    return eventually(finished, f"job_finished to record task {task_id}", timeout)
 
 
 @pytest.fixture

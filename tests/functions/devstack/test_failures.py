@@ -132,6 +132,6 @@ def test_a_transient_crash_is_retried_and_counted_and_with_no_retries_left_it_fa
 
     record = wait_record(server.token, server.url, last_try)
     assert (record["outcome"], record["failure_class"], record["attempts"]) == (contract.OUTCOME_FAILED, contract.FAILURE_TRANSIENT, 1)
-    assert record["reason"].startswith("the agent failed 1 time, retries used up; the last time: ")
+    assert record["reason"].startswith("the agent failed, with no retry left: ")
     body = httpx.get(f"{server.url}/api/tasks/{last_try}", headers=server.headers, timeout=5).json()
     assert body["reason"] == record["reason"]
