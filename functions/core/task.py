@@ -273,6 +273,10 @@ def _model(model: object) -> str | None:
         raise BadInput("model must look like 'provider:model' (e.g. 'openai:gpt-4o' or 'scripted:example')", "model")
     _no_control(model, "model")
     provider, _, name = model.partition(":")
+    known = (contract.SCRIPTED_PROVIDER, *contract.MODEL_PROVIDERS)
+    if provider not in known or not name:
+        raise BadInput(f"model: the provider must be one of {', '.join(known)}, then ':' and a model name "
+                       f"(got {model[:80]!r})", "model")
     if provider == contract.SCRIPTED_PROVIDER and not contract.is_valid_script_name(name):
         raise BadInput(
             "model: a scripted model is named by a file in the scripts directory (DOCKYARD_SCRIPTS_DIR), "

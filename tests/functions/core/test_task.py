@@ -160,6 +160,15 @@ def test_bare_script_names_and_providers_are_accepted(model):
     assert parse({"prompt": "x", "model": model}).model == model
 
 
+@pytest.mark.parametrize("model", ["nosuch:gpt-4o", "OpenAI:gpt-4o", "openai:", "gpt-4o:latest"])
+def test_a_model_of_no_known_provider_is_refused_naming_the_field(model):
+    """Launched, it could only fail (fatal, in the agent): it is a 400 at the door instead."""
+    with pytest.raises(BadInput) as caught:
+        parse({"prompt": "x", "model": model})
+    assert (caught.value.field, caught.value.status) == ("model", 400)
+    assert "openai-compatible" in caught.value.message
+
+
 @pytest.mark.parametrize("url", ["file:///srv/evilrepo", "FILE:///srv/evilrepo", "file://localhost/srv/evilrepo"])
 def test_file_repositories_only_when_allowed(url):
     with pytest.raises(BadInput) as caught:
