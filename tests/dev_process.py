@@ -85,17 +85,17 @@ class DevServer:
         os.killpg(self.proc.pid, signal.SIGKILL)
         self.proc.wait(10)
 
-    def stop(self) -> int:
+    def stop(self, seconds: float = STOP_SECONDS) -> int:
         """Ctrl-C, as a person stops it; its exit code. Killed, and an error, if it does not stop."""
         if self.proc is None or self.proc.poll() is not None:
             return self.proc.returncode if self.proc else 0
         self.proc.send_signal(signal.SIGINT)
         try:
-            return self.proc.wait(STOP_SECONDS)
+            return self.proc.wait(seconds)
         except subprocess.TimeoutExpired:
             os.killpg(self.proc.pid, signal.SIGKILL)
             self.proc.wait()
-            raise AssertionError(f"dev did not stop on SIGINT within {STOP_SECONDS:g}s:\n{self.output()}") from None
+            raise AssertionError(f"dev did not stop on SIGINT within {seconds:g}s:\n{self.output()}") from None
 
     def supervisor_state(self, task_id: str) -> dict:
         return json.loads((self.data_dir / "tasks" / task_id / "supervisor.json").read_text())

@@ -159,7 +159,11 @@ def test_live_updates_while_scrolled_up_never_move_the_view_and_folds_stay_folde
     # Scrolled up (not at the bottom): 50 more events land and the view stays where it was.
     page.evaluate("window.scrollTo(0, 600)")
     page.wait_for_function("() => window.scrollY === 600")
-    anchor = page.evaluate("() => { const el = document.elementFromPoint(400, 450).closest('[data-id]'); return [el.dataset.id, el.getBoundingClientRect().top]; }")
+    # The first row in view below the top bar: the one a reader's eyes are on.
+    anchor = page.evaluate("""() => {
+      const el = [...document.querySelectorAll('#tv-trace [data-id]')].find(r => r.getBoundingClientRect().top > 150 && r.checkVisibility());
+      return [el.dataset.id, el.getBoundingClientRect().top];
+    }""")
     more = [e for n in range(80, 105) for e in synthetic.tool_call(task_id, n)]
     assert len(more) == 50
     synthetic.publish(dev, task_id, more)

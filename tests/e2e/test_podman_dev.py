@@ -49,7 +49,7 @@ def podman_dev(podman_ready, tmp_path, s3_store_url, s3_endpoint):  # noqa: F811
     yield start
     for dev in started:
         try:
-            dev.stop()
+            dev.stop(POD_RUN_SECONDS)  # each pod's agent and sidecars stopped in turn, each with its grace
         finally:  # a dev that would not stop leaves its pods: the next run's tasks of the same id would meet them
             for task in (dev.data_dir / "tasks").iterdir() if (dev.data_dir / "tasks").is_dir() else ():
                 _remove_pod(task.name)

@@ -43,7 +43,7 @@ export function toolOutput(data, taskId, name) {
     parts.push(h("p", { class: "out-cut" }, gap));
     parts.push(scrollablePre(tail, `${name} output (tail)`, "out-tail"));
   }
-  const tools = [copyButton(() => [head, tail].filter(Boolean).join("\n"), `Copy ${name} result`, "copy result")];
+  const tools = [copyButton(() => [head, tail].filter(Boolean).join("\n"), `Copy result of ${name}`, "copy result")];
   if (typeof data.output_file === "string" && data.output_file && typeof data.call_id === "string") {
     const note = total ? ` (${total.toLocaleString("en")} bytes)` : "";
     tools.unshift(h("a", { class: "full-output", href: outputHref(taskId, data.call_id), target: "_blank", rel: "noopener" }, `full output${note}`));

@@ -450,7 +450,7 @@ function argList(args, tool) {
     { class: "args" },
     entries.map(([k, v]) => {
       const value = typeof v === "string" ? v : JSON.stringify(v, null, 2);
-      const copy = k === "command" ? copyButton(() => value, `Copy the ${tool} command`, "copy command") : null;
+      const copy = k === "command" ? copyButton(() => value, `Copy command of ${tool}`, "copy command") : null;
       return [h("dt", {}, k, copy), h("dd", {}, scrollablePre(value, `${tool} ${k}`))];
     }),
   );
