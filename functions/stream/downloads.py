@@ -45,6 +45,10 @@ from functions.errors import BadInput, PermanentError, StoreUnavailable
 
 FILE_NAME = re.compile(r"[A-Za-z0-9_.-]{1,128}")  # a snapshot name or a call id: one file-safe name
 AFTER_FINISH = "available once the task has finished"
+# What is served was written by an agent (untrusted), from the cockpit's own origin: a browser must never
+# render it as a page of that origin. No sniffing into HTML, and whatever it renders has no script, no
+# origin, no fetch (a sandbox without allow-*).
+UNTRUSTED_CONTENT_HEADERS = {"X-Content-Type-Options": "nosniff", "Content-Security-Policy": "sandbox; default-src 'none'"}
 
 
 def file_name(request: Request, field: str) -> str:
@@ -101,7 +105,7 @@ class Downloads:
 
     async def _stream(self, key: str, missing: str, media_type: str, *, field: str = "task_id", attachment: str | None = None) -> Response:
         reader = await self._open(key, missing, field)
-        headers = {"Content-Length": str(reader.size)}
+        headers = {"Content-Length": str(reader.size), **UNTRUSTED_CONTENT_HEADERS}
         if attachment:
             headers["Content-Disposition"] = f'attachment; filename="{attachment}"'
         return StreamingResponse(reader.chunks(), media_type=media_type, headers=headers, background=BackgroundTask(reader.close))
@@ -144,7 +148,8 @@ class Downloads:
         if body is None:
             raise BadInput(f"task {task_id} kept no output of call {call_id!r} (it was short, or dropped over the limit)", "call_id", 404)
         return StreamingResponse(
-            body, media_type="text/plain; charset=utf-8", headers={"Content-Length": str(size)}, background=BackgroundTask(reader.close)
+            body, media_type="text/plain; charset=utf-8", headers={"Content-Length": str(size), **UNTRUSTED_CONTENT_HEADERS},
+            background=BackgroundTask(reader.close),
         )
 
     def routes(self) -> list[Route]:

