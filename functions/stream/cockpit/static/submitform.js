@@ -36,6 +36,7 @@ export class SubmitForm {
     this.details = details;
     this.form = form;
     this.error = error;
+    this.opener = opener;
     this.onSubmitted = onSubmitted;
     this.config = { providers: [], limits: {} };
     form.addEventListener("submit", (e) => {
@@ -67,6 +68,7 @@ export class SubmitForm {
 
   openForm() {
     this.details.open = true;
+    this.opener.setAttribute("aria-expanded", "true"); // now, not at the "toggle" event a task later
     this.form.elements.prompt.focus();
     this.details.scrollIntoView({ block: "nearest" });
   }
